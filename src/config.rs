@@ -1,0 +1,594 @@
+//! Typed settings, loaded from one TOML file plus `MAILTRIAGE__SECTION__KEY`
+//! environment overrides, and validated before anything starts.
+//!
+//! Unknown keys are errors (a misspelt `mdoe = "shadow"` must not silently
+//! leave a filter in enforce mode), and every error names the file, the key
+//! and, for TOML syntax or type errors, the line and column.
+//!
+//! We parse with `toml` directly rather than through the `config` crate: its
+//! errors carry the span of the offending key, which the `config` crate's
+//! merged-source model loses.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use regex::Regex;
+use serde::{Deserialize, Deserializer, Serialize};
+use thiserror::Error;
+
+/// Where `serve` listens, and what it tells the MTA.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// `inet:HOST:PORT` or `unix:/path/to.sock`, as Postfix writes milter addresses.
+    pub milter: ListenAddress,
+    /// Permissions of the unix socket, octal.
+    #[serde(deserialize_with = "de_octal")]
+    pub milter_socket_mode: u32,
+    pub mode: Mode,
+    pub on_error: OnError,
+    /// The whole decision at end-of-message must finish within this, else `on_error`.
+    #[serde(deserialize_with = "de_duration")]
+    pub decision_timeout: Duration,
+    /// While a decision runs, tell the MTA we are alive this often.
+    #[serde(deserialize_with = "de_duration")]
+    pub progress_interval: Duration,
+    /// A milter connection idle longer than this is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub idle_timeout: Duration,
+    /// Concurrent milter connections; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// On SIGTERM, how long sessions in flight may take to finish.
+    #[serde(deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            milter: ListenAddress::Inet("127.0.0.1:8890".into()),
+            milter_socket_mode: 0o660,
+            mode: Mode::Enforce,
+            on_error: OnError::Accept,
+            decision_timeout: Duration::from_secs(20),
+            progress_interval: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(600),
+            max_connections: 512,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Bounds on what one message or connection may cost us.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest milter frame accepted; Postfix sends body chunks of at most 64 KiB.
+    pub max_frame_bytes: usize,
+    /// Bytes of a message (headers + body) kept for the decision; the rest is
+    /// delivered untouched but not read.
+    pub max_message_bytes: usize,
+    /// Characters of plain text kept after MIME decoding.
+    pub max_text_chars: usize,
+    /// Headers kept per message; more are passed through but not inspected.
+    pub max_headers: usize,
+    /// Recipients tracked per message.
+    pub max_recipients: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 1024 * 1024,
+            max_message_bytes: 1024 * 1024,
+            max_text_chars: 100_000,
+            max_headers: 1000,
+            max_recipients: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DefaultsConfig {
+    /// Department for a message nothing else decides.
+    pub department: String,
+    pub priority: String,
+    /// The priority names admins may use, lowest first.
+    pub priorities: Vec<String>,
+}
+
+impl Default for DefaultsConfig {
+    fn default() -> Self {
+        Self {
+            department: "general".into(),
+            priority: "medium".into(),
+            priorities: vec!["low".into(), "medium".into(), "high".into()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DepartmentConfig {
+    pub name: String,
+    /// Where `reroute` and `copy` send the message.
+    #[serde(default)]
+    pub mailbox: Option<String>,
+    #[serde(default)]
+    pub action: DepartmentAction,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub name: String,
+    /// A header name (case-insensitive), or `envelope-from` / `envelope-to`.
+    pub header: String,
+    pub pattern: String,
+    pub department: String,
+    #[serde(default)]
+    pub priority: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// A `tracing` filter: `info`, `debug`, `mailtriage=debug,warn`…
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub defaults: DefaultsConfig,
+    pub departments: Vec<DepartmentConfig>,
+    pub rules: Vec<RuleConfig>,
+    pub logging: LoggingConfig,
+    /// Where this configuration came from (for messages), not a key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// `enforce` changes recipients; `shadow` only adds headers.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Shadow,
+}
+
+/// What the MTA is told when we fail internally.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    Accept,
+    Tempfail,
+}
+
+/// What happens to a message routed to a department.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DepartmentAction {
+    /// Add headers only.
+    #[default]
+    Tag,
+    /// Replace the envelope recipients with the department mailbox.
+    Reroute,
+    /// Add the department mailbox to the recipients.
+    Copy,
+    /// Ask the MTA to hold the message.
+    Quarantine,
+}
+
+/// A milter listen address in Postfix notation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddress {
+    /// `HOST:PORT`, ready for `TcpListener::bind`.
+    Inet(String),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(rest) = s.strip_prefix("inet:") {
+            // Postfix also accepts inet:PORT@HOST (Sendmail style).
+            let hostport = match rest.split_once('@') {
+                Some((port, host)) => format!("{host}:{port}"),
+                None => rest.to_string(),
+            };
+            let (host, port) = hostport
+                .rsplit_once(':')
+                .ok_or_else(|| format!("`{s}`: expected inet:HOST:PORT"))?;
+            port.parse::<u16>().map_err(|_| format!("`{s}`: `{port}` is not a port number"))?;
+            if host.is_empty() {
+                return Err(format!("`{s}`: missing host"));
+            }
+            Ok(ListenAddress::Inet(hostport))
+        } else if let Some(path) = s.strip_prefix("unix:").or_else(|| s.strip_prefix("local:")) {
+            if !path.starts_with('/') {
+                return Err(format!("`{s}`: the socket path must be absolute"));
+            }
+            Ok(ListenAddress::Unix(PathBuf::from(path)))
+        } else {
+            Err(format!("`{s}`: expected inet:HOST:PORT or unix:/path"))
+        }
+    }
+}
+
+impl fmt::Display for ListenAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddress::Inet(a) => write!(f, "inet:{a}"),
+            ListenAddress::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `250ms`, `30s`, `5m`, `1h` (a bare number means seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 30s, 5m)"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("unknown duration unit `{other}` in `{s}` (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("`{s}` is not a valid duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Str(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(Duration::from_secs(n)),
+        Raw::Str(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+fn de_octal<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let s = String::deserialize(d)?;
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not an octal file mode such as \"0660\"")))
+}
+
+/// A configuration that could not be loaded.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid { path: String, key: String, message: String },
+}
+
+/// Prefix of environment overrides: `MAILTRIAGE__SERVER__MODE=shadow`.
+pub const ENV_PREFIX: &str = "MAILTRIAGE__";
+
+impl Config {
+    /// Reads, overrides from the environment, and validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        let mut cfg = Self::from_toml_with_env(&text, &path.display().to_string(), &env)?;
+        cfg.source = Some(path.to_owned());
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no environment), then validates. `origin` names the
+    /// text in error messages.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        Self::from_toml_with_env(text, origin, &[])
+    }
+
+    fn from_toml_with_env(text: &str, origin: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
+        for (var, value) in env {
+            apply_env(&mut table, var, value)?;
+        }
+        // Re-serialising loses spans, so deserialise from the text when no
+        // override applied: its errors point at the line and column.
+        let cfg: Config = if env.is_empty() {
+            toml::from_str(text)
+        } else {
+            toml::Table::try_into(table)
+        }
+        .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Checks what types alone cannot: references between sections, regexes,
+    /// addresses. Names the key of the first problem found.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| ConfigError::Invalid { path: origin.into(), key, message };
+        let d = &self.defaults;
+        if d.priorities.is_empty() {
+            return Err(invalid("defaults.priorities".into(), "at least one priority is needed".into()));
+        }
+        if !d.priorities.contains(&d.priority) {
+            return Err(invalid("defaults.priority".into(), format!("`{}` is not one of defaults.priorities {:?}", d.priority, d.priorities)));
+        }
+        if d.department.trim().is_empty() {
+            return Err(invalid("defaults.department".into(), "must not be empty".into()));
+        }
+        let mut names = HashSet::new();
+        for (i, dep) in self.departments.iter().enumerate() {
+            let key = |field: &str| format!("departments[{i}] ({}).{field}", dep.name);
+            if !valid_label(&dep.name) {
+                return Err(invalid(key("name"), "use letters, digits, `-`, `_` or `.` (it becomes a header value)".into()));
+            }
+            if !names.insert(dep.name.as_str()) {
+                return Err(invalid(key("name"), "duplicate department name".into()));
+            }
+            match (&dep.mailbox, dep.action) {
+                (Some(m), _) if !valid_mailbox(m) => {
+                    return Err(invalid(key("mailbox"), format!("`{m}` is not an address like billing@example.com")));
+                }
+                (None, DepartmentAction::Reroute | DepartmentAction::Copy) => {
+                    return Err(invalid(key("mailbox"), format!("action `{:?}` needs a mailbox", dep.action).to_lowercase()));
+                }
+                _ => {}
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            let key = |field: &str| format!("rules[{i}] ({}).{field}", rule.name);
+            if rule.name.trim().is_empty() || !valid_label(&rule.name) {
+                return Err(invalid(key("name"), "use letters, digits, `-`, `_` or `.` (it becomes a header value)".into()));
+            }
+            if rule.header.trim().is_empty() || rule.header.contains(|c: char| c == ':' || c.is_whitespace()) {
+                return Err(invalid(key("header"), format!("`{}` is not a header name", rule.header)));
+            }
+            if let Err(e) = Regex::new(&rule.pattern) {
+                return Err(invalid(key("pattern"), format!("invalid regular expression: {e}")));
+            }
+            if !names.contains(rule.department.as_str()) && rule.department != d.department {
+                return Err(invalid(key("department"), format!("`{}` is not a configured department", rule.department)));
+            }
+            if let Some(p) = &rule.priority {
+                if !d.priorities.contains(p) {
+                    return Err(invalid(key("priority"), format!("`{p}` is not one of defaults.priorities {:?}", d.priorities)));
+                }
+            }
+        }
+        let l = &self.limits;
+        for (k, v) in [
+            ("limits.max_frame_bytes", l.max_frame_bytes),
+            ("limits.max_message_bytes", l.max_message_bytes),
+            ("limits.max_text_chars", l.max_text_chars),
+            ("limits.max_headers", l.max_headers),
+            ("limits.max_recipients", l.max_recipients),
+            ("server.max_connections", self.server.max_connections),
+        ] {
+            if v == 0 {
+                return Err(invalid(k.into(), "must be greater than 0".into()));
+            }
+        }
+        // Postfix's body chunks are up to 65535 bytes; a smaller frame limit would drop every large message.
+        if l.max_frame_bytes < 65_536 + 16 {
+            return Err(invalid("limits.max_frame_bytes".into(), "must be at least 65552 (MTAs send 64 KiB body chunks)".into()));
+        }
+        if self.server.decision_timeout.is_zero() {
+            return Err(invalid("server.decision_timeout".into(), "must be greater than 0".into()));
+        }
+        if self.server.progress_interval.is_zero() {
+            return Err(invalid("server.progress_interval".into(), "must be greater than 0".into()));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
+            return Err(invalid("logging.level".into(), format!("not a log filter: {e}")));
+        }
+        Ok(())
+    }
+
+    pub fn department(&self, name: &str) -> Option<&DepartmentConfig> {
+        self.departments.iter().find(|d| d.name == name)
+    }
+}
+
+/// Applies one `MAILTRIAGE__A__B=value` override to the TOML table. The value
+/// is read as a TOML value when it parses as one (`true`, `5`, `["a"]`), and
+/// as a string otherwise.
+fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = var[ENV_PREFIX.len()..].split("__").map(|s| s.to_ascii_lowercase()).collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::Env { var: var.into(), message: "expected MAILTRIAGE__SECTION__KEY".into() });
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut cur = table;
+    for part in &path[..path.len() - 1] {
+        let entry = cur.entry(part.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Env { var: var.into(), message: format!("`{part}` is not a section") })?;
+    }
+    cur.insert(path[path.len() - 1].clone(), parsed);
+    Ok(())
+}
+
+/// Names that end up in header values: keep them token-like.
+fn valid_label(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// A plain `local@domain` address (no display name, no brackets).
+pub fn valid_mailbox(s: &str) -> bool {
+    match s.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.is_empty()
+                && domain.contains('.') | (domain == "localhost")
+                && s.chars().all(|c| c.is_ascii_graphic() && !"<>(),;:\"[]\\".contains(c))
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+milter = "inet:127.0.0.1:8890"
+mode = "shadow"
+decision_timeout = "5s"
+
+[defaults]
+department = "general"
+priority = "medium"
+
+[[departments]]
+name = "billing"
+mailbox = "billing@example.com"
+action = "reroute"
+description = "Invoices"
+
+[[rules]]
+name = "invoices"
+header = "Subject"
+pattern = "(?i)\\binvoice\\b"
+department = "billing"
+priority = "high"
+"#;
+
+    #[test]
+    fn good_config_loads() {
+        let c = Config::from_toml(GOOD, "test.toml").unwrap();
+        assert_eq!(c.server.mode, Mode::Shadow);
+        assert_eq!(c.server.decision_timeout, Duration::from_secs(5));
+        assert_eq!(c.rules[0].priority.as_deref(), Some("high"));
+        assert_eq!(c.department("billing").unwrap().action, DepartmentAction::Reroute);
+    }
+
+    #[test]
+    fn shipped_default_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/mailtriage.toml");
+        Config::load(&path).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::from_toml("[server]\nmdoe = \"shadow\"\n", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("mdoe") && err.contains("line 2"), "{err}");
+        let err = Config::from_toml("[sever]\n", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("sever"), "{err}");
+    }
+
+    #[test]
+    fn bad_regex_names_the_rule() {
+        let bad = GOOD.replace(r#"(?i)\\binvoice\\b"#, "(unclosed");
+        let err = Config::from_toml(&bad, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("rules[0] (invoices).pattern") && err.contains("regular expression"), "{err}");
+    }
+
+    #[test]
+    fn dangling_references_are_named() {
+        let bad = GOOD.replace("department = \"billing\"", "department = \"biling\"");
+        let err = Config::from_toml(&bad, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("rules[0] (invoices).department") && err.contains("biling"), "{err}");
+        let bad = GOOD.replace("priority = \"high\"", "priority = \"urgent\"");
+        let err = Config::from_toml(&bad, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("priority") && err.contains("urgent"), "{err}");
+        let bad = GOOD.replace("mailbox = \"billing@example.com\"\n", "");
+        let err = Config::from_toml(&bad, "x.toml").unwrap_err().to_string();
+        assert!(err.contains("departments[0] (billing).mailbox") && err.contains("reroute"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, needle) in [
+            ("[server]\nmilter = \"tcp:1.2.3.4\"\n", "inet:HOST:PORT"),
+            ("[server]\nmilter = \"inet:127.0.0.1:99999\"\n", "port number"),
+            ("[server]\nmode = \"loud\"\n", "loud"),
+            ("[server]\ndecision_timeout = \"5 fortnights\"\n", "unit"),
+            ("[server]\nmilter_socket_mode = \"999\"\n", "octal"),
+            ("[limits]\nmax_frame_bytes = 100\n", "limits.max_frame_bytes"),
+            ("[[departments]]\nname = \"a b\"\n", "departments[0] (a b).name"),
+            ("[[departments]]\nname = \"x\"\nmailbox = \"not-an-address\"\n", "mailbox"),
+            ("[logging]\nlevel = \"=== nope\"\n", "logging.level"),
+        ] {
+            let err = Config::from_toml(text, "x.toml").unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!("inet:127.0.0.1:8890".parse(), Ok(ListenAddress::Inet("127.0.0.1:8890".into())));
+        assert_eq!("inet:8890@localhost".parse(), Ok(ListenAddress::Inet("localhost:8890".into())));
+        assert_eq!("unix:/run/m.sock".parse(), Ok(ListenAddress::Unix("/run/m.sock".into())));
+        assert!("unix:relative.sock".parse::<ListenAddress>().is_err());
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_checked() {
+        let env = vec![("MAILTRIAGE__SERVER__MODE".to_string(), "enforce".to_string())];
+        let c = Config::from_toml_with_env(GOOD, "x.toml", &env).unwrap();
+        assert_eq!(c.server.mode, Mode::Enforce);
+        let env = vec![("MAILTRIAGE__LIMITS__MAX_HEADERS".to_string(), "7".to_string())];
+        assert_eq!(Config::from_toml_with_env(GOOD, "x.toml", &env).unwrap().limits.max_headers, 7);
+        let env = vec![("MAILTRIAGE__SERVER__BOGUS".to_string(), "1".to_string())];
+        assert!(Config::from_toml_with_env(GOOD, "x.toml", &env).unwrap_err().to_string().contains("bogus"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("-1s").is_err());
+    }
+}

@@ -1,0 +1,18 @@
+//! mailtriage: routes every message crossing a mail relay to the right
+//! department before delivery.
+//!
+//! A message flows one way: a front door ([`milter`]) collects the
+//! [`envelope`] and raw bytes; [`extract`] turns them into features;
+//! [`rules`] and [`policy`] make a decision; [`actions`] turns it into a
+//! plan of header and recipient changes that the front door applies.
+//! [`pipeline`] wires those stages together behind the [`pipeline::Filter`]
+//! trait, the only thing a front door sees.
+
+pub mod actions;
+pub mod config;
+pub mod envelope;
+pub mod extract;
+pub mod milter;
+pub mod pipeline;
+pub mod policy;
+pub mod rules;

@@ -1,0 +1,158 @@
+//! The `mailtriage` binary: parses the command line, loads the
+//! configuration, and runs one subcommand. Errors become one readable line
+//! on stderr and a non-zero exit status.
+
+mod cli;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use mailtriage::config::{Config, LogFormat};
+use mailtriage::envelope::Envelope;
+use mailtriage::milter::server::{self, Listener};
+use mailtriage::milter::session::SessionConfig;
+use mailtriage::pipeline::Triage;
+use tokio::sync::watch;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mailtriage: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::CheckConfig => {
+            println!(
+                "{}: OK ({} departments, {} rules, mode {:?}, milter {})",
+                cli.config.display(),
+                cfg.departments.len(),
+                cfg.rules.len(),
+                cfg.server.mode,
+                cfg.server.milter
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Classify { mail_from, rcpts, files } => classify(&cfg, &mail_from, &rcpts, &files),
+        Command::Serve => serve(cfg),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("mailtriage: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    // RUST_LOG, when set, wins over the configured level (handy for one debugging run).
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.logging.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.logging.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(cfg: Config) -> Result<ExitCode> {
+    init_logging(&cfg);
+    let triage = Arc::new(Triage::new(&cfg).context("building rules")?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = Listener::bind(&cfg.server.milter, cfg.server.milter_socket_mode).await?;
+        tracing::info!(
+            milter = %listener.local_addr(),
+            mode = ?cfg.server.mode,
+            on_error = ?cfg.server.on_error,
+            rules = triage.rule_count(),
+            departments = cfg.departments.len(),
+            config = %cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            "mailtriage listening"
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_stop_signal().await;
+            tracing::info!("stopping: no new connections, finishing messages in flight");
+            let _ = stop_tx.send(true);
+        });
+        server::serve(
+            listener,
+            triage,
+            SessionConfig::from(&cfg),
+            cfg.server.max_connections,
+            cfg.server.shutdown_grace,
+            stop_rx,
+        )
+        .await;
+        tracing::info!("stopped");
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}
+
+/// One JSON line per file. A file that cannot be read gets an `error` object
+/// and a non-zero exit at the end; the other files are still classified.
+fn classify(cfg: &Config, mail_from: &str, rcpts: &[String], files: &[std::path::PathBuf]) -> Result<ExitCode> {
+    let triage = Triage::new(cfg).context("building rules")?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut failed = 0;
+    for file in files {
+        let line = match std::fs::read(file) {
+            Ok(raw) => {
+                let features = triage.extract(&raw);
+                let envelope = Envelope {
+                    mail_from: mail_from.to_string(),
+                    rcpts: if rcpts.is_empty() { features.to.iter().chain(&features.cc).cloned().collect() } else { rcpts.to_vec() },
+                    queue_id: None,
+                };
+                let header_names: Vec<String> = features.headers.iter().map(|(n, _)| n.clone()).collect();
+                let o = triage.decide_extracted(&envelope, features, &header_names);
+                serde_json::json!({
+                    "file": file.display().to_string(),
+                    "envelope": envelope,
+                    "decision": o.decision,
+                    "plan": o.plan.changes,
+                    "extracted": {
+                        "bytes_read": o.features.bytes_read,
+                        "text_chars": o.features.text.chars().count(),
+                        "headers": o.features.headers.len(),
+                        "attachments": o.features.attachments,
+                        "truncated": o.features.truncated,
+                        "unparsed": o.features.unparsed,
+                    },
+                })
+            }
+            Err(e) => {
+                failed += 1;
+                serde_json::json!({ "file": file.display().to_string(), "error": format!("cannot read: {e}") })
+            }
+        };
+        writeln!(out, "{line}").context("writing to stdout")?;
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,145 @@
+//! The milter listener: TCP or unix socket, one task per MTA connection,
+//! bounded in number, drained on shutdown.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use super::session::{Session, SessionConfig, SessionEnd};
+use crate::config::ListenAddress;
+use crate::pipeline::Filter;
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("unix socket {path}: {source}")]
+    Socket { path: String, source: std::io::Error },
+}
+
+/// A bound listener, ready to serve.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    /// Binds the configured address. A stale unix socket from an earlier run
+    /// is replaced; any other file at that path is an error.
+    pub async fn bind(addr: &ListenAddress, unix_mode: u32) -> Result<Listener, ServerError> {
+        match addr {
+            ListenAddress::Inet(a) => TcpListener::bind(a)
+                .await
+                .map(Listener::Tcp)
+                .map_err(|source| ServerError::Bind { addr: addr.to_string(), source }),
+            ListenAddress::Unix(path) => {
+                let shown = path.display().to_string();
+                let sock_err = |source| ServerError::Socket { path: shown.clone(), source };
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(sock_err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket")));
+                    }
+                    std::fs::remove_file(path).map_err(sock_err)?;
+                }
+                let l = UnixListener::bind(path).map_err(|source| ServerError::Bind { addr: addr.to_string(), source })?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(unix_mode)).map_err(sock_err)?;
+                Ok(Listener::Unix(l, path.clone()))
+            }
+        }
+    }
+
+    /// The bound address, e.g. to log the port chosen for `:0`.
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| format!("inet:{a}")).unwrap_or_else(|_| "inet:?".into()),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Accepts connections until `shutdown` turns true, then waits up to
+/// `grace` for sessions with a message in flight.
+pub async fn serve<F: Filter + Clone>(
+    listener: Listener,
+    filter: F,
+    cfg: SessionConfig,
+    max_connections: usize,
+    grace: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = Arc::new(cfg);
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let mut sessions = JoinSet::new();
+    loop {
+        // Take a slot before accepting: past the bound, connections wait in the
+        // kernel's backlog instead of costing us memory.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let accepted = tokio::select! {
+            a = accept(&listener) => a,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        // Reap finished sessions so the set does not grow with history.
+        while sessions.try_join_next().is_some() {}
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (filter, cfg, rx) = (filter.clone(), cfg.clone(), shutdown.clone());
+        sessions.spawn(async move {
+            let _permit = permit;
+            let result = match stream {
+                Stream::Tcp(s) => {
+                    let _ = s.set_nodelay(true);
+                    Session::new(&filter, &cfg).run(s, rx).await
+                }
+                Stream::Unix(s) => Session::new(&filter, &cfg).run(s, rx).await,
+            };
+            match result {
+                Ok(SessionEnd::Quit) => tracing::debug!(%peer, "milter connection closed"),
+                Ok(SessionEnd::Shutdown) => tracing::debug!(%peer, "milter connection closed for shutdown"),
+                Err(e) => tracing::warn!(%peer, error = %e, "milter connection dropped"),
+            }
+        });
+    }
+    drop(listener);
+    let open = sessions.len();
+    if open > 0 {
+        tracing::info!(open, grace_s = grace.as_secs_f64(), "waiting for milter sessions to finish");
+        if tokio::time::timeout(grace, async { while sessions.join_next().await.is_some() {} }).await.is_err() {
+            tracing::warn!(left = sessions.len(), "grace period over; closing remaining milter sessions");
+            sessions.abort_all();
+        }
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
+    match l {
+        Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Stream::Tcp(s), a.to_string())),
+        Listener::Unix(l, p) => l.accept().await.map(|(s, _)| (Stream::Unix(s), p.display().to_string())),
+    }
+}

@@ -1,0 +1,670 @@
+//! One milter connection: negotiation, macros, the stages of each message,
+//! and the end-of-message reply that carries our changes.
+//!
+//! The MTA drives; we answer only where the negotiated protocol expects an
+//! answer. One connection carries one SMTP session, which may carry several
+//! messages, and after `SMFIC_QUIT_NC` a further SMTP session.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::watch;
+use tokio::time::{interval_at, sleep, timeout, Instant};
+
+use super::codec::{self, action, proto, CodecError, Command, MacroStage, Negotiation, Reply};
+use crate::actions::{Change, Plan};
+use crate::config::{Config, OnError};
+use crate::envelope::strip_brackets;
+use crate::pipeline::{Filter, MessageInput};
+
+/// Actions we may use at end-of-message. We never change the body or the
+/// sender, so we do not ask for those.
+pub const WANTED_ACTIONS: u32 =
+    action::ADD_HEADERS | action::CHANGE_HEADERS | action::ADD_RCPT | action::DEL_RCPT | action::QUARANTINE | action::SET_SYMLIST;
+
+/// Stages we do not need, and commands we answer with "continue" anyway, so
+/// the MTA need not wait for the answer (one round trip per header saved).
+pub const WANTED_PROTOCOL: u32 = proto::NO_CONNECT
+    | proto::NO_HELO
+    | proto::NO_UNKNOWN
+    | proto::NO_DATA
+    | proto::NR_MAIL
+    | proto::NR_RCPT
+    | proto::NR_HEADER
+    | proto::NR_EOH
+    | proto::SKIP;
+
+/// Macros we ask for: only the queue id, for logs.
+const EOM_MACROS: &str = "i";
+
+/// Per-connection settings, taken from the configuration once.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub max_frame_bytes: usize,
+    pub max_message_bytes: usize,
+    pub max_recipients: usize,
+    pub idle_timeout: Duration,
+    pub decision_timeout: Duration,
+    pub progress_interval: Duration,
+    pub on_error: OnError,
+}
+
+impl From<&Config> for SessionConfig {
+    fn from(c: &Config) -> Self {
+        Self {
+            max_frame_bytes: c.limits.max_frame_bytes,
+            max_message_bytes: c.limits.max_message_bytes,
+            max_recipients: c.limits.max_recipients,
+            idle_timeout: c.server.idle_timeout,
+            decision_timeout: c.server.decision_timeout,
+            progress_interval: c.server.progress_interval,
+            on_error: c.server.on_error,
+        }
+    }
+}
+
+/// Why a session ended abnormally. The connection is closed; other
+/// connections are unaffected.
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("writing to the MTA: {0}")]
+    Write(std::io::Error),
+    #[error("no command for {0:?}; closing idle connection")]
+    Idle(Duration),
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+}
+
+/// How a session ended without error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The MTA sent QUIT or closed the connection.
+    Quit,
+    /// We are shutting down and no message was in flight.
+    Shutdown,
+}
+
+/// The message being received, from MAIL to end-of-message or abort.
+#[derive(Debug, Default)]
+struct MessageState {
+    input: MessageInput,
+    /// Recipients beyond `max_recipients` were seen: the list is incomplete,
+    /// so recipient changes would be partial and are not made.
+    rcpts_overflow: bool,
+    /// `raw` reached `max_message_bytes`; later bytes are not kept.
+    truncated: bool,
+}
+
+pub struct Session<'a, F> {
+    filter: &'a F,
+    cfg: &'a SessionConfig,
+    /// Negotiated action and protocol flags; `None` before `SMFIC_OPTNEG`.
+    negotiated: Option<(u32, u32)>,
+    conn_macros: HashMap<String, String>,
+    msg_macros: HashMap<String, String>,
+    msg: Option<MessageState>,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+impl<'a, F: Filter> Session<'a, F> {
+    pub fn new(filter: &'a F, cfg: &'a SessionConfig) -> Self {
+        Self { filter, cfg, negotiated: None, conn_macros: HashMap::new(), msg_macros: HashMap::new(), msg: None }
+    }
+
+    /// Serves the connection until QUIT, EOF, an error, or shutdown between messages.
+    pub async fn run<S: AsyncRead + AsyncWrite>(mut self, stream: S, mut shutdown: watch::Receiver<bool>) -> Result<SessionEnd, SessionError> {
+        let (mut reader, writer) = tokio::io::split(stream);
+        let mut writer = BufWriter::new(writer);
+        loop {
+            let idle = self.msg.is_none();
+            let frame = tokio::select! {
+                biased;
+                _ = shutdown_requested(&mut shutdown), if idle => return Ok(SessionEnd::Shutdown),
+                r = timeout(self.cfg.idle_timeout, codec::read_frame(&mut reader, self.cfg.max_frame_bytes)) => r,
+            };
+            let Some((code, payload)) = frame.map_err(|_| SessionError::Idle(self.cfg.idle_timeout))?? else {
+                return Ok(SessionEnd::Quit);
+            };
+            let cmd = codec::decode_command(code, &payload)?;
+            match self.handle(cmd, &mut writer).await? {
+                Flow::Continue => {}
+                Flow::Close => return Ok(SessionEnd::Quit),
+            }
+            writer.flush().await.map_err(SessionError::Write)?;
+        }
+    }
+
+    fn has_proto(&self, flag: u32) -> bool {
+        self.negotiated.is_some_and(|(_, p)| p & flag != 0)
+    }
+
+    /// The reply a stage gets unless the MTA agreed not to wait for one.
+    fn ack(&self, no_reply: u32) -> Option<Reply> {
+        if self.has_proto(no_reply) {
+            None
+        } else {
+            Some(Reply::Continue)
+        }
+    }
+
+    fn has_action(&self, flag: u32) -> bool {
+        self.negotiated.is_some_and(|(a, _)| a & flag != 0)
+    }
+
+    async fn handle<W: AsyncWrite + Unpin>(&mut self, cmd: Command, w: &mut W) -> Result<Flow, SessionError> {
+        if self.negotiated.is_none() && !matches!(cmd, Command::Negotiate(_) | Command::Quit) {
+            return Err(SessionError::Protocol(format!("{} before option negotiation", cmd_name(&cmd))));
+        }
+        let reply = match cmd {
+            Command::Negotiate(offer) => Some(self.negotiate(offer)?),
+            Command::Macros { stage, pairs } => {
+                let into = if matches!(stage, b'C' | b'H') { &mut self.conn_macros } else { &mut self.msg_macros };
+                into.extend(pairs);
+                None
+            }
+            Command::Connect { .. } => {
+                self.conn_macros.clear();
+                self.ack(proto::NR_CONNECT)
+            }
+            Command::Helo(_) => self.ack(proto::NR_HELO),
+            Command::Mail(args) => {
+                // A new transaction; anything unfinished was implicitly aborted.
+                let mut state = MessageState::default();
+                state.input.envelope.mail_from = strip_brackets(&args[0]);
+                self.msg = Some(state);
+                self.ack(proto::NR_MAIL)
+            }
+            Command::Rcpt(args) => {
+                let max = self.cfg.max_recipients;
+                let msg = self.message("SMFIC_RCPT")?;
+                if msg.input.envelope.rcpts.len() < max {
+                    msg.input.envelope.rcpts.push(strip_brackets(&args[0]));
+                } else {
+                    msg.rcpts_overflow = true;
+                }
+                self.ack(proto::NR_RCPT)
+            }
+            Command::Data => self.ack(proto::NR_DATA),
+            Command::Header { name, value } => {
+                let max = self.cfg.max_message_bytes;
+                let msg = self.message("SMFIC_HEADER")?;
+                let line = format!("{name}: {}\r\n", crlf(&value));
+                msg.append(line.as_bytes(), max);
+                msg.input.header_names.push(name);
+                self.ack(proto::NR_HEADER)
+            }
+            Command::EndOfHeaders => {
+                let max = self.cfg.max_message_bytes;
+                self.message("SMFIC_EOH")?.append(b"\r\n", max);
+                self.ack(proto::NR_EOH)
+            }
+            Command::Body(chunk) => {
+                let max = self.cfg.max_message_bytes;
+                let msg = self.message("SMFIC_BODY")?;
+                msg.append(&chunk, max);
+                let full = msg.truncated;
+                if self.has_proto(proto::NR_BODY) {
+                    None
+                } else if full && self.has_proto(proto::SKIP) {
+                    // We have read all we will look at; spare the MTA the rest.
+                    Some(Reply::Skip)
+                } else {
+                    Some(Reply::Continue)
+                }
+            }
+            Command::EndOfMessage(tail) => {
+                let max = self.cfg.max_message_bytes;
+                let mut msg = self.msg.take().ok_or_else(|| SessionError::Protocol("SMFIC_BODYEOB outside a message".into()))?;
+                msg.append(&tail, max);
+                self.end_of_message(msg, w).await?;
+                self.msg_macros.clear();
+                return Ok(Flow::Continue);
+            }
+            Command::Abort => {
+                self.msg = None;
+                self.msg_macros.clear();
+                None
+            }
+            Command::Quit => return Ok(Flow::Close),
+            Command::QuitNewConnection => {
+                // The MTA reuses this connection for a new SMTP session.
+                self.msg = None;
+                self.msg_macros.clear();
+                self.conn_macros.clear();
+                None
+            }
+            Command::Unknown(_) => self.ack(proto::NR_UNKNOWN),
+        };
+        if let Some(r) = reply {
+            w.write_all(&r.encode()).await.map_err(SessionError::Write)?;
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn message(&mut self, stage: &str) -> Result<&mut MessageState, SessionError> {
+        self.msg.as_mut().ok_or_else(|| SessionError::Protocol(format!("{stage} before SMFIC_MAIL")))
+    }
+
+    /// Agrees to the MTA's offer, asking only for what we use.
+    fn negotiate(&mut self, offer: Negotiation) -> Result<Reply, SessionError> {
+        if offer.version < 2 {
+            return Err(SessionError::Protocol(format!("milter protocol version {} is too old (need 2 to 6)", offer.version)));
+        }
+        let version = offer.version.min(codec::PROTOCOL_VERSION);
+        let mut actions = WANTED_ACTIONS & offer.actions;
+        let protocol = WANTED_PROTOCOL & offer.protocol;
+        let mut macros = Default::default();
+        if version >= 6 && actions & action::SET_SYMLIST != 0 {
+            macros = [(MacroStage::EndOfMessage, EOM_MACROS.to_string())].into();
+        } else {
+            actions &= !action::SET_SYMLIST;
+        }
+        self.negotiated = Some((actions, protocol));
+        tracing::debug!(version, actions = format!("{actions:#x}"), protocol = format!("{protocol:#x}"), "milter negotiated");
+        Ok(Reply::Negotiate(Negotiation { version, actions, protocol, macros }))
+    }
+
+    /// Decides the message and sends its changes and the final verdict.
+    async fn end_of_message<W: AsyncWrite + Unpin>(&mut self, mut msg: MessageState, w: &mut W) -> Result<(), SessionError> {
+        let queue_id = self.msg_macros.get("i").or_else(|| self.conn_macros.get("i")).cloned();
+        msg.input.envelope.queue_id = queue_id.clone();
+        let header_names = msg.input.header_names.clone();
+        let decided = {
+            let fut = self.filter.filter(std::mem::take(&mut msg.input));
+            tokio::pin!(fut);
+            let deadline = sleep(self.cfg.decision_timeout);
+            tokio::pin!(deadline);
+            let mut keepalive = interval_at(Instant::now() + self.cfg.progress_interval, self.cfg.progress_interval);
+            loop {
+                tokio::select! {
+                    r = &mut fut => break r.map_err(|e| e.to_string()),
+                    _ = &mut deadline => break Err(format!("no decision within {:?}", self.cfg.decision_timeout)),
+                    _ = keepalive.tick() => {
+                        // Tells the MTA we are alive so its content timeout restarts.
+                        w.write_all(&Reply::Progress.encode()).await.map_err(SessionError::Write)?;
+                        w.flush().await.map_err(SessionError::Write)?;
+                    }
+                }
+            }
+        };
+        let queue_id = queue_id.as_deref().unwrap_or("-");
+        let (plan, verdict) = match decided {
+            Ok(plan) => (plan, Reply::Accept),
+            Err(reason) => match self.cfg.on_error {
+                OnError::Accept => {
+                    tracing::warn!(queue_id, reason, on_error = "accept", "decision failed; delivering unrouted");
+                    (Plan::strip_inbound(&header_names), Reply::Accept)
+                }
+                OnError::Tempfail => {
+                    tracing::warn!(queue_id, reason, on_error = "tempfail", "decision failed; asking the client to retry");
+                    (Plan::default(), Reply::Tempfail)
+                }
+            },
+        };
+        for reply in self.replies_for(&plan, msg.rcpts_overflow, queue_id) {
+            w.write_all(&reply.encode()).await.map_err(SessionError::Write)?;
+        }
+        w.write_all(&verdict.encode()).await.map_err(SessionError::Write)?;
+        Ok(())
+    }
+
+    /// Milter modification replies for a plan, limited to what the MTA allowed.
+    /// Recipient changes are all-or-nothing: half a reroute is a copy.
+    fn replies_for(&self, plan: &Plan, rcpts_overflow: bool, queue_id: &str) -> Vec<Reply> {
+        let rcpt_ok = self.has_action(action::ADD_RCPT) && self.has_action(action::DEL_RCPT) && !rcpts_overflow;
+        if plan.changes_recipients() && !rcpt_ok {
+            tracing::warn!(
+                queue_id,
+                reason = if rcpts_overflow { "too many recipients to track" } else { "MTA did not allow recipient changes" },
+                "recipient changes skipped; headers only"
+            );
+        }
+        let mut out = Vec::with_capacity(plan.changes.len());
+        for change in &plan.changes {
+            let (allowed, reply) = match change {
+                Change::RemoveHeader { name, index } => (
+                    self.has_action(action::CHANGE_HEADERS),
+                    Reply::ChangeHeader { index: *index, name: name.clone(), value: String::new() },
+                ),
+                Change::AddHeader { name, value } => {
+                    (self.has_action(action::ADD_HEADERS), Reply::AddHeader { name: name.clone(), value: value.clone() })
+                }
+                Change::DeleteRecipient { address } => (rcpt_ok, Reply::DelRcpt(format!("<{address}>"))),
+                Change::AddRecipient { address } => (rcpt_ok, Reply::AddRcpt(format!("<{address}>"))),
+                Change::Quarantine { reason } => (self.has_action(action::QUARANTINE), Reply::Quarantine(reason.clone())),
+            };
+            if allowed {
+                out.push(reply);
+            } else if !matches!(change, Change::DeleteRecipient { .. } | Change::AddRecipient { .. }) {
+                tracing::warn!(queue_id, change = ?reply.code() as char, "MTA did not allow this change; skipped");
+            }
+        }
+        out
+    }
+}
+
+impl MessageState {
+    /// Keeps bytes up to the limit; past it, only notes that we stopped.
+    fn append(&mut self, bytes: &[u8], max: usize) {
+        let room = max.saturating_sub(self.input.raw.len());
+        if bytes.len() > room {
+            self.truncated = true;
+        }
+        self.input.raw.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+}
+
+/// Header values arrive with bare LF between folded lines.
+fn crlf(value: &str) -> String {
+    value.replace("\r\n", "\n").replace('\n', "\r\n")
+}
+
+async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|stop| *stop).await.is_err() {
+        // The sender is gone: nobody will ever ask us to stop.
+        std::future::pending::<()>().await;
+    }
+}
+
+fn cmd_name(cmd: &Command) -> &'static str {
+    match cmd {
+        Command::Negotiate(_) => "SMFIC_OPTNEG",
+        Command::Macros { .. } => "SMFIC_MACRO",
+        Command::Connect { .. } => "SMFIC_CONNECT",
+        Command::Helo(_) => "SMFIC_HELO",
+        Command::Mail(_) => "SMFIC_MAIL",
+        Command::Rcpt(_) => "SMFIC_RCPT",
+        Command::Data => "SMFIC_DATA",
+        Command::Header { .. } => "SMFIC_HEADER",
+        Command::EndOfHeaders => "SMFIC_EOH",
+        Command::Body(_) => "SMFIC_BODY",
+        Command::EndOfMessage(_) => "SMFIC_BODYEOB",
+        Command::Abort => "SMFIC_ABORT",
+        Command::Quit => "SMFIC_QUIT",
+        Command::QuitNewConnection => "SMFIC_QUIT_NC",
+        Command::Unknown(_) => "SMFIC_UNKNOWN",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::actions::Plan;
+    use crate::pipeline::FilterError;
+
+    /// A filter that records what it was given and answers a fixed plan.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Mutex<Vec<MessageInput>>,
+        delay: Option<Duration>,
+        fail: bool,
+        calls: AtomicUsize,
+    }
+
+    impl Filter for Arc<Recorder> {
+        async fn filter(&self, msg: MessageInput) -> Result<Plan, FilterError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if let Some(d) = self.delay {
+                tokio::time::sleep(d).await;
+            }
+            if self.fail {
+                return Err(FilterError::Task("boom".into()));
+            }
+            let mut plan = Plan::strip_inbound(&msg.header_names);
+            plan.changes.push(Change::AddHeader { name: "X-Triage-Department".into(), value: "billing".into() });
+            for r in &msg.envelope.rcpts {
+                plan.changes.push(Change::DeleteRecipient { address: r.clone() });
+            }
+            plan.changes.push(Change::AddRecipient { address: "billing@example.com".into() });
+            self.seen.lock().unwrap().push(msg);
+            Ok(plan)
+        }
+    }
+
+    fn cfg() -> SessionConfig {
+        SessionConfig {
+            max_frame_bytes: 1 << 20,
+            max_message_bytes: 1 << 20,
+            max_recipients: 100,
+            idle_timeout: Duration::from_secs(5),
+            decision_timeout: Duration::from_secs(5),
+            progress_interval: Duration::from_secs(1),
+            on_error: OnError::Accept,
+        }
+    }
+
+    /// Plays the MTA: sends commands, reads replies.
+    struct Mta(DuplexStream);
+
+    impl Mta {
+        async fn send(&mut self, cmd: Command) {
+            self.0.write_all(&codec::encode_command(&cmd)).await.unwrap();
+        }
+        async fn reply(&mut self) -> Reply {
+            let (code, payload) = codec::read_frame(&mut self.0, 1 << 20).await.unwrap().expect("reply");
+            codec::decode_reply(code, &payload).unwrap()
+        }
+        /// Replies up to and including the final verdict of end-of-message.
+        async fn eom_replies(&mut self) -> Vec<Reply> {
+            let mut out = Vec::new();
+            loop {
+                let r = self.reply().await;
+                let done = matches!(r, Reply::Accept | Reply::Tempfail | Reply::Reject | Reply::Continue | Reply::Discard);
+                out.push(r);
+                if done {
+                    return out;
+                }
+            }
+        }
+        async fn negotiate(&mut self, actions: u32, protocol: u32) -> Negotiation {
+            self.send(Command::Negotiate(Negotiation { version: 6, actions, protocol, macros: Default::default() })).await;
+            match self.reply().await {
+                Reply::Negotiate(n) => n,
+                other => panic!("expected OPTNEG reply, got {other:?}"),
+            }
+        }
+        /// One message as Postfix sends it when we negotiated no-reply for headers.
+        async fn message(&mut self, rcpts: &[&str], headers: &[(&str, &str)], body: &[u8]) -> Vec<Reply> {
+            self.send(Command::Mail(vec!["<s@example.com>".into()])).await;
+            for r in rcpts {
+                self.send(Command::Rcpt(vec![format!("<{r}>")])).await;
+            }
+            for (n, v) in headers {
+                self.send(Command::Header { name: n.to_string(), value: v.to_string() }).await;
+            }
+            self.send(Command::EndOfHeaders).await;
+            self.send(Command::Body(body.to_vec())).await;
+            assert_eq!(self.reply().await, Reply::Continue, "body chunk reply");
+            self.send(Command::Macros { stage: b'E', pairs: vec![("i".into(), "QID1".into())] }).await;
+            self.send(Command::EndOfMessage(Vec::new())).await;
+            self.eom_replies().await
+        }
+    }
+
+    fn start(filter: Arc<Recorder>, cfg: SessionConfig) -> (Mta, tokio::task::JoinHandle<Result<SessionEnd, SessionError>>, watch::Sender<bool>) {
+        let (a, b) = duplex(1 << 16);
+        let (tx, rx) = watch::channel(false);
+        let handle = tokio::spawn(async move { Session::new(&filter, &cfg).run(b, rx).await });
+        (Mta(a), handle, tx)
+    }
+
+    #[tokio::test]
+    async fn negotiates_only_what_we_use_from_postfix_offer() {
+        let (mut mta, handle, _tx) = start(Arc::default(), cfg());
+        let n = mta.negotiate(0x1ff, 0x1f_ffff).await;
+        assert_eq!(n.version, 6);
+        assert_eq!(n.actions, WANTED_ACTIONS);
+        assert_eq!(n.protocol, WANTED_PROTOCOL);
+        assert_eq!(n.macros.get(&MacroStage::EndOfMessage).map(String::as_str), Some("i"));
+        // An older MTA that offers less gets only the intersection, and no macro list.
+        let (mut old, _h, _t) = start(Arc::default(), cfg());
+        old.send(Command::Negotiate(Negotiation { version: 2, actions: 0x3f, protocol: 0x7f, macros: Default::default() })).await;
+        let Reply::Negotiate(n) = old.reply().await else { panic!() };
+        assert_eq!((n.version, n.actions, n.protocol), (2, WANTED_ACTIONS & 0x3f, WANTED_PROTOCOL & 0x7f));
+        assert!(n.macros.is_empty());
+        mta.send(Command::Quit).await;
+        assert_eq!(handle.await.unwrap().unwrap(), SessionEnd::Quit);
+    }
+
+    #[tokio::test]
+    async fn several_messages_on_one_connection_with_abort_between() {
+        let rec = Arc::new(Recorder::default());
+        let (mut mta, handle, _tx) = start(rec.clone(), cfg());
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        let replies = mta
+            .message(&["u@example.com"], &[("Subject", "one"), ("X-Triage-Department", "ceo")], b"body one\r\n")
+            .await;
+        assert_eq!(
+            replies,
+            vec![
+                Reply::ChangeHeader { index: 1, name: "X-Triage-Department".into(), value: String::new() },
+                Reply::AddHeader { name: "X-Triage-Department".into(), value: "billing".into() },
+                Reply::DelRcpt("<u@example.com>".into()),
+                Reply::AddRcpt("<billing@example.com>".into()),
+                Reply::Accept,
+            ]
+        );
+        // An aborted transaction leaves nothing behind.
+        mta.send(Command::Mail(vec!["<x@example.com>".into()])).await;
+        mta.send(Command::Rcpt(vec!["<gone@example.com>".into()])).await;
+        mta.send(Command::Abort).await;
+        mta.message(&["v@example.com"], &[("Subject", "two\n\tfolded")], b"body two\r\n").await;
+        mta.send(Command::QuitNewConnection).await;
+        mta.message(&["w@example.com"], &[("Subject", "three")], b"3").await;
+        mta.send(Command::Quit).await;
+        handle.await.unwrap().unwrap();
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].envelope.rcpts, vec!["u@example.com"]);
+        assert_eq!(seen[0].envelope.queue_id.as_deref(), Some("QID1"));
+        assert_eq!(seen[0].raw, b"Subject: one\r\nX-Triage-Department: ceo\r\n\r\nbody one\r\n");
+        assert_eq!(seen[1].envelope.rcpts, vec!["v@example.com"]);
+        assert_eq!(seen[1].raw, b"Subject: two\r\n\tfolded\r\n\r\nbody two\r\n");
+        assert_eq!(seen[2].envelope.mail_from, "s@example.com");
+    }
+
+    #[tokio::test]
+    async fn stages_get_replies_unless_no_reply_was_negotiated() {
+        let (mut mta, _h, _tx) = start(Arc::default(), cfg());
+        // An MTA that offers no no-reply flags must get an answer at every stage.
+        mta.negotiate(0x1ff, 0).await;
+        mta.send(Command::Connect { hostname: "h".into(), address: codec::ConnectAddress::Unknown }).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::Helo("h".into())).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::Mail(vec!["<a@b.example>".into(), "SIZE=10".into()])).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::Rcpt(vec!["<c@d.example>".into()])).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::Data).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::Header { name: "Subject".into(), value: "x".into() }).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::EndOfHeaders).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::Unknown("XYZZY".into())).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+    }
+
+    #[tokio::test]
+    async fn oversized_body_is_cut_and_skipped() {
+        let rec = Arc::new(Recorder::default());
+        let mut c = cfg();
+        c.max_message_bytes = 100;
+        let (mut mta, _h, _tx) = start(rec.clone(), c);
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        mta.send(Command::Mail(vec!["<a@b.example>".into()])).await;
+        mta.send(Command::Rcpt(vec!["<c@d.example>".into()])).await;
+        mta.send(Command::Header { name: "Subject".into(), value: "big".into() }).await;
+        mta.send(Command::EndOfHeaders).await;
+        mta.send(Command::Body(vec![b'x'; 500])).await;
+        assert_eq!(mta.reply().await, Reply::Skip);
+        mta.send(Command::EndOfMessage(Vec::new())).await;
+        assert_eq!(mta.eom_replies().await.last(), Some(&Reply::Accept));
+        assert_eq!(rec.seen.lock().unwrap()[0].raw.len(), 100);
+    }
+
+    #[tokio::test]
+    async fn failed_decision_gets_on_error_verdict_and_still_strips_spoofed_headers() {
+        let rec = Arc::new(Recorder { fail: true, ..Default::default() });
+        let (mut mta, _h, _tx) = start(rec.clone(), cfg());
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        let r = mta.message(&["u@example.com"], &[("X-Triage-Action", "reroute")], b"b").await;
+        assert_eq!(r, vec![Reply::ChangeHeader { index: 1, name: "X-Triage-Action".into(), value: String::new() }, Reply::Accept]);
+
+        let mut c = cfg();
+        c.on_error = OnError::Tempfail;
+        let (mut mta, _h, _tx) = start(rec, c);
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        assert_eq!(mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await, vec![Reply::Tempfail]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_decision_sends_progress_then_times_out() {
+        let rec = Arc::new(Recorder { delay: Some(Duration::from_secs(60)), ..Default::default() });
+        let mut c = cfg();
+        c.decision_timeout = Duration::from_millis(3500);
+        let (mut mta, _h, _tx) = start(rec, c);
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        let r = mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await;
+        assert_eq!(r, vec![Reply::Progress, Reply::Progress, Reply::Progress, Reply::Accept]);
+    }
+
+    #[tokio::test]
+    async fn recipient_changes_need_both_rcpt_actions() {
+        let (mut mta, _h, _tx) = start(Arc::default(), cfg());
+        // The MTA lets us add headers but not touch recipients.
+        mta.negotiate(action::ADD_HEADERS | action::CHANGE_HEADERS, 0x1f_ffff).await;
+        let r = mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await;
+        assert_eq!(r, vec![Reply::AddHeader { name: "X-Triage-Department".into(), value: "billing".into() }, Reply::Accept]);
+    }
+
+    #[tokio::test]
+    async fn protocol_errors_close_the_connection() {
+        let (mut mta, h, _tx) = start(Arc::default(), cfg());
+        mta.send(Command::Mail(vec!["<a@b>".into()])).await;
+        assert!(matches!(h.await.unwrap(), Err(SessionError::Protocol(_))));
+
+        let (mut mta, h, _tx) = start(Arc::default(), cfg());
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        mta.send(Command::Header { name: "Subject".into(), value: "no MAIL".into() }).await;
+        assert!(matches!(h.await.unwrap(), Err(SessionError::Protocol(_))));
+
+        let (mut mta, h, _tx) = start(Arc::default(), cfg());
+        mta.0.write_all(&[0x7f, 0xff, 0xff, 0xff, b'B']).await.unwrap();
+        assert!(matches!(h.await.unwrap(), Err(SessionError::Codec(CodecError::Oversized { .. }))));
+
+        let (mut mta, h, _tx) = start(Arc::default(), cfg());
+        mta.0.write_all(&[0, 0, 0, 2, b'Z', 0]).await.unwrap();
+        assert!(matches!(h.await.unwrap(), Err(SessionError::Codec(CodecError::UnknownCommand(b'Z')))));
+    }
+
+    #[tokio::test]
+    async fn shutdown_waits_for_the_message_in_flight() {
+        let rec = Arc::new(Recorder::default());
+        let (mut mta, h, tx) = start(rec.clone(), cfg());
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        mta.send(Command::Mail(vec!["<a@b.example>".into()])).await;
+        mta.send(Command::Rcpt(vec!["<c@d.example>".into()])).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(true).unwrap();
+        mta.send(Command::EndOfHeaders).await;
+        mta.send(Command::EndOfMessage(Vec::new())).await;
+        assert_eq!(mta.eom_replies().await.last(), Some(&Reply::Accept));
+        assert_eq!(h.await.unwrap().unwrap(), SessionEnd::Shutdown);
+        assert_eq!(rec.calls.load(Ordering::SeqCst), 1);
+    }
+}

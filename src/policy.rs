@@ -1,0 +1,176 @@
+//! From "who should get this" to "what we do about it": the department's
+//! action and mailbox, the mode (shadow or enforce), and the confidence that
+//! goes into the headers.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::config::{Config, DepartmentAction, Mode};
+use crate::rules::RuleMatch;
+
+/// What decided the department.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// An admin's rule, by name.
+    Rule(String),
+    /// The classifier, by model id.
+    Model(String),
+    /// Nothing decided; the configured default department.
+    Default,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Rule(r) => write!(f, "rule:{r}"),
+            Source::Model(m) => write!(f, "model:{m}"),
+            Source::Default => f.write_str("default"),
+        }
+    }
+}
+
+impl Serialize for Source {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What happens to the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Tag,
+    Reroute,
+    Copy,
+    /// Sent to the human review mailbox because the decision is unsure.
+    Review,
+    Quarantine,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Tag => "tag",
+            Action::Reroute => "reroute",
+            Action::Copy => "copy",
+            Action::Review => "review",
+            Action::Quarantine => "quarantine",
+        }
+    }
+}
+
+impl From<DepartmentAction> for Action {
+    fn from(a: DepartmentAction) -> Self {
+        match a {
+            DepartmentAction::Tag => Action::Tag,
+            DepartmentAction::Reroute => Action::Reroute,
+            DepartmentAction::Copy => Action::Copy,
+            DepartmentAction::Quarantine => Action::Quarantine,
+        }
+    }
+}
+
+/// The decision for one message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub department: String,
+    pub priority: String,
+    /// 0.0–1.0. A rule is certain (1.0); the default department has nothing
+    /// behind it (0.0).
+    pub confidence: f32,
+    pub source: Source,
+    pub action: Action,
+    /// Where `reroute`, `copy` and `review` deliver.
+    pub mailbox: Option<String>,
+    pub mode: Mode,
+}
+
+/// Turns what the rules (and later the model) found into a [`Decision`].
+#[derive(Debug, Clone)]
+pub struct Policy {
+    mode: Mode,
+    default_department: String,
+    default_priority: String,
+    departments: Vec<(String, Option<String>, DepartmentAction)>,
+}
+
+impl Policy {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            mode: cfg.server.mode,
+            default_department: cfg.defaults.department.clone(),
+            default_priority: cfg.defaults.priority.clone(),
+            departments: cfg.departments.iter().map(|d| (d.name.clone(), d.mailbox.clone(), d.action)).collect(),
+        }
+    }
+
+    /// Decides from the first matching rule, or falls back to the default.
+    pub fn decide(&self, rule: Option<RuleMatch<'_>>) -> Decision {
+        match rule {
+            Some(m) => self.route(m.department, m.priority.unwrap_or(&self.default_priority), 1.0, Source::Rule(m.rule.into())),
+            None => self.route(&self.default_department, &self.default_priority, 0.0, Source::Default),
+        }
+    }
+
+    /// The department's configured action and mailbox. A department that is
+    /// only a label (the default one need not be listed) is tagged.
+    fn route(&self, department: &str, priority: &str, confidence: f32, source: Source) -> Decision {
+        let (mailbox, action) = self
+            .departments
+            .iter()
+            .find(|(n, _, _)| n == department)
+            .map(|(_, m, a)| (m.clone(), Action::from(*a)))
+            .unwrap_or((None, Action::Tag));
+        Decision {
+            department: department.into(),
+            priority: priority.into(),
+            confidence,
+            source,
+            action,
+            mailbox,
+            mode: self.mode,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(mode: &str) -> Config {
+        Config::from_toml(
+            &format!(
+                r#"
+[server]
+mode = "{mode}"
+[[departments]]
+name = "billing"
+mailbox = "billing@example.com"
+action = "reroute"
+"#
+            ),
+            "t",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn rule_decisions_take_the_department_action() {
+        let p = Policy::new(&cfg("enforce"));
+        let d = p.decide(Some(RuleMatch { rule: "inv", department: "billing", priority: Some("high") }));
+        assert_eq!(d.action, Action::Reroute);
+        assert_eq!(d.mailbox.as_deref(), Some("billing@example.com"));
+        assert_eq!(d.priority, "high");
+        assert_eq!(d.confidence, 1.0);
+        assert_eq!(d.source.to_string(), "rule:inv");
+    }
+
+    #[test]
+    fn default_is_a_tag_with_zero_confidence() {
+        let d = Policy::new(&cfg("shadow")).decide(None);
+        assert_eq!((d.department.as_str(), d.priority.as_str()), ("general", "medium"));
+        assert_eq!((d.action, d.source.clone(), d.mode), (Action::Tag, Source::Default, Mode::Shadow));
+        assert_eq!(d.confidence, 0.0);
+    }
+}
