@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use mail_parser::decoders::html::html_to_text;
+use crate::html::to_text as html_to_text;
 use mail_parser::parsers::MessageStream;
 use mail_parser::{Address, HeaderValue, Message, MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
@@ -166,7 +166,14 @@ fn collect(msg: &Message<'_>, depth: usize, text: &mut String, atts: &mut Vec<At
                 }
                 collect(inner, depth + 1, text, atts, full, max);
             }
-            _ => {
+            body => {
+                // Text parts that the parser filed as attachments (an HTML part
+                // in multipart/mixed, an attached .txt) are still text to read.
+                match body {
+                    PartType::Text(t) => push_text(text, t, max, full),
+                    PartType::Html(h) => push_text(text, &html_to_text(h), max, full),
+                    _ => {}
+                }
                 let ct = part
                     .content_type()
                     .map(|ct| match &ct.c_subtype {

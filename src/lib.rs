@@ -12,6 +12,7 @@ pub mod actions;
 pub mod config;
 pub mod envelope;
 pub mod extract;
+pub mod html;
 pub mod milter;
 pub mod pipeline;
 pub mod policy;
