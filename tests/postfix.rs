@@ -1,0 +1,197 @@
+//! Black-box tests against a real Postfix (started by the tests, loopback
+//! only) calling the mailtriage daemon as its milter.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{header_values, mail, send, Daemon, Mail, Postfix, DOMAIN};
+
+fn config(mode: &str) -> String {
+    format!(
+        r#"
+[server]
+mode = "{mode}"
+milter_socket_mode = "0666"
+progress_interval = "1s"
+
+[defaults]
+department = "general"
+priority = "medium"
+
+[[departments]]
+name = "billing"
+mailbox = "billing@{DOMAIN}"
+action = "reroute"
+
+[[departments]]
+name = "sales"
+mailbox = "sales@{DOMAIN}"
+action = "copy"
+
+[[departments]]
+name = "security"
+mailbox = "security@{DOMAIN}"
+action = "quarantine"
+
+[[rules]]
+name = "invoices"
+header = "Subject"
+pattern = "(?i)\\binvoice\\b"
+department = "billing"
+priority = "high"
+
+[[rules]]
+name = "quotes"
+header = "Subject"
+pattern = "(?i)\\bquote\\b"
+department = "sales"
+
+[[rules]]
+name = "phishing"
+header = "Subject"
+pattern = "(?i)phishing"
+department = "security"
+"#
+    )
+}
+
+fn one(values: Vec<String>, what: &str) -> String {
+    assert_eq!(values.len(), 1, "{what}: expected exactly one, got {values:?}");
+    values.into_iter().next().unwrap()
+}
+
+#[test]
+fn enforce_mode_tags_every_message_and_routes_by_rule() {
+    let daemon = Daemon::start(&config("enforce"), false);
+    let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+
+    // Several messages over one SMTP session (one milter connection).
+    let invoice = mail("Your invoice 2024-17", "", "Please pay by Friday.");
+    let spoofed = mail("Lunch on Friday?", "X-Triage-Department: billing\nX-Triage-Action: reroute\nx-triage-source: rule:invoices", "Pizza or sushi?");
+    let codes = send(pf.smtp_port, &[invoice, spoofed]).unwrap();
+    assert_eq!(codes, vec![250, 250]);
+    send(pf.smtp_port, &[mail("Request for a quote", "", "100 licences please")]).unwrap();
+    send(pf.smtp_port, &[mail("Phishing attempt reported", "", "see attached")]).unwrap();
+
+    let delivered = pf.wait_delivered(4, Duration::from_secs(60));
+    let ctx = || format!("postfix log:\n{}\ndaemon log:\n{}", pf.log(), daemon.log());
+    assert_eq!(delivered.len(), 4, "{delivered:#?}\n{}", ctx());
+
+    // The rule-matched invoice went to billing, and not to the original recipient.
+    let billing = pf.mailbox("billing");
+    assert_eq!(billing.len(), 1, "{}", ctx());
+    let m = &billing[0];
+    assert!(m.contains("Subject: Your invoice"));
+    assert_eq!(one(header_values(m, "X-Triage-Department"), "department"), "billing");
+    assert_eq!(one(header_values(m, "X-Triage-Priority"), "priority"), "high");
+    assert_eq!(one(header_values(m, "X-Triage-Confidence"), "confidence"), "1.00");
+    assert_eq!(one(header_values(m, "X-Triage-Source"), "source"), "rule:invoices");
+    assert_eq!(one(header_values(m, "X-Triage-Action"), "action"), "reroute");
+
+    let user = pf.mailbox("user");
+    assert!(!user.iter().any(|m| m.contains("Subject: Your invoice")), "rerouted mail also reached the original recipient");
+
+    // The spoofed headers are gone; only ours remain.
+    let lunch = user.iter().find(|m| m.contains("Subject: Lunch")).expect("lunch message in user/");
+    assert_eq!(one(header_values(lunch, "X-Triage-Department"), "department"), "general");
+    assert_eq!(one(header_values(lunch, "X-Triage-Source"), "source"), "default");
+    assert_eq!(one(header_values(lunch, "X-Triage-Action"), "action"), "tag");
+    assert_eq!(one(header_values(lunch, "X-Triage-Confidence"), "confidence"), "0.00");
+    assert_eq!(one(header_values(lunch, "X-Triage-Priority"), "priority"), "medium");
+
+    // copy: the original recipient and the department both have it.
+    assert!(user.iter().any(|m| m.contains("Subject: Request for a quote")));
+    let sales = pf.mailbox("sales");
+    assert_eq!(sales.len(), 1);
+    assert_eq!(one(header_values(&sales[0], "X-Triage-Action"), "action"), "copy");
+
+    // quarantine: Postfix holds the message instead of delivering it.
+    assert!(!delivered.iter().any(|(_, m)| m.contains("Subject: Phishing")));
+    assert_eq!(pf.queue_count("hold"), 1, "{}", ctx());
+    assert!(pf.log().contains("milter triggers HOLD action"), "{}", ctx());
+}
+
+#[test]
+fn shadow_mode_over_unix_socket_changes_no_recipient() {
+    let daemon = Daemon::start(&config("shadow"), true);
+    let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+    send(pf.smtp_port, &[mail("Invoice overdue", "", "x"), mail("Request for a quote", "", "y")]).unwrap();
+    send(pf.smtp_port, &[mail("phishing", "", "z")]).unwrap();
+    let delivered = pf.wait_delivered(3, Duration::from_secs(60));
+    assert_eq!(delivered.len(), 3, "postfix log:\n{}\ndaemon log:\n{}", pf.log(), daemon.log());
+    // Everything stays with the original recipient, nothing held, and the
+    // headers say what enforce mode would have done.
+    assert!(delivered.iter().all(|(mbox, _)| mbox == "user"), "{delivered:?}");
+    assert_eq!(pf.queue_count("hold"), 0);
+    let invoice = &delivered.iter().find(|(_, m)| m.contains("Subject: Invoice")).unwrap().1;
+    assert_eq!(one(header_values(invoice, "X-Triage-Action"), "action"), "reroute");
+    assert_eq!(one(header_values(invoice, "X-Triage-Mode"), "mode"), "shadow");
+    assert_eq!(one(header_values(invoice, "X-Triage-Department"), "department"), "billing");
+}
+
+#[test]
+fn killing_the_daemon_mid_stream_loses_no_message() {
+    let mut daemon = Daemon::start(&config("enforce"), false);
+    let pf = Postfix::start(Some(&daemon.postfix_address()), "accept", &[]);
+    const SENDERS: usize = 4;
+    const EACH: usize = 15;
+    let port = pf.smtp_port;
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                for i in 0..EACH {
+                    let m = mail(&format!("stream {t}-{i}"), "", "keep me");
+                    codes.extend(send(port, &[m]).expect("SMTP session failed"));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                codes
+            })
+        })
+        .collect();
+    // Let some mail through the milter, then kill it without warning.
+    let before = pf.wait_delivered(10, Duration::from_secs(60)).len();
+    assert!(before >= 10, "no mail flowed before the kill:\n{}", pf.log());
+    daemon.kill();
+    let codes: Vec<u16> = senders.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    assert!(codes.iter().all(|&c| c == 250), "some messages were not accepted: {codes:?}");
+    let delivered = pf.wait_delivered(SENDERS * EACH, Duration::from_secs(60));
+    let mut subjects: Vec<String> =
+        delivered.iter().flat_map(|(_, m)| header_values(m, "Subject")).filter(|s| s.starts_with("stream ")).collect();
+    subjects.sort();
+    let n = subjects.len();
+    subjects.dedup();
+    assert_eq!(n, subjects.len(), "a message was delivered twice");
+    assert_eq!(n, SENDERS * EACH, "messages lost after the milter died:\n{}", pf.log());
+    let tagged = delivered.iter().filter(|(_, m)| !header_values(m, "X-Triage-Department").is_empty()).count();
+    assert!(tagged >= 10, "the milter was not in the path before the kill ({tagged} tagged)");
+    assert!(tagged < n, "the kill happened after all mail was sent; the test proved nothing");
+
+    // Back up: mail is tagged again.
+    let daemon2 = Daemon::start(&config("enforce").replace("[server]", &format!("[server]\n# restart {}", 2)), false);
+    let pf2 = Postfix::start(Some(&daemon2.postfix_address()), "accept", &[]);
+    send(pf2.smtp_port, &[mail("after restart", "", "x")]).unwrap();
+    let d = pf2.wait_delivered(1, Duration::from_secs(30));
+    assert_eq!(one(header_values(&d[0].1, "X-Triage-Department"), "department"), "general");
+}
+
+#[test]
+fn large_and_eight_bit_messages_pass_intact() {
+    let daemon = Daemon::start(&config("enforce"), false);
+    let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+    // 300 KB body: several 64 KiB milter body chunks; a leading-dot line; 8-bit text.
+    let body: String = (0..6000).map(|i| format!("line {i} of a long invoice body with some padding text\n")).collect();
+    let body = format!(".starts with a dot\nGrüße aus Köln\n{body}");
+    let mut m = mail("=?utf-8?Q?Rechnung_/_invoice_f=C3=BCr_M=C3=A4rz?=", "MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit", &body);
+    m.rcpts.push(format!("support@{DOMAIN}"));
+    let big: Mail = m;
+    assert_eq!(send(pf.smtp_port, &[big]).unwrap(), vec![250]);
+    let d = pf.wait_delivered(1, Duration::from_secs(60));
+    assert_eq!(d.len(), 1, "{}", pf.log());
+    let (mbox, msg) = &d[0];
+    // Rerouted away from both original recipients to the one department mailbox.
+    assert_eq!(mbox, "billing");
+    assert!(msg.contains("\n.starts with a dot\n") && msg.contains("Grüße aus Köln") && msg.contains("line 5999 of"));
+    assert_eq!(one(header_values(msg, "X-Triage-Source"), "source"), "rule:invoices");
+}

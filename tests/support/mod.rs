@@ -1,0 +1,392 @@
+//! Real peers for black-box tests, all on loopback: a private Postfix
+//! instance delivering into Maildirs, the mailtriage daemon as a child
+//! process, and a small SMTP client.
+//!
+//! The Postfix setup follows ../shared/bench/mailstack.sh: its own config,
+//! queue and data directories under a temp dir; nothing can leave the machine
+//! (every non-local transport is `error:`); `<local>@test.example` is a
+//! Maildir under `mail/<local>/`, unknown local parts land in `other/`.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DOMAIN: &str = "test.example";
+const MAILBOXES: &[&str] = &["user", "billing", "support", "sales", "security", "hr", "general", "postmaster", "bench"];
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Fails the test with instructions when a peer is missing: these tests must
+/// run (CI installs the peers), so they never skip silently.
+pub fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(tool).exists();
+    assert!(found, "`{tool}` not found: install the Debian package `{package}` (scripts/test.sh does this)");
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc_geteuid() }, 0, "Postfix tests must run as root (master and virtual(8) switch users)");
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed: {text}");
+    text
+}
+
+/// A private Postfix instance.
+pub struct Postfix {
+    pub dir: tempfile::TempDir,
+    pub smtp_port: u16,
+    conf: PathBuf,
+}
+
+impl Postfix {
+    /// Starts Postfix on a free port with `smtpd_milters = milter` (if any)
+    /// and the given `milter_default_action`; `extra` are more main.cf lines.
+    pub fn start(milter: Option<&str>, default_action: &str, extra: &[&str]) -> Postfix {
+        require("postfix", "postfix");
+        let dir = tempfile::Builder::new().prefix("mt-postfix.").tempdir_in("/tmp").unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let root = dir.path();
+        let (conf, queue, data, mail) = (root.join("etc"), root.join("spool"), root.join("data"), root.join("mail"));
+        for d in [&conf, &queue, &data, &mail] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        run(Command::new("chown").arg("postfix:postfix").arg(&data));
+        run(Command::new("chown").arg("65534:65534").arg(&mail));
+        std::fs::copy("/etc/postfix/master.cf", conf.join("master.cf")).unwrap();
+        let _ = std::fs::copy("/etc/postfix/dynamicmaps.cf", conf.join("dynamicmaps.cf"));
+        let mut vmailbox: String = MAILBOXES.iter().map(|m| format!("{m}@{DOMAIN}\t{m}/\n")).collect();
+        vmailbox.push_str(&format!("@{DOMAIN}\tother/\n"));
+        std::fs::write(conf.join("vmailbox"), vmailbox).unwrap();
+        let smtp_port = free_port();
+        let main_cf = format!(
+            "compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+myhostname = mx.{DOMAIN}
+mydomain = {DOMAIN}
+myorigin = {DOMAIN}
+mydestination =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtpd_peername_lookup = no
+biff = no
+append_dot_mydomain = no
+alias_maps =
+alias_database =
+smtputf8_enable = no
+default_transport = error:5.7.1 test: external delivery disabled
+relay_transport = error:5.7.1 test: relay disabled
+local_transport = error:5.7.1 test: local delivery disabled
+relay_domains =
+virtual_mailbox_domains = {DOMAIN}
+virtual_mailbox_base = {mail}
+virtual_mailbox_maps = texthash:{conf}/vmailbox
+virtual_uid_maps = static:65534
+virtual_gid_maps = static:65534
+smtpd_milters = {milters}
+non_smtpd_milters =
+milter_protocol = 6
+milter_default_action = {default_action}
+milter_connect_timeout = 5s
+milter_command_timeout = 10s
+milter_content_timeout = 30s
+{extra}
+",
+            queue = queue.display(),
+            data = data.display(),
+            root = root.display(),
+            mail = mail.display(),
+            conf = conf.display(),
+            milters = milter.unwrap_or(""),
+            extra = extra.join("\n"),
+        );
+        std::fs::write(conf.join("main.cf"), main_cf).unwrap();
+        let postconf = |args: &[&str]| run(Command::new("postconf").arg("-c").arg(&conf).args(args));
+        postconf(&["-F", "*/*/chroot = n"]);
+        for svc in ["smtp/inet", "submission/inet", "smtps/inet"] {
+            let _ = Command::new("postconf").arg("-c").arg(&conf).args(["-MX", svc]).output();
+        }
+        postconf(&["-M", &format!("127.0.0.1:{smtp_port}/inet = 127.0.0.1:{smtp_port} inet n - n - - smtpd")]);
+        run(Command::new("postfix").arg("-c").arg(&conf).arg("check"));
+        run(Command::new("postfix").arg("-c").arg(&conf).arg("start").stdin(Stdio::null()));
+        let pf = Postfix { dir, smtp_port, conf };
+        assert!(wait_for_port(smtp_port, Duration::from_secs(30)), "postfix smtpd not listening; log:\n{}", pf.log());
+        pf
+    }
+
+    pub fn mail_dir(&self) -> PathBuf {
+        self.dir.path().join("mail")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
+    }
+
+    /// Messages delivered to a mailbox (`new/` and `cur/`), as text.
+    pub fn mailbox(&self, name: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            if let Ok(rd) = std::fs::read_dir(self.mail_dir().join(name).join(sub)) {
+                for e in rd.flatten() {
+                    out.push(String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).into_owned());
+                }
+            }
+        }
+        out
+    }
+
+    /// Every delivered message, with the mailbox it landed in.
+    pub fn all_delivered(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.mail_dir()) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                out.extend(self.mailbox(&name).into_iter().map(|m| (name.clone(), m)));
+            }
+        }
+        out
+    }
+
+    /// Files in a queue directory (`hold`, `deferred`, `active`, `incoming`).
+    pub fn queue_count(&self, queue: &str) -> usize {
+        fn count(p: &Path) -> usize {
+            std::fs::read_dir(p)
+                .map(|rd| rd.flatten().map(|e| if e.path().is_dir() { count(&e.path()) } else { 1 }).sum())
+                .unwrap_or(0)
+        }
+        count(&self.dir.path().join("spool").join(queue))
+    }
+
+    /// Waits until `n` messages are delivered (or the timeout passes), and the
+    /// queue has drained. Returns what was delivered.
+    pub fn wait_delivered(&self, n: usize, timeout: Duration) -> Vec<(String, String)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.all_delivered();
+            let busy = self.queue_count("incoming") + self.queue_count("active");
+            if (got.len() >= n && busy == 0) || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        let _ = Command::new("postfix").arg("-c").arg(&self.conf).arg("stop").output();
+        // master exits after its children; wait a bounded time so the temp dir can go.
+        let pid_file = self.dir.path().join("spool/pid/master.pid");
+        let pid = std::fs::read_to_string(pid_file).ok().and_then(|s| s.trim().parse::<u32>().ok());
+        if let Some(pid) = pid {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+        }
+        if std::env::var_os("MAILTRIAGE_KEEP_TEST_DIRS").is_some() {
+            let path = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+            eprintln!("kept postfix dir {}", path.display());
+        }
+    }
+}
+
+/// The mailtriage daemon, started from the binary under test.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    /// `inet:127.0.0.1:PORT` or `unix:/path`.
+    pub milter: String,
+    pub port: Option<u16>,
+}
+
+impl Daemon {
+    /// Starts `mailtriage serve` with `config` (TOML), which must not set
+    /// `[server] milter`: a free port (or `unix_socket`) is filled in.
+    pub fn start(config: &str, unix_socket: bool) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("mt-daemon.").tempdir_in("/tmp").unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (milter, port) = if unix_socket {
+            (format!("unix:{}", dir.path().join("milter.sock").display()), None)
+        } else {
+            let p = free_port();
+            (format!("inet:127.0.0.1:{p}"), Some(p))
+        };
+        let config = config.replacen("[server]", &format!("[server]\nmilter = \"{milter}\""), 1);
+        assert!(config.contains(&milter), "test config needs a [server] section");
+        let cfg_path = dir.path().join("mailtriage.toml");
+        std::fs::write(&cfg_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mailtriage"))
+            .arg("--config")
+            .arg(&cfg_path)
+            .arg("serve")
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Daemon { child, dir, milter, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let up = match d.port {
+                Some(p) => TcpStream::connect(("127.0.0.1", p)).is_ok(),
+                None => d.dir.path().join("milter.sock").exists(),
+            };
+            if up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "daemon did not start; log:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    /// The address in Postfix's `smtpd_milters` notation.
+    pub fn postfix_address(&self) -> String {
+        self.milter.clone()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A message to send: envelope and RFC 5322 text (LF or CRLF line ends).
+pub struct Mail<'a> {
+    pub from: &'a str,
+    pub rcpts: Vec<String>,
+    pub data: String,
+}
+
+/// Sends messages over one SMTP connection; returns the final reply code of
+/// each message's DATA.
+pub fn send(port: u16, mails: &[Mail<'_>]) -> std::io::Result<Vec<u16>> {
+    let stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut r = BufReader::new(stream.try_clone()?);
+    let mut w = stream;
+    let reply = |r: &mut BufReader<TcpStream>| -> std::io::Result<u16> {
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "server closed"));
+            }
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return line.get(..3).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other(line.clone()));
+            }
+        }
+    };
+    let expect = |code: u16, want: u16, what: &str| {
+        if code / 100 == want / 100 {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("{what}: got {code}")))
+        }
+    };
+    expect(reply(&mut r)?, 220, "banner")?;
+    write!(w, "EHLO client.{DOMAIN}\r\n")?;
+    expect(reply(&mut r)?, 250, "EHLO")?;
+    let mut codes = Vec::new();
+    for m in mails {
+        write!(w, "MAIL FROM:<{}>\r\n", m.from)?;
+        expect(reply(&mut r)?, 250, "MAIL")?;
+        for rc in &m.rcpts {
+            write!(w, "RCPT TO:<{rc}>\r\n")?;
+            expect(reply(&mut r)?, 250, "RCPT")?;
+        }
+        write!(w, "DATA\r\n")?;
+        expect(reply(&mut r)?, 354, "DATA")?;
+        for line in m.data.replace("\r\n", "\n").lines() {
+            let dot = if line.starts_with('.') { "." } else { "" };
+            write!(w, "{dot}{line}\r\n")?;
+        }
+        write!(w, ".\r\n")?;
+        codes.push(reply(&mut r)?);
+    }
+    write!(w, "QUIT\r\n")?;
+    let _ = reply(&mut r);
+    Ok(codes)
+}
+
+/// A simple message to `user@test.example`.
+pub fn mail<'a>(subject: &str, extra_headers: &str, body: &str) -> Mail<'a> {
+    let id = format!("{}.{}", std::process::id(), COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+    Mail {
+        from: "bench@test.example",
+        rcpts: vec![format!("user@{DOMAIN}")],
+        data: format!(
+            "From: Sender <bench@{DOMAIN}>\nTo: user@{DOMAIN}\nSubject: {subject}\nMessage-ID: <{id}@{DOMAIN}>\n{extra_headers}\n{body}\n"
+        ),
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Values of header `name` in a delivered message's header block, unfolded.
+pub fn header_values(message: &str, name: &str) -> Vec<String> {
+    let head = message.split("\n\n").next().unwrap_or("");
+    let mut out: Vec<String> = Vec::new();
+    let mut in_match = false;
+    for line in head.lines() {
+        if line.starts_with([' ', '\t']) {
+            if in_match {
+                let last = out.last_mut().expect("a match precedes its continuation");
+                last.push(' ');
+                last.push_str(line.trim());
+            }
+            continue;
+        }
+        in_match = matches!(line.split_once(':'), Some((n, _)) if n.eq_ignore_ascii_case(name));
+        if in_match {
+            out.push(line.split_once(':').map(|(_, v)| v.trim().to_string()).unwrap_or_default());
+        }
+    }
+    out
+}
