@@ -56,7 +56,11 @@ fn init_logging(cfg: &Config) {
     // RUST_LOG, when set, wins over the configured level (handy for one debugging run).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.logging.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match cfg.logging.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

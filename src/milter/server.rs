@@ -15,9 +15,9 @@ use crate::pipeline::Filter;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind { addr: String, source: std::io::Error },
-    #[error("unix socket {path}: {source}")]
+    #[error("unix socket {path}")]
     Socket { path: String, source: std::io::Error },
 }
 

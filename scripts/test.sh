@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every test of mailtriage on a fresh Debian machine.
+#
+# Installs the real peers the black-box tests talk to (Postfix, OpenDKIM's
+# miltertest) when they are missing, then runs the whole suite. Needs root:
+# apt, and Postfix's master and virtual(8) switch users. Nothing listens
+# beyond 127.0.0.1 and the system Postfix in /etc/postfix is never started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v postfix >/dev/null 2>&1 || [[ -x /usr/sbin/postfix ]] || need+=(postfix)
+command -v miltertest >/dev/null 2>&1 || need+=(miltertest)
+if (( ${#need[@]} )); then
+  if (( EUID != 0 )); then
+    echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2
+    exit 1
+  fi
+  echo "test.sh: installing ${need[*]}" >&2
+  apt-get update -q
+  # Local-only Postfix; the packaged instance is never started by the tests.
+  echo 'postfix postfix/main_mailer_type select Local only' | debconf-set-selections
+  echo 'postfix postfix/mailname string mx.test.example' | debconf-set-selections
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+
+if [[ ! -f ../shared/data/spamassassin_mime/index.jsonl ]]; then
+  echo "test.sh: ../shared/data (the test corpora) must sit beside this checkout" >&2
+  exit 1
+fi
+
+cargo test --locked --all-targets "$@"
