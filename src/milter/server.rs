@@ -2,10 +2,13 @@
 //! bounded in number, drained on shutdown.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use thiserror::Error;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
@@ -110,7 +113,7 @@ pub async fn serve<F: Filter + Clone>(
             let result = match stream {
                 Stream::Tcp(s) => {
                     let _ = s.set_nodelay(true);
-                    Session::new(&filter, &cfg).run(s, rx).await
+                    Session::new(&filter, &cfg).run(QuickAck(s), rx).await
                 }
                 Stream::Unix(s) => Session::new(&filter, &cfg).run(s, rx).await,
             };
@@ -133,7 +136,7 @@ pub async fn serve<F: Filter + Clone>(
 }
 
 enum Stream {
-    Tcp(tokio::net::TcpStream),
+    Tcp(TcpStream),
     Unix(tokio::net::UnixStream),
 }
 
@@ -141,5 +144,37 @@ async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
     match l {
         Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Stream::Tcp(s), a.to_string())),
         Listener::Unix(l, p) => l.accept().await.map(|(s, _)| (Stream::Unix(s), p.display().to_string())),
+    }
+}
+
+/// A TCP stream that acknowledges every read at once.
+///
+/// Postfix writes some milter packets back to back with no reply in between
+/// (the macro packet, then end-of-message), and its socket uses Nagle: the
+/// second packet waits for the first one's ACK, which Linux delays by 40 ms
+/// when the receiver has nothing to send. Measured: DATA took 45 ms with the
+/// milter, and the mail rate capped at ~200/s with the machine 58 % idle.
+/// `TCP_QUICKACK` is not sticky, so it is re-armed after each read.
+struct QuickAck(TcpStream);
+
+impl AsyncRead for QuickAck {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.0).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) {
+            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for QuickAck {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

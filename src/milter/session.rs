@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::watch;
 use tokio::time::{interval_at, sleep, timeout, Instant};
 
@@ -121,7 +121,9 @@ impl<'a, F: Filter> Session<'a, F> {
 
     /// Serves the connection until QUIT, EOF, an error, or shutdown between messages.
     pub async fn run<S: AsyncRead + AsyncWrite>(mut self, stream: S, mut shutdown: watch::Receiver<bool>) -> Result<SessionEnd, SessionError> {
-        let (mut reader, writer) = tokio::io::split(stream);
+        let (reader, writer) = tokio::io::split(stream);
+        // Postfix pipelines no-reply packets (headers); read them in bulk.
+        let mut reader = BufReader::with_capacity(16 * 1024, reader);
         let mut writer = BufWriter::new(writer);
         loop {
             let idle = self.msg.is_none();
@@ -170,10 +172,8 @@ impl<'a, F: Filter> Session<'a, F> {
                 into.extend(pairs);
                 None
             }
-            Command::Connect { .. } => {
-                self.conn_macros.clear();
-                self.ack(proto::NR_CONNECT)
-            }
+            // Its macros arrived just before it, in SMFIC_MACRO; keep them.
+            Command::Connect { .. } => self.ack(proto::NR_CONNECT),
             Command::Helo(_) => self.ack(proto::NR_HELO),
             Command::Mail(args) => {
                 // A new transaction; anything unfinished was implicitly aborted.
@@ -577,6 +577,25 @@ mod tests {
         assert_eq!(mta.reply().await, Reply::Continue);
         mta.send(Command::Unknown("XYZZY".into())).await;
         assert_eq!(mta.reply().await, Reply::Continue);
+    }
+
+    #[tokio::test]
+    async fn macros_sent_before_a_command_survive_it() {
+        let rec = Arc::new(Recorder::default());
+        let (mut mta, _h, _tx) = start(rec.clone(), cfg());
+        mta.negotiate(0x1ff, 0).await;
+        mta.send(Command::Macros { stage: b'C', pairs: vec![("i".into(), "FROM-CONNECT".into())] }).await;
+        mta.send(Command::Connect { hostname: "h".into(), address: codec::ConnectAddress::Unknown }).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::Mail(vec!["<a@b.example>".into()])).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::EndOfHeaders).await;
+        assert_eq!(mta.reply().await, Reply::Continue);
+        mta.send(Command::EndOfMessage(b"tail".to_vec())).await;
+        mta.eom_replies().await;
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(seen[0].envelope.queue_id.as_deref(), Some("FROM-CONNECT"));
+        assert_eq!(seen[0].raw, b"\r\ntail");
     }
 
     #[tokio::test]
