@@ -5,56 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{header_values, mail, send, Daemon, Mail, Postfix, DOMAIN};
-
-fn config(mode: &str) -> String {
-    format!(
-        r#"
-[server]
-mode = "{mode}"
-milter_socket_mode = "0666"
-progress_interval = "1s"
-
-[defaults]
-department = "general"
-priority = "medium"
-
-[[departments]]
-name = "billing"
-mailbox = "billing@{DOMAIN}"
-action = "reroute"
-
-[[departments]]
-name = "sales"
-mailbox = "sales@{DOMAIN}"
-action = "copy"
-
-[[departments]]
-name = "security"
-mailbox = "security@{DOMAIN}"
-action = "quarantine"
-
-[[rules]]
-name = "invoices"
-header = "Subject"
-pattern = "(?i)\\binvoice\\b"
-department = "billing"
-priority = "high"
-
-[[rules]]
-name = "quotes"
-header = "Subject"
-pattern = "(?i)\\bquote\\b"
-department = "sales"
-
-[[rules]]
-name = "phishing"
-header = "Subject"
-pattern = "(?i)phishing"
-department = "security"
-"#
-    )
-}
+use support::{config, header_values, mail, send, Daemon, Mail, Postfix, DOMAIN};
 
 fn one(values: Vec<String>, what: &str) -> String {
     assert_eq!(values.len(), 1, "{what}: expected exactly one, got {values:?}");

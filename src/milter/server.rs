@@ -178,3 +178,89 @@ impl AsyncWrite for QuickAck {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+    use crate::actions::Plan;
+    use crate::milter::codec::{self, Command, Negotiation, Reply};
+    use crate::pipeline::{FilterError, MessageInput};
+
+    #[derive(Clone)]
+    struct TagAll;
+
+    impl Filter for TagAll {
+        async fn filter(&self, _msg: MessageInput) -> Result<Plan, FilterError> {
+            Ok(Plan { changes: vec![crate::actions::Change::AddHeader { name: "X-T".into(), value: "1".into() }] })
+        }
+    }
+
+    fn cfg() -> SessionConfig {
+        let d = std::time::Duration::from_secs(5);
+        SessionConfig {
+            max_frame_bytes: 1 << 20,
+            max_message_bytes: 1 << 20,
+            max_recipients: 10,
+            idle_timeout: d,
+            decision_timeout: d,
+            progress_interval: d,
+            on_error: crate::config::OnError::Accept,
+        }
+    }
+
+    async fn send(s: &mut tokio::net::TcpStream, cmd: Command) {
+        s.write_all(&codec::encode_command(&cmd)).await.unwrap();
+    }
+
+    async fn reply(s: &mut tokio::net::TcpStream) -> Reply {
+        let (code, payload) = codec::read_frame(s, 1 << 20).await.unwrap().unwrap();
+        codec::decode_reply(code, &payload).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_does_not_disturb_the_others_and_shutdown_drains() {
+        let listener = Listener::bind(&ListenAddress::Inet("127.0.0.1:0".into()), 0o660).await.unwrap();
+        let addr = listener.local_addr().trim_start_matches("inet:").to_string();
+        let (tx, rx) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, TagAll, cfg(), 4, std::time::Duration::from_secs(5), rx));
+
+        let mut good = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        send(&mut good, Command::Negotiate(Negotiation { version: 6, actions: 0x1ff, protocol: 0x1f_ffff, macros: Default::default() })).await;
+        assert!(matches!(reply(&mut good).await, Reply::Negotiate(_)));
+
+        // A peer announcing a 2 GiB frame is cut off...
+        let mut bad = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        bad.write_all(&[0x7f, 0xff, 0xff, 0xff, b'O']).await.unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(bad.read(&mut buf).await.unwrap(), 0, "server must close the broken connection");
+
+        // ...while the good one carries on with a whole message.
+        send(&mut good, Command::Mail(vec!["<a@b.example>".into()])).await;
+        send(&mut good, Command::EndOfHeaders).await;
+        send(&mut good, Command::EndOfMessage(Vec::new())).await;
+        assert_eq!(reply(&mut good).await, Reply::AddHeader { name: "X-T".into(), value: "1".into() });
+        assert_eq!(reply(&mut good).await, Reply::Accept);
+
+        // Shutdown closes idle sessions and returns.
+        tx.send(true).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), server).await.expect("server stops").unwrap();
+        assert_eq!(good.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn unix_socket_replaces_a_stale_socket_but_not_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap()); // stale socket left behind
+        let l = Listener::bind(&ListenAddress::Unix(path.clone()), 0o600).await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(l);
+        assert!(!path.exists(), "socket removed on drop");
+        std::fs::write(&path, "precious").unwrap();
+        let err = Listener::bind(&ListenAddress::Unix(path.clone()), 0o600).await.err().unwrap();
+        assert!(err.to_string().contains("m.sock"));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+    }
+}

@@ -298,6 +298,57 @@ impl Drop for Daemon {
     }
 }
 
+/// The daemon configuration the black-box tests share: billing reroutes,
+/// sales copies, security quarantines; each has a Subject rule.
+pub fn config(mode: &str) -> String {
+    format!(
+        r#"
+[server]
+mode = "{mode}"
+milter_socket_mode = "0666"
+progress_interval = "1s"
+
+[defaults]
+department = "general"
+priority = "medium"
+
+[[departments]]
+name = "billing"
+mailbox = "billing@{DOMAIN}"
+action = "reroute"
+
+[[departments]]
+name = "sales"
+mailbox = "sales@{DOMAIN}"
+action = "copy"
+
+[[departments]]
+name = "security"
+mailbox = "security@{DOMAIN}"
+action = "quarantine"
+
+[[rules]]
+name = "invoices"
+header = "Subject"
+pattern = "(?i)\\binvoice\\b"
+department = "billing"
+priority = "high"
+
+[[rules]]
+name = "quotes"
+header = "Subject"
+pattern = "(?i)\\bquote\\b"
+department = "sales"
+
+[[rules]]
+name = "phishing"
+header = "Subject"
+pattern = "(?i)phishing"
+department = "security"
+"#
+    )
+}
+
 /// A message to send: envelope and RFC 5322 text (LF or CRLF line ends).
 pub struct Mail<'a> {
     pub from: &'a str,
