@@ -18,13 +18,25 @@ pub const HEADER_PREFIX: &str = "X-Triage-";
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Change {
     /// Delete the `index`-th (1-based) header called `name` (case-insensitive).
-    RemoveHeader { name: String, index: u32 },
+    RemoveHeader {
+        name: String,
+        index: u32,
+    },
     /// Append a header at the end of the header block.
-    AddHeader { name: String, value: String },
-    DeleteRecipient { address: String },
-    AddRecipient { address: String },
+    AddHeader {
+        name: String,
+        value: String,
+    },
+    DeleteRecipient {
+        address: String,
+    },
+    AddRecipient {
+        address: String,
+    },
     /// Hold the message in the MTA's quarantine (Postfix: the hold queue).
-    Quarantine { reason: String },
+    Quarantine {
+        reason: String,
+    },
 }
 
 /// The changes for one message, in the order they must be applied.
@@ -116,7 +128,11 @@ mod tests {
     }
 
     fn env(rcpts: &[&str]) -> Envelope {
-        Envelope { mail_from: "s@x.example".into(), rcpts: rcpts.iter().map(|s| s.to_string()).collect(), queue_id: None }
+        Envelope {
+            mail_from: "s@x.example".into(),
+            rcpts: rcpts.iter().map(|s| s.to_string()).collect(),
+            queue_id: None,
+        }
     }
 
     fn names(v: &[&str]) -> Vec<String> {
@@ -141,7 +157,8 @@ mod tests {
 
     #[test]
     fn reroute_keeps_a_recipient_that_already_is_the_mailbox() {
-        let p = Plan::for_decision(&decision(Action::Reroute, Mode::Enforce), &env(&["Billing@example.com", "b@x"]), &[]);
+        let p =
+            Plan::for_decision(&decision(Action::Reroute, Mode::Enforce), &env(&["Billing@example.com", "b@x"]), &[]);
         assert!(!p.changes.iter().any(|c| matches!(c, Change::AddRecipient { .. })));
         assert_eq!(p.changes.iter().filter(|c| matches!(c, Change::DeleteRecipient { .. })).count(), 1);
     }
@@ -168,7 +185,8 @@ mod tests {
 
     #[test]
     fn inbound_triage_headers_are_removed_highest_index_first() {
-        let hdrs = names(&["Received", "X-Triage-Department", "Subject", "x-triage-department", "X-TRIAGE-Action", "X-Other"]);
+        let hdrs =
+            names(&["Received", "X-Triage-Department", "Subject", "x-triage-department", "X-TRIAGE-Action", "X-Other"]);
         let p = Plan::strip_inbound(&hdrs);
         assert_eq!(
             p.changes,

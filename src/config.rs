@@ -221,9 +221,7 @@ impl FromStr for ListenAddress {
                 Some((port, host)) => format!("{host}:{port}"),
                 None => rest.to_string(),
             };
-            let (host, port) = hostport
-                .rsplit_once(':')
-                .ok_or_else(|| format!("`{s}`: expected inet:HOST:PORT"))?;
+            let (host, port) = hostport.rsplit_once(':').ok_or_else(|| format!("`{s}`: expected inet:HOST:PORT"))?;
             port.parse::<u16>().map_err(|_| format!("`{s}`: `{port}` is not a port number"))?;
             if host.is_empty() {
                 return Err(format!("`{s}`: missing host"));
@@ -315,7 +313,8 @@ pub const ENV_PREFIX: &str = "MAILTRIAGE__";
 impl Config {
     /// Reads, overrides from the environment, and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
         let mut cfg = Self::from_toml_with_env(&text, &path.display().to_string(), &env)?;
         cfg.source = Some(path.to_owned());
@@ -337,12 +336,8 @@ impl Config {
         }
         // Re-serialising loses spans, so deserialise from the text when no
         // override applied: its errors point at the line and column.
-        let cfg: Config = if env.is_empty() {
-            toml::from_str(text)
-        } else {
-            toml::Table::try_into(table)
-        }
-        .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
+        let cfg: Config = if env.is_empty() { toml::from_str(text) } else { toml::Table::try_into(table) }
+            .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
         cfg.validate(origin)?;
         Ok(cfg)
     }
@@ -356,7 +351,10 @@ impl Config {
             return Err(invalid("defaults.priorities".into(), "at least one priority is needed".into()));
         }
         if !d.priorities.contains(&d.priority) {
-            return Err(invalid("defaults.priority".into(), format!("`{}` is not one of defaults.priorities {:?}", d.priority, d.priorities)));
+            return Err(invalid(
+                "defaults.priority".into(),
+                format!("`{}` is not one of defaults.priorities {:?}", d.priority, d.priorities),
+            ));
         }
         if d.department.trim().is_empty() {
             return Err(invalid("defaults.department".into(), "must not be empty".into()));
@@ -365,7 +363,10 @@ impl Config {
         for (i, dep) in self.departments.iter().enumerate() {
             let key = |field: &str| format!("departments[{i}] ({}).{field}", dep.name);
             if !valid_label(&dep.name) {
-                return Err(invalid(key("name"), "use letters, digits, `-`, `_` or `.` (it becomes a header value)".into()));
+                return Err(invalid(
+                    key("name"),
+                    "use letters, digits, `-`, `_` or `.` (it becomes a header value)".into(),
+                ));
             }
             if !names.insert(dep.name.as_str()) {
                 return Err(invalid(key("name"), "duplicate department name".into()));
@@ -375,7 +376,10 @@ impl Config {
                     return Err(invalid(key("mailbox"), format!("`{m}` is not an address like billing@example.com")));
                 }
                 (None, DepartmentAction::Reroute | DepartmentAction::Copy) => {
-                    return Err(invalid(key("mailbox"), format!("action `{:?}` needs a mailbox", dep.action).to_lowercase()));
+                    return Err(invalid(
+                        key("mailbox"),
+                        format!("action `{:?}` needs a mailbox", dep.action).to_lowercase(),
+                    ));
                 }
                 _ => {}
             }
@@ -383,7 +387,10 @@ impl Config {
         for (i, rule) in self.rules.iter().enumerate() {
             let key = |field: &str| format!("rules[{i}] ({}).{field}", rule.name);
             if rule.name.trim().is_empty() || !valid_label(&rule.name) {
-                return Err(invalid(key("name"), "use letters, digits, `-`, `_` or `.` (it becomes a header value)".into()));
+                return Err(invalid(
+                    key("name"),
+                    "use letters, digits, `-`, `_` or `.` (it becomes a header value)".into(),
+                ));
             }
             if rule.header.trim().is_empty() || rule.header.contains(|c: char| c == ':' || c.is_whitespace()) {
                 return Err(invalid(key("header"), format!("`{}` is not a header name", rule.header)));
@@ -392,11 +399,17 @@ impl Config {
                 return Err(invalid(key("pattern"), format!("invalid regular expression: {e}")));
             }
             if !names.contains(rule.department.as_str()) && rule.department != d.department {
-                return Err(invalid(key("department"), format!("`{}` is not a configured department", rule.department)));
+                return Err(invalid(
+                    key("department"),
+                    format!("`{}` is not a configured department", rule.department),
+                ));
             }
             if let Some(p) = &rule.priority {
                 if !d.priorities.contains(p) {
-                    return Err(invalid(key("priority"), format!("`{p}` is not one of defaults.priorities {:?}", d.priorities)));
+                    return Err(invalid(
+                        key("priority"),
+                        format!("`{p}` is not one of defaults.priorities {:?}", d.priorities),
+                    ));
                 }
             }
         }
@@ -415,7 +428,10 @@ impl Config {
         }
         // Postfix's body chunks are up to 65535 bytes; a smaller frame limit would drop every large message.
         if l.max_frame_bytes < 65_536 + 16 {
-            return Err(invalid("limits.max_frame_bytes".into(), "must be at least 65552 (MTAs send 64 KiB body chunks)".into()));
+            return Err(invalid(
+                "limits.max_frame_bytes".into(),
+                "must be at least 65552 (MTAs send 64 KiB body chunks)".into(),
+            ));
         }
         if self.server.decision_timeout.is_zero() {
             return Err(invalid("server.decision_timeout".into(), "must be greater than 0".into()));

@@ -90,7 +90,11 @@ pub fn extract(raw: &[u8], limits: ExtractLimits) -> Features {
         Ok(Some(f)) => f,
         // Not a message at all, or the parser panicked: keep the bytes as text
         // so the decision still has something, and say so.
-        _ => Features { text: bounded(String::from_utf8_lossy(raw), limits.max_text_chars).0, unparsed: true, ..Default::default() },
+        _ => Features {
+            text: bounded(String::from_utf8_lossy(raw), limits.max_text_chars).0,
+            unparsed: true,
+            ..Default::default()
+        },
     };
     f.bytes_read = raw.len();
     f.truncated |= cut;
@@ -148,7 +152,14 @@ fn from_message(msg: &Message<'_>, limits: ExtractLimits) -> Features {
 
 /// Walks one message: its text bodies, then attachments, recursing into
 /// attached messages.
-fn collect(msg: &Message<'_>, depth: usize, text: &mut String, atts: &mut Vec<Attachment>, full: &mut bool, max: usize) {
+fn collect(
+    msg: &Message<'_>,
+    depth: usize,
+    text: &mut String,
+    atts: &mut Vec<Attachment>,
+    full: &mut bool,
+    max: usize,
+) {
     for part in msg.text_bodies() {
         let piece: Cow<'_, str> = match &part.body {
             PartType::Text(t) => Cow::Borrowed(t.as_ref()),
@@ -182,7 +193,11 @@ fn collect(msg: &Message<'_>, depth: usize, text: &mut String, atts: &mut Vec<At
                     })
                     .unwrap_or_else(|| "application/octet-stream".into())
                     .to_ascii_lowercase();
-                atts.push(Attachment { name: part.attachment_name().map(clean_line), content_type: ct, size: part.len() });
+                atts.push(Attachment {
+                    name: part.attachment_name().map(clean_line),
+                    content_type: ct,
+                    size: part.len(),
+                });
             }
         }
     }
@@ -265,7 +280,10 @@ mod tests {
         assert_eq!(f.header_values("X-Custom").next(), Some("café"));
         assert!(f.text.contains("Hallo Welt"), "{}", f.text);
         assert!(f.text.contains("Grüße, softbreak"), "{}", f.text);
-        assert_eq!(f.attachments, vec![Attachment { name: Some("inv.pdf".into()), content_type: "application/pdf".into(), size: 5 }]);
+        assert_eq!(
+            f.attachments,
+            vec![Attachment { name: Some("inv.pdf".into()), content_type: "application/pdf".into(), size: 5 }]
+        );
     }
 
     #[test]
@@ -278,7 +296,9 @@ mod tests {
 
     #[test]
     fn eight_bit_latin1_body() {
-        let mut raw = b"Subject: x\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n".to_vec();
+        let mut raw =
+            b"Subject: x\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+                .to_vec();
         raw.extend_from_slice(b"Caf\xe9 cr\xe8me\r\n");
         assert_eq!(extract(&raw, LIMITS).text, "Café crème");
     }
@@ -293,7 +313,11 @@ mod tests {
             "--o--\r\n"
         );
         let f = extract(raw.as_bytes(), LIMITS);
-        assert!(f.text.contains("see below") && f.text.contains("Inner invoice") && f.text.contains("inner body"), "{:?}", f.text);
+        assert!(
+            f.text.contains("see below") && f.text.contains("Inner invoice") && f.text.contains("inner body"),
+            "{:?}",
+            f.text
+        );
     }
 
     #[test]
@@ -314,7 +338,13 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        for raw in [&b""[..], b"\0\0\0", b"From nobody", b"Content-Type: multipart/mixed; boundary=\r\n\r\n--\r\n", &[0xff; 300]] {
+        for raw in [
+            &b""[..],
+            b"\0\0\0",
+            b"From nobody",
+            b"Content-Type: multipart/mixed; boundary=\r\n\r\n--\r\n",
+            &[0xff; 300],
+        ] {
             let _ = extract(raw, LIMITS);
         }
         // mbox envelope line is skipped

@@ -109,9 +109,31 @@ fn find_ci(haystack: &str, needle: &str) -> Option<usize> {
 fn is_block(name: &str) -> bool {
     matches!(
         name,
-        "br" | "p" | "div" | "tr" | "li" | "ul" | "ol" | "table" | "h1" | "h2" | "h3" | "h4" | "h5" | "h6"
-            | "blockquote" | "pre" | "hr" | "title" | "body" | "center" | "dd" | "dt" | "section" | "article"
-            | "header" | "footer"
+        "br" | "p"
+            | "div"
+            | "tr"
+            | "li"
+            | "ul"
+            | "ol"
+            | "table"
+            | "h1"
+            | "h2"
+            | "h3"
+            | "h4"
+            | "h5"
+            | "h6"
+            | "blockquote"
+            | "pre"
+            | "hr"
+            | "title"
+            | "body"
+            | "center"
+            | "dd"
+            | "dt"
+            | "section"
+            | "article"
+            | "header"
+            | "footer"
     )
 }
 
@@ -207,7 +229,10 @@ mod tests {
 
     #[test]
     fn tags_blocks_and_entities() {
-        assert_eq!(to_text("<p>Your <b>invoice</b>&nbsp;#42</p><p>is &amp; was due&#33; &#x263A;</p>"), "Your invoice #42\nis & was due! ☺");
+        assert_eq!(
+            to_text("<p>Your <b>invoice</b>&nbsp;#42</p><p>is &amp; was due&#33; &#x263A;</p>"),
+            "Your invoice #42\nis & was due! ☺"
+        );
     }
 
     #[test]

@@ -131,7 +131,11 @@ fn classify(cfg: &Config, mail_from: &str, rcpts: &[String], files: &[std::path:
                 let features = triage.extract(&raw);
                 let envelope = Envelope {
                     mail_from: mail_from.to_string(),
-                    rcpts: if rcpts.is_empty() { features.to.iter().chain(&features.cc).cloned().collect() } else { rcpts.to_vec() },
+                    rcpts: if rcpts.is_empty() {
+                        features.to.iter().chain(&features.cc).cloned().collect()
+                    } else {
+                        rcpts.to_vec()
+                    },
                     queue_id: None,
                 };
                 let header_names: Vec<String> = features.headers.iter().map(|(n, _)| n.clone()).collect();

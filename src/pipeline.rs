@@ -60,7 +60,11 @@ pub struct Triage {
 
 impl Triage {
     pub fn new(cfg: &Config) -> Result<Self, RuleError> {
-        Ok(Self { rules: RuleSet::new(&cfg.rules)?, policy: Policy::new(cfg), limits: ExtractLimits::from(&cfg.limits) })
+        Ok(Self {
+            rules: RuleSet::new(&cfg.rules)?,
+            policy: Policy::new(cfg),
+            limits: ExtractLimits::from(&cfg.limits),
+        })
     }
 
     pub fn rule_count(&self) -> usize {
@@ -138,13 +142,19 @@ department = "billing"
         .unwrap();
         let triage = Arc::new(Triage::new(&cfg).unwrap());
         let msg = MessageInput {
-            envelope: Envelope { mail_from: "a@x.example".into(), rcpts: vec!["u@y.example".into()], queue_id: Some("Q1".into()) },
+            envelope: Envelope {
+                mail_from: "a@x.example".into(),
+                rcpts: vec!["u@y.example".into()],
+                queue_id: Some("Q1".into()),
+            },
             raw: b"Subject: invoice 7\r\nX-Triage-Department: ceo\r\n\r\nhello\r\n".to_vec(),
             header_names: vec!["Subject".into(), "X-Triage-Department".into()],
         };
         let plan = triage.filter(msg).await.unwrap();
         assert_eq!(plan.changes[0], Change::RemoveHeader { name: "X-Triage-Department".into(), index: 1 });
-        assert!(plan.changes.contains(&Change::AddHeader { name: "X-Triage-Department".into(), value: "billing".into() }));
+        assert!(plan
+            .changes
+            .contains(&Change::AddHeader { name: "X-Triage-Department".into(), value: "billing".into() }));
         assert!(plan.changes.contains(&Change::AddRecipient { address: "billing@example.com".into() }));
         assert!(plan.changes.contains(&Change::DeleteRecipient { address: "u@y.example".into() }));
     }

@@ -108,7 +108,9 @@ impl Policy {
     /// Decides from the first matching rule, or falls back to the default.
     pub fn decide(&self, rule: Option<RuleMatch<'_>>) -> Decision {
         match rule {
-            Some(m) => self.route(m.department, m.priority.unwrap_or(&self.default_priority), 1.0, Source::Rule(m.rule.into())),
+            Some(m) => {
+                self.route(m.department, m.priority.unwrap_or(&self.default_priority), 1.0, Source::Rule(m.rule.into()))
+            }
             None => self.route(&self.default_department, &self.default_priority, 0.0, Source::Default),
         }
     }

@@ -60,7 +60,13 @@ impl RuleSet {
                     h => Target::Header(h.to_string()),
                 };
                 let regex = Regex::new(&c.pattern).map_err(|source| RuleError { rule: c.name.clone(), source })?;
-                Ok(Rule { name: c.name.clone(), target, regex, department: c.department.clone(), priority: c.priority.clone() })
+                Ok(Rule {
+                    name: c.name.clone(),
+                    target,
+                    regex,
+                    department: c.department.clone(),
+                    priority: c.priority.clone(),
+                })
             })
             .collect::<Result<_, _>>()?;
         Ok(Self { rules })
@@ -100,7 +106,13 @@ mod tests {
     use crate::extract::{extract, ExtractLimits};
 
     fn rule(name: &str, header: &str, pattern: &str, dept: &str) -> RuleConfig {
-        RuleConfig { name: name.into(), header: header.into(), pattern: pattern.into(), department: dept.into(), priority: None }
+        RuleConfig {
+            name: name.into(),
+            header: header.into(),
+            pattern: pattern.into(),
+            department: dept.into(),
+            priority: None,
+        }
     }
 
     fn features(raw: &str) -> Features {
@@ -124,8 +136,13 @@ mod tests {
 
     #[test]
     fn envelope_to_matches_any_recipient_and_headers_any_occurrence() {
-        let set = RuleSet::new(&[rule("hr", "envelope-to", "^jobs@", "hr"), rule("list", "X-Tag", "^b$", "lists")]).unwrap();
-        let env = Envelope { mail_from: String::new(), rcpts: vec!["x@c.example".into(), "jobs@c.example".into()], queue_id: None };
+        let set =
+            RuleSet::new(&[rule("hr", "envelope-to", "^jobs@", "hr"), rule("list", "X-Tag", "^b$", "lists")]).unwrap();
+        let env = Envelope {
+            mail_from: String::new(),
+            rcpts: vec!["x@c.example".into(), "jobs@c.example".into()],
+            queue_id: None,
+        };
         assert_eq!(set.first_match(&env, &features("Subject: s\r\n\r\n")).unwrap().rule, "hr");
         let f = features("X-Tag: a\r\nX-Tag: b\r\n\r\n");
         assert_eq!(set.first_match(&Envelope::default(), &f).unwrap().rule, "list");

@@ -10,7 +10,11 @@ use serde_json::Value;
 
 fn corpus_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/spamassassin_mime");
-    assert!(dir.join("index.jsonl").exists(), "corpus not found at {} (CI keeps shared/ beside the clone)", dir.display());
+    assert!(
+        dir.join("index.jsonl").exists(),
+        "corpus not found at {} (CI keeps shared/ beside the clone)",
+        dir.display()
+    );
     dir
 }
 
@@ -52,8 +56,17 @@ fn whole_spamassassin_corpus_classifies_and_yields_text() {
         assert!(r["decision"]["department"].is_string(), "{}: no decision", file.display());
         assert_eq!(r["extracted"]["unparsed"], false, "{}: MIME parsing failed", file.display());
         let features: Vec<&str> = entry["features"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
-        let has_text_part = entry["content_types"].as_array().unwrap().iter().any(|c| c.as_str().unwrap().starts_with("text/"));
-        for f in ["html_only", "cte:base64", "cte:quoted-printable", "cte:8bit", "rfc2047_header", "raw_8bit_bytes", "charset:other"] {
+        let has_text_part =
+            entry["content_types"].as_array().unwrap().iter().any(|c| c.as_str().unwrap().starts_with("text/"));
+        for f in [
+            "html_only",
+            "cte:base64",
+            "cte:quoted-printable",
+            "cte:8bit",
+            "rfc2047_header",
+            "raw_8bit_bytes",
+            "charset:other",
+        ] {
             if features.contains(&f) && has_text_part {
                 *checked.entry(f).or_default() += 1;
                 if r["extracted"]["text_chars"].as_u64().unwrap() == 0 {
@@ -89,7 +102,8 @@ fn unreadable_file_is_reported_per_file_and_others_still_classified() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let lines: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert!(lines[0]["error"].as_str().unwrap().contains("cannot read"));
     assert!(lines[1]["decision"].is_object());

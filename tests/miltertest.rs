@@ -25,7 +25,11 @@ mt.echo("ALL CHECKS PASSED")
     std::fs::write(&path, script).unwrap();
     let out = Command::new("miltertest").arg("-s").arg(&path).output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.contains("ALL CHECKS PASSED"), "miltertest failed:\n{text}\ndaemon log:\n{}", daemon.log());
+    assert!(
+        out.status.success() && text.contains("ALL CHECKS PASSED"),
+        "miltertest failed:\n{text}\ndaemon log:\n{}",
+        daemon.log()
+    );
     text
 }
 

@@ -19,7 +19,11 @@ fn enforce_mode_tags_every_message_and_routes_by_rule() {
 
     // Several messages over one SMTP session (one milter connection).
     let invoice = mail("Your invoice 2024-17", "", "Please pay by Friday.");
-    let spoofed = mail("Lunch on Friday?", "X-Triage-Department: billing\nX-Triage-Action: reroute\nx-triage-source: rule:invoices", "Pizza or sushi?");
+    let spoofed = mail(
+        "Lunch on Friday?",
+        "X-Triage-Department: billing\nX-Triage-Action: reroute\nx-triage-source: rule:invoices",
+        "Pizza or sushi?",
+    );
     let codes = send(pf.smtp_port, &[invoice, spoofed]).unwrap();
     assert_eq!(codes, vec![250, 250]);
     send(pf.smtp_port, &[mail("Request for a quote", "", "100 licences please")]).unwrap();
@@ -41,7 +45,10 @@ fn enforce_mode_tags_every_message_and_routes_by_rule() {
     assert_eq!(one(header_values(m, "X-Triage-Action"), "action"), "reroute");
 
     let user = pf.mailbox("user");
-    assert!(!user.iter().any(|m| m.contains("Subject: Your invoice")), "rerouted mail also reached the original recipient");
+    assert!(
+        !user.iter().any(|m| m.contains("Subject: Your invoice")),
+        "rerouted mail also reached the original recipient"
+    );
 
     // The spoofed headers are gone; only ours remain.
     let lunch = user.iter().find(|m| m.contains("Subject: Lunch")).expect("lunch message in user/");
@@ -134,7 +141,11 @@ fn large_and_eight_bit_messages_pass_intact() {
     // 300 KB body: several 64 KiB milter body chunks; a leading-dot line; 8-bit text.
     let body: String = (0..6000).map(|i| format!("line {i} of a long invoice body with some padding text\n")).collect();
     let body = format!(".starts with a dot\nGrüße aus Köln\n{body}");
-    let mut m = mail("=?utf-8?Q?Rechnung_/_invoice_f=C3=BCr_M=C3=A4rz?=", "MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit", &body);
+    let mut m = mail(
+        "=?utf-8?Q?Rechnung_/_invoice_f=C3=BCr_M=C3=A4rz?=",
+        "MIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit",
+        &body,
+    );
     m.rcpts.push(format!("support@{DOMAIN}"));
     let big: Mail = m;
     assert_eq!(send(pf.smtp_port, &[big]).unwrap(), vec![250]);

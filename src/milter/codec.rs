@@ -108,14 +108,23 @@ pub enum ConnectAddress {
 pub enum Command {
     Negotiate(Negotiation),
     /// Macro values for the command whose code is given (`SMFIC_MACRO`).
-    Macros { stage: u8, pairs: Vec<(String, String)> },
-    Connect { hostname: String, address: ConnectAddress },
+    Macros {
+        stage: u8,
+        pairs: Vec<(String, String)>,
+    },
+    Connect {
+        hostname: String,
+        address: ConnectAddress,
+    },
     Helo(String),
     /// `args[0]` is the sender in angle brackets, the rest are ESMTP parameters.
     Mail(Vec<String>),
     Rcpt(Vec<String>),
     Data,
-    Header { name: String, value: String },
+    Header {
+        name: String,
+        value: String,
+    },
     EndOfHeaders,
     Body(Vec<u8>),
     /// End of message; some MTAs carry a last body chunk here.
@@ -141,15 +150,32 @@ pub enum Reply {
     /// A custom SMTP reply, e.g. `550 5.7.1 Rejected by policy`.
     ReplyCode(String),
     Progress,
-    AddHeader { name: String, value: String },
+    AddHeader {
+        name: String,
+        value: String,
+    },
     /// Insert a header at a 0-based position in the header list.
-    InsertHeader { index: u32, name: String, value: String },
+    InsertHeader {
+        index: u32,
+        name: String,
+        value: String,
+    },
     /// Change the `index`-th (1-based) occurrence of `name`; an empty value deletes it.
-    ChangeHeader { index: u32, name: String, value: String },
+    ChangeHeader {
+        index: u32,
+        name: String,
+        value: String,
+    },
     AddRcpt(String),
-    AddRcptWithArgs { rcpt: String, args: Vec<String> },
+    AddRcptWithArgs {
+        rcpt: String,
+        args: Vec<String>,
+    },
     DelRcpt(String),
-    ChangeFrom { sender: String, args: Vec<String> },
+    ChangeFrom {
+        sender: String,
+        args: Vec<String>,
+    },
     ReplaceBody(Vec<u8>),
     Quarantine(String),
 }
@@ -443,7 +469,8 @@ pub fn decode_reply(code: u8, payload: &[u8]) -> Result<Reply, CodecError> {
             let protocol = p.u32()?;
             let mut macros = BTreeMap::new();
             while !p.data.is_empty() {
-                let stage = MacroStage::from_u32(p.u32()?).ok_or_else(|| malformed("SMFIR_OPTNEG", "bad macro stage"))?;
+                let stage =
+                    MacroStage::from_u32(p.u32()?).ok_or_else(|| malformed("SMFIR_OPTNEG", "bad macro stage"))?;
                 macros.insert(stage, p.cstr()?);
             }
             Reply::Negotiate(Negotiation { version, actions, protocol, macros })
@@ -567,9 +594,18 @@ mod tests {
     fn all_commands() -> Vec<Command> {
         vec![
             Command::Negotiate(Negotiation { version: 6, actions: 0x1ff, protocol: 0x1fffff, macros: BTreeMap::new() }),
-            Command::Macros { stage: b'C', pairs: vec![("j".into(), "mx.example".into()), ("{daemon_name}".into(), "smtpd".into())] },
-            Command::Connect { hostname: "client.example".into(), address: ConnectAddress::Inet { port: 4711, addr: "192.0.2.1".into() } },
-            Command::Connect { hostname: "v6".into(), address: ConnectAddress::Inet6 { port: 25, addr: "2001:db8::1".into() } },
+            Command::Macros {
+                stage: b'C',
+                pairs: vec![("j".into(), "mx.example".into()), ("{daemon_name}".into(), "smtpd".into())],
+            },
+            Command::Connect {
+                hostname: "client.example".into(),
+                address: ConnectAddress::Inet { port: 4711, addr: "192.0.2.1".into() },
+            },
+            Command::Connect {
+                hostname: "v6".into(),
+                address: ConnectAddress::Inet6 { port: 25, addr: "2001:db8::1".into() },
+            },
             Command::Connect { hostname: "local".into(), address: ConnectAddress::Unix { path: "/run/x.sock".into() } },
             Command::Connect { hostname: "unknown".into(), address: ConnectAddress::Unknown },
             Command::Helo("client.example".into()),
@@ -617,7 +653,10 @@ mod tests {
             Reply::InsertHeader { index: 0, name: "X-First".into(), value: "1".into() },
             Reply::ChangeHeader { index: 2, name: "X-Triage-Department".into(), value: String::new() },
             Reply::AddRcpt("<billing@example.com>".into()),
-            Reply::AddRcptWithArgs { rcpt: "<b@example.com>".into(), args: vec!["NOTIFY=NEVER".into(), "ORCPT=rfc822;x@y".into()] },
+            Reply::AddRcptWithArgs {
+                rcpt: "<b@example.com>".into(),
+                args: vec!["NOTIFY=NEVER".into(), "ORCPT=rfc822;x@y".into()],
+            },
             Reply::DelRcpt("<user@example.com>".into()),
             Reply::ChangeFrom { sender: "<bounce@example.com>".into(), args: vec![] },
             Reply::ChangeFrom { sender: "<bounce@example.com>".into(), args: vec!["SIZE=10".into()] },

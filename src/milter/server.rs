@@ -44,11 +44,15 @@ impl Listener {
                 let sock_err = |source| ServerError::Socket { path: shown.clone(), source };
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
                     if !meta.file_type().is_socket() {
-                        return Err(sock_err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket")));
+                        return Err(sock_err(std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "exists and is not a socket",
+                        )));
                     }
                     std::fs::remove_file(path).map_err(sock_err)?;
                 }
-                let l = UnixListener::bind(path).map_err(|source| ServerError::Bind { addr: addr.to_string(), source })?;
+                let l =
+                    UnixListener::bind(path).map_err(|source| ServerError::Bind { addr: addr.to_string(), source })?;
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(unix_mode)).map_err(sock_err)?;
                 Ok(Listener::Unix(l, path.clone()))
             }
@@ -227,7 +231,16 @@ mod tests {
         let server = tokio::spawn(serve(listener, TagAll, cfg(), 4, std::time::Duration::from_secs(5), rx));
 
         let mut good = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        send(&mut good, Command::Negotiate(Negotiation { version: 6, actions: 0x1ff, protocol: 0x1f_ffff, macros: Default::default() })).await;
+        send(
+            &mut good,
+            Command::Negotiate(Negotiation {
+                version: 6,
+                actions: 0x1ff,
+                protocol: 0x1f_ffff,
+                macros: Default::default(),
+            }),
+        )
+        .await;
         assert!(matches!(reply(&mut good).await, Reply::Negotiate(_)));
 
         // A peer announcing a 2 GiB frame is cut off...

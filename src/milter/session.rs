@@ -21,8 +21,12 @@ use crate::pipeline::{Filter, MessageInput};
 
 /// Actions we may use at end-of-message. We never change the body or the
 /// sender, so we do not ask for those.
-pub const WANTED_ACTIONS: u32 =
-    action::ADD_HEADERS | action::CHANGE_HEADERS | action::ADD_RCPT | action::DEL_RCPT | action::QUARANTINE | action::SET_SYMLIST;
+pub const WANTED_ACTIONS: u32 = action::ADD_HEADERS
+    | action::CHANGE_HEADERS
+    | action::ADD_RCPT
+    | action::DEL_RCPT
+    | action::QUARANTINE
+    | action::SET_SYMLIST;
 
 /// Stages we do not need, and commands we answer with "continue" anyway, so
 /// the MTA need not wait for the answer (one round trip per header saved).
@@ -120,7 +124,11 @@ impl<'a, F: Filter> Session<'a, F> {
     }
 
     /// Serves the connection until QUIT, EOF, an error, or shutdown between messages.
-    pub async fn run<S: AsyncRead + AsyncWrite>(mut self, stream: S, mut shutdown: watch::Receiver<bool>) -> Result<SessionEnd, SessionError> {
+    pub async fn run<S: AsyncRead + AsyncWrite>(
+        mut self,
+        stream: S,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<SessionEnd, SessionError> {
         let (reader, writer) = tokio::io::split(stream);
         // Postfix pipelines no-reply packets (headers); read them in bulk.
         let mut reader = BufReader::with_capacity(16 * 1024, reader);
@@ -222,7 +230,8 @@ impl<'a, F: Filter> Session<'a, F> {
             }
             Command::EndOfMessage(tail) => {
                 let max = self.cfg.max_message_bytes;
-                let mut msg = self.msg.take().ok_or_else(|| SessionError::Protocol("SMFIC_BODYEOB outside a message".into()))?;
+                let mut msg =
+                    self.msg.take().ok_or_else(|| SessionError::Protocol("SMFIC_BODYEOB outside a message".into()))?;
                 msg.append(&tail, max);
                 self.end_of_message(msg, w).await?;
                 self.msg_macros.clear();
@@ -256,7 +265,10 @@ impl<'a, F: Filter> Session<'a, F> {
     /// Agrees to the MTA's offer, asking only for what we use.
     fn negotiate(&mut self, offer: Negotiation) -> Result<Reply, SessionError> {
         if offer.version < 2 {
-            return Err(SessionError::Protocol(format!("milter protocol version {} is too old (need 2 to 6)", offer.version)));
+            return Err(SessionError::Protocol(format!(
+                "milter protocol version {} is too old (need 2 to 6)",
+                offer.version
+            )));
         }
         let version = offer.version.min(codec::PROTOCOL_VERSION);
         let mut actions = WANTED_ACTIONS & offer.actions;
@@ -268,12 +280,21 @@ impl<'a, F: Filter> Session<'a, F> {
             actions &= !action::SET_SYMLIST;
         }
         self.negotiated = Some((actions, protocol));
-        tracing::debug!(version, actions = format!("{actions:#x}"), protocol = format!("{protocol:#x}"), "milter negotiated");
+        tracing::debug!(
+            version,
+            actions = format!("{actions:#x}"),
+            protocol = format!("{protocol:#x}"),
+            "milter negotiated"
+        );
         Ok(Reply::Negotiate(Negotiation { version, actions, protocol, macros }))
     }
 
     /// Decides the message and sends its changes and the final verdict.
-    async fn end_of_message<W: AsyncWrite + Unpin>(&mut self, mut msg: MessageState, w: &mut W) -> Result<(), SessionError> {
+    async fn end_of_message<W: AsyncWrite + Unpin>(
+        &mut self,
+        mut msg: MessageState,
+        w: &mut W,
+    ) -> Result<(), SessionError> {
         let queue_id = self.msg_macros.get("i").or_else(|| self.conn_macros.get("i")).cloned();
         msg.input.envelope.queue_id = queue_id.clone();
         let header_names = msg.input.header_names.clone();
@@ -304,7 +325,12 @@ impl<'a, F: Filter> Session<'a, F> {
                     (Plan::strip_inbound(&header_names), Reply::Accept)
                 }
                 OnError::Tempfail => {
-                    tracing::warn!(queue_id, reason, on_error = "tempfail", "decision failed; asking the client to retry");
+                    tracing::warn!(
+                        queue_id,
+                        reason,
+                        on_error = "tempfail",
+                        "decision failed; asking the client to retry"
+                    );
                     (Plan::default(), Reply::Tempfail)
                 }
             },
@@ -323,7 +349,8 @@ impl<'a, F: Filter> Session<'a, F> {
         if plan.changes_recipients() && !rcpt_ok {
             tracing::warn!(
                 queue_id,
-                reason = if rcpts_overflow { "too many recipients to track" } else { "MTA did not allow recipient changes" },
+                reason =
+                    if rcpts_overflow { "too many recipients to track" } else { "MTA did not allow recipient changes" },
                 "recipient changes skipped; headers only"
             );
         }
@@ -334,12 +361,15 @@ impl<'a, F: Filter> Session<'a, F> {
                     self.has_action(action::CHANGE_HEADERS),
                     Reply::ChangeHeader { index: *index, name: name.clone(), value: String::new() },
                 ),
-                Change::AddHeader { name, value } => {
-                    (self.has_action(action::ADD_HEADERS), Reply::AddHeader { name: name.clone(), value: value.clone() })
-                }
+                Change::AddHeader { name, value } => (
+                    self.has_action(action::ADD_HEADERS),
+                    Reply::AddHeader { name: name.clone(), value: value.clone() },
+                ),
                 Change::DeleteRecipient { address } => (rcpt_ok, Reply::DelRcpt(format!("<{address}>"))),
                 Change::AddRecipient { address } => (rcpt_ok, Reply::AddRcpt(format!("<{address}>"))),
-                Change::Quarantine { reason } => (self.has_action(action::QUARANTINE), Reply::Quarantine(reason.clone())),
+                Change::Quarantine { reason } => {
+                    (self.has_action(action::QUARANTINE), Reply::Quarantine(reason.clone()))
+                }
             };
             if allowed {
                 out.push(reply);
@@ -462,7 +492,8 @@ mod tests {
             let mut out = Vec::new();
             loop {
                 let r = self.reply().await;
-                let done = matches!(r, Reply::Accept | Reply::Tempfail | Reply::Reject | Reply::Continue | Reply::Discard);
+                let done =
+                    matches!(r, Reply::Accept | Reply::Tempfail | Reply::Reject | Reply::Continue | Reply::Discard);
                 out.push(r);
                 if done {
                     return out;
@@ -470,7 +501,8 @@ mod tests {
             }
         }
         async fn negotiate(&mut self, actions: u32, protocol: u32) -> Negotiation {
-            self.send(Command::Negotiate(Negotiation { version: 6, actions, protocol, macros: Default::default() })).await;
+            self.send(Command::Negotiate(Negotiation { version: 6, actions, protocol, macros: Default::default() }))
+                .await;
             match self.reply().await {
                 Reply::Negotiate(n) => n,
                 other => panic!("expected OPTNEG reply, got {other:?}"),
@@ -494,7 +526,10 @@ mod tests {
         }
     }
 
-    fn start(filter: Arc<Recorder>, cfg: SessionConfig) -> (Mta, tokio::task::JoinHandle<Result<SessionEnd, SessionError>>, watch::Sender<bool>) {
+    fn start(
+        filter: Arc<Recorder>,
+        cfg: SessionConfig,
+    ) -> (Mta, tokio::task::JoinHandle<Result<SessionEnd, SessionError>>, watch::Sender<bool>) {
         let (a, b) = duplex(1 << 16);
         let (tx, rx) = watch::channel(false);
         let handle = tokio::spawn(async move { Session::new(&filter, &cfg).run(b, rx).await });
@@ -511,7 +546,13 @@ mod tests {
         assert_eq!(n.macros.get(&MacroStage::EndOfMessage).map(String::as_str), Some("i"));
         // An older MTA that offers less gets only the intersection, and no macro list.
         let (mut old, _h, _t) = start(Arc::default(), cfg());
-        old.send(Command::Negotiate(Negotiation { version: 2, actions: 0x3f, protocol: 0x7f, macros: Default::default() })).await;
+        old.send(Command::Negotiate(Negotiation {
+            version: 2,
+            actions: 0x3f,
+            protocol: 0x7f,
+            macros: Default::default(),
+        }))
+        .await;
         let Reply::Negotiate(n) = old.reply().await else { panic!() };
         assert_eq!((n.version, n.actions, n.protocol), (2, WANTED_ACTIONS & 0x3f, WANTED_PROTOCOL & 0x7f));
         assert!(n.macros.is_empty());
@@ -622,7 +663,10 @@ mod tests {
         let (mut mta, _h, _tx) = start(rec.clone(), cfg());
         mta.negotiate(0x1ff, 0x1f_ffff).await;
         let r = mta.message(&["u@example.com"], &[("X-Triage-Action", "reroute")], b"b").await;
-        assert_eq!(r, vec![Reply::ChangeHeader { index: 1, name: "X-Triage-Action".into(), value: String::new() }, Reply::Accept]);
+        assert_eq!(
+            r,
+            vec![Reply::ChangeHeader { index: 1, name: "X-Triage-Action".into(), value: String::new() }, Reply::Accept]
+        );
 
         let mut c = cfg();
         c.on_error = OnError::Tempfail;
@@ -648,7 +692,10 @@ mod tests {
         // The MTA lets us add headers but not touch recipients.
         mta.negotiate(action::ADD_HEADERS | action::CHANGE_HEADERS, 0x1f_ffff).await;
         let r = mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await;
-        assert_eq!(r, vec![Reply::AddHeader { name: "X-Triage-Department".into(), value: "billing".into() }, Reply::Accept]);
+        assert_eq!(
+            r,
+            vec![Reply::AddHeader { name: "X-Triage-Department".into(), value: "billing".into() }, Reply::Accept]
+        );
     }
 
     #[tokio::test]

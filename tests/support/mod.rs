@@ -38,10 +38,9 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
 /// Fails the test with instructions when a peer is missing: these tests must
 /// run (CI installs the peers), so they never skip silently.
 pub fn require(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists()))
-        .unwrap_or(false)
-        || Path::new("/usr/sbin").join(tool).exists();
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).exists())).unwrap_or(false)
+            || Path::new("/usr/sbin").join(tool).exists();
     assert!(found, "`{tool}` not found: install the Debian package `{package}` (scripts/test.sh does this)");
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc_geteuid() }, 0, "Postfix tests must run as root (master and virtual(8) switch users)");
