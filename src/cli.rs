@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// Routes each message crossing your mail relay to the right department.
 #[derive(Debug, Parser)]
@@ -34,7 +34,98 @@ pub enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Validate the configuration and exit: 0 if valid, 2 with the offending
-    /// key, rule or regex named if not.
+    /// Validate the configuration (and load the model files it names) and
+    /// exit: 0 if valid, 2 with the offending key, rule, regex or file named.
     CheckConfig,
+    /// Learn a department or priority head from labeled mail.
+    Train(TrainArgs),
+    /// Measure a head on labeled mail: accuracy, macro-F1, per class, confusion, calibration.
+    Eval(EvalArgs),
+    /// Show, per message of a Maildir tree, what the daemon would do (nothing is sent).
+    Replay {
+        /// A folder of messages: Maildir (cur/, new/), loose files or mbox files, any depth.
+        #[arg(long)]
+        maildir: PathBuf,
+    },
+    /// Model files.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Download `[model] id` from the Hugging Face hub into its cache (HF_HOME;
+    /// with HF_HUB_OFFLINE=1 only check the cache).
+    Fetch,
+}
+
+/// Where labeled mail comes from.
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    /// JSONL with `subject` and `body` (or `raw`, a whole RFC 822 message) and the label field.
+    #[arg(long, conflicts_with = "maildir", required_unless_present = "maildir")]
+    pub data: Option<PathBuf>,
+    /// A folder per department (its name is the label) holding a Maildir, message files or mbox files.
+    #[arg(long)]
+    pub maildir: Option<PathBuf>,
+    /// The JSONL field holding the label (`queue`, `priority`…); ignored with --maildir.
+    #[arg(long, default_value = "department")]
+    pub label: String,
+    /// Keep embeddings of already-seen texts in this file, to re-run quickly.
+    #[arg(long)]
+    pub embedding_cache: Option<PathBuf>,
+    /// Threads for embedding (default: the number of cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Where to write the head (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Lexical features only: no encoder needed, much faster, weaker on short English mail.
+    #[arg(long)]
+    pub no_embeddings: bool,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 12)]
+    pub epochs: usize,
+    /// AdaGrad learning rate.
+    #[arg(long, default_value_t = 0.3)]
+    pub learning_rate: f32,
+    /// L2 regularisation.
+    #[arg(long, default_value_t = 1e-6)]
+    pub l2: f32,
+    /// Share of each class held back to calibrate and to report dev figures.
+    #[arg(long, default_value_t = 0.15)]
+    pub dev_fraction: f32,
+    /// Weight of the embedding relative to the lexical features.
+    #[arg(long, default_value_t = 1.0)]
+    pub embedding_weight: f32,
+    /// Hashed feature space: 2^bits buckets.
+    #[arg(long, default_value_t = 18)]
+    pub bits: u8,
+    /// Do not weight classes by inverse frequency.
+    #[arg(long)]
+    pub unbalanced: bool,
+    /// Keep the model fitted on the train part instead of refitting on all data.
+    #[arg(long)]
+    pub no_refit: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// The head to measure (default: the configured head trained on --label).
+    #[arg(long)]
+    pub head: Option<PathBuf>,
+    /// Print one JSON object (keys include n, accuracy, macro_f1, ece).
+    #[arg(long)]
+    pub json: bool,
+    /// Also report figures per value of this field (repeatable), e.g. --slice language.
+    #[arg(long)]
+    pub slice: Vec<String>,
 }

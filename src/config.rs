@@ -122,6 +122,63 @@ pub struct DepartmentConfig {
     pub action: DepartmentAction,
     #[serde(default)]
     pub description: String,
+    /// Sample messages for the cold-start classifier (before any head is trained).
+    #[serde(default)]
+    pub examples: Vec<String>,
+    /// Head labels that mean this department, when the training data names
+    /// it differently (e.g. a helpdesk queue "Billing and Payments").
+    #[serde(default)]
+    pub labels: Vec<String>,
+}
+
+/// The embedded classifier. Absent section: rules and the default only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Hugging Face model id; also shown in `X-Triage-Source: model:<id>`.
+    pub id: String,
+    /// A local directory with config.json, tokenizer.json, model.safetensors; wins over the hub cache.
+    pub path: Option<PathBuf>,
+    /// Trained department head; without one, departments' descriptions give a cold-start classifier.
+    pub department_head: Option<PathBuf>,
+    pub priority_head: Option<PathBuf>,
+    /// Tokens per message given to the encoder ([CLS] and [SEP] included).
+    pub max_tokens: usize,
+    /// Dedicated inference threads.
+    pub workers: usize,
+    /// Messages that may wait for inference; beyond, a message fails open at once.
+    pub queue_depth: usize,
+    /// Longest a message waits for its embedding before it fails open.
+    #[serde(deserialize_with = "de_duration")]
+    pub deadline: Duration,
+    /// `cpu`, or `cuda` (needs a build with the `cuda` feature).
+    pub device: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            id: "sentence-transformers/all-MiniLM-L6-v2".into(),
+            path: None,
+            department_head: None,
+            priority_head: None,
+            max_tokens: 256,
+            workers: 2,
+            queue_depth: 64,
+            deadline: Duration::from_secs(2),
+            device: "cpu".into(),
+        }
+    }
+}
+
+/// What to do with unsure model decisions.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// A model decision whose department confidence is below this goes to
+    /// `review_mailbox` with `X-Triage-Action: review`. 0 disables review.
+    pub review_below: f32,
+    pub review_mailbox: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -166,6 +223,8 @@ pub struct Config {
     pub defaults: DefaultsConfig,
     pub departments: Vec<DepartmentConfig>,
     pub rules: Vec<RuleConfig>,
+    pub model: Option<ModelConfig>,
+    pub policy: PolicyConfig,
     pub logging: LoggingConfig,
     /// Where this configuration came from (for messages), not a key.
     #[serde(skip)]
@@ -413,6 +472,56 @@ impl Config {
                 }
             }
         }
+        let mut claimed: HashSet<&str> = HashSet::new();
+        for (i, dep) in self.departments.iter().enumerate() {
+            for l in &dep.labels {
+                if !claimed.insert(l.as_str()) {
+                    return Err(invalid(
+                        format!("departments[{i}] ({}).labels", dep.name),
+                        format!("label `{l}` is claimed twice"),
+                    ));
+                }
+            }
+        }
+        let p = &self.policy;
+        if !(0.0..=1.0).contains(&p.review_below) {
+            return Err(invalid("policy.review_below".into(), "must be between 0 and 1".into()));
+        }
+        match &p.review_mailbox {
+            Some(m) if !valid_mailbox(m) => {
+                return Err(invalid(
+                    "policy.review_mailbox".into(),
+                    format!("`{m}` is not an address like triage@example.com"),
+                ))
+            }
+            None if p.review_below > 0.0 => {
+                return Err(invalid(
+                    "policy.review_mailbox".into(),
+                    "review_below is set, so a review mailbox is needed".into(),
+                ))
+            }
+            _ => {}
+        }
+        if let Some(m) = &self.model {
+            if m.id.trim().is_empty() {
+                return Err(invalid("model.id".into(), "must not be empty".into()));
+            }
+            if !(3..=8192).contains(&m.max_tokens) {
+                return Err(invalid("model.max_tokens".into(), "must be between 3 and 8192".into()));
+            }
+            if m.workers == 0 || m.workers > 64 {
+                return Err(invalid("model.workers".into(), "must be between 1 and 64".into()));
+            }
+            if m.queue_depth == 0 {
+                return Err(invalid("model.queue_depth".into(), "must be greater than 0".into()));
+            }
+            if m.deadline.is_zero() {
+                return Err(invalid("model.deadline".into(), "must be greater than 0".into()));
+            }
+            if m.device != "cpu" && m.device != "cuda" {
+                return Err(invalid("model.device".into(), format!("`{}`: use \"cpu\" or \"cuda\"", m.device)));
+            }
+        }
         let l = &self.limits;
         for (k, v) in [
             ("limits.max_frame_bytes", l.max_frame_bytes),
@@ -447,6 +556,17 @@ impl Config {
 
     pub fn department(&self, name: &str) -> Option<&DepartmentConfig> {
         self.departments.iter().find(|d| d.name == name)
+    }
+
+    /// The department a head label means: one that lists it in `labels`, or
+    /// one named like it, or the default department by name.
+    pub fn department_for_label(&self, label: &str) -> Option<&str> {
+        self.departments
+            .iter()
+            .find(|d| d.labels.iter().any(|l| l == label))
+            .or_else(|| self.departments.iter().find(|d| d.name == label))
+            .map(|d| d.name.as_str())
+            .or((label == self.defaults.department).then_some(self.defaults.department.as_str()))
     }
 }
 

@@ -3,17 +3,24 @@
 //!
 //! A message flows one way: a front door ([`milter`]) collects the
 //! [`envelope`] and raw bytes; [`extract`] turns them into features;
-//! [`rules`] and [`policy`] make a decision; [`actions`] turns it into a
+//! [`rules`], the [`model`] and [`policy`] make a decision; [`actions`] turns it into a
 //! plan of header and recipient changes that the front door applies.
 //! [`pipeline`] wires those stages together behind the [`pipeline::Filter`]
 //! trait, the only thing a front door sees.
+//!
+//! Offline tools share the same code: [`dataset`] reads labeled mail,
+//! [`train`] fits heads, [`eval`] measures them.
 
 pub mod actions;
 pub mod config;
+pub mod dataset;
 pub mod envelope;
+pub mod eval;
 pub mod extract;
 pub mod html;
 pub mod milter;
+pub mod model;
 pub mod pipeline;
 pub mod policy;
 pub mod rules;
+pub mod train;

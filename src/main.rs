@@ -3,21 +3,20 @@
 //! on stderr and a non-zero exit status.
 
 mod cli;
+mod offline;
 
-use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use mailtriage::config::{Config, LogFormat};
-use mailtriage::envelope::Envelope;
 use mailtriage::milter::server::{self, Listener};
 use mailtriage::milter::session::SessionConfig;
 use mailtriage::pipeline::Triage;
 use tokio::sync::watch;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, ModelCommand};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,18 +28,29 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::CheckConfig => {
-            println!(
-                "{}: OK ({} departments, {} rules, mode {:?}, milter {})",
-                cli.config.display(),
-                cfg.departments.len(),
-                cfg.rules.len(),
-                cfg.server.mode,
-                cfg.server.milter
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Classify { mail_from, rcpts, files } => classify(&cfg, &mail_from, &rcpts, &files),
+        Command::CheckConfig => match Triage::new(&cfg) {
+            Ok(t) => {
+                println!(
+                    "{}: OK ({} departments, {} rules, model {}, mode {:?}, milter {})",
+                    cli.config.display(),
+                    cfg.departments.len(),
+                    cfg.rules.len(),
+                    t.model_summary(),
+                    cfg.server.mode,
+                    cfg.server.milter
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("mailtriage: invalid configuration: {}: {e}", cli.config.display());
+                return ExitCode::from(2);
+            }
+        },
+        Command::Classify { mail_from, rcpts, files } => offline::classify(&cfg, &mail_from, &rcpts, &files),
+        Command::Train(args) => offline::train(&cfg, &args),
+        Command::Eval(args) => offline::eval(&cfg, &args),
+        Command::Replay { maildir } => offline::replay(&cfg, &maildir),
+        Command::Model(ModelCommand::Fetch) => offline::model_fetch(&cfg),
         Command::Serve => serve(cfg),
     };
     match result {
@@ -69,7 +79,7 @@ fn init_logging(cfg: &Config) {
 
 fn serve(cfg: Config) -> Result<ExitCode> {
     init_logging(&cfg);
-    let triage = Arc::new(Triage::new(&cfg).context("building rules")?);
+    let triage = Arc::new(Triage::new(&cfg).context("loading rules and model")?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {
         let listener = Listener::bind(&cfg.server.milter, cfg.server.milter_socket_mode).await?;
@@ -78,6 +88,7 @@ fn serve(cfg: Config) -> Result<ExitCode> {
             mode = ?cfg.server.mode,
             on_error = ?cfg.server.on_error,
             rules = triage.rule_count(),
+            model = %triage.model_summary(),
             departments = cfg.departments.len(),
             config = %cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             "mailtriage listening"
@@ -116,51 +127,4 @@ async fn wait_for_stop_signal() {
             std::future::pending::<()>().await
         }
     }
-}
-
-/// One JSON line per file. A file that cannot be read gets an `error` object
-/// and a non-zero exit at the end; the other files are still classified.
-fn classify(cfg: &Config, mail_from: &str, rcpts: &[String], files: &[std::path::PathBuf]) -> Result<ExitCode> {
-    let triage = Triage::new(cfg).context("building rules")?;
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    let mut failed = 0;
-    for file in files {
-        let line = match std::fs::read(file) {
-            Ok(raw) => {
-                let features = triage.extract(&raw);
-                let envelope = Envelope {
-                    mail_from: mail_from.to_string(),
-                    rcpts: if rcpts.is_empty() {
-                        features.to.iter().chain(&features.cc).cloned().collect()
-                    } else {
-                        rcpts.to_vec()
-                    },
-                    queue_id: None,
-                };
-                let header_names: Vec<String> = features.headers.iter().map(|(n, _)| n.clone()).collect();
-                let o = triage.decide_extracted(&envelope, features, &header_names);
-                serde_json::json!({
-                    "file": file.display().to_string(),
-                    "envelope": envelope,
-                    "decision": o.decision,
-                    "plan": o.plan.changes,
-                    "extracted": {
-                        "bytes_read": o.features.bytes_read,
-                        "text_chars": o.features.text.chars().count(),
-                        "headers": o.features.headers.len(),
-                        "attachments": o.features.attachments,
-                        "truncated": o.features.truncated,
-                        "unparsed": o.features.unparsed,
-                    },
-                })
-            }
-            Err(e) => {
-                failed += 1;
-                serde_json::json!({ "file": file.display().to_string(), "error": format!("cannot read: {e}") })
-            }
-        };
-        writeln!(out, "{line}").context("writing to stdout")?;
-    }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

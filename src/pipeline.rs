@@ -1,9 +1,10 @@
 //! The one-way path every message takes once a front door has it:
-//! extract → rules → policy → plan.
+//! extract → rules → model → policy → plan.
 //!
 //! Front doors see only the [`Filter`] trait: they hand over an envelope and
 //! raw bytes and get a [`Plan`] back, knowing nothing of how it was decided.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
@@ -15,6 +16,8 @@ use crate::actions::Plan;
 use crate::config::Config;
 use crate::envelope::Envelope;
 use crate::extract::{extract, ExtractLimits, Features};
+use crate::model::batcher::{Batcher, EmbedFn};
+use crate::model::{self, features_text, Classifier, ModelError, ModelVerdict};
 use crate::policy::{Decision, Policy};
 use crate::rules::{RuleError, RuleSet};
 
@@ -34,6 +37,8 @@ pub struct MessageInput {
 pub enum FilterError {
     #[error("decision task failed: {0}")]
     Task(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
 /// What a front door calls to decide a message.
@@ -50,20 +55,74 @@ pub struct Outcome {
     pub features: Features,
 }
 
-/// Rules and policy built from one configuration.
-#[derive(Debug)]
+/// The configuration could not be turned into a working pipeline.
+#[derive(Debug, Error)]
+pub enum TriageError {
+    #[error(transparent)]
+    Rules(#[from] RuleError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(
+        "the department head predicts {0:?}, which no department claims: name departments after them, \
+         or list them in a department's `labels`"
+    )]
+    UnmappedLabels(Vec<String>),
+}
+
+/// Rules, model and policy built from one configuration.
 pub struct Triage {
     rules: RuleSet,
     policy: Policy,
     limits: ExtractLimits,
+    model: Option<ModelStage>,
+}
+
+struct ModelStage {
+    classifier: Arc<Classifier>,
+    batcher: Option<Batcher>,
+    /// Head label → configured department.
+    departments: HashMap<String, String>,
 }
 
 impl Triage {
-    pub fn new(cfg: &Config) -> Result<Self, RuleError> {
+    /// Builds the pipeline, loading the model when `[model]` is configured.
+    pub fn new(cfg: &Config) -> Result<Self, TriageError> {
+        let model = match &cfg.model {
+            None => None,
+            Some(m) => {
+                let descriptions: Vec<(String, Vec<String>)> = cfg
+                    .departments
+                    .iter()
+                    .map(|d| {
+                        (d.name.clone(), std::iter::once(d.description.clone()).chain(d.examples.clone()).collect())
+                    })
+                    .collect();
+                let classifier = Arc::new(model::load(m, &descriptions)?);
+                let mut departments = HashMap::new();
+                let mut unmapped = Vec::new();
+                for label in classifier.department_labels() {
+                    match cfg.department_for_label(&label) {
+                        Some(d) => {
+                            departments.insert(label, d.to_string());
+                        }
+                        None => unmapped.push(label),
+                    }
+                }
+                if !unmapped.is_empty() {
+                    return Err(TriageError::UnmappedLabels(unmapped));
+                }
+                let batcher = classifier.encoder.clone().filter(|_| classifier.needs_embedding()).map(|enc| {
+                    let embed: EmbedFn = Arc::new(move |text: &str| enc.embed(text));
+                    Batcher::start(embed, m.workers, m.queue_depth, m.deadline)
+                });
+                Some(ModelStage { classifier, batcher, departments })
+            }
+        };
         Ok(Self {
             rules: RuleSet::new(&cfg.rules)?,
             policy: Policy::new(cfg),
             limits: ExtractLimits::from(&cfg.limits),
+            model,
         })
     }
 
@@ -71,9 +130,12 @@ impl Triage {
         self.rules.len()
     }
 
-    /// Decides one message (CPU-bound; call from a blocking context).
-    pub fn decide(&self, envelope: &Envelope, raw: &[u8], header_names: &[String]) -> Outcome {
-        self.decide_extracted(envelope, self.extract(raw), header_names)
+    /// `model:<id> (department=…, priority=…)`, or `none`.
+    pub fn model_summary(&self) -> String {
+        match &self.model {
+            Some(m) => format!("{} ({})", m.classifier.id, m.classifier.versions()),
+            None => "none".into(),
+        }
     }
 
     /// Extraction under this configuration's limits.
@@ -81,41 +143,104 @@ impl Triage {
         extract(raw, self.limits)
     }
 
-    /// Decides from features already extracted (when the caller needed them first).
-    pub fn decide_extracted(&self, envelope: &Envelope, features: Features, header_names: &[String]) -> Outcome {
-        let decision = self.policy.decide(self.rules.first_match(envelope, &features));
+    /// Decides one message synchronously, embedding on this thread if needed
+    /// (for `classify` and `replay`; the daemon goes through the batcher).
+    pub fn decide(&self, envelope: &Envelope, raw: &[u8], header_names: &[String]) -> Result<Outcome, ModelError> {
+        self.decide_extracted(envelope, self.extract(raw), header_names)
+    }
+
+    /// As [`decide`](Self::decide), from features already extracted.
+    pub fn decide_extracted(
+        &self,
+        envelope: &Envelope,
+        features: Features,
+        header_names: &[String],
+    ) -> Result<Outcome, ModelError> {
+        let decision = match self.rule_decision(envelope, &features) {
+            Some(d) => d,
+            None => {
+                let embedding = match &self.model {
+                    Some(m) if m.classifier.needs_embedding() => {
+                        let enc =
+                            m.classifier.encoder.as_ref().expect("a classifier that needs embeddings has an encoder");
+                        Some(enc.embed(&features_text(&features))?)
+                    }
+                    _ => None,
+                };
+                self.model_decision(&features, embedding.as_deref())
+            }
+        };
         let plan = Plan::for_decision(&decision, envelope, header_names);
-        Outcome { decision, plan, features }
+        Ok(Outcome { decision, plan, features })
+    }
+
+    fn rule_decision(&self, envelope: &Envelope, features: &Features) -> Option<Decision> {
+        self.rules.first_match(envelope, features).map(|m| self.policy.decide(Some(m)))
+    }
+
+    /// The model's decision (or the default without a model).
+    fn model_decision(&self, features: &Features, embedding: Option<&[f32]>) -> Decision {
+        let Some(m) = &self.model else { return self.policy.decide(None) };
+        let ModelVerdict { department, priority } = m.classifier.predict(&features_text(features), embedding);
+        let dept = &m.departments[&department.label];
+        self.policy.decide_model(
+            dept,
+            department.confidence,
+            priority.as_ref().map(|p| p.label.as_str()),
+            &m.classifier.id,
+        )
     }
 }
 
 impl Filter for Arc<Triage> {
     async fn filter(&self, msg: MessageInput) -> Result<Plan, FilterError> {
-        let triage = Arc::clone(self);
-        // Parsing a 1 MiB message takes milliseconds: keep it off the reactor.
-        // A panic in there surfaces as a JoinError, not a dead daemon.
         let started = Instant::now();
         let queue_id = msg.envelope.queue_id.clone();
-        let outcome = tokio::task::spawn_blocking(move || triage.decide(&msg.envelope, &msg.raw, &msg.header_names))
-            .await
-            .map_err(|e| FilterError::Task(if e.is_panic() { "panicked".into() } else { e.to_string() }))?;
-        let d = &outcome.decision;
+        let MessageInput { envelope, raw, header_names } = msg;
+        // Parsing a 1 MiB message takes milliseconds: keep it off the reactor.
+        // A panic in there surfaces as a JoinError, not a dead daemon.
+        let triage = Arc::clone(self);
+        let (features, ruled, envelope) = blocking(move || {
+            let features = triage.extract(&raw);
+            let ruled = triage.rule_decision(&envelope, &features);
+            (features, ruled, envelope)
+        })
+        .await?;
+        let decision = match ruled {
+            Some(d) => d,
+            None => {
+                let embedding = match self.model.as_ref().and_then(|m| m.batcher.as_ref()) {
+                    Some(b) => Some(b.embed(features_text(&features)).await?),
+                    None => None,
+                };
+                let triage = Arc::clone(self);
+                let f = features.clone();
+                blocking(move || triage.model_decision(&f, embedding.as_deref())).await?
+            }
+        };
+        let plan = Plan::for_decision(&decision, &envelope, &header_names);
         // Names, scores and ids only: never subject, body or addresses.
         tracing::info!(
             queue_id = queue_id.as_deref().unwrap_or("-"),
-            department = %d.department,
-            priority = %d.priority,
-            confidence = format!("{:.2}", d.confidence),
-            source = %d.source,
-            action = d.action.as_str(),
-            mode = ?d.mode,
-            changes = outcome.plan.changes.len(),
-            truncated = outcome.features.truncated,
+            department = %decision.department,
+            priority = %decision.priority,
+            confidence = format!("{:.2}", decision.confidence),
+            source = %decision.source,
+            action = decision.action.as_str(),
+            mode = ?decision.mode,
+            changes = plan.changes.len(),
+            truncated = features.truncated,
             ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
             "decided"
         );
-        Ok(outcome.plan)
+        Ok(plan)
     }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, FilterError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| FilterError::Task(if e.is_panic() { "panicked".into() } else { e.to_string() }))
 }
 
 #[cfg(test)]

@@ -93,6 +93,8 @@ pub struct Policy {
     default_department: String,
     default_priority: String,
     departments: Vec<(String, Option<String>, DepartmentAction)>,
+    review_below: f32,
+    review_mailbox: Option<String>,
 }
 
 impl Policy {
@@ -102,7 +104,21 @@ impl Policy {
             default_department: cfg.defaults.department.clone(),
             default_priority: cfg.defaults.priority.clone(),
             departments: cfg.departments.iter().map(|d| (d.name.clone(), d.mailbox.clone(), d.action)).collect(),
+            review_below: cfg.policy.review_below,
+            review_mailbox: cfg.policy.review_mailbox.clone(),
         }
+    }
+
+    /// Decides from the classifier: `department` is already mapped to a
+    /// configured department; an unsure one goes to human review.
+    pub fn decide_model(&self, department: &str, confidence: f32, priority: Option<&str>, model_id: &str) -> Decision {
+        let priority = priority.unwrap_or(&self.default_priority);
+        let mut d = self.route(department, priority, confidence, Source::Model(model_id.into()));
+        if let Some(mailbox) = self.review_mailbox.as_ref().filter(|_| confidence < self.review_below) {
+            d.action = Action::Review;
+            d.mailbox = Some(mailbox.clone());
+        }
+        d
     }
 
     /// Decides from the first matching rule, or falls back to the default.
@@ -166,6 +182,22 @@ action = "reroute"
         assert_eq!(d.priority, "high");
         assert_eq!(d.confidence, 1.0);
         assert_eq!(d.source.to_string(), "rule:inv");
+    }
+
+    #[test]
+    fn unsure_model_decisions_go_to_review() {
+        let mut c = cfg("enforce");
+        c.policy.review_below = 0.6;
+        c.policy.review_mailbox = Some("triage@example.com".into());
+        let p = Policy::new(&c);
+        let sure = p.decide_model("billing", 0.61, Some("high"), "m");
+        assert_eq!((sure.action, sure.mailbox.as_deref()), (Action::Reroute, Some("billing@example.com")));
+        assert_eq!(sure.source.to_string(), "model:m");
+        let unsure = p.decide_model("billing", 0.59, None, "m");
+        assert_eq!((unsure.action, unsure.mailbox.as_deref()), (Action::Review, Some("triage@example.com")));
+        assert_eq!((unsure.department.as_str(), unsure.priority.as_str()), ("billing", "medium"));
+        // review off by default
+        assert_eq!(Policy::new(&cfg("enforce")).decide_model("billing", 0.01, None, "m").action, Action::Reroute);
     }
 
     #[test]

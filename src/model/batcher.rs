@@ -1,0 +1,137 @@
+//! The bounded queue in front of the encoder.
+//!
+//! Inference is CPU-heavy and must never run on the async workers that serve
+//! MTA connections. Messages wait in one bounded queue; dedicated threads
+//! take them one at a time (one sequence per pass: no padding). Each waiter
+//! has a deadline. A full queue or a passed deadline is an error the caller
+//! turns into fail-open, never an unbounded wait.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Sender, TrySendError};
+use tokio::sync::oneshot;
+
+use super::ModelError;
+
+/// Anything that turns text into an embedding (the encoder, or a test double).
+pub type EmbedFn = Arc<dyn Fn(&str) -> Result<Vec<f32>, ModelError> + Send + Sync>;
+
+struct Job {
+    text: String,
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Vec<f32>, ModelError>>,
+}
+
+pub struct Batcher {
+    tx: Sender<Job>,
+    depth: usize,
+    deadline: Duration,
+}
+
+impl Batcher {
+    /// Starts `workers` inference threads behind a queue of `depth` messages.
+    pub fn start(embed: EmbedFn, workers: usize, depth: usize, deadline: Duration) -> Batcher {
+        let (tx, rx) = bounded::<Job>(depth);
+        for n in 0..workers.max(1) {
+            let (rx, embed) = (rx.clone(), embed.clone());
+            std::thread::Builder::new()
+                .name(format!("mt-infer-{n}"))
+                .spawn(move || {
+                    // Ends when every sender (the Batcher) is gone.
+                    for job in rx.iter() {
+                        if job.reply.is_closed() {
+                            continue; // the waiter gave up already
+                        }
+                        if Instant::now() > job.deadline {
+                            let _ = job.reply.send(Err(ModelError::Timeout(Duration::ZERO)));
+                            continue;
+                        }
+                        let result = catch_unwind(AssertUnwindSafe(|| embed(&job.text)))
+                            .unwrap_or_else(|_| Err(ModelError::Inference("encoder panicked".into())));
+                        let _ = job.reply.send(result);
+                    }
+                })
+                .expect("spawning an inference thread");
+        }
+        Batcher { tx, depth, deadline }
+    }
+
+    /// Messages waiting now.
+    pub fn queue_len(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Embeds `text`, waiting at most the configured deadline.
+    pub async fn embed(&self, text: String) -> Result<Vec<f32>, ModelError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job { text, deadline: Instant::now() + self.deadline, reply };
+        self.tx.try_send(job).map_err(|e| match e {
+            TrySendError::Full(_) => ModelError::Overloaded(self.depth),
+            TrySendError::Disconnected(_) => ModelError::Inference("inference threads stopped".into()),
+        })?;
+        match tokio::time::timeout(self.deadline, rx).await {
+            Ok(Ok(result)) => result.map_err(|e| match e {
+                ModelError::Timeout(_) => ModelError::Timeout(self.deadline),
+                other => other,
+            }),
+            Ok(Err(_)) => Err(ModelError::Inference("inference thread dropped the request".into())),
+            Err(_) => Err(ModelError::Timeout(self.deadline)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slow(ms: u64) -> EmbedFn {
+        Arc::new(move |t: &str| {
+            std::thread::sleep(Duration::from_millis(ms));
+            if t == "panic" {
+                panic!("boom");
+            }
+            Ok(vec![t.len() as f32])
+        })
+    }
+
+    #[tokio::test]
+    async fn answers_each_waiter_with_its_own_result() {
+        let b = Arc::new(Batcher::start(slow(1), 2, 16, Duration::from_secs(5)));
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let b = b.clone();
+                tokio::spawn(async move { b.embed("x".repeat(i)).await.unwrap() })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.await.unwrap(), vec![i as f32]);
+        }
+    }
+
+    #[tokio::test]
+    async fn full_queue_is_refused_at_once_and_deadline_is_kept() {
+        let b = Arc::new(Batcher::start(slow(300), 1, 2, Duration::from_millis(150)));
+        let mut waiters = Vec::new();
+        for _ in 0..3 {
+            let b = b.clone();
+            waiters.push(tokio::spawn(async move { b.embed("a".into()).await }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // one running, two queued: the next is refused without waiting
+        let started = Instant::now();
+        assert!(matches!(b.embed("b".into()).await, Err(ModelError::Overloaded(2))));
+        assert!(started.elapsed() < Duration::from_millis(50));
+        for w in waiters {
+            assert!(matches!(w.await.unwrap(), Err(ModelError::Timeout(_))));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_encoder_fails_one_request_not_the_thread() {
+        let b = Batcher::start(slow(0), 1, 4, Duration::from_secs(5));
+        assert!(matches!(b.embed("panic".into()).await, Err(ModelError::Inference(_))));
+        assert_eq!(b.embed("ok".into()).await.unwrap(), vec![2.0]);
+    }
+}

@@ -1,0 +1,116 @@
+//! The sentence encoder: a BERT-family model in Candle, mean-pooled and
+//! L2-normalised, as sentence-transformers does it.
+//!
+//! One sequence per forward pass, so no padding and no attention mask: on
+//! CPU, padded batches cost more than they save (measured for issue 4).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use tokenizers::{Tokenizer, TruncationParams};
+
+use super::ModelError;
+
+/// The three files a model directory must hold.
+pub const MODEL_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
+pub struct Encoder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+    dim: usize,
+    /// Tokens per text, [CLS] and [SEP] included; the rest is cut.
+    max_tokens: usize,
+}
+
+impl Encoder {
+    /// Loads a model directory. Each failure names the file at fault.
+    pub fn load(dir: &Path, max_tokens: usize, device: &Device) -> Result<Encoder, ModelError> {
+        let file = |name: &str| -> Result<PathBuf, ModelError> {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(ModelError::MissingFile(p))
+            }
+        };
+        let (config_path, tokenizer_path, weights_path) =
+            (file("config.json")?, file("tokenizer.json")?, file("model.safetensors")?);
+        let bad = |path: &PathBuf, reason: String| ModelError::BadFile { path: path.clone(), reason };
+
+        let config_text = std::fs::read_to_string(&config_path).map_err(|e| bad(&config_path, e.to_string()))?;
+        let config: BertConfig = serde_json::from_str(&config_text).map_err(|e| bad(&config_path, e.to_string()))?;
+        if max_tokens < 3 || max_tokens > config.max_position_embeddings {
+            return Err(ModelError::Config(format!(
+                "max_tokens = {max_tokens}: must be between 3 and the model's {}",
+                config.max_position_embeddings
+            )));
+        }
+
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| bad(&tokenizer_path, e.to_string()))?;
+        tokenizer
+            .with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
+            .map_err(|e| bad(&tokenizer_path, e.to_string()))?;
+        tokenizer.with_padding(None);
+
+        let tensors = candle_core::safetensors::load(&weights_path, device)
+            .map_err(|e| bad(&weights_path, format!("not readable safetensors: {e}")))?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        let model = BertModel::load(vb, &config)
+            .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?;
+        Ok(Encoder { model, tokenizer, device: device.clone(), dim: config.hidden_size, max_tokens })
+    }
+
+    /// Embedding width (384 for MiniLM-L6).
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    /// Token ids of a text after truncation, special tokens included.
+    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self.tokenizer.encode(text, true).map_err(|e| ModelError::Inference(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The unit-length sentence embedding of a text.
+    pub fn embed(&self, text: &str) -> Result<Vec<f32>, ModelError> {
+        let ids = self.token_ids(text)?;
+        self.embed_ids(&ids)
+    }
+
+    /// The embedding of already-tokenised input.
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let run = || -> candle_core::Result<Vec<f32>> {
+            let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+            let types = input.zeros_like()?;
+            let hidden = self.model.forward(&input, &types, None)?; // [1, n, dim]
+            let pooled = hidden.mean(1)?.squeeze(0)?; // no padding: every token counts
+            let norm = pooled.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-12);
+            (pooled / norm as f64)?.to_vec1::<f32>()
+        };
+        run().map_err(|e| ModelError::Inference(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_and_corrupt_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Encoder::load(dir.path(), 256, &Device::Cpu).err().unwrap();
+        assert!(err.to_string().contains("config.json"), "{err}");
+        for f in MODEL_FILES {
+            std::fs::write(dir.path().join(f), b"{not valid").unwrap();
+        }
+        let err = Encoder::load(dir.path(), 256, &Device::Cpu).err().unwrap();
+        assert!(err.to_string().contains("config.json"), "{err}");
+    }
+}

@@ -1,0 +1,271 @@
+//! A trained head: multinomial logistic regression over the sentence
+//! embedding concatenated with sparse lexical features, with a temperature
+//! that calibrates its confidences. Stored as safetensors plus metadata
+//! (labels, encoder id, feature settings, training date, dev-split figures).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use super::lexical::{self, LexicalConfig, Sparse};
+use super::ModelError;
+
+/// File format tag; bump on any incompatible change.
+pub const FORMAT: &str = "mailtriage-head-v1";
+
+/// What a head file says about itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct HeadMeta {
+    /// Class names, in output order.
+    pub labels: Vec<String>,
+    /// The field of the training data these labels came from (`queue`, `priority`…).
+    pub label_field: String,
+    /// Encoder id whose embeddings the head was trained on; `None` for a
+    /// lexical-only head.
+    pub encoder: Option<String>,
+    pub embedding_dim: usize,
+    /// Weight of the embedding block relative to the lexical blocks.
+    pub embedding_weight: f32,
+    /// Token limit used when embedding the training data.
+    pub max_tokens: usize,
+    pub lexical: LexicalConfig,
+    /// Softmax temperature fitted on the calibration split.
+    pub temperature: f32,
+    pub trained_at: String,
+    pub train_examples: usize,
+    /// Figures on the held-back dev split at training time.
+    pub dev_metrics: serde_json::Value,
+    /// Version shown in headers and logs: trained_at as a compact stamp.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// A head's answer for one message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub label: String,
+    pub index: usize,
+    /// Calibrated probability of `label`.
+    pub confidence: f32,
+    pub probs: Vec<f32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub meta: HeadMeta,
+    /// `[classes × embedding_dim]`, row-major.
+    pub w_emb: Vec<f32>,
+    /// `[2^bits × classes]`: one row per bucket, so a sparse dot walks rows.
+    pub w_lex: Vec<f32>,
+    pub bias: Vec<f32>,
+    pub idf: Vec<f32>,
+}
+
+impl Head {
+    pub fn classes(&self) -> usize {
+        self.meta.labels.len()
+    }
+
+    pub fn uses_embedding(&self) -> bool {
+        self.meta.embedding_dim > 0
+    }
+
+    /// Lexical features of a text as this head was trained to see them.
+    pub fn lexical(&self, text: &str) -> Sparse {
+        lexical::features(text, &self.meta.lexical, &self.idf)
+    }
+
+    /// Raw scores (before temperature).
+    pub fn logits(&self, emb: Option<&[f32]>, lex: &Sparse) -> Vec<f32> {
+        let c = self.classes();
+        let mut z = self.bias.clone();
+        if let (Some(e), true) = (emb, self.uses_embedding()) {
+            let d = self.meta.embedding_dim;
+            let w = self.meta.embedding_weight;
+            for (k, zk) in z.iter_mut().enumerate() {
+                let row = &self.w_emb[k * d..(k + 1) * d];
+                *zk += w * row.iter().zip(e).map(|(a, b)| a * b).sum::<f32>();
+            }
+        }
+        for &(i, v) in lex {
+            let row = &self.w_lex[i as usize * c..(i as usize + 1) * c];
+            for (zk, wk) in z.iter_mut().zip(row) {
+                *zk += v * wk;
+            }
+        }
+        z
+    }
+
+    /// Calibrated prediction. `emb` must be given when the head uses one.
+    pub fn predict(&self, emb: Option<&[f32]>, lex: &Sparse) -> Prediction {
+        let probs = softmax(&self.logits(emb, lex), self.meta.temperature);
+        let (index, &confidence) =
+            probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("a head has at least two classes");
+        Prediction { label: self.meta.labels[index].clone(), index, confidence, probs }
+    }
+
+    /// Writes the head atomically (temp file, then rename).
+    pub fn save(&self, path: &Path) -> Result<(), ModelError> {
+        let io = |e: std::io::Error| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() };
+        let c = self.classes();
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (we, wl, b, idf) = (bytes(&self.w_emb), bytes(&self.w_lex), bytes(&self.bias), bytes(&self.idf));
+        let mut views = vec![
+            ("bias", TensorView::new(Dtype::F32, vec![c], &b)),
+            ("idf", TensorView::new(Dtype::F32, vec![self.idf.len()], &idf)),
+            ("w_lex", TensorView::new(Dtype::F32, vec![self.idf.len(), c], &wl)),
+        ];
+        if self.uses_embedding() {
+            views.push(("w_emb", TensorView::new(Dtype::F32, vec![c, self.meta.embedding_dim], &we)));
+        }
+        let views: Vec<(&str, TensorView<'_>)> = views
+            .into_iter()
+            .map(|(n, v)| v.map(|v| (n, v)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
+        let mut info = HashMap::new();
+        info.insert("format".to_string(), FORMAT.to_string());
+        info.insert("meta".to_string(), serde_json::to_string(&self.meta).expect("meta serialises"));
+        let data = safetensors::tensor::serialize(views, Some(info))
+            .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+        std::fs::write(&tmp, data).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Reads and checks a head file; any problem names the file and what is wrong.
+    pub fn load(path: &Path) -> Result<Head, ModelError> {
+        let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
+        let data = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_owned()),
+            _ => bad(e.to_string()),
+        })?;
+        let (_, header) = SafeTensors::read_metadata(&data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let info = header.metadata().clone().unwrap_or_default();
+        if info.get("format").map(String::as_str) != Some(FORMAT) {
+            return Err(bad(format!("not a mailtriage head (format {:?}, expected {FORMAT})", info.get("format"))));
+        }
+        let meta: HeadMeta = serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
+            .map_err(|e| bad(format!("bad metadata: {e}")))?;
+        let st = SafeTensors::deserialize(&data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let c = meta.labels.len();
+        if c < 2 {
+            return Err(bad("a head needs at least two labels".into()));
+        }
+        let dim = meta.lexical.dim();
+        let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>, ModelError> {
+            let t = st.tensor(name).map_err(|_| bad(format!("tensor `{name}` is missing")))?;
+            if t.dtype() != Dtype::F32 || t.shape() != shape {
+                return Err(bad(format!("tensor `{name}` is {:?} {:?}, expected F32 {shape:?}", t.dtype(), t.shape())));
+            }
+            let v: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+            if v.iter().any(|x| !x.is_finite()) {
+                return Err(bad(format!("tensor `{name}` holds NaN or infinite values")));
+            }
+            Ok(v)
+        };
+        let w_emb = if meta.embedding_dim > 0 { read("w_emb", &[c, meta.embedding_dim])? } else { Vec::new() };
+        let head = Head {
+            w_lex: read("w_lex", &[dim, c])?,
+            bias: read("bias", &[c])?,
+            idf: read("idf", &[dim])?,
+            w_emb,
+            meta,
+        };
+        if !(head.meta.temperature.is_finite() && head.meta.temperature > 0.0) {
+            return Err(bad(format!("temperature {} is not positive", head.meta.temperature)));
+        }
+        Ok(head)
+    }
+}
+
+/// Softmax of `z / t`, numerically stable.
+pub fn softmax(z: &[f32], t: f32) -> Vec<f32> {
+    let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = z.iter().map(|x| ((x - m) / t).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|x| x / s).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn tiny_head() -> Head {
+        let lexical = LexicalConfig { bits: 8, ..Default::default() };
+        let c = 2;
+        let mut w_lex = vec![0.0; lexical.dim() * c];
+        w_lex[3 * c] = 2.0; // bucket 3 votes for class 0
+        Head {
+            meta: HeadMeta {
+                labels: vec!["billing".into(), "support".into()],
+                label_field: "queue".into(),
+                encoder: Some("enc".into()),
+                embedding_dim: 3,
+                embedding_weight: 1.0,
+                max_tokens: 128,
+                lexical,
+                temperature: 2.0,
+                trained_at: "2026-01-01T00:00:00Z".into(),
+                train_examples: 10,
+                dev_metrics: serde_json::json!({"accuracy": 0.5}),
+                version: "20260101T000000".into(),
+            },
+            w_emb: vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+            w_lex,
+            bias: vec![0.0, 0.5],
+            idf: vec![1.0; lexical.dim()],
+        }
+    }
+
+    #[test]
+    fn predict_uses_embedding_lexical_bias_and_temperature() {
+        let h = tiny_head();
+        let p = h.predict(Some(&[1.0, 0.0, 0.0]), &vec![(3, 1.0)]);
+        // logits: class0 = 1 + 2 = 3, class1 = 0.5 → softmax at T=2
+        let expect = softmax(&[3.0, 0.5], 2.0);
+        assert_eq!(p.label, "billing");
+        assert!((p.confidence - expect[0]).abs() < 1e-6);
+    }
+
+    #[test]
+    fn save_load_round_trip_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("heads/d.safetensors");
+        let h = tiny_head();
+        h.save(&path).unwrap();
+        let back = Head::load(&path).unwrap();
+        assert_eq!(back.meta, h.meta);
+        assert_eq!((back.w_emb, back.w_lex, back.bias, back.idf), (h.w_emb, h.w_lex, h.bias, h.idf));
+    }
+
+    #[test]
+    fn corrupt_files_are_named_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.safetensors");
+        let err = Head::load(&path).unwrap_err().to_string();
+        assert!(err.contains("h.safetensors") && err.contains("missing"), "{err}");
+        std::fs::write(&path, b"garbage that is not safetensors").unwrap();
+        let err = Head::load(&path).unwrap_err().to_string();
+        assert!(err.contains("h.safetensors") && err.contains("not a safetensors file"), "{err}");
+        // valid safetensors, truncated tensor data
+        tiny_head().save(&path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+        let err = Head::load(&path).unwrap_err().to_string();
+        assert!(err.contains("h.safetensors"), "{err}");
+        // a model file that is not a head
+        let other = safetensors::tensor::serialize(
+            vec![("x", TensorView::new(Dtype::F32, vec![1], &[0, 0, 0, 0]).unwrap())],
+            None,
+        )
+        .unwrap();
+        std::fs::write(&path, other).unwrap();
+        assert!(Head::load(&path).unwrap_err().to_string().contains("not a mailtriage head"));
+    }
+}

@@ -1,0 +1,175 @@
+//! The classifier: a frozen sentence encoder plus small trained heads.
+//!
+//! - [`encoder`]: Candle BERT (default all-MiniLM-L6-v2), mean-pooled, L2-normalised.
+//! - [`lexical`]: hashed word and character n-grams (TF-IDF).
+//! - [`head`]: logistic heads over both, calibrated, stored as safetensors.
+//! - [`prototypes`]: the cold-start classifier from department descriptions.
+//! - [`batcher`]: the bounded queue in front of the encoder's own threads.
+//! - [`fetch`]: getting model files from the Hugging Face hub or a local dir.
+//!
+//! Nothing here knows about milter or SMTP: it turns text into predictions.
+
+pub mod batcher;
+pub mod bulk;
+pub mod encoder;
+pub mod fetch;
+pub mod head;
+pub mod lexical;
+pub mod prototypes;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::extract::Features;
+use head::{Head, Prediction};
+use prototypes::Prototypes;
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error("model file {0} is missing")]
+    MissingFile(PathBuf),
+    #[error("model file {path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+    #[error("model configuration: {0}")]
+    Config(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("inference queue full ({0} waiting)")]
+    Overloaded(usize),
+    #[error("no inference result within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("fetching model: {0}")]
+    Fetch(String),
+}
+
+/// The text a model sees for a message: the subject, then the body text.
+/// Training data goes through the same function so both sides agree.
+pub fn model_text(subject: &str, body: &str) -> String {
+    let mut t = String::with_capacity(subject.len() + body.len() + 2);
+    t.push_str(subject.trim());
+    t.push('\n');
+    t.push_str(body.trim());
+    t
+}
+
+pub fn features_text(f: &Features) -> String {
+    model_text(&f.subject, &f.text)
+}
+
+/// How departments are predicted.
+pub enum DepartmentModel {
+    Trained(Head),
+    /// No trained head yet: nearest prototype of each department's description and examples.
+    ColdStart(Prototypes),
+}
+
+/// Everything the daemon needs to classify a message, loaded once.
+pub struct Classifier {
+    /// Model id shown in `X-Triage-Source: model:<id>`.
+    pub id: String,
+    pub encoder: Option<Arc<encoder::Encoder>>,
+    pub department: DepartmentModel,
+    pub priority: Option<Head>,
+}
+
+/// The model's answer for one message.
+#[derive(Debug, Clone)]
+pub struct ModelVerdict {
+    pub department: Prediction,
+    pub priority: Option<Prediction>,
+}
+
+impl Classifier {
+    /// Whether predictions need the encoder's embedding of the text.
+    pub fn needs_embedding(&self) -> bool {
+        let department = match &self.department {
+            DepartmentModel::Trained(h) => h.uses_embedding(),
+            DepartmentModel::ColdStart(_) => true,
+        };
+        department || self.priority.as_ref().is_some_and(Head::uses_embedding)
+    }
+
+    /// Predicts from the text and (when needed) its embedding. Cheap: the
+    /// expensive part, the embedding, is computed by the caller.
+    pub fn predict(&self, text: &str, embedding: Option<&[f32]>) -> ModelVerdict {
+        let department = match &self.department {
+            DepartmentModel::Trained(h) => h.predict(embedding, &h.lexical(text)),
+            DepartmentModel::ColdStart(p) => p.predict(embedding.expect("cold start needs an embedding")),
+        };
+        let priority = self.priority.as_ref().map(|h| h.predict(embedding, &h.lexical(text)));
+        ModelVerdict { department, priority }
+    }
+
+    /// Department labels this classifier can output.
+    pub fn department_labels(&self) -> Vec<String> {
+        match &self.department {
+            DepartmentModel::Trained(h) => h.meta.labels.clone(),
+            DepartmentModel::ColdStart(p) => p.labels().to_vec(),
+        }
+    }
+
+    /// Versions for logs and the audit trail: `department=…, priority=…`.
+    pub fn versions(&self) -> String {
+        let d = match &self.department {
+            DepartmentModel::Trained(h) => h.meta.version.clone(),
+            DepartmentModel::ColdStart(_) => "cold-start".into(),
+        };
+        let p = self.priority.as_ref().map_or("none".into(), |h| h.meta.version.clone());
+        format!("department={d} priority={p}")
+    }
+}
+
+/// Builds the classifier from `[model]`. `departments` gives each
+/// department's description and examples, for the cold-start prototypes.
+pub fn load(cfg: &crate::config::ModelConfig, departments: &[(String, Vec<String>)]) -> Result<Classifier, ModelError> {
+    let department_head = cfg.department_head.as_deref().map(Head::load).transpose()?;
+    let priority = cfg.priority_head.as_deref().map(Head::load).transpose()?;
+    let needs_encoder = department_head.as_ref().is_none_or(Head::uses_embedding)
+        || priority.as_ref().is_some_and(Head::uses_embedding);
+    let encoder = if needs_encoder {
+        let dir = fetch::resolve(cfg.path.as_deref(), &cfg.id)?;
+        Some(Arc::new(encoder::Encoder::load(&dir, cfg.max_tokens, &device(&cfg.device)?)?))
+    } else {
+        None
+    };
+    for (head, key) in [(&department_head, &cfg.department_head), (&priority, &cfg.priority_head)] {
+        if let (Some(h), Some(path), Some(enc)) = (head, key, &encoder) {
+            if h.uses_embedding()
+                && (h.meta.encoder.as_deref() != Some(cfg.id.as_str()) || h.meta.embedding_dim != enc.dim())
+            {
+                return Err(ModelError::BadFile {
+                    path: path.clone(),
+                    reason: format!(
+                        "trained on embeddings of {:?} ({} dims), but [model] id is `{}` ({} dims): retrain the head",
+                        h.meta.encoder,
+                        h.meta.embedding_dim,
+                        cfg.id,
+                        enc.dim()
+                    ),
+                });
+            }
+        }
+    }
+    let department = match department_head {
+        Some(h) => DepartmentModel::Trained(h),
+        None => DepartmentModel::ColdStart(prototypes::Prototypes::build(
+            encoder.as_deref().expect("cold start loads the encoder"),
+            departments,
+        )?),
+    };
+    Ok(Classifier { id: cfg.id.clone(), encoder, department, priority })
+}
+
+/// The Candle device named in `[model] device`.
+pub fn device(name: &str) -> Result<candle_core::Device, ModelError> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        "cuda" => candle_core::Device::new_cuda(0).map_err(|e| ModelError::Config(format!("CUDA device 0: {e}"))),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => Err(ModelError::Config("device = \"cuda\" needs a build with `--features cuda`".into())),
+        other => Err(ModelError::Config(format!("unknown device `{other}`"))),
+    }
+}

@@ -1,0 +1,315 @@
+//! The offline subcommands: classify, train, eval, replay, model fetch.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use mailtriage::config::{Config, ModelConfig};
+use mailtriage::dataset::{self, Record};
+use mailtriage::envelope::Envelope;
+use mailtriage::eval::{self, Metrics, Outcome};
+use mailtriage::extract::ExtractLimits;
+use mailtriage::model::encoder::Encoder;
+use mailtriage::model::head::Head;
+use mailtriage::model::lexical::LexicalConfig;
+use mailtriage::model::{bulk, fetch};
+use mailtriage::pipeline::Triage;
+use mailtriage::train::{self, Example, Provenance, TrainOptions};
+
+use crate::cli::{DataArgs, EvalArgs, TrainArgs};
+
+/// A progress bar on a terminal; a line every tenth of the way otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: usize,
+    label: String,
+    last_decile: std::sync::atomic::AtomicUsize,
+}
+
+impl Progress {
+    fn new(label: &str, total: usize) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(total as u64);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b.set_message(label.to_string());
+            b
+        });
+        Progress { bar, total, label: label.into(), last_decile: Default::default() }
+    }
+
+    fn set(&self, done: usize) {
+        match &self.bar {
+            Some(b) => b.set_position(done as u64),
+            None => {
+                let decile = done * 10 / self.total.max(1);
+                if self.last_decile.fetch_max(decile, std::sync::atomic::Ordering::Relaxed) < decile {
+                    eprintln!("{}: {done}/{}", self.label, self.total);
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish();
+        }
+    }
+}
+
+fn model_config(cfg: &Config) -> ModelConfig {
+    cfg.model.clone().unwrap_or_default()
+}
+
+fn load_encoder(m: &ModelConfig) -> Result<Encoder> {
+    let dir = fetch::resolve(m.path.as_deref(), &m.id)?;
+    Ok(Encoder::load(&dir, m.max_tokens, &mailtriage::model::device(&m.device)?)?)
+}
+
+fn read_data(cfg: &Config, args: &DataArgs, need_label: bool) -> Result<Vec<Record>> {
+    let limits = ExtractLimits::from(&cfg.limits);
+    let records = match (&args.data, &args.maildir) {
+        (Some(p), _) => dataset::read_jsonl(p, need_label.then_some(args.label.as_str()), limits)?,
+        (None, Some(d)) => dataset::read_maildir(d, limits)?,
+        (None, None) => bail!("give --data FILE.jsonl or --maildir DIR"),
+    };
+    Ok(records)
+}
+
+fn embed(m: &ModelConfig, encoder: &Encoder, texts: &[String], args: &DataArgs) -> Result<Vec<Vec<f32>>> {
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let progress = Progress::new("embedding", texts.len());
+    let started = Instant::now();
+    let out = bulk::embed_all(encoder, &m.id, texts, threads, args.embedding_cache.as_deref(), &|d| progress.set(d))?;
+    progress.finish();
+    eprintln!("embedded {} texts in {:.1} s ({threads} threads)", texts.len(), started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
+    let started = Instant::now();
+    let records = read_data(cfg, &args.data, true)?;
+    let examples: Vec<Example> =
+        records.iter().map(|r| Example { text: r.text.clone(), label: r.label.clone().expect("labeled") }).collect();
+    eprintln!("{} labeled messages read", examples.len());
+    let m = model_config(cfg);
+    let embeddings = if args.no_embeddings {
+        None
+    } else {
+        let encoder = load_encoder(&m)?;
+        let texts: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
+        Some(embed(&m, &encoder, &texts, &args.data)?)
+    };
+    let opts = TrainOptions {
+        epochs: args.epochs,
+        learning_rate: args.learning_rate,
+        l2: args.l2,
+        dev_fraction: args.dev_fraction,
+        balanced: !args.unbalanced,
+        embedding_weight: args.embedding_weight,
+        lexical: LexicalConfig { bits: args.bits, ..Default::default() },
+        refit: !args.no_refit,
+        ..Default::default()
+    };
+    let label_field = if args.data.maildir.is_some() { "department".to_string() } else { args.data.label.clone() };
+    let provenance = Provenance { label_field, encoder: Some(m.id.clone()), max_tokens: m.max_tokens };
+    let fit_started = Instant::now();
+    let epochs = Progress::new("training", opts.epochs * if opts.refit { 2 } else { 1 });
+    let mut step = 0;
+    let (head, report) = train::train(&examples, embeddings.as_deref(), provenance, &opts, |_, _, _| {
+        step += 1;
+        epochs.set(step);
+    })?;
+    epochs.finish();
+    head.save(&args.out)?;
+    let d = &report.dev;
+    eprintln!(
+        "dev split ({} messages): accuracy {:.4}, macro-F1 {:.4}, ECE {:.4}, temperature {:.3}",
+        d.n, d.accuracy, d.macro_f1, d.ece, report.temperature
+    );
+    eprintln!(
+        "wrote {} ({} labels, version {}); fitting {:.1} s, total {:.1} s",
+        args.out.display(),
+        head.meta.labels.len(),
+        head.meta.version,
+        fit_started.elapsed().as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The configured head trained on `label`, or the one given.
+fn head_for(cfg: &Config, args: &EvalArgs) -> Result<(PathBuf, Head)> {
+    if let Some(p) = &args.head {
+        return Ok((p.clone(), Head::load(p)?));
+    }
+    let m = cfg.model.as_ref().context("no --head given and no [model] section in the config")?;
+    for p in [&m.department_head, &m.priority_head].into_iter().flatten() {
+        let h = Head::load(p)?;
+        if h.meta.label_field == args.data.label
+            || (args.data.maildir.is_some() && Some(p) == m.department_head.as_ref())
+        {
+            return Ok((p.clone(), h));
+        }
+    }
+    bail!("no configured head was trained on `{}`; pass --head", args.data.label)
+}
+
+pub fn eval(cfg: &Config, args: &EvalArgs) -> Result<ExitCode> {
+    let (path, head) = head_for(cfg, args)?;
+    let records = read_data(cfg, &args.data, true)?;
+    let started = Instant::now();
+    let embeddings = if head.uses_embedding() {
+        let mut m = model_config(cfg);
+        m.max_tokens = head.meta.max_tokens;
+        let encoder = load_encoder(&m)?;
+        if head.meta.encoder.as_deref() != Some(m.id.as_str()) {
+            bail!("{} was trained on {:?} embeddings, but [model] id is `{}`", path.display(), head.meta.encoder, m.id);
+        }
+        let texts: Vec<String> = records.iter().map(|r| r.text.clone()).collect();
+        Some(embed(&m, &encoder, &texts, &args.data)?)
+    } else {
+        None
+    };
+    let outcomes: Vec<Outcome> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let p = head.predict(embeddings.as_ref().map(|e| e[i].as_slice()), &head.lexical(&r.text));
+            let truth = r.label.as_ref().and_then(|l| head.meta.labels.iter().position(|x| x == l));
+            Outcome { truth, predicted: p.index, confidence: p.confidence }
+        })
+        .collect();
+    let overall = eval::compute(&head.meta.labels, &outcomes);
+    let mut slices: BTreeMap<String, BTreeMap<String, Metrics>> = BTreeMap::new();
+    for field in &args.slice {
+        let mut groups: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
+        for (r, o) in records.iter().zip(&outcomes) {
+            let v = match r.fields.get(field) {
+                Some(serde_json::Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+                None => "(none)".into(),
+            };
+            groups.entry(v).or_default().push(*o);
+        }
+        slices.insert(
+            field.clone(),
+            groups.into_iter().map(|(v, os)| (v, eval::compute(&head.meta.labels, &os))).collect(),
+        );
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if args.json {
+        let mut v = serde_json::to_value(&overall)?;
+        v["slices"] = serde_json::to_value(&slices)?;
+        v["head"] = path.display().to_string().into();
+        v["head_version"] = head.meta.version.clone().into();
+        v["seconds"] = secs.into();
+        println!("{v}");
+    } else {
+        println!("head {} (version {}, label `{}`)\n", path.display(), head.meta.version, head.meta.label_field);
+        print!("{}", overall.render());
+        for (field, groups) in &slices {
+            println!("\nby {field}:");
+            for (value, m) in groups {
+                println!(
+                    "  {value:<16} n={:<6} accuracy={:.4} macro-F1={:.4} ECE={:.4}",
+                    m.n, m.accuracy, m.macro_f1, m.ece
+                );
+            }
+        }
+        eprintln!("\nevaluated {} messages in {secs:.1} s", overall.n);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One JSON line per file: envelope, decision, plan, extraction summary.
+pub fn classify(cfg: &Config, mail_from: &str, rcpts: &[String], files: &[PathBuf]) -> Result<ExitCode> {
+    let triage = Triage::new(cfg)?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut failed = 0;
+    for file in files {
+        let line = match std::fs::read(file) {
+            Ok(raw) => match decide_json(&triage, &raw, mail_from, rcpts) {
+                Ok(mut v) => {
+                    v["file"] = file.display().to_string().into();
+                    v
+                }
+                Err(e) => {
+                    failed += 1;
+                    serde_json::json!({ "file": file.display().to_string(), "error": e.to_string() })
+                }
+            },
+            Err(e) => {
+                failed += 1;
+                serde_json::json!({ "file": file.display().to_string(), "error": format!("cannot read: {e}") })
+            }
+        };
+        writeln!(out, "{line}").context("writing to stdout")?;
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn decide_json(triage: &Triage, raw: &[u8], mail_from: &str, rcpts: &[String]) -> Result<serde_json::Value> {
+    let features = triage.extract(raw);
+    let envelope = Envelope {
+        mail_from: mail_from.to_string(),
+        rcpts: if rcpts.is_empty() {
+            features.to.iter().chain(&features.cc).cloned().collect()
+        } else {
+            rcpts.to_vec()
+        },
+        queue_id: None,
+    };
+    let header_names: Vec<String> = features.headers.iter().map(|(n, _)| n.clone()).collect();
+    let o = triage.decide_extracted(&envelope, features, &header_names)?;
+    Ok(serde_json::json!({
+        "envelope": envelope,
+        "decision": o.decision,
+        "plan": o.plan.changes,
+        "extracted": {
+            "bytes_read": o.features.bytes_read,
+            "text_chars": o.features.text.chars().count(),
+            "headers": o.features.headers.len(),
+            "attachments": o.features.attachments,
+            "truncated": o.features.truncated,
+            "unparsed": o.features.unparsed,
+        },
+    }))
+}
+
+/// What the daemon would do with each message of a Maildir tree.
+pub fn replay(cfg: &Config, dir: &Path) -> Result<ExitCode> {
+    let triage = Arc::new(Triage::new(cfg)?);
+    let records = dataset::read_maildir(dir, ExtractLimits::from(&cfg.limits))?;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut by_department: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &records {
+        let raw = r.raw.as_deref().unwrap_or_default();
+        let mut v = decide_json(&triage, raw, "", &[])?;
+        v["file"] = r.origin.clone().into();
+        v["folder"] = r.label.clone().into();
+        *by_department.entry(v["decision"]["department"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        writeln!(out, "{v}")?;
+    }
+    eprintln!("{} messages: {by_department:?}", records.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn model_fetch(cfg: &Config) -> Result<ExitCode> {
+    let m = model_config(cfg);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let dir = rt.block_on(fetch::fetch(&m.id))?;
+    Encoder::load(&dir, m.max_tokens, &candle_core::Device::Cpu)
+        .with_context(|| format!("checking {}", dir.display()))?;
+    println!("{}: {}", m.id, dir.display());
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,291 @@
+//! The embedded model: golden vectors, training and evaluation through the
+//! CLI, head files, review threshold. Needs models/all-MiniLM-L6-v2
+//! (scripts/fetch-model.sh, run by scripts/test.sh).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use mailtriage::model::encoder::Encoder;
+use mailtriage::model::head::Head;
+use serde_json::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn model_dir() -> PathBuf {
+    let d = root().join("models/all-MiniLM-L6-v2");
+    assert!(d.join("model.safetensors").exists(), "{} is missing: run scripts/fetch-model.sh", d.display());
+    d
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("tests/fixtures").join(name)
+}
+
+fn mailtriage(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mailtriage")).arg("--config").arg(config).args(args).output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// A config using the local model directory, with the given extra TOML.
+fn config(dir: &Path, extra: &str) -> PathBuf {
+    let p = dir.join("mailtriage.toml");
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+max_tokens = 128
+workers = 1
+{extra}
+
+[[departments]]
+name = "billing"
+mailbox = "billing@test.example"
+action = "reroute"
+description = "Invoices, payments, refunds, subscriptions"
+
+[[departments]]
+name = "support"
+mailbox = "support@test.example"
+action = "reroute"
+description = "Technical problems, outages, errors, bugs"
+
+[[departments]]
+name = "hr"
+mailbox = "hr@test.example"
+action = "reroute"
+description = "Job applications, payslips, holidays, employment"
+"#,
+        model = model_dir().display()
+    );
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn encoder_matches_golden_vectors() {
+    let golden: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("../shared/data/minilm_golden/golden.json")).unwrap(),
+    )
+    .unwrap();
+    let enc = Encoder::load(&model_dir(), 256, &candle_core::Device::Cpu).unwrap();
+    let items = golden["items"].as_array().unwrap();
+    assert_eq!(items.len(), 10);
+    let mut worst = 0f32;
+    for item in items {
+        let text = item["text"].as_str().unwrap();
+        let want_ids: Vec<u32> =
+            item["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(enc.token_ids(text).unwrap(), want_ids, "token ids of {text:?}");
+        let want: Vec<f32> = item["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let got = enc.embed(text).unwrap();
+        assert_eq!(got.len(), 384);
+        for (a, b) in got.iter().zip(&want) {
+            worst = worst.max((a - b).abs());
+        }
+    }
+    assert!(worst < 1e-4, "largest component difference {worst}");
+}
+
+#[test]
+fn train_save_load_predicts_identically_and_eval_reports_figures() {
+    model_dir();
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("heads/department.safetensors");
+    let cfg = config(dir.path(), "");
+    let h = head.to_str().unwrap();
+    let train = fixture("tickets-train.jsonl");
+    let test = fixture("tickets-test.jsonl");
+    let out = mailtriage(&cfg, &["train", "--data", train.to_str().unwrap(), "--label", "department", "--out", h]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("dev split") && stderr.contains("wrote"), "{stderr}");
+
+    // The saved head, loaded back, gives exactly the predictions of the CLI's eval.
+    let loaded = Head::load(&head).unwrap();
+    assert_eq!(loaded.meta.labels, vec!["billing", "hr", "support"]);
+    assert_eq!(loaded.meta.encoder.as_deref(), Some("sentence-transformers/all-MiniLM-L6-v2"));
+    assert_eq!(loaded.meta.label_field, "department");
+    assert!(loaded.meta.temperature > 0.0);
+    let again = Head::load(&head).unwrap();
+    let enc = Encoder::load(&model_dir(), 128, &candle_core::Device::Cpu).unwrap();
+    for line in std::fs::read_to_string(&test).unwrap().lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let text = mailtriage::model::model_text(v["subject"].as_str().unwrap(), v["body"].as_str().unwrap());
+        let e = enc.embed(&text).unwrap();
+        assert_eq!(loaded.predict(Some(&e), &loaded.lexical(&text)), again.predict(Some(&e), &again.lexical(&text)));
+    }
+
+    let out = mailtriage(
+        &cfg,
+        &[
+            "eval",
+            "--data",
+            test.to_str().unwrap(),
+            "--label",
+            "department",
+            "--head",
+            h,
+            "--json",
+            "--slice",
+            "language",
+        ],
+    );
+    let v: Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    assert_eq!(v["n"], 15);
+    let acc = v["accuracy"].as_f64().unwrap();
+    assert!(acc >= 14.0 / 15.0, "accuracy {acc} on an easy fixture: {v}");
+    assert!(v["macro_f1"].as_f64().unwrap() >= 0.9);
+    assert!(v["ece"].as_f64().unwrap() >= 0.0);
+    assert_eq!(
+        v["slices"]["language"]["de"]["n"].as_u64().unwrap() + v["slices"]["language"]["en"]["n"].as_u64().unwrap(),
+        15
+    );
+    assert_eq!(v["per_class"].as_array().unwrap().len(), 3);
+    assert_eq!(v["confusion"].as_array().unwrap().len(), 3);
+
+    // The text report names the classes and the slices.
+    let out = mailtriage(
+        &cfg,
+        &["eval", "--data", test.to_str().unwrap(), "--label", "department", "--head", h, "--slice", "language"],
+    );
+    let text = ok(&out);
+    assert!(text.contains("macro-F1") && text.contains("billing") && text.contains("by language:"), "{text}");
+}
+
+#[test]
+fn lexical_only_eval_figures_are_exact_on_the_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("priority.safetensors");
+    let cfg = config(dir.path(), "");
+    let h = head.to_str().unwrap();
+    let train = fixture("tickets-train.jsonl");
+    ok(&mailtriage(
+        &cfg,
+        &[
+            "train",
+            "--data",
+            train.to_str().unwrap(),
+            "--label",
+            "priority",
+            "--out",
+            h,
+            "--no-embeddings",
+            "--bits",
+            "16",
+        ],
+    ));
+    let test = fixture("tickets-test.jsonl");
+    let out =
+        mailtriage(&cfg, &["eval", "--data", test.to_str().unwrap(), "--label", "priority", "--head", h, "--json"]);
+    let v: Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    // Priority in the fixture follows the department (hr → low, billing → medium,
+    // support → high/medium alternating), so a lexical head gets most of it.
+    assert_eq!(v["n"], 15);
+    let correct: u64 = (0..3).map(|k| v["confusion"][k][k].as_u64().unwrap()).sum();
+    assert_eq!(v["accuracy"].as_f64().unwrap(), correct as f64 / 15.0);
+    assert!(correct >= 11, "{v}");
+    assert!(Head::load(&head).unwrap().meta.encoder.is_none());
+}
+
+#[test]
+fn classify_uses_the_model_and_sends_unsure_mail_to_review() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("department.safetensors");
+    let train = fixture("tickets-train.jsonl");
+    let cfg = config(dir.path(), "");
+    ok(&mailtriage(
+        &cfg,
+        &["train", "--data", train.to_str().unwrap(), "--label", "department", "--out", head.to_str().unwrap()],
+    ));
+    let msg = dir.path().join("m.eml");
+    std::fs::write(&msg, "From: a@x.example\r\nTo: user@test.example\r\nSubject: Rechnung 4711 ist falsch\r\n\r\nBitte Betrag korrigieren.\r\n").unwrap();
+
+    let cfg = config(dir.path(), &format!("department_head = \"{}\"", head.display()));
+    let v: Value = serde_json::from_str(ok(&mailtriage(&cfg, &["classify", msg.to_str().unwrap()])).trim()).unwrap();
+    assert_eq!(v["decision"]["source"], "model:sentence-transformers/all-MiniLM-L6-v2");
+    assert_eq!(v["decision"]["department"], "billing");
+    assert_eq!(v["decision"]["action"], "reroute");
+
+    // The threshold is strict: just above this message's confidence sends it to review, just below does not.
+    let confidence = v["decision"]["confidence"].as_f64().unwrap();
+    assert!(confidence > 0.34 && confidence < 1.0, "{v}");
+    let with_review = |threshold: f64| {
+        let cfg = config(
+            dir.path(),
+            &format!(
+                "department_head = \"{}\"\n\n[policy]\nreview_below = {threshold}\nreview_mailbox = \"triage@test.example\"",
+                head.display()
+            ),
+        );
+        serde_json::from_str::<Value>(ok(&mailtriage(&cfg, &["classify", msg.to_str().unwrap()])).trim()).unwrap()
+    };
+    let v = with_review((confidence + 1.0) / 2.0);
+    assert_eq!(v["decision"]["action"], "review");
+    assert_eq!(v["decision"]["department"], "billing");
+    assert!(
+        v["plan"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["op"] == "add_recipient" && c["address"] == "triage@test.example"),
+        "{v}"
+    );
+    assert!(v["plan"].as_array().unwrap().iter().any(|c| c["op"] == "add_header" && c["value"] == "review"), "{v}");
+    let v = with_review(confidence * 0.9);
+    assert_eq!(v["decision"]["action"], "reroute");
+
+    // Cold start (no head): the department descriptions decide.
+    let cfg = config(dir.path(), "");
+    let v: Value = serde_json::from_str(ok(&mailtriage(&cfg, &["classify", msg.to_str().unwrap()])).trim()).unwrap();
+    assert_eq!(v["decision"]["source"], "model:sentence-transformers/all-MiniLM-L6-v2");
+}
+
+#[test]
+fn corrupt_or_mismatched_model_files_are_named_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("department.safetensors");
+    std::fs::write(&head, b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage").unwrap();
+    let cfg = config(dir.path(), &format!("department_head = \"{}\"", head.display()));
+    let out = mailtriage(&cfg, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("department.safetensors"), "{err}");
+
+    // Missing model directory file.
+    let empty = dir.path().join("empty-model");
+    std::fs::create_dir_all(&empty).unwrap();
+    let p = dir.path().join("m.toml");
+    std::fs::write(&p, format!("[model]\npath = \"{}\"\n", empty.display())).unwrap();
+    let out = mailtriage(&p, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("config.json is missing"));
+
+    // Head labels no department claims.
+    let train = fixture("tickets-train.jsonl");
+    ok(&mailtriage(
+        &cfg,
+        &[
+            "train",
+            "--data",
+            train.to_str().unwrap(),
+            "--label",
+            "language",
+            "--out",
+            head.to_str().unwrap(),
+            "--no-embeddings",
+            "--bits",
+            "12",
+        ],
+    ));
+    let out = mailtriage(&cfg, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"de\"") && err.contains("labels"), "{err}");
+}
