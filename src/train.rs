@@ -87,7 +87,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -95,7 +95,7 @@ impl Rng {
     }
     pub fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
             v.swap(i, j);
         }
     }
@@ -331,9 +331,9 @@ mod tests {
         let mut rng = Rng::new(7);
         let (mut logits, mut y) = (Vec::new(), Vec::new());
         for _ in 0..4000 {
-            let z: Vec<f32> = (0..3).map(|_| (rng.next() % 1000) as f32 / 100.0).collect();
+            let z: Vec<f32> = (0..3).map(|_| (rng.next_u64() % 1000) as f32 / 100.0).collect();
             let p = softmax(&z, 2.0);
-            let u = (rng.next() % 1_000_000) as f32 / 1e6;
+            let u = (rng.next_u64() % 1_000_000) as f32 / 1e6;
             let k = if u < p[0] {
                 0
             } else if u < p[0] + p[1] {

@@ -157,3 +157,74 @@ fn large_and_eight_bit_messages_pass_intact() {
     assert!(msg.contains("\n.starts with a dot\n") && msg.contains("Grüße aus Köln") && msg.contains("line 5999 of"));
     assert_eq!(one(header_values(msg, "X-Triage-Source"), "source"), "rule:invoices");
 }
+
+/// With `[model]` configured, what no rule decides is decided by the trained head.
+#[test]
+fn model_decides_what_no_rule_decides() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("models/all-MiniLM-L6-v2");
+    assert!(model.join("model.safetensors").exists(), "run scripts/fetch-model.sh");
+    let work = tempfile::tempdir().unwrap();
+    let head = work.path().join("department.safetensors");
+    let base = format!(
+        r#"
+[server]
+mode = "enforce"
+
+[model]
+path = "{model}"
+max_tokens = 128
+workers = 1
+deadline = "20s"
+HEAD
+
+[[departments]]
+name = "billing"
+mailbox = "billing@{DOMAIN}"
+action = "reroute"
+[[departments]]
+name = "support"
+mailbox = "support@{DOMAIN}"
+action = "reroute"
+[[departments]]
+name = "hr"
+mailbox = "hr@{DOMAIN}"
+action = "reroute"
+
+[[rules]]
+name = "invoices"
+header = "Subject"
+pattern = "(?i)\\binvoice\\b"
+department = "billing"
+"#,
+        model = model.display()
+    );
+    let cfg_path = work.path().join("train.toml");
+    std::fs::write(&cfg_path, base.replace("HEAD", "")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mailtriage"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .args(["train", "--data"])
+        .arg(root.join("tests/fixtures/tickets-train.jsonl"))
+        .args(["--label", "department", "--out"])
+        .arg(&head)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let daemon = Daemon::start(&base.replace("HEAD", &format!("department_head = \"{}\"", head.display())), false);
+    let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+    send(pf.smtp_port, &[mail("Server liefert seit heute Fehler 500", "", "Bitte dringend helfen, nichts geht mehr.")]).unwrap();
+    send(pf.smtp_port, &[mail("Your invoice 99", "", "rule decides this one")]).unwrap();
+    let delivered = pf.wait_delivered(2, Duration::from_secs(60));
+    assert_eq!(delivered.len(), 2, "postfix log:\n{}\ndaemon log:\n{}", pf.log(), daemon.log());
+    let support = pf.mailbox("support");
+    assert_eq!(support.len(), 1, "daemon log:\n{}", daemon.log());
+    let m = &support[0];
+    assert_eq!(one(header_values(m, "X-Triage-Source"), "source"), "model:sentence-transformers/all-MiniLM-L6-v2");
+    assert_eq!(one(header_values(m, "X-Triage-Department"), "department"), "support");
+    let confidence: f64 = one(header_values(m, "X-Triage-Confidence"), "confidence").parse().unwrap();
+    assert!((0.0..=1.0).contains(&confidence));
+    let billing = pf.mailbox("billing");
+    assert_eq!(one(header_values(&billing[0], "X-Triage-Source"), "source"), "rule:invoices");
+}

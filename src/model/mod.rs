@@ -60,7 +60,7 @@ pub fn features_text(f: &Features) -> String {
 
 /// How departments are predicted.
 pub enum DepartmentModel {
-    Trained(Head),
+    Trained(Box<Head>),
     /// No trained head yet: nearest prototype of each department's description and examples.
     ColdStart(Prototypes),
 }
@@ -153,7 +153,7 @@ pub fn load(cfg: &crate::config::ModelConfig, departments: &[(String, Vec<String
         }
     }
     let department = match department_head {
-        Some(h) => DepartmentModel::Trained(h),
+        Some(h) => DepartmentModel::Trained(Box::new(h)),
         None => DepartmentModel::ColdStart(prototypes::Prototypes::build(
             encoder.as_deref().expect("cold start loads the encoder"),
             departments,
