@@ -8,12 +8,27 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "mailtriage", version, about)]
 pub struct Cli {
-    /// Configuration file (TOML).
-    #[arg(short, long, global = true, env = "MAILTRIAGE_CONFIG", default_value = "/etc/mailtriage/mailtriage.toml")]
-    pub config: PathBuf,
+    /// Configuration file (TOML). Default: /etc/mailtriage/mailtriage.toml if
+    /// installed, else the shipped conf/mailtriage.toml.
+    #[arg(short, long, global = true, env = "MAILTRIAGE_CONFIG")]
+    pub config: Option<PathBuf>,
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The configuration file to use.
+    pub fn config_path(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(|| {
+            let system = PathBuf::from("/etc/mailtriage/mailtriage.toml");
+            if system.exists() {
+                system
+            } else {
+                PathBuf::from("conf/mailtriage.toml")
+            }
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]

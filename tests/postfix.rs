@@ -214,7 +214,8 @@ department = "billing"
 
     let daemon = Daemon::start(&base.replace("HEAD", &format!("department_head = \"{}\"", head.display())), false);
     let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
-    send(pf.smtp_port, &[mail("Server liefert seit heute Fehler 500", "", "Bitte dringend helfen, nichts geht mehr.")]).unwrap();
+    send(pf.smtp_port, &[mail("Server liefert seit heute Fehler 500", "", "Bitte dringend helfen, nichts geht mehr.")])
+        .unwrap();
     send(pf.smtp_port, &[mail("Your invoice 99", "", "rule decides this one")]).unwrap();
     let delivered = pf.wait_delivered(2, Duration::from_secs(60));
     assert_eq!(delivered.len(), 2, "postfix log:\n{}\ndaemon log:\n{}", pf.log(), daemon.log());

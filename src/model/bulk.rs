@@ -12,6 +12,8 @@ use super::encoder::Encoder;
 use super::ModelError;
 
 const MAGIC: &[u8; 8] = b"MTEMB01\n";
+/// Cached embeddings are appended in batches of this many.
+const CACHE_FLUSH_EVERY: usize = 256;
 
 /// Embeddings of `texts`, in order. `progress(done)` is called as they finish.
 pub fn embed_all(
@@ -34,6 +36,22 @@ pub fn embed_all(
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(todo.len()));
     let failed: Mutex<Option<ModelError>> = Mutex::new(None);
+    // Results written to the cache so far: an interrupted run keeps its work.
+    let flushed = Mutex::new(0usize);
+    let flush = |all: bool| -> Result<(), ModelError> {
+        let Some(p) = cache else { return Ok(()) };
+        let mut upto = flushed.lock().unwrap();
+        let batch: Vec<(u64, Vec<f32>)> = {
+            let r = results.lock().unwrap();
+            if !all && r.len() - *upto < CACHE_FLUSH_EVERY {
+                return Ok(());
+            }
+            let b = r[*upto..].iter().map(|(i, v): &(usize, Vec<f32>)| (key(&texts[*i]), v.clone())).collect();
+            *upto = r.len();
+            b
+        };
+        append_cache(p, batch.iter().map(|(k, v)| (*k, v.as_slice())))
+    };
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| loop {
@@ -42,8 +60,11 @@ pub fn embed_all(
                 if failed.lock().unwrap().is_some() {
                     break;
                 }
-                match encoder.embed(&texts[i]) {
-                    Ok(v) => results.lock().unwrap().push((i, v)),
+                match encoder.embed(&texts[i]).and_then(|v| {
+                    results.lock().unwrap().push((i, v));
+                    flush(false)
+                }) {
+                    Ok(()) => {}
                     Err(e) => {
                         *failed.lock().unwrap() = Some(e);
                         break;
@@ -53,13 +74,11 @@ pub fn embed_all(
             });
         }
     });
+    flush(true)?;
     if let Some(e) = failed.into_inner().unwrap() {
         return Err(e);
     }
     let fresh = results.into_inner().unwrap();
-    if let Some(p) = cache {
-        append_cache(p, fresh.iter().map(|(i, v)| (key(&texts[*i]), v.as_slice())))?;
-    }
     for (i, v) in fresh {
         out[i] = Some(v);
     }
