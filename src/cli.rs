@@ -122,12 +122,20 @@ pub struct TrainArgs {
     /// Hashed feature space: 2^bits buckets.
     #[arg(long, default_value_t = 18)]
     pub bits: u8,
+    /// Weight of the character 3–5-gram block (0 = words only).
+    #[arg(long, default_value_t = 1.0)]
+    pub char_weight: f32,
     /// Do not weight classes by inverse frequency.
     #[arg(long)]
     pub unbalanced: bool,
     /// Keep the model fitted on the train part instead of refitting on all data.
     #[arg(long)]
     pub no_refit: bool,
+    /// Also try character block on/off, class weighting on/off and embedding
+    /// weight 1/3, keeping the best on the dev split (8 fits; worth it only
+    /// with a dev split of thousands of messages).
+    #[arg(long)]
+    pub search: bool,
 }
 
 #[derive(Debug, Args)]

@@ -114,14 +114,16 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
         dev_fraction: args.dev_fraction,
         balanced: !args.unbalanced,
         embedding_weight: args.embedding_weight,
-        lexical: LexicalConfig { bits: args.bits, ..Default::default() },
+        lexical: LexicalConfig { bits: args.bits, char_weight: args.char_weight, ..Default::default() },
         refit: !args.no_refit,
+        search: args.search,
         ..Default::default()
     };
     let label_field = if args.data.maildir.is_some() { "department".to_string() } else { args.data.label.clone() };
     let provenance = Provenance { label_field, encoder: Some(m.id.clone()), max_tokens: m.max_tokens };
     let fit_started = Instant::now();
-    let epochs = Progress::new("training", opts.epochs * if opts.refit { 2 } else { 1 });
+    let fits = opts.candidates(embeddings.is_some()).len() + usize::from(opts.refit);
+    let epochs = Progress::new("training", opts.epochs * fits);
     let mut step = 0;
     let (head, report) = train::train(&examples, embeddings.as_deref(), provenance, &opts, |_, _, _| {
         step += 1;
@@ -129,6 +131,9 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
     })?;
     epochs.finish();
     head.save(&args.out)?;
+    for (settings, score) in &report.search {
+        eprintln!("  candidate {settings}: dev score {score:.4}");
+    }
     let d = &report.dev;
     eprintln!(
         "dev split ({} messages): accuracy {:.4}, macro-F1 {:.4}, ECE {:.4}, temperature {:.3}",

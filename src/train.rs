@@ -37,6 +37,9 @@ pub struct TrainOptions {
     pub lexical: LexicalConfig,
     /// Refit on train + dev after calibrating (more data, same temperature).
     pub refit: bool,
+    /// Try a small grid of settings (character block on/off, class weighting,
+    /// embedding weight) and keep the best on the dev split.
+    pub search: bool,
 }
 
 impl Default for TrainOptions {
@@ -51,7 +54,31 @@ impl Default for TrainOptions {
             embedding_weight: 1.0,
             lexical: LexicalConfig::default(),
             refit: true,
+            search: false,
         }
+    }
+}
+
+impl TrainOptions {
+    /// The settings `search` tries: these options, and variants of them.
+    pub fn candidates(&self, with_embedding: bool) -> Vec<TrainOptions> {
+        if !self.search {
+            return vec![self.clone()];
+        }
+        let mut out = Vec::new();
+        for char_weight in [1.0, 0.0] {
+            for balanced in [true, false] {
+                let weights: &[f32] = if with_embedding { &[1.0, 3.0] } else { &[1.0] };
+                for &embedding_weight in weights {
+                    let mut o = self.clone();
+                    o.lexical.char_weight = char_weight;
+                    o.balanced = balanced;
+                    o.embedding_weight = embedding_weight;
+                    out.push(o);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -66,6 +93,10 @@ pub enum TrainError {
 /// What training produced, besides the head.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainReport {
+    /// The settings used (after `search`).
+    pub chosen: TrainOptions,
+    /// Each candidate's dev score (mean of accuracy and macro-F1), in order tried.
+    pub search: Vec<(String, f64)>,
     pub train_examples: usize,
     pub dev_examples: usize,
     pub temperature: f32,
@@ -141,7 +172,7 @@ pub fn train(
     let dim = embeddings.and_then(|e| e.first()).map_or(0, Vec::len);
     let buckets: Vec<Vec<u32>> = examples.iter().map(|e| lexical::buckets(&e.text, &opts.lexical)).collect();
 
-    let meta = HeadMeta {
+    let base_meta = HeadMeta {
         labels: labels.clone(),
         label_field: provenance.label_field,
         encoder: provenance.encoder.filter(|_| dim > 0),
@@ -156,35 +187,68 @@ pub fn train(
         version: String::new(),
     };
     let emb_of = |i: usize| embeddings.map(|e| e[i].as_slice());
-
-    // 1. Fit on the train part, calibrate and measure on the dev part.
-    let mut head = fit(examples, &buckets, &y, &train_idx, emb_of, meta.clone(), opts, &mut progress);
-    let dev_x: Vec<Sparse> = dev_idx.iter().map(|&i| head.lexical(&examples[i].text)).collect();
-    let dev_logits: Vec<Vec<f32>> = dev_idx.iter().zip(&dev_x).map(|(&i, x)| head.logits(emb_of(i), x)).collect();
     let dev_y: Vec<usize> = dev_idx.iter().map(|&i| y[i]).collect();
-    let temperature = if dev_idx.is_empty() { 1.0 } else { fit_temperature(&dev_logits, &dev_y) };
-    let outcomes: Vec<Outcome> = dev_logits
-        .iter()
-        .zip(&dev_y)
-        .map(|(z, &t)| {
-            let p = softmax(z, temperature);
-            let (k, &c) = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
-            Outcome { truth: Some(t), predicted: k, confidence: c }
-        })
-        .collect();
-    let dev = eval::compute(&labels, &outcomes);
+    // Dev outcomes of a head at temperature t.
+    let outcomes_at = |head: &Head, t: f32| -> (Vec<Vec<f32>>, Vec<Outcome>) {
+        let logits: Vec<Vec<f32>> =
+            dev_idx.iter().map(|&i| head.logits(emb_of(i), &head.lexical(&examples[i].text))).collect();
+        let outcomes = logits
+            .iter()
+            .zip(&dev_y)
+            .map(|(z, &truth)| {
+                let p = softmax(z, t);
+                let (k, &c) = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+                Outcome { truth: Some(truth), predicted: k, confidence: c }
+            })
+            .collect();
+        (logits, outcomes)
+    };
 
-    // 2. Refit on everything, keep the temperature.
-    if opts.refit && !dev_idx.is_empty() {
+    // 1. Fit each candidate on the train part; keep the best on the dev part.
+    let candidates = opts.candidates(dim > 0);
+    let mut search = Vec::new();
+    let mut best: Option<(f64, TrainOptions, Head)> = None;
+    for cand in candidates {
+        let meta = HeadMeta { embedding_weight: cand.embedding_weight, lexical: cand.lexical, ..base_meta.clone() };
+        let head = fit(examples, &buckets, &y, &train_idx, emb_of, meta, &cand, &mut progress);
+        let score = if dev_idx.is_empty() {
+            0.0
+        } else {
+            let m = eval::compute(&labels, &outcomes_at(&head, 1.0).1);
+            (m.accuracy + m.macro_f1) / 2.0
+        };
+        search.push((
+            format!(
+                "char_weight={} balanced={} embedding_weight={}",
+                cand.lexical.char_weight, cand.balanced, cand.embedding_weight
+            ),
+            score,
+        ));
+        if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
+            best = Some((score, cand, head));
+        }
+    }
+    let (_, chosen, mut head) = best.expect("at least one candidate");
+
+    // 2. Calibrate on the dev part and measure there.
+    let (dev_logits, _) = outcomes_at(&head, 1.0);
+    let temperature = if dev_idx.is_empty() { 1.0 } else { fit_temperature(&dev_logits, &dev_y) };
+    let dev = eval::compute(&labels, &outcomes_at(&head, temperature).1);
+
+    // 3. Refit on everything with the chosen settings, keep the temperature.
+    if chosen.refit && !dev_idx.is_empty() {
         let all: Vec<usize> = (0..examples.len()).collect();
-        head = fit(examples, &buckets, &y, &all, emb_of, meta, opts, &mut progress);
+        let meta = HeadMeta { embedding_weight: chosen.embedding_weight, lexical: chosen.lexical, ..base_meta };
+        head = fit(examples, &buckets, &y, &all, emb_of, meta, &chosen, &mut progress);
     }
     head.meta.temperature = temperature;
     head.meta.dev_metrics = serde_json::json!({
         "n": dev.n, "accuracy": dev.accuracy, "macro_f1": dev.macro_f1, "ece": dev.ece,
+        "balanced": chosen.balanced,
     });
     head.meta.version = head.meta.trained_at.replace(['-', ':'], "").trim_end_matches('Z').to_string();
-    let report = TrainReport { train_examples: train_idx.len(), dev_examples: dev_idx.len(), temperature, dev };
+    let report =
+        TrainReport { chosen, search, train_examples: train_idx.len(), dev_examples: dev_idx.len(), temperature, dev };
     Ok((head, report))
 }
 
@@ -323,6 +387,27 @@ mod tests {
         assert_eq!(p.label, "support");
         let (again, _) = train(&toy(), None, prov(), &opts, |_, _, _| {}).unwrap();
         assert!(head.w_lex == again.w_lex, "training is not deterministic");
+    }
+
+    #[test]
+    fn search_tries_each_candidate_and_keeps_the_best() {
+        let opts = TrainOptions {
+            search: true,
+            lexical: LexicalConfig { bits: 12, ..Default::default() },
+            ..Default::default()
+        };
+        let (head, report) = train(&toy(), None, prov(), &opts, |_, _, _| {}).unwrap();
+        assert_eq!(report.search.len(), 4); // char block on/off × balanced on/off, no embedding
+        let best = report.search.iter().map(|(_, s)| *s).fold(f64::MIN, f64::max);
+        assert_eq!(
+            report
+                .search
+                .iter()
+                .find(|(_, s)| *s == best)
+                .map(|(n, _)| n.contains(&format!("char_weight={}", report.chosen.lexical.char_weight))),
+            Some(true)
+        );
+        assert_eq!(head.meta.lexical.char_weight, report.chosen.lexical.char_weight);
     }
 
     #[test]
