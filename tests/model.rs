@@ -33,6 +33,16 @@ fn ok(out: &Output) -> String {
     stdout
 }
 
+/// Trains a head on the shipped fixture; `extra` are more `train` arguments.
+fn train_fixture(cfg: &Path, label: &str, out: &Path, extra: &[&str]) -> Output {
+    let data = fixture("tickets-train.jsonl");
+    let mut args = vec!["train", "--data", data.to_str().unwrap(), "--label", label, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let output = mailtriage(cfg, &args);
+    ok(&output);
+    output
+}
+
 /// A config using the local model directory, with the given extra TOML.
 fn config(dir: &Path, extra: &str) -> PathBuf {
     let p = dir.join("mailtriage.toml");
@@ -100,10 +110,8 @@ fn train_save_load_predicts_identically_and_eval_reports_figures() {
     let head = dir.path().join("heads/department.safetensors");
     let cfg = config(dir.path(), "");
     let h = head.to_str().unwrap();
-    let train = fixture("tickets-train.jsonl");
     let test = fixture("tickets-test.jsonl");
-    let out = mailtriage(&cfg, &["train", "--data", train.to_str().unwrap(), "--label", "department", "--out", h]);
-    ok(&out);
+    let out = train_fixture(&cfg, "department", &head, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("dev split") && stderr.contains("wrote"), "{stderr}");
 
@@ -165,22 +173,7 @@ fn lexical_only_eval_figures_are_exact_on_the_fixture() {
     let head = dir.path().join("priority.safetensors");
     let cfg = config(dir.path(), "");
     let h = head.to_str().unwrap();
-    let train = fixture("tickets-train.jsonl");
-    ok(&mailtriage(
-        &cfg,
-        &[
-            "train",
-            "--data",
-            train.to_str().unwrap(),
-            "--label",
-            "priority",
-            "--out",
-            h,
-            "--no-embeddings",
-            "--bits",
-            "16",
-        ],
-    ));
+    train_fixture(&cfg, "priority", &head, &["--no-embeddings", "--bits", "16"]);
     let test = fixture("tickets-test.jsonl");
     let out =
         mailtriage(&cfg, &["eval", "--data", test.to_str().unwrap(), "--label", "priority", "--head", h, "--json"]);
@@ -198,12 +191,7 @@ fn lexical_only_eval_figures_are_exact_on_the_fixture() {
 fn classify_uses_the_model_and_sends_unsure_mail_to_review() {
     let dir = tempfile::tempdir().unwrap();
     let head = dir.path().join("department.safetensors");
-    let train = fixture("tickets-train.jsonl");
-    let cfg = config(dir.path(), "");
-    ok(&mailtriage(
-        &cfg,
-        &["train", "--data", train.to_str().unwrap(), "--label", "department", "--out", head.to_str().unwrap()],
-    ));
+    train_fixture(&config(dir.path(), ""), "department", &head, &[]);
     let msg = dir.path().join("m.eml");
     std::fs::write(&msg, "From: a@x.example\r\nTo: user@test.example\r\nSubject: Rechnung 4711 ist falsch\r\n\r\nBitte Betrag korrigieren.\r\n").unwrap();
 
@@ -268,22 +256,7 @@ fn corrupt_or_mismatched_model_files_are_named_at_startup() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("config.json is missing"));
 
     // Head labels no department claims.
-    let train = fixture("tickets-train.jsonl");
-    ok(&mailtriage(
-        &cfg,
-        &[
-            "train",
-            "--data",
-            train.to_str().unwrap(),
-            "--label",
-            "language",
-            "--out",
-            head.to_str().unwrap(),
-            "--no-embeddings",
-            "--bits",
-            "12",
-        ],
-    ));
+    train_fixture(&cfg, "language", &head, &["--no-embeddings", "--bits", "12"]);
     let out = mailtriage(&cfg, &["check-config"]);
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
