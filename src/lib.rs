@@ -22,5 +22,6 @@ pub mod milter;
 pub mod model;
 pub mod pipeline;
 pub mod policy;
+pub mod redact;
 pub mod rules;
 pub mod train;

@@ -124,7 +124,10 @@ pub async fn serve<F: Filter + Clone>(
             match result {
                 Ok(SessionEnd::Quit) => tracing::debug!(%peer, "milter connection closed"),
                 Ok(SessionEnd::Shutdown) => tracing::debug!(%peer, "milter connection closed for shutdown"),
-                Err(e) => tracing::warn!(%peer, error = %e, "milter connection dropped"),
+                Err(e) => {
+                    let error = crate::redact::redact(&e.to_string()).into_owned();
+                    tracing::warn!(%peer, error, "milter connection dropped")
+                }
             }
         });
     }

@@ -317,6 +317,8 @@ impl<'a, F: Filter> Session<'a, F> {
             }
         };
         let queue_id = queue_id.as_deref().unwrap_or("-");
+        // Error text may quote message content: mask personal data before logging it.
+        let decided = decided.map_err(|reason| crate::redact::redact(&reason).into_owned());
         let (plan, verdict) = match decided {
             Ok(plan) => (plan, Reply::Accept),
             Err(reason) => match self.cfg.on_error {
