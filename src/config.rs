@@ -171,6 +171,29 @@ impl Default for ModelConfig {
     }
 }
 
+/// The audit trail (one JSON line per decision, no personal data).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    /// Rotate when the file would grow past this.
+    #[serde(default = "default_audit_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files older than this are deleted.
+    #[serde(default = "default_audit_retention_days")]
+    pub retention_days: u64,
+    /// Key of the Message-ID hash; created (32 random bytes, mode 0600) if missing.
+    pub key_file: PathBuf,
+}
+
+fn default_audit_max_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+
+fn default_audit_retention_days() -> u64 {
+    90
+}
+
 /// What to do with unsure model decisions.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -225,10 +248,15 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
     pub model: Option<ModelConfig>,
     pub policy: PolicyConfig,
+    pub audit: Option<AuditConfig>,
     pub logging: LoggingConfig,
     /// Where this configuration came from (for messages), not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+    /// First 12 hex digits of the SHA-256 of the file: names this exact
+    /// configuration in the audit trail and logs.
+    #[serde(skip)]
+    pub version: String,
 }
 
 /// `enforce` changes recipients; `shadow` only adds headers.
@@ -377,6 +405,8 @@ impl Config {
         let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
         let mut cfg = Self::from_toml_with_env(&text, &path.display().to_string(), &env)?;
         cfg.source = Some(path.to_owned());
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes());
+        cfg.version = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
         Ok(cfg)
     }
 
@@ -501,6 +531,14 @@ impl Config {
                 ))
             }
             _ => {}
+        }
+        if let Some(a) = &self.audit {
+            if a.max_bytes < 4096 {
+                return Err(invalid("audit.max_bytes".into(), "must be at least 4096".into()));
+            }
+            if a.retention_days == 0 {
+                return Err(invalid("audit.retention_days".into(), "must be at least 1".into()));
+            }
         }
         if let Some(m) = &self.model {
             if m.id.trim().is_empty() {

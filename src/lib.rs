@@ -12,6 +12,7 @@
 //! [`train`] fits heads, [`eval`] measures them.
 
 pub mod actions;
+pub mod audit;
 pub mod config;
 pub mod dataset;
 pub mod envelope;

@@ -13,8 +13,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::actions::Plan;
-use crate::config::Config;
-use crate::envelope::Envelope;
+use crate::audit::{AuditError, AuditLog, Record};
+use crate::config::{Config, Mode};
+use crate::envelope::{domain_of, Envelope};
 use crate::extract::{extract, ExtractLimits, Features};
 use crate::model::batcher::{Batcher, EmbedFn};
 use crate::model::{self, features_text, Classifier, ModelError, ModelVerdict};
@@ -62,6 +63,8 @@ pub enum TriageError {
     Rules(#[from] RuleError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     #[error(
         "the department head predicts {0:?}, which no department claims: name departments after them, \
          or list them in a department's `labels`"
@@ -75,6 +78,9 @@ pub struct Triage {
     policy: Policy,
     limits: ExtractLimits,
     model: Option<ModelStage>,
+    audit: Option<AuditLog>,
+    config_version: String,
+    mode: Mode,
 }
 
 struct ModelStage {
@@ -123,6 +129,9 @@ impl Triage {
             policy: Policy::new(cfg),
             limits: ExtractLimits::from(&cfg.limits),
             model,
+            audit: cfg.audit.as_ref().map(AuditLog::open).transpose()?,
+            config_version: cfg.version.clone(),
+            mode: cfg.server.mode,
         })
     }
 
@@ -196,6 +205,72 @@ impl Filter for Arc<Triage> {
     async fn filter(&self, msg: MessageInput) -> Result<Plan, FilterError> {
         let started = Instant::now();
         let queue_id = msg.envelope.queue_id.clone();
+        let sender_domain = domain_of(&msg.envelope.mail_from);
+        let mut recipient_domains: Vec<String> = msg.envelope.rcpts.iter().map(|r| domain_of(r)).collect();
+        recipient_domains.sort();
+        recipient_domains.dedup();
+        let result = self.decide_async(msg).await;
+        let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        if let Some(audit) = &self.audit {
+            let (d, message_id) = match &result {
+                Ok((d, _, f)) => (Some(d), f.message_id.as_deref().map(|m| audit.hash_message_id(m))),
+                Err(_) => (None, None),
+            };
+            let record = Record {
+                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                queue_id: queue_id.clone(),
+                message_id_hash: message_id,
+                sender_domain,
+                recipient_domains,
+                outcome: if d.is_some() { "decided" } else { "failed" },
+                reason: result.as_ref().err().map(failure_kind),
+                department: d.map(|d| d.department.clone()),
+                priority: d.map(|d| d.priority.clone()),
+                confidence: d.map(|d| d.confidence),
+                source: d.map(|d| d.source.to_string()),
+                action: d.map(|d| d.action.as_str().to_string()),
+                mode: format!("{:?}", self.mode).to_lowercase(),
+                config_version: self.config_version.clone(),
+                model_version: self.model_summary(),
+                latency_ms,
+            };
+            if let Err(e) = audit.write(&record) {
+                tracing::error!(error = %e, "audit record not written");
+            }
+        }
+        let (decision, plan, features) = result?;
+        // Names, scores and ids only: never subject, body or addresses.
+        tracing::info!(
+            queue_id = queue_id.as_deref().unwrap_or("-"),
+            department = %decision.department,
+            priority = %decision.priority,
+            confidence = format!("{:.2}", decision.confidence),
+            source = %decision.source,
+            action = decision.action.as_str(),
+            mode = ?decision.mode,
+            changes = plan.changes.len(),
+            truncated = features.truncated,
+            ms = format!("{latency_ms:.2}"),
+            "decided"
+        );
+        Ok(plan)
+    }
+}
+
+/// A short, content-free name for why a decision failed.
+fn failure_kind(e: &FilterError) -> String {
+    match e {
+        FilterError::Model(ModelError::Overloaded(_)) => "overload",
+        FilterError::Model(ModelError::Timeout(_)) => "timeout",
+        _ => "error",
+    }
+    .to_string()
+}
+
+impl Triage {
+    /// Extract and rules off the reactor, then (if needed) the model through
+    /// the bounded queue.
+    async fn decide_async(self: &Arc<Self>, msg: MessageInput) -> Result<(Decision, Plan, Features), FilterError> {
         let MessageInput { envelope, raw, header_names } = msg;
         // Parsing a 1 MiB message takes milliseconds: keep it off the reactor.
         // A panic in there surfaces as a JoinError, not a dead daemon.
@@ -219,21 +294,7 @@ impl Filter for Arc<Triage> {
             }
         };
         let plan = Plan::for_decision(&decision, &envelope, &header_names);
-        // Names, scores and ids only: never subject, body or addresses.
-        tracing::info!(
-            queue_id = queue_id.as_deref().unwrap_or("-"),
-            department = %decision.department,
-            priority = %decision.priority,
-            confidence = format!("{:.2}", decision.confidence),
-            source = %decision.source,
-            action = decision.action.as_str(),
-            mode = ?decision.mode,
-            changes = plan.changes.len(),
-            truncated = features.truncated,
-            ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
-            "decided"
-        );
-        Ok(plan)
+        Ok((decision, plan, features))
     }
 }
 

@@ -17,7 +17,8 @@ static CARD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b(?:\d[ \-]?){12,1
 static SSN: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b\d{3}-\d{2}-\d{4}\b").expect("valid"));
 static NINO: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)\b[A-CEGHJ-PR-TW-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b").expect("valid"));
-static PHONE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?:\+|\b00|\b0|\(0)[\d\s()./\-]{6,20}\d").expect("valid"));
+static PHONE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?:\+|\b00|\b0|\(0)[\d\s()./\-]{6,20}\d").expect("valid"));
 
 /// The text with personal data replaced by `[email]`, `[iban]`, `[card]`,
 /// `[national-id]` and `[phone]`.
@@ -48,7 +49,17 @@ pub fn luhn_valid(s: &str) -> bool {
         .iter()
         .rev()
         .enumerate()
-        .map(|(i, &d)| if i % 2 == 1 { if d * 2 > 9 { d * 2 - 9 } else { d * 2 } } else { d })
+        .map(|(i, &d)| {
+            if i % 2 == 1 {
+                if d * 2 > 9 {
+                    d * 2 - 9
+                } else {
+                    d * 2
+                }
+            } else {
+                d
+            }
+        })
         .sum();
     sum % 10 == 0
 }
@@ -78,7 +89,8 @@ mod tests {
 
     #[test]
     fn masks_each_kind_and_keeps_the_rest() {
-        let s = "From Jane <jane.doe+x@mail.example.co.uk>: card 4111 1111 1111 1111, IBAN DE89 3704 0044 0532 0130 00, \
+        let s =
+            "From Jane <jane.doe+x@mail.example.co.uk>: card 4111 1111 1111 1111, IBAN DE89 3704 0044 0532 0130 00, \
                  SSN 123-45-6789, NI AB 12 34 56 C, call +49 (0)30 1234-5678 re order 20241122 at 10:15";
         let r = redact(s);
         assert!(!r.contains("jane") && r.contains("[email]"), "{r}");

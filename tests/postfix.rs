@@ -229,3 +229,56 @@ department = "billing"
     let billing = pf.mailbox("billing");
     assert_eq!(one(header_values(&billing[0], "X-Triage-Source"), "source"), "rule:invoices");
 }
+
+/// Mail full of personal data goes through the daemon at debug log level;
+/// none of it may appear in the log or the audit trail, which still records
+/// the decision with domains only.
+#[test]
+fn no_personal_data_in_logs_or_audit_trail() {
+    let audit_dir = tempfile::tempdir().unwrap();
+    let audit = audit_dir.path().join("audit.jsonl");
+    let config = format!(
+        "{}\n[audit]\npath = \"{}\"\nkey_file = \"{}\"\n",
+        config("enforce"),
+        audit.display(),
+        audit_dir.path().join("audit.key").display()
+    );
+    let daemon = Daemon::start(&config, false);
+    let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+    let secrets = [
+        "Invoice for Jane Roe",
+        "jane.roe@private.example",
+        "4111 1111 1111 1111",
+        "DE89 3704 0044 0532 0130 00",
+        "123-45-6789",
+        "+49 30 1234 5678",
+        "diagnosis: hypertension",
+    ];
+    let mut m = mail(
+        secrets[0],
+        &format!("Reply-To: {}\nX-Triage-Department: spoofed", secrets[1]),
+        &format!("Card {} IBAN {} SSN {} phone {} {}", secrets[2], secrets[3], secrets[4], secrets[5], secrets[6]),
+    );
+    m.rcpts = vec![format!("user@{DOMAIN}")];
+    send(pf.smtp_port, &[m, mail("Lunch with jane.roe@private.example?", "", "no rule here")]).unwrap();
+    assert_eq!(pf.wait_delivered(2, Duration::from_secs(60)).len(), 2, "{}", pf.log());
+
+    let log = daemon.log();
+    let trail = std::fs::read_to_string(&audit).unwrap();
+    assert!(log.contains("decided"), "debug log has the decisions:\n{log}");
+    for s in secrets.iter().chain(&["user@test.example", "bench@test.example", "Jane", "Lunch"]) {
+        assert!(!log.contains(s), "log leaks {s:?}:\n{log}");
+        assert!(!trail.contains(s), "audit trail leaks {s:?}:\n{trail}");
+    }
+    let lines: Vec<serde_json::Value> = trail.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{trail}");
+    let first = &lines[0];
+    assert_eq!(first["sender_domain"], "test.example");
+    assert_eq!(first["recipient_domains"], serde_json::json!(["test.example"]));
+    assert_eq!(first["department"], "billing");
+    assert_eq!(first["source"], "rule:invoices");
+    assert_eq!(first["outcome"], "decided");
+    assert_eq!(first["message_id_hash"].as_str().unwrap().len(), 64);
+    assert!(first["queue_id"].as_str().is_some_and(|q| !q.is_empty()), "{first}");
+    assert_eq!(first["config_version"].as_str().unwrap().len(), 12);
+}
