@@ -171,6 +171,14 @@ impl Default for ModelConfig {
     }
 }
 
+/// Prometheus metrics and health endpoints.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `HOST:PORT` serving /metrics, /healthz and /readyz.
+    pub listen: String,
+}
+
 /// The audit trail (one JSON line per decision, no personal data).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,6 +257,7 @@ pub struct Config {
     pub model: Option<ModelConfig>,
     pub policy: PolicyConfig,
     pub audit: Option<AuditConfig>,
+    pub metrics: Option<MetricsConfig>,
     pub logging: LoggingConfig,
     /// Where this configuration came from (for messages), not a key.
     #[serde(skip)]

@@ -19,6 +19,7 @@ pub mod envelope;
 pub mod eval;
 pub mod extract;
 pub mod html;
+pub mod metrics;
 pub mod milter;
 pub mod model;
 pub mod pipeline;

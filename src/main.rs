@@ -100,10 +100,26 @@ fn init_logging(cfg: &Config) {
 
 fn serve(cfg: Config) -> Result<ExitCode> {
     init_logging(&cfg);
+    // Before anything records: metrics recorded earlier would be lost.
+    let prometheus = cfg.metrics.as_ref().map(|_| mailtriage::metrics::install()).transpose()?;
     let triage = Arc::new(Triage::new(&cfg).context("loading rules and model")?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {
+        let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let (Some(m), Some(handle)) = (&cfg.metrics, prometheus) {
+            let http = mailtriage::metrics::bind(&m.listen).await?;
+            tracing::info!(listen = %m.listen, "metrics on /metrics, /healthz, /readyz");
+            tokio::spawn(mailtriage::metrics::serve(http, handle, ready.clone()));
+        }
         let listener = Listener::bind(&cfg.server.milter, cfg.server.milter_socket_mode).await?;
+        metrics::gauge!(
+            mailtriage::metrics::name::INFO,
+            "version" => env!("CARGO_PKG_VERSION"),
+            "config_version" => cfg.version.clone(),
+            "model" => triage.model_summary()
+        )
+        .set(1.0);
+        ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             milter = %listener.local_addr(),
             mode = ?cfg.server.mode,

@@ -17,6 +17,7 @@ use crate::audit::{AuditError, AuditLog, Record};
 use crate::config::{Config, Mode};
 use crate::envelope::{domain_of, Envelope};
 use crate::extract::{extract, ExtractLimits, Features};
+use crate::metrics::name;
 use crate::model::batcher::{Batcher, EmbedFn};
 use crate::model::{self, features_text, Classifier, ModelError, ModelVerdict};
 use crate::policy::{Decision, Policy};
@@ -211,6 +212,17 @@ impl Filter for Arc<Triage> {
         recipient_domains.dedup();
         let result = self.decide_async(msg).await;
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+        metrics::histogram!(name::DECISION_SECONDS).record(latency_ms / 1e3);
+        match &result {
+            Ok((d, _, _)) => metrics::counter!(
+                name::MESSAGES,
+                "department" => d.department.clone(),
+                "action" => d.action.as_str(),
+                "source" => d.source.to_string()
+            )
+            .increment(1),
+            Err(e) => metrics::counter!(name::FAILED_OPEN, "reason" => failure_kind(e)).increment(1),
+        }
         if let Some(audit) = &self.audit {
             let (d, message_id) = match &result {
                 Ok((d, _, f)) => (Some(d), f.message_id.as_deref().map(|m| audit.hash_message_id(m))),
@@ -276,7 +288,9 @@ impl Triage {
         // A panic in there surfaces as a JoinError, not a dead daemon.
         let triage = Arc::clone(self);
         let (features, ruled, envelope) = blocking(move || {
+            let t = Instant::now();
             let features = triage.extract(&raw);
+            metrics::histogram!(name::EXTRACT_SECONDS).record(t.elapsed().as_secs_f64());
             let ruled = triage.rule_decision(&envelope, &features);
             (features, ruled, envelope)
         })

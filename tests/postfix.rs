@@ -14,7 +14,9 @@ fn one(values: Vec<String>, what: &str) -> String {
 
 #[test]
 fn enforce_mode_tags_every_message_and_routes_by_rule() {
-    let daemon = Daemon::start(&config("enforce"), false);
+    let metrics_port = support::free_port();
+    let daemon =
+        Daemon::start(&format!("{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n", config("enforce")), false);
     let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
 
     // Several messages over one SMTP session (one milter connection).
@@ -68,6 +70,27 @@ fn enforce_mode_tags_every_message_and_routes_by_rule() {
     assert!(!delivered.iter().any(|(_, m)| m.contains("Subject: Phishing")));
     assert_eq!(pf.queue_count("hold"), 1, "{}", ctx());
     assert!(pf.log().contains("milter triggers HOLD action"), "{}", ctx());
+
+    // Prometheus counted every message, by department, action and source.
+    let scrape = support::http_get(metrics_port, "/metrics");
+    let count = |department: &str, action: &str, source: &str| -> Option<String> {
+        scrape
+            .lines()
+            .find(|l| {
+                l.starts_with("mailtriage_messages_total{")
+                    && l.contains(&format!("department=\"{department}\""))
+                    && l.contains(&format!("action=\"{action}\""))
+                    && l.contains(&format!("source=\"{source}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next().map(str::to_string))
+    };
+    assert_eq!(count("billing", "reroute", "rule:invoices").as_deref(), Some("1"), "{scrape}");
+    assert_eq!(count("general", "tag", "default").as_deref(), Some("1"), "{scrape}");
+    assert_eq!(count("sales", "copy", "rule:quotes").as_deref(), Some("1"), "{scrape}");
+    assert_eq!(count("security", "quarantine", "rule:phishing").as_deref(), Some("1"), "{scrape}");
+    assert!(scrape.contains("mailtriage_decision_seconds_bucket"), "{scrape}");
+    assert!(scrape.contains("mailtriage_info{"), "{scrape}");
+    assert!(support::http_get(metrics_port, "/readyz").starts_with("HTTP/1.1 200"));
 }
 
 #[test]

@@ -114,6 +114,8 @@ pub async fn serve<F: Filter + Clone>(
         let (filter, cfg, rx) = (filter.clone(), cfg.clone(), shutdown.clone());
         sessions.spawn(async move {
             let _permit = permit;
+            let open = metrics::gauge!(crate::metrics::name::CONNECTIONS, "front" => "milter");
+            open.increment(1.0);
             let result = match stream {
                 Stream::Tcp(s) => {
                     let _ = s.set_nodelay(true);
@@ -121,6 +123,7 @@ pub async fn serve<F: Filter + Clone>(
                 }
                 Stream::Unix(s) => Session::new(&filter, &cfg).run(s, rx).await,
             };
+            open.decrement(1.0);
             match result {
                 Ok(SessionEnd::Quit) => tracing::debug!(%peer, "milter connection closed"),
                 Ok(SessionEnd::Shutdown) => tracing::debug!(%peer, "milter connection closed for shutdown"),

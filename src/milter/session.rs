@@ -307,7 +307,10 @@ impl<'a, F: Filter> Session<'a, F> {
             loop {
                 tokio::select! {
                     r = &mut fut => break r.map_err(|e| e.to_string()),
-                    _ = &mut deadline => break Err(format!("no decision within {:?}", self.cfg.decision_timeout)),
+                    _ = &mut deadline => {
+                        metrics::counter!(crate::metrics::name::FAILED_OPEN, "reason" => "timeout").increment(1);
+                        break Err(format!("no decision within {:?}", self.cfg.decision_timeout));
+                    }
                     _ = keepalive.tick() => {
                         // Tells the MTA we are alive so its content timeout restarts.
                         w.write_all(&Reply::Progress.encode()).await.map_err(SessionError::Write)?;

@@ -14,12 +14,14 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use super::ModelError;
+use crate::metrics::name;
 
 /// Anything that turns text into an embedding (the encoder, or a test double).
 pub type EmbedFn = Arc<dyn Fn(&str) -> Result<Vec<f32>, ModelError> + Send + Sync>;
 
 struct Job {
     text: String,
+    queued: Instant,
     deadline: Instant,
     reply: oneshot::Sender<Result<Vec<f32>, ModelError>>,
 }
@@ -41,6 +43,8 @@ impl Batcher {
                 .spawn(move || {
                     // Ends when every sender (the Batcher) is gone.
                     for job in rx.iter() {
+                        metrics::gauge!(name::QUEUE_DEPTH).set(rx.len() as f64);
+                        metrics::histogram!(name::QUEUE_WAIT_SECONDS).record(job.queued.elapsed().as_secs_f64());
                         if job.reply.is_closed() {
                             continue; // the waiter gave up already
                         }
@@ -48,8 +52,10 @@ impl Batcher {
                             let _ = job.reply.send(Err(ModelError::Timeout(Duration::ZERO)));
                             continue;
                         }
+                        let started = Instant::now();
                         let result = catch_unwind(AssertUnwindSafe(|| embed(&job.text)))
                             .unwrap_or_else(|_| Err(ModelError::Inference("encoder panicked".into())));
+                        metrics::histogram!(name::INFERENCE_SECONDS).record(started.elapsed().as_secs_f64());
                         let _ = job.reply.send(result);
                     }
                 })
@@ -66,8 +72,11 @@ impl Batcher {
     /// Embeds `text`, waiting at most the configured deadline.
     pub async fn embed(&self, text: String) -> Result<Vec<f32>, ModelError> {
         let (reply, rx) = oneshot::channel();
-        let job = Job { text, deadline: Instant::now() + self.deadline, reply };
-        self.tx.try_send(job).map_err(|e| match e {
+        let now = Instant::now();
+        let job = Job { text, queued: now, deadline: now + self.deadline, reply };
+        let sent = self.tx.try_send(job);
+        metrics::gauge!(name::QUEUE_DEPTH).set(self.tx.len() as f64);
+        sent.map_err(|e| match e {
             TrySendError::Full(_) => ModelError::Overloaded(self.depth),
             TrySendError::Disconnected(_) => ModelError::Inference("inference threads stopped".into()),
         })?;

@@ -348,6 +348,17 @@ department = "security"
     )
 }
 
+/// A plain HTTP/1.1 GET on loopback; the whole response as text.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// A message to send: envelope and RFC 5322 text (LF or CRLF line ends).
 pub struct Mail<'a> {
     pub from: &'a str,
