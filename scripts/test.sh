@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v postfix >/dev/null 2>&1 || [[ -x /usr/sbin/postfix ]] || need+=(postfix)
 command -v miltertest >/dev/null 2>&1 || need+=(miltertest)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 if (( ${#need[@]} )); then
   if (( EUID != 0 )); then
     echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2

@@ -13,7 +13,7 @@ use clap::Parser;
 use mailtriage::config::{Config, LogFormat};
 use mailtriage::milter::server::{self, Listener};
 use mailtriage::milter::session::SessionConfig;
-use mailtriage::pipeline::Triage;
+use mailtriage::pipeline::{SharedTriage, Triage};
 use tokio::sync::watch;
 
 use cli::{Cli, Command, ModelCommand};
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => offline::eval(&cfg, &args),
         Command::Replay { maildir } => offline::replay(&cfg, &maildir),
         Command::Model(ModelCommand::Fetch) => offline::model_fetch(&cfg),
-        Command::Serve => serve(cfg),
+        Command::Serve => serve(cfg, config_path.clone()),
     };
     match result {
         Ok(code) => code,
@@ -98,11 +98,11 @@ fn init_logging(cfg: &Config) {
     }
 }
 
-fn serve(cfg: Config) -> Result<ExitCode> {
+fn serve(cfg: Config, config_path: std::path::PathBuf) -> Result<ExitCode> {
     init_logging(&cfg);
     // Before anything records: metrics recorded earlier would be lost.
     let prometheus = cfg.metrics.as_ref().map(|_| mailtriage::metrics::install()).transpose()?;
-    let triage = Arc::new(Triage::new(&cfg).context("loading rules and model")?);
+    let triage = Triage::new(&cfg).context("loading rules and model")?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -130,6 +130,8 @@ fn serve(cfg: Config) -> Result<ExitCode> {
             config = %cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             "mailtriage listening"
         );
+        let shared = SharedTriage::new(triage);
+        tokio::spawn(reload_on_sighup(shared.clone(), config_path, cfg.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             wait_for_stop_signal().await;
@@ -138,7 +140,7 @@ fn serve(cfg: Config) -> Result<ExitCode> {
         });
         server::serve(
             listener,
-            triage,
+            shared,
             SessionConfig::from(&cfg),
             cfg.server.max_connections,
             cfg.server.shutdown_grace,
@@ -148,6 +150,56 @@ fn serve(cfg: Config) -> Result<ExitCode> {
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// SIGHUP: re-read the config, rules, model and heads, validate them, and
+/// swap them in. A bad file is logged and the running set stays. Settings
+/// that only a restart can apply (listen address, limits, timeouts) are named.
+async fn reload_on_sighup(shared: SharedTriage, path: std::path::PathBuf, mut running: Config) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reload needs a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let p = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Triage), String> {
+            let cfg = Config::load(&p).map_err(|e| e.to_string())?;
+            let t = Triage::new(&cfg).map_err(|e| e.to_string())?;
+            Ok((cfg, t))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("reload task failed: {e}")));
+        match loaded {
+            Ok((cfg, triage)) => {
+                let restart_only: Vec<&str> = [
+                    ("server.milter", cfg.server.milter != running.server.milter),
+                    ("server.max_connections", cfg.server.max_connections != running.server.max_connections),
+                    ("limits", format!("{:?}", cfg.limits) != format!("{:?}", running.limits)),
+                    ("metrics", cfg.metrics.as_ref().map(|m| &m.listen) != running.metrics.as_ref().map(|m| &m.listen)),
+                ]
+                .into_iter()
+                .filter_map(|(k, changed)| changed.then_some(k))
+                .collect();
+                if !restart_only.is_empty() {
+                    tracing::warn!(settings = ?restart_only, "changed settings that apply only after a restart");
+                }
+                metrics::gauge!(
+                    mailtriage::metrics::name::INFO,
+                    "version" => env!("CARGO_PKG_VERSION"),
+                    "config_version" => cfg.version.clone(),
+                    "model" => triage.model_summary()
+                )
+                .set(1.0);
+                tracing::info!(config_version = %cfg.version, rules = triage.rule_count(), model = %triage.model_summary(), "reloaded");
+                shared.replace(triage);
+                running = cfg;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, config_version = %running.version, "reload failed; keeping the running configuration")
+            }
+        }
+    }
 }
 
 async fn wait_for_stop_signal() {

@@ -84,6 +84,13 @@ pub struct Triage {
     mode: Mode,
 }
 
+impl Triage {
+    /// The configuration version this set was built from.
+    pub fn config_version(&self) -> &str {
+        &self.config_version
+    }
+}
+
 struct ModelStage {
     classifier: Arc<Classifier>,
     batcher: Option<Batcher>,
@@ -266,6 +273,32 @@ impl Filter for Arc<Triage> {
             "decided"
         );
         Ok(plan)
+    }
+}
+
+/// The running [`Triage`], swappable at run time (SIGHUP). Each message takes
+/// the current one when its decision starts, so messages in flight finish on
+/// the set they started with, and the old set is dropped after the last one.
+#[derive(Clone)]
+pub struct SharedTriage(Arc<std::sync::RwLock<Arc<Triage>>>);
+
+impl SharedTriage {
+    pub fn new(t: Triage) -> Self {
+        SharedTriage(Arc::new(std::sync::RwLock::new(Arc::new(t))))
+    }
+
+    pub fn current(&self) -> Arc<Triage> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, t: Triage) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(t);
+    }
+}
+
+impl Filter for SharedTriage {
+    async fn filter(&self, msg: MessageInput) -> Result<Plan, FilterError> {
+        self.current().filter(msg).await
     }
 }
 

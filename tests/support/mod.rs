@@ -276,6 +276,30 @@ impl Daemon {
         d
     }
 
+    /// Rewrites the config file (same milter address) for a reload.
+    pub fn rewrite_config(&self, config: &str) {
+        let config = config.replacen("[server]", &format!("[server]\nmilter = \"{}\"", self.milter), 1);
+        std::fs::write(self.dir.path().join("mailtriage.toml"), config).unwrap();
+    }
+
+    /// Sends a signal (`HUP`, `TERM`…) to the daemon.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits until the log contains `needle` `count` times (bounded).
+    pub fn wait_log(&self, needle: &str, count: usize) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.log().matches(needle).count() >= count {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     /// The address in Postfix's `smtpd_milters` notation.
     pub fn postfix_address(&self) -> String {
         self.milter.clone()
