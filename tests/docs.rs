@@ -1,0 +1,40 @@
+//! Every configuration key that exists in the code is documented in
+//! docs/configuration.md. The keys come from the types themselves: each
+//! section rejects an unknown key with a message listing all its real ones.
+
+use std::path::Path;
+
+use mailtriage::config::Config;
+
+/// All keys of a section, as the deserializer lists them.
+fn keys_of(section: &str, array: bool) -> Vec<String> {
+    let toml = match (section, array) {
+        ("", _) => "zz_not_a_key = 1\n".to_string(),
+        (s, true) => format!("[[{s}]]\nzz_not_a_key = 1\n"),
+        (s, false) => format!("[{s}]\nzz_not_a_key = 1\n"),
+    };
+    let err = Config::from_toml(&toml, "probe").unwrap_err().to_string();
+    let expected = err.split("expected").nth(1).unwrap_or_else(|| panic!("[{section}]: no key list in {err}"));
+    let keys: Vec<String> = expected.split('`').skip(1).step_by(2).map(str::to_string).collect();
+    assert!(!keys.is_empty(), "[{section}]: {err}");
+    keys
+}
+
+#[test]
+fn every_config_key_is_documented() {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md")).unwrap();
+    let sections = keys_of("", false);
+    let mut missing = Vec::new();
+    let mut checked = 0;
+    for section in &sections {
+        let array = section == "departments" || section == "rules";
+        for key in keys_of(section, array) {
+            checked += 1;
+            if !doc.contains(&format!("`{section}.{key}`")) {
+                missing.push(format!("{section}.{key}"));
+            }
+        }
+    }
+    assert!(checked > 40, "only {checked} keys found: the probe is broken");
+    assert!(missing.is_empty(), "undocumented keys in docs/configuration.md: {missing:?}");
+}
