@@ -38,3 +38,24 @@ fn every_config_key_is_documented() {
     assert!(checked > 40, "only {checked} keys found: the probe is broken");
     assert!(missing.is_empty(), "undocumented keys in docs/configuration.md: {missing:?}");
 }
+
+#[test]
+fn grafana_dashboard_is_valid_json_over_metrics_we_export() {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana-dashboard.json")).unwrap();
+    let d: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exported = [
+        mailtriage::metrics::name::MESSAGES,
+        mailtriage::metrics::name::FAILED_OPEN,
+        mailtriage::metrics::name::DECISION_SECONDS,
+        mailtriage::metrics::name::INFERENCE_SECONDS,
+        mailtriage::metrics::name::QUEUE_DEPTH,
+        mailtriage::metrics::name::CONNECTIONS,
+        mailtriage::metrics::name::INFO,
+    ];
+    for panel in d["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(exported.iter().any(|m| expr.contains(m)), "panel {:?} queries no exported metric: {expr}", panel["title"]);
+        }
+    }
+}
