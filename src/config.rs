@@ -77,6 +77,9 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     /// Recipients tracked per message.
     pub max_recipients: usize,
+    /// Message bytes all connections together may buffer; past it, messages
+    /// are decided on what they hold (as if truncated).
+    pub max_total_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -87,6 +90,7 @@ impl Default for LimitsConfig {
             max_text_chars: 100_000,
             max_headers: 1000,
             max_recipients: 1000,
+            max_total_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -576,6 +580,7 @@ impl Config {
             ("limits.max_text_chars", l.max_text_chars),
             ("limits.max_headers", l.max_headers),
             ("limits.max_recipients", l.max_recipients),
+            ("limits.max_total_bytes", l.max_total_bytes),
             ("server.max_connections", self.server.max_connections),
         ] {
             if v == 0 {

@@ -29,8 +29,8 @@ pub struct MessageInput {
     pub envelope: Envelope,
     /// Header block and body, possibly cut at `limits.max_message_bytes`.
     pub raw: Vec<u8>,
-    /// Names of every header as received, in order (for anti-spoofing
-    /// removal, which must see all of them even past `max_headers`).
+    /// Names of the inbound `X-Triage-*` headers, in order, for anti-spoofing
+    /// removal (other names may be included; they are ignored).
     pub header_names: Vec<String>,
 }
 

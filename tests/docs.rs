@@ -41,7 +41,8 @@ fn every_config_key_is_documented() {
 
 #[test]
 fn grafana_dashboard_is_valid_json_over_metrics_we_export() {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana-dashboard.json")).unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana-dashboard.json")).unwrap();
     let d: serde_json::Value = serde_json::from_str(&text).unwrap();
     let exported = [
         mailtriage::metrics::name::MESSAGES,
@@ -55,7 +56,11 @@ fn grafana_dashboard_is_valid_json_over_metrics_we_export() {
     for panel in d["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {
             let expr = t["expr"].as_str().unwrap();
-            assert!(exported.iter().any(|m| expr.contains(m)), "panel {:?} queries no exported metric: {expr}", panel["title"]);
+            assert!(
+                exported.iter().any(|m| expr.contains(m)),
+                "panel {:?} queries no exported metric: {expr}",
+                panel["title"]
+            );
         }
     }
 }

@@ -217,6 +217,7 @@ mod tests {
             decision_timeout: d,
             progress_interval: d,
             on_error: crate::config::OnError::Accept,
+            budget: crate::milter::session::ByteBudget::new(1 << 30),
         }
     }
 
@@ -266,6 +267,43 @@ mod tests {
         tx.send(true).unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), server).await.expect("server stops").unwrap();
         assert_eq!(good.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_connection_flood_is_served_max_connections_at_a_time() {
+        let listener = Listener::bind(&ListenAddress::Inet("127.0.0.1:0".into()), 0o660).await.unwrap();
+        let addr = listener.local_addr().trim_start_matches("inet:").to_string();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(serve(listener, TagAll, cfg(), 4, std::time::Duration::from_secs(1), rx));
+        let neg = Command::Negotiate(Negotiation {
+            version: 6,
+            actions: 0x1ff,
+            protocol: 0x1f_ffff,
+            macros: Default::default(),
+        });
+        let mut conns = Vec::new();
+        for _ in 0..40 {
+            let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            send(&mut c, neg.clone()).await;
+            conns.push(c);
+        }
+        // Exactly 4 are being served; the rest wait in the backlog, costing us nothing.
+        let mut answered = 0;
+        for c in conns.iter_mut() {
+            if tokio::time::timeout(std::time::Duration::from_millis(200), reply(c)).await.is_ok() {
+                answered += 1;
+            }
+        }
+        assert_eq!(answered, 4);
+        // As served ones leave, waiting ones get their turn.
+        conns.drain(..4);
+        let mut later = 0;
+        for c in conns.iter_mut().take(4) {
+            if tokio::time::timeout(std::time::Duration::from_secs(2), reply(c)).await.is_ok() {
+                later += 1;
+            }
+        }
+        assert_eq!(later, 4);
     }
 
     #[tokio::test]

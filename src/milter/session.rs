@@ -6,6 +6,8 @@
 //! messages, and after `SMFIC_QUIT_NC` a further SMTP session.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -40,6 +42,11 @@ pub const WANTED_PROTOCOL: u32 = proto::NO_CONNECT
     | proto::NR_EOH
     | proto::SKIP;
 
+const PREFIX: &str = crate::actions::HEADER_PREFIX;
+
+/// Inbound `X-Triage-*` headers tracked per message for removal.
+const MAX_TRACKED_TRIAGE_HEADERS: usize = 1000;
+
 /// Macros we ask for: only the queue id, for logs.
 const EOM_MACROS: &str = "i";
 
@@ -53,6 +60,40 @@ pub struct SessionConfig {
     pub decision_timeout: Duration,
     pub progress_interval: Duration,
     pub on_error: OnError,
+    /// Bytes all sessions together may hold; shared by every connection.
+    pub budget: Arc<ByteBudget>,
+}
+
+/// A global bound on buffered message bytes across all connections. A
+/// message that finds the budget spent is decided on what it already holds
+/// (as if truncated): memory stays bounded and mail is never held up.
+#[derive(Debug)]
+pub struct ByteBudget {
+    left: AtomicUsize,
+}
+
+impl ByteBudget {
+    pub fn new(bytes: usize) -> Arc<Self> {
+        Arc::new(ByteBudget { left: AtomicUsize::new(bytes) })
+    }
+
+    /// Takes up to `want` bytes; returns how many were granted.
+    fn take(&self, want: usize) -> usize {
+        let mut granted = 0;
+        let _ = self.left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+            granted = want.min(left);
+            Some(left - granted)
+        });
+        granted
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.left.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    pub fn available(&self) -> usize {
+        self.left.load(Ordering::Acquire)
+    }
 }
 
 impl From<&Config> for SessionConfig {
@@ -65,6 +106,7 @@ impl From<&Config> for SessionConfig {
             decision_timeout: c.server.decision_timeout,
             progress_interval: c.server.progress_interval,
             on_error: c.server.on_error,
+            budget: ByteBudget::new(c.limits.max_total_bytes),
         }
     }
 }
@@ -99,8 +141,19 @@ struct MessageState {
     /// Recipients beyond `max_recipients` were seen: the list is incomplete,
     /// so recipient changes would be partial and are not made.
     rcpts_overflow: bool,
-    /// `raw` reached `max_message_bytes`; later bytes are not kept.
+    /// `raw` reached `max_message_bytes` (or the global budget); later bytes are not kept.
     truncated: bool,
+    /// Bytes taken from the global budget, given back when the message ends.
+    reserved: usize,
+    budget: Option<Arc<ByteBudget>>,
+}
+
+impl Drop for MessageState {
+    fn drop(&mut self) {
+        if let Some(b) = &self.budget {
+            b.give_back(self.reserved);
+        }
+    }
 }
 
 pub struct Session<'a, F> {
@@ -186,6 +239,7 @@ impl<'a, F: Filter> Session<'a, F> {
             Command::Mail(args) => {
                 // A new transaction; anything unfinished was implicitly aborted.
                 let mut state = MessageState::default();
+                state.budget = Some(self.cfg.budget.clone());
                 state.input.envelope.mail_from = strip_brackets(&args[0]);
                 self.msg = Some(state);
                 self.ack(proto::NR_MAIL)
@@ -206,7 +260,14 @@ impl<'a, F: Filter> Session<'a, F> {
                 let msg = self.message("SMFIC_HEADER")?;
                 let line = format!("{name}: {}\r\n", crlf(&value));
                 msg.append(line.as_bytes(), max);
-                msg.input.header_names.push(name);
+                // Only our own header names are needed (to remove spoofed ones); keeping
+                // every name would let a hostile client grow this without bound.
+                if name.len() >= PREFIX.len()
+                    && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+                    && msg.input.header_names.len() < MAX_TRACKED_TRIAGE_HEADERS
+                {
+                    msg.input.header_names.push(name);
+                }
                 self.ack(proto::NR_HEADER)
             }
             Command::EndOfHeaders => {
@@ -389,11 +450,16 @@ impl<'a, F: Filter> Session<'a, F> {
 impl MessageState {
     /// Keeps bytes up to the limit; past it, only notes that we stopped.
     fn append(&mut self, bytes: &[u8], max: usize) {
-        let room = max.saturating_sub(self.input.raw.len());
+        let mut room = max.saturating_sub(self.input.raw.len()).min(bytes.len());
+        if let Some(b) = &self.budget {
+            let granted = b.take(room);
+            self.reserved += granted;
+            room = granted;
+        }
         if bytes.len() > room {
             self.truncated = true;
         }
-        self.input.raw.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        self.input.raw.extend_from_slice(&bytes[..room]);
     }
 }
 
@@ -478,6 +544,7 @@ mod tests {
             decision_timeout: Duration::from_secs(5),
             progress_interval: Duration::from_secs(1),
             on_error: OnError::Accept,
+            budget: ByteBudget::new(1 << 30),
         }
     }
 
@@ -660,6 +727,57 @@ mod tests {
         mta.send(Command::EndOfMessage(Vec::new())).await;
         assert_eq!(mta.eom_replies().await.last(), Some(&Reply::Accept));
         assert_eq!(rec.seen.lock().unwrap()[0].raw.len(), 100);
+    }
+
+    #[tokio::test]
+    async fn global_byte_budget_bounds_all_sessions_and_is_given_back() {
+        let rec = Arc::new(Recorder::default());
+        let mut c = cfg();
+        c.budget = ByteBudget::new(150);
+        let budget = c.budget.clone();
+        let (mut a, _ha, _ta) = start(rec.clone(), c.clone());
+        let (mut b, _hb, _tb) = start(rec.clone(), c);
+        for m in [&mut a, &mut b] {
+            m.negotiate(0x1ff, 0x1f_ffff).await;
+            m.send(Command::Mail(vec!["<s@x.example>".into()])).await;
+            m.send(Command::EndOfHeaders).await;
+            m.send(Command::Body(vec![b'x'; 100])).await;
+            m.reply().await;
+        }
+        // 100 bytes for the first, only the remaining 48 for the second (2 went to the EOH line each).
+        assert_eq!(budget.available(), 0);
+        for m in [&mut a, &mut b] {
+            m.send(Command::EndOfMessage(Vec::new())).await;
+            assert_eq!(m.eom_replies().await.last(), Some(&Reply::Accept));
+        }
+        let seen = rec.seen.lock().unwrap();
+        assert_eq!(seen.iter().map(|m| m.raw.len()).sum::<usize>(), 150);
+        drop(seen);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(budget.available(), 150, "budget given back when messages end");
+    }
+
+    #[tokio::test]
+    async fn a_header_flood_keeps_only_triage_names_and_bounded() {
+        let rec = Arc::new(Recorder::default());
+        let (mut mta, _h, _tx) = start(rec.clone(), cfg());
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        mta.send(Command::Mail(vec!["<s@x.example>".into()])).await;
+        for i in 0..5000 {
+            let name = if i % 2 == 0 { format!("X-Junk-{i}") } else { "x-triage-department".to_string() };
+            mta.send(Command::Header { name, value: "v".into() }).await;
+        }
+        mta.send(Command::EndOfHeaders).await;
+        mta.send(Command::EndOfMessage(Vec::new())).await;
+        let replies = mta.eom_replies().await;
+        let names = rec.seen.lock().unwrap()[0].header_names.clone();
+        assert_eq!(names.len(), MAX_TRACKED_TRIAGE_HEADERS);
+        assert!(names.iter().all(|n| n == "x-triage-department"));
+        // the highest tracked index is removed first
+        assert_eq!(
+            replies[0],
+            Reply::ChangeHeader { index: 1000, name: "x-triage-department".into(), value: String::new() }
+        );
     }
 
     #[tokio::test]
