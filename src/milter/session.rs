@@ -750,9 +750,8 @@ mod tests {
             m.send(Command::EndOfMessage(Vec::new())).await;
             assert_eq!(m.eom_replies().await.last(), Some(&Reply::Accept));
         }
-        let seen = rec.seen.lock().unwrap();
-        assert_eq!(seen.iter().map(|m| m.raw.len()).sum::<usize>(), 150);
-        drop(seen);
+        let buffered: usize = rec.seen.lock().unwrap().iter().map(|m| m.raw.len()).sum();
+        assert_eq!(buffered, 150);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(budget.available(), 150, "budget given back when messages end");
     }
