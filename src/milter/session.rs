@@ -756,6 +756,19 @@ mod tests {
         assert_eq!(budget.available(), 150, "budget given back when messages end");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_dribbles_a_frame_is_cut_off_at_the_idle_timeout() {
+        let mut c = cfg();
+        c.idle_timeout = Duration::from_secs(30);
+        let (mut mta, h, _tx) = start(Arc::default(), c);
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        // Half a length prefix, then one byte a minute: the frame never completes.
+        mta.0.write_all(&[0, 0]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        mta.0.write_all(&[0]).await.unwrap();
+        assert!(matches!(h.await.unwrap(), Err(SessionError::Idle(_))));
+    }
+
     #[tokio::test]
     async fn a_header_flood_keeps_only_triage_names_and_bounded() {
         let rec = Arc::new(Recorder::default());
