@@ -112,13 +112,7 @@ fn serve(cfg: Config, config_path: std::path::PathBuf) -> Result<ExitCode> {
             tokio::spawn(mailtriage::metrics::serve(http, handle, ready.clone()));
         }
         let listener = Listener::bind(&cfg.server.milter, cfg.server.milter_socket_mode).await?;
-        metrics::gauge!(
-            mailtriage::metrics::name::INFO,
-            "version" => env!("CARGO_PKG_VERSION"),
-            "config_version" => cfg.version.clone(),
-            "model" => triage.model_summary()
-        )
-        .set(1.0);
+        mailtriage::metrics::set_info(&cfg.version, &triage.model_summary(), None);
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             milter = %listener.local_addr(),
@@ -184,13 +178,12 @@ async fn reload_on_sighup(shared: SharedTriage, path: std::path::PathBuf, mut ru
                 if !restart_only.is_empty() {
                     tracing::warn!(settings = ?restart_only, "changed settings that apply only after a restart");
                 }
-                metrics::gauge!(
-                    mailtriage::metrics::name::INFO,
-                    "version" => env!("CARGO_PKG_VERSION"),
-                    "config_version" => cfg.version.clone(),
-                    "model" => triage.model_summary()
-                )
-                .set(1.0);
+                let replaced = shared.current().model_summary();
+                mailtriage::metrics::set_info(
+                    &cfg.version,
+                    &triage.model_summary(),
+                    Some((&running.version, &replaced)),
+                );
                 tracing::info!(config_version = %cfg.version, rules = triage.rule_count(), model = %triage.model_summary(), "reloaded");
                 shared.replace(triage);
                 running = cfg;

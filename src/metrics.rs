@@ -56,6 +56,24 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         .map_err(|e| MetricsError::Install(e.to_string()))
 }
 
+/// Publishes what is running as `mailtriage_info{version,config_version,model} 1`,
+/// and sets the series of the set it replaces (after a reload) to 0, so
+/// exactly one series reads 1.
+pub fn set_info(config_version: &str, model: &str, replaced: Option<(&str, &str)>) {
+    let series = |c: &str, m: &str| {
+        metrics::gauge!(
+            name::INFO,
+            "version" => env!("CARGO_PKG_VERSION"),
+            "config_version" => c.to_string(),
+            "model" => m.to_string()
+        )
+    };
+    if let Some((c, m)) = replaced {
+        series(c, m).set(0.0);
+    }
+    series(config_version, model).set(1.0);
+}
+
 /// Binds the metrics listener (so a bad address fails at start-up).
 pub async fn bind(addr: &str) -> Result<TcpListener, MetricsError> {
     TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr: addr.to_string(), source })
