@@ -83,7 +83,11 @@ pub async fn bind(addr: &str) -> Result<TcpListener, MetricsError> {
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Arc<AtomicBool>) {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            // EMFILE and friends: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue; // over the cap: drop the connection
         };

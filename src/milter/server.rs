@@ -49,6 +49,13 @@ impl Listener {
                             "exists and is not a socket",
                         )));
                     }
+                    // A socket someone still answers on belongs to a running daemon: never steal it.
+                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                        return Err(sock_err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            "another process is listening on it (is mailtriage already running?)",
+                        )));
+                    }
                     std::fs::remove_file(path).map_err(sock_err)?;
                 }
                 let l =
@@ -319,5 +326,13 @@ mod tests {
         let err = Listener::bind(&ListenAddress::Unix(path.clone()), 0o600).await.err().unwrap();
         assert!(err.to_string().contains("m.sock"));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+        // A live socket (another running daemon) is left alone.
+        std::fs::remove_file(&path).unwrap();
+        let live = Listener::bind(&ListenAddress::Unix(path.clone()), 0o600).await.unwrap();
+        let err = Listener::bind(&ListenAddress::Unix(path.clone()), 0o600).await.err().unwrap();
+        let source = std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default();
+        assert!(source.contains("already running"), "{err}: {source}");
+        assert!(path.exists());
+        drop(live);
     }
 }
