@@ -223,14 +223,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > max_len {
         return Err(CodecError::Oversized { len, max: max_len });
     }
-    let mut frame = vec![0u8; len];
-    reader.read_exact(&mut frame).await.map_err(|e| match e.kind() {
+    let eof = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::UnexpectedEof => CodecError::Truncated,
         _ => CodecError::Io(e),
-    })?;
-    let code = frame[0];
-    frame.remove(0);
-    Ok(Some((code, frame)))
+    };
+    let code = reader.read_u8().await.map_err(eof)?;
+    let mut payload = vec![0u8; len - 1];
+    reader.read_exact(&mut payload).await.map_err(eof)?;
+    Ok(Some((code, payload)))
 }
 
 /// A cursor over a payload with the primitive readers the protocol needs.
