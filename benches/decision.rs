@@ -1,0 +1,34 @@
+//! The rules-only decision path: MIME extraction, rules, policy and plan for a
+//! realistic multipart message. `cargo bench --bench decision`.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mailtriage::config::Config;
+use mailtriage::envelope::Envelope;
+use mailtriage::pipeline::Triage;
+
+const MESSAGE: &str = concat!(
+    "From: Shop <billing@shop.example>\r\nTo: user@corp.example\r\nSubject: Your invoice 2024-17\r\n",
+    "Message-ID: <1@shop.example>\r\nMIME-Version: 1.0\r\nX-Triage-Department: spoofed\r\n",
+    "Content-Type: multipart/alternative; boundary=\"b\"\r\n\r\n",
+    "--b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n",
+    "Dear customer,=0D=0Aplease find your invoice attached. Amount due: 120 EUR.\r\n",
+    "--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n",
+    "<html><body><p>Dear customer,</p><p>please find your <b>invoice</b> attached.</p></body></html>\r\n",
+    "--b--\r\n"
+);
+
+fn bench(c: &mut Criterion) {
+    let cfg = Config::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/mailtriage.toml")).unwrap();
+    let mut cfg = cfg;
+    cfg.model = None; // rules only: the model path is benchmarked in benches/encoder.rs
+    let triage = Triage::new(&cfg).unwrap();
+    let env = Envelope { mail_from: "billing@shop.example".into(), rcpts: vec!["user@corp.example".into()], queue_id: None };
+    let names = vec!["X-Triage-Department".to_string()];
+    let mut g = c.benchmark_group("decision");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("rules_only_multipart", |b| b.iter(|| triage.decide(&env, MESSAGE.as_bytes(), &names).unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
