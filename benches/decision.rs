@@ -22,7 +22,8 @@ fn bench(c: &mut Criterion) {
     let mut cfg = cfg;
     cfg.model = None; // rules only: the model path is benchmarked in benches/encoder.rs
     let triage = Triage::new(&cfg).unwrap();
-    let env = Envelope { mail_from: "billing@shop.example".into(), rcpts: vec!["user@corp.example".into()], queue_id: None };
+    let env =
+        Envelope { mail_from: "billing@shop.example".into(), rcpts: vec!["user@corp.example".into()], queue_id: None };
     let names = vec!["X-Triage-Department".to_string()];
     let mut g = c.benchmark_group("decision");
     g.throughput(Throughput::Elements(1));

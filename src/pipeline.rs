@@ -176,15 +176,16 @@ impl Triage {
         let decision = match self.rule_decision(envelope, &features) {
             Some(d) => d,
             None => {
+                let text = features_text(&features);
                 let embedding = match &self.model {
                     Some(m) if m.classifier.needs_embedding() => {
                         let enc =
                             m.classifier.encoder.as_ref().expect("a classifier that needs embeddings has an encoder");
-                        Some(enc.embed(&features_text(&features))?)
+                        Some(enc.embed(&text)?)
                     }
                     _ => None,
                 };
-                self.model_decision(&features, embedding.as_deref())
+                self.model_decision(&text, embedding.as_deref())
             }
         };
         let plan = Plan::for_decision(&decision, envelope, header_names);
@@ -195,10 +196,10 @@ impl Triage {
         self.rules.first_match(envelope, features).map(|m| self.policy.decide(Some(m)))
     }
 
-    /// The model's decision (or the default without a model).
-    fn model_decision(&self, features: &Features, embedding: Option<&[f32]>) -> Decision {
+    /// The model's decision on a message's text ([`features_text`]), or the default without a model.
+    fn model_decision(&self, text: &str, embedding: Option<&[f32]>) -> Decision {
         let Some(m) = &self.model else { return self.policy.decide(None) };
-        let ModelVerdict { department, priority } = m.classifier.predict(&features_text(features), embedding);
+        let ModelVerdict { department, priority } = m.classifier.predict(text, embedding);
         let dept = &m.departments[&department.label];
         self.policy.decide_model(
             dept,
@@ -331,13 +332,14 @@ impl Triage {
         let decision = match ruled {
             Some(d) => d,
             None => {
+                // Built once: the encoder and the lexical features read the same text.
+                let text = features_text(&features);
                 let embedding = match self.model.as_ref().and_then(|m| m.batcher.as_ref()) {
-                    Some(b) => Some(b.embed(features_text(&features)).await?),
+                    Some(b) => Some(b.embed(text.clone()).await?),
                     None => None,
                 };
                 let triage = Arc::clone(self);
-                let f = features.clone();
-                blocking(move || triage.model_decision(&f, embedding.as_deref())).await?
+                blocking(move || triage.model_decision(&text, embedding.as_deref())).await?
             }
         };
         let plan = Plan::for_decision(&decision, &envelope, &header_names);
