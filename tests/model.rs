@@ -101,6 +101,14 @@ fn encoder_matches_golden_vectors() {
         }
     }
     assert!(worst < 1e-4, "largest component difference {worst}");
+
+    // A text far longer than the token budget is cut before tokenising; the
+    // ids must still be exactly those of the full text, truncated.
+    let long = items.iter().find(|i| i["n_tokens"] == 256).expect("a 256-token item");
+    let text = long["text"].as_str().unwrap().repeat(5);
+    assert!(text.chars().count() > 256 * 24, "the test must exercise the cut");
+    let want: Vec<u32> = long["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(enc.token_ids(&text).unwrap(), want);
 }
 
 #[test]
