@@ -94,6 +94,13 @@ pub struct DataArgs {
     pub threads: Option<usize>,
 }
 
+impl DataArgs {
+    /// Embedding threads: as given, else one per core.
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     #[command(flatten)]

@@ -70,11 +70,10 @@ fn main() -> ExitCode {
 /// embedded by 2 workers on 2 cores in 35.2 s oversubscribed, 22.2 s like
 /// this). An explicit RAYON_NUM_THREADS still wins.
 fn single_threaded_candle_per_worker(command: &Command, cfg: &Config) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = match command {
         Command::Serve => cfg.model.as_ref().map_or(1, |m| m.workers),
-        Command::Train(a) => a.data.threads.unwrap_or(cores),
-        Command::Eval(a) => a.data.threads.unwrap_or(cores),
+        Command::Train(a) => a.data.threads(),
+        Command::Eval(a) => a.data.threads(),
         _ => 1,
     };
     if workers > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {

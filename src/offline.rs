@@ -84,7 +84,7 @@ fn read_data(cfg: &Config, args: &DataArgs, need_label: bool) -> Result<Vec<Reco
 }
 
 fn embed(m: &ModelConfig, encoder: &Encoder, texts: &[String], args: &DataArgs) -> Result<Vec<Vec<f32>>> {
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = args.threads();
     let progress = Progress::new("embedding", texts.len());
     let started = Instant::now();
     let out = bulk::embed_all(encoder, &m.id, texts, threads, args.embedding_cache.as_deref(), &|d| progress.set(d))?;
