@@ -188,11 +188,12 @@ pub fn train(
     };
     let emb_of = |i: usize| embeddings.map(|e| e[i].as_slice());
     let dev_y: Vec<usize> = dev_idx.iter().map(|&i| y[i]).collect();
-    // Dev outcomes of a head at temperature t.
-    let outcomes_at = |head: &Head, t: f32| -> (Vec<Vec<f32>>, Vec<Outcome>) {
-        let logits: Vec<Vec<f32>> =
-            dev_idx.iter().map(|&i| head.logits(emb_of(i), &head.lexical(&examples[i].text))).collect();
-        let outcomes = logits
+    // Dev logits of a head, computed once per head; outcomes derive from them at any temperature.
+    let dev_logits_of = |head: &Head| -> Vec<Vec<f32>> {
+        dev_idx.iter().map(|&i| head.logits(emb_of(i), &head.lexical(&examples[i].text))).collect()
+    };
+    let outcomes = |logits: &[Vec<f32>], t: f32| -> Vec<Outcome> {
+        logits
             .iter()
             .zip(&dev_y)
             .map(|(z, &truth)| {
@@ -200,21 +201,21 @@ pub fn train(
                 let (k, &c) = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap();
                 Outcome { truth: Some(truth), predicted: k, confidence: c }
             })
-            .collect();
-        (logits, outcomes)
+            .collect()
     };
 
     // 1. Fit each candidate on the train part; keep the best on the dev part.
     let candidates = opts.candidates(dim > 0);
     let mut search = Vec::new();
-    let mut best: Option<(f64, TrainOptions, Head)> = None;
+    let mut best: Option<(f64, TrainOptions, Head, Vec<Vec<f32>>)> = None;
     for cand in candidates {
         let meta = HeadMeta { embedding_weight: cand.embedding_weight, lexical: cand.lexical, ..base_meta.clone() };
         let head = fit(examples, &buckets, &y, &train_idx, emb_of, meta, &cand, &mut progress);
+        let logits = dev_logits_of(&head);
         let score = if dev_idx.is_empty() {
             0.0
         } else {
-            let m = eval::compute(&labels, &outcomes_at(&head, 1.0).1);
+            let m = eval::compute(&labels, &outcomes(&logits, 1.0));
             (m.accuracy + m.macro_f1) / 2.0
         };
         search.push((
@@ -224,16 +225,15 @@ pub fn train(
             ),
             score,
         ));
-        if best.as_ref().is_none_or(|(s, _, _)| score > *s) {
-            best = Some((score, cand, head));
+        if best.as_ref().is_none_or(|(s, ..)| score > *s) {
+            best = Some((score, cand, head, logits));
         }
     }
-    let (_, chosen, mut head) = best.expect("at least one candidate");
+    let (_, chosen, mut head, dev_logits) = best.expect("at least one candidate");
 
     // 2. Calibrate on the dev part and measure there.
-    let (dev_logits, _) = outcomes_at(&head, 1.0);
     let temperature = if dev_idx.is_empty() { 1.0 } else { fit_temperature(&dev_logits, &dev_y) };
-    let dev = eval::compute(&labels, &outcomes_at(&head, temperature).1);
+    let dev = eval::compute(&labels, &outcomes(&dev_logits, temperature));
 
     // 3. Refit on everything with the chosen settings, keep the temperature.
     if chosen.refit && !dev_idx.is_empty() {
