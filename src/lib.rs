@@ -13,6 +13,7 @@
 
 pub mod actions;
 pub mod audit;
+pub mod budget;
 pub mod config;
 pub mod dataset;
 pub mod envelope;
@@ -22,6 +23,7 @@ pub mod html;
 pub mod metrics;
 pub mod milter;
 pub mod model;
+pub mod net;
 pub mod pipeline;
 pub mod policy;
 pub mod redact;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Parser;
 use mailtriage::config::{Config, LogFormat};
-use mailtriage::milter::server::{self, Listener};
+use mailtriage::milter::server;
 use mailtriage::milter::session::SessionConfig;
+use mailtriage::net::Listener;
 use mailtriage::pipeline::{SharedTriage, Triage};
 use tokio::sync::watch;
 

@@ -6,7 +6,6 @@
 //! messages, and after `SMFIC_QUIT_NC` a further SMTP session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use tokio::time::{interval_at, sleep, timeout, Instant};
 
 use super::codec::{self, action, proto, CodecError, Command, MacroStage, Negotiation, Reply};
 use crate::actions::{Change, Plan};
+pub use crate::budget::ByteBudget;
 use crate::config::{Config, OnError};
 use crate::envelope::strip_brackets;
 use crate::pipeline::{Filter, MessageInput};
@@ -62,38 +62,6 @@ pub struct SessionConfig {
     pub on_error: OnError,
     /// Bytes all sessions together may hold; shared by every connection.
     pub budget: Arc<ByteBudget>,
-}
-
-/// A global bound on buffered message bytes across all connections. A
-/// message that finds the budget spent is decided on what it already holds
-/// (as if truncated): memory stays bounded and mail is never held up.
-#[derive(Debug)]
-pub struct ByteBudget {
-    left: AtomicUsize,
-}
-
-impl ByteBudget {
-    pub fn new(bytes: usize) -> Arc<Self> {
-        Arc::new(ByteBudget { left: AtomicUsize::new(bytes) })
-    }
-
-    /// Takes up to `want` bytes; returns how many were granted.
-    fn take(&self, want: usize) -> usize {
-        let mut granted = 0;
-        let _ = self.left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-            granted = want.min(left);
-            Some(left - granted)
-        });
-        granted
-    }
-
-    fn give_back(&self, bytes: usize) {
-        self.left.fetch_add(bytes, Ordering::AcqRel);
-    }
-
-    pub fn available(&self) -> usize {
-        self.left.load(Ordering::Acquire)
-    }
 }
 
 impl From<&Config> for SessionConfig {
@@ -497,9 +465,9 @@ fn cmd_name(cmd: &Command) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
     use super::*;
