@@ -90,6 +90,128 @@ impl Plan {
     pub fn changes_recipients(&self) -> bool {
         self.changes.iter().any(|c| matches!(c, Change::DeleteRecipient { .. } | Change::AddRecipient { .. }))
     }
+
+    /// The message with this plan's header changes made, for front doors that
+    /// relay the bytes themselves (the milter asks the MTA instead). Removals
+    /// count occurrences per name as the MTA would; added headers go at the end
+    /// of the header block, with the message's own line ending.
+    pub fn apply_to_message(&self, raw: &[u8]) -> Vec<u8> {
+        let mut fields = header_fields(raw);
+        let end = fields.last().map_or(0, |f| f.end);
+        for change in &self.changes {
+            if let Change::RemoveHeader { name, index } = change {
+                let nth = fields
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, f)| f.name(raw).eq_ignore_ascii_case(name.as_bytes()))
+                    .nth(*index as usize - 1)
+                    .map(|(i, _)| i);
+                if let Some(i) = nth {
+                    fields.remove(i);
+                }
+            }
+        }
+        let eol = line_ending(raw);
+        let mut out = Vec::with_capacity(raw.len() + 256);
+        for f in &fields {
+            out.extend_from_slice(&raw[f.start..f.end]);
+        }
+        if !out.is_empty() && !out.ends_with(b"\n") {
+            out.extend_from_slice(eol);
+        }
+        for change in &self.changes {
+            if let Change::AddHeader { name, value } = change {
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(value.as_bytes());
+                out.extend_from_slice(eol);
+            }
+        }
+        if end == raw.len() {
+            // Headers only: the body separator is still owed.
+            out.extend_from_slice(eol);
+        }
+        out.extend_from_slice(&raw[end..]);
+        out
+    }
+
+    /// The envelope recipients after this plan's recipient changes.
+    pub fn apply_to_recipients(&self, rcpts: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = rcpts.to_vec();
+        for change in &self.changes {
+            match change {
+                Change::DeleteRecipient { address } => out.retain(|r| !r.eq_ignore_ascii_case(address)),
+                Change::AddRecipient { address } if !out.iter().any(|r| r.eq_ignore_ascii_case(address)) => {
+                    out.push(address.clone())
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// One header field in a raw message: its bytes `start..end`, continuation
+/// lines and line ending included.
+#[derive(Debug, Clone, Copy)]
+struct Field {
+    start: usize,
+    end: usize,
+}
+
+impl Field {
+    fn name<'a>(&self, raw: &'a [u8]) -> &'a [u8] {
+        let line = &raw[self.start..self.end];
+        let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
+        trim_ascii(&line[..colon])
+    }
+}
+
+/// The message's own line ending: what its first line ends with (CRLF if none).
+fn line_ending(raw: &[u8]) -> &'static [u8] {
+    match raw.iter().position(|&b| b == b'\n') {
+        Some(p) if p == 0 || raw[p - 1] != b'\r' => b"\n",
+        _ => b"\r\n",
+    }
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+/// The header fields of a raw message, up to the empty line (or the first
+/// line that is neither a field nor a continuation: the body starts there).
+fn header_fields(raw: &[u8]) -> Vec<Field> {
+    let mut fields: Vec<Field> = Vec::new();
+    let mut pos = 0;
+    while pos < raw.len() {
+        let line_end = raw[pos..].iter().position(|&b| b == b'\n').map_or(raw.len(), |p| pos + p + 1);
+        let line = &raw[pos..line_end];
+        let content = line.strip_suffix(b"\n").map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or(line);
+        if content.is_empty() {
+            break;
+        }
+        if matches!(content[0], b' ' | b'\t') {
+            match fields.last_mut() {
+                Some(f) => f.end = line_end,
+                None => break,
+            }
+        } else if content.iter().position(|&b| b == b':').is_some_and(|c| c > 0) {
+            fields.push(Field { start: pos, end: line_end });
+        } else {
+            break;
+        }
+        pos = line_end;
+    }
+    fields
+}
+
+/// Names of a raw message's header fields, in order (what
+/// [`Plan::strip_inbound`] and [`Plan::for_decision`] count removals against).
+pub fn header_names(raw: &[u8]) -> Vec<String> {
+    header_fields(raw).iter().map(|f| String::from_utf8_lossy(f.name(raw)).into_owned()).collect()
 }
 
 /// Removals for every inbound `X-Triage-*` header. Per name, the highest
@@ -181,6 +303,29 @@ mod tests {
             assert!(!p.changes.iter().any(|c| matches!(c, Change::Quarantine { .. })));
             assert!(p.changes.contains(&Change::AddHeader { name: "X-Triage-Mode".into(), value: "shadow".into() }));
         }
+    }
+
+    #[test]
+    fn plans_apply_to_raw_messages() {
+        let raw = b"Received: a\r\nX-Triage-Department: ceo\r\nSubject: hi\r\n there\r\nx-triage-department: x\r\n\r\nbody\r\n";
+        let names = header_names(raw);
+        assert_eq!(names, ["Received", "X-Triage-Department", "Subject", "x-triage-department"]);
+        let p = Plan::for_decision(&decision(Action::Reroute, Mode::Enforce), &env(&["a@x", "b@x"]), &names);
+        let out = String::from_utf8(p.apply_to_message(raw)).unwrap();
+        assert_eq!(
+            out,
+            "Received: a\r\nSubject: hi\r\n there\r\nX-Triage-Department: billing\r\nX-Triage-Priority: high\r\n\
+             X-Triage-Confidence: 1.00\r\nX-Triage-Source: rule:invoices\r\nX-Triage-Action: reroute\r\n\r\nbody\r\n"
+        );
+        assert_eq!(p.apply_to_recipients(&["a@x".into(), "b@x".into()]), ["billing@example.com"]);
+        let copy = Plan::for_decision(&decision(Action::Copy, Mode::Enforce), &env(&["a@x"]), &[]);
+        assert_eq!(copy.apply_to_recipients(&["a@x".into()]), ["a@x", "billing@example.com"]);
+        // LF-only, headers without a body, and no headers at all.
+        let tag = Plan { changes: vec![Change::AddHeader { name: "X-Triage-A".into(), value: "1".into() }] };
+        assert_eq!(tag.apply_to_message(b"Subject: x\n\nb\n"), b"Subject: x\nX-Triage-A: 1\n\nb\n");
+        assert_eq!(tag.apply_to_message(b"Subject: x"), b"Subject: x\r\nX-Triage-A: 1\r\n\r\n");
+        assert_eq!(tag.apply_to_message(b"\r\nbody"), b"X-Triage-A: 1\r\n\r\nbody");
+        assert_eq!(tag.apply_to_message(b""), b"X-Triage-A: 1\r\n\r\n");
     }
 
     #[test]

@@ -23,11 +23,29 @@ use thiserror::Error;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// `inet:HOST:PORT` or `unix:/path/to.sock`, as Postfix writes milter addresses.
-    pub milter: ListenAddress,
-    /// Permissions of the unix socket, octal.
+    /// `inet:HOST:PORT` or `unix:/path/to.sock`, as Postfix writes milter
+    /// addresses. Unset: `inet:127.0.0.1:8890`, unless only `smtp`/`lmtp` are set.
+    pub milter: Option<ListenAddress>,
+    /// Permissions of the unix sockets we listen on (milter, SMTP, LMTP), octal.
     #[serde(deserialize_with = "de_octal")]
     pub milter_socket_mode: u32,
+    /// SMTP content-filter listener (`HOST:PORT` or `unix:/path`); needs `[relay]`.
+    #[serde(deserialize_with = "de_front_address")]
+    pub smtp: Option<ListenAddress>,
+    /// LMTP listener (`HOST:PORT` or `unix:/path`); needs `[relay]`.
+    #[serde(deserialize_with = "de_front_address")]
+    pub lmtp: Option<ListenAddress>,
+    /// The name we greet SMTP/LMTP clients with and say in EHLO to the next hop.
+    pub hostname: String,
+    /// PEM certificate chain and private key: STARTTLS is offered when both are set.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Refuse MAIL until the client has started TLS.
+    pub require_tls: bool,
+    /// An SMTP/LMTP client silent this long (for a command, or within DATA)
+    /// is disconnected with 421 (RFC 5321 §4.5.3.2 asks for at least 5 minutes).
+    #[serde(deserialize_with = "de_duration")]
+    pub smtp_timeout: Duration,
     pub mode: Mode,
     pub on_error: OnError,
     /// The whole decision at end-of-message must finish within this, else `on_error`.
@@ -39,18 +57,39 @@ pub struct ServerConfig {
     /// A milter connection idle longer than this is closed.
     #[serde(deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
-    /// Concurrent milter connections; more wait in the kernel's backlog.
+    /// Concurrent connections per listener; more wait in the kernel's backlog.
     pub max_connections: usize,
     /// On SIGTERM, how long sessions in flight may take to finish.
     #[serde(deserialize_with = "de_duration")]
     pub shutdown_grace: Duration,
 }
 
+/// The milter address used when none is configured and no SMTP/LMTP listener is.
+pub const DEFAULT_MILTER: &str = "inet:127.0.0.1:8890";
+
+impl ServerConfig {
+    /// The milter listener to start, if any.
+    pub fn milter_listen(&self) -> Option<ListenAddress> {
+        match (&self.milter, &self.smtp, &self.lmtp) {
+            (Some(m), _, _) => Some(m.clone()),
+            (None, None, None) => Some(DEFAULT_MILTER.parse().expect("the default milter address parses")),
+            _ => None,
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            milter: ListenAddress::Inet("127.0.0.1:8890".into()),
+            milter: None,
             milter_socket_mode: 0o660,
+            smtp: None,
+            lmtp: None,
+            hostname: system_hostname(),
+            tls_cert: None,
+            tls_key: None,
+            require_tls: false,
+            smtp_timeout: Duration::from_secs(300),
             mode: Mode::Enforce,
             on_error: OnError::Accept,
             decision_timeout: Duration::from_secs(20),
@@ -60,6 +99,120 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
         }
     }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "mailtriage".into())
+}
+
+/// The next hop of the SMTP/LMTP front doors: where filtered mail goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// `smtp://HOST:PORT`, `lmtp://HOST:PORT`, or `smtp:unix:/path` / `lmtp:unix:/path`.
+    pub next_hop: NextHop,
+    /// STARTTLS to the next hop, in Postfix's words: `none`, `may`
+    /// (if offered, certificate not checked), `encrypt` (required, not
+    /// checked), `verify` (required, checked against `tls_ca_file` or the system roots).
+    #[serde(default)]
+    pub tls: RelayTls,
+    /// PEM file of the CAs `verify` trusts instead of the system's.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Longest wait for the greeting or a reply to one command.
+    #[serde(default = "default_relay_timeout", deserialize_with = "de_duration")]
+    pub timeout: Duration,
+    /// Longest wait for the reply(s) after the message's final dot.
+    #[serde(default = "default_relay_data_timeout", deserialize_with = "de_duration")]
+    pub data_timeout: Duration,
+    /// Where `quarantine` decisions go in SMTP/LMTP mode (a relay has no hold queue).
+    #[serde(default)]
+    pub quarantine_mailbox: Option<String>,
+}
+
+fn default_relay_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_relay_data_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayTls {
+    #[default]
+    None,
+    May,
+    Encrypt,
+    Verify,
+}
+
+/// Which protocol the next hop speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HopProtocol {
+    Smtp,
+    Lmtp,
+}
+
+/// A parsed `[relay] next_hop`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextHop {
+    pub protocol: HopProtocol,
+    pub address: ListenAddress,
+}
+
+impl FromStr for NextHop {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || format!("`{s}`: expected smtp://HOST:PORT, lmtp://HOST:PORT, or lmtp:unix:/path");
+        let (protocol, rest) = if let Some(r) = s.strip_prefix("smtp:") {
+            (HopProtocol::Smtp, r)
+        } else if let Some(r) = s.strip_prefix("lmtp:") {
+            (HopProtocol::Lmtp, r)
+        } else {
+            return Err(bad());
+        };
+        let address = if let Some(hostport) = rest.strip_prefix("//") {
+            format!("inet:{}", hostport.trim_end_matches('/')).parse().map_err(|_| bad())?
+        } else if rest.starts_with("unix:") || rest.starts_with("inet:") {
+            rest.parse().map_err(|e: String| format!("`{s}`: {e}"))?
+        } else {
+            return Err(bad());
+        };
+        Ok(NextHop { protocol, address })
+    }
+}
+
+impl fmt::Display for NextHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = match self.protocol {
+            HopProtocol::Smtp => "smtp",
+            HopProtocol::Lmtp => "lmtp",
+        };
+        match &self.address {
+            ListenAddress::Inet(a) => write!(f, "{p}://{a}"),
+            ListenAddress::Unix(path) => write!(f, "{p}:unix:{}", path.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NextHop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `HOST:PORT` as well as Postfix's `inet:HOST:PORT` / `unix:/path`.
+fn de_front_address<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ListenAddress>, D::Error> {
+    let s = String::deserialize(d)?;
+    let full = if s.starts_with("inet:") || s.starts_with("unix:") { s } else { format!("inet:{s}") };
+    full.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 /// Bounds on what one message or connection may cost us.
@@ -77,9 +230,13 @@ pub struct LimitsConfig {
     pub max_headers: usize,
     /// Recipients tracked per message.
     pub max_recipients: usize,
-    /// Message bytes all connections together may buffer; past it, messages
-    /// are decided on what they hold (as if truncated).
+    /// Message bytes all connections together may buffer; past it, milter
+    /// messages are decided on what they hold (as if truncated) and SMTP/LMTP
+    /// messages are refused with 452 (the client retries).
     pub max_total_bytes: usize,
+    /// Largest message the SMTP/LMTP listener accepts (announced as SIZE),
+    /// since it holds each message whole in memory to relay it.
+    pub max_smtp_message_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -91,6 +248,8 @@ impl Default for LimitsConfig {
             max_headers: 1000,
             max_recipients: 1000,
             max_total_bytes: 256 * 1024 * 1024,
+            // Postfix's message_size_limit default.
+            max_smtp_message_bytes: 10_240_000,
         }
     }
 }
@@ -262,6 +421,7 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub audit: Option<AuditConfig>,
     pub metrics: Option<MetricsConfig>,
+    pub relay: Option<RelayConfig>,
     pub logging: LoggingConfig,
     /// Where this configuration came from (for messages), not a key.
     #[serde(skip)]
@@ -581,6 +741,7 @@ impl Config {
             ("limits.max_headers", l.max_headers),
             ("limits.max_recipients", l.max_recipients),
             ("limits.max_total_bytes", l.max_total_bytes),
+            ("limits.max_smtp_message_bytes", l.max_smtp_message_bytes),
             ("server.max_connections", self.server.max_connections),
         ] {
             if v == 0 {
@@ -600,8 +761,63 @@ impl Config {
         if self.server.progress_interval.is_zero() {
             return Err(invalid("server.progress_interval".into(), "must be greater than 0".into()));
         }
+        self.validate_smtp(origin)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
             return Err(invalid("logging.level".into(), format!("not a log filter: {e}")));
+        }
+        Ok(())
+    }
+
+    /// The SMTP/LMTP front doors and their next hop.
+    fn validate_smtp(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            path: origin.into(),
+            key: key.into(),
+            message: message.into(),
+        };
+        let srv = &self.server;
+        let listening = srv.smtp.is_some() || srv.lmtp.is_some();
+        match (&srv.tls_cert, &srv.tls_key) {
+            (Some(_), None) => return Err(invalid("server.tls_key", "tls_cert is set, so a key is needed")),
+            (None, Some(_)) => return Err(invalid("server.tls_cert", "tls_key is set, so a certificate is needed")),
+            (None, None) if srv.require_tls => {
+                return Err(invalid("server.require_tls", "needs tls_cert and tls_key to offer STARTTLS"))
+            }
+            _ => {}
+        }
+        if srv.hostname.is_empty() || !srv.hostname.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
+            return Err(invalid("server.hostname", "must be a host name such as mx.example.com"));
+        }
+        if srv.smtp_timeout.is_zero() {
+            return Err(invalid("server.smtp_timeout", "must be greater than 0"));
+        }
+        if listening && self.relay.is_none() {
+            return Err(invalid("relay.next_hop", "server.smtp/lmtp need a [relay] next_hop to pass filtered mail to"));
+        }
+        if let Some(r) = &self.relay {
+            if r.timeout.is_zero() || r.data_timeout.is_zero() {
+                return Err(invalid("relay.timeout", "timeouts must be greater than 0"));
+            }
+            if let Some(m) = &r.quarantine_mailbox {
+                if !valid_mailbox(m) {
+                    return Err(invalid("relay.quarantine_mailbox", &format!("`{m}` is not an address")));
+                }
+            }
+            if r.tls_ca_file.is_some() && r.tls != RelayTls::Verify {
+                return Err(invalid("relay.tls_ca_file", "only used with tls = \"verify\""));
+            }
+            if listening && r.quarantine_mailbox.is_none() {
+                if let Some(d) = self.departments.iter().find(|d| d.action == DepartmentAction::Quarantine) {
+                    return Err(invalid(
+                        "relay.quarantine_mailbox",
+                        &format!(
+                            "department `{}` quarantines, and an SMTP/LMTP filter has no hold queue: \
+                             name a mailbox to quarantine into",
+                            d.name
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -747,6 +963,41 @@ priority = "high"
             ("[[departments]]\nname = \"a b\"\n", "departments[0] (a b).name"),
             ("[[departments]]\nname = \"x\"\nmailbox = \"not-an-address\"\n", "mailbox"),
             ("[logging]\nlevel = \"=== nope\"\n", "logging.level"),
+        ] {
+            let err = Config::from_toml(text, "x.toml").unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn smtp_front_door_settings() {
+        let c = Config::from_toml(
+            "[server]\nsmtp = \"127.0.0.1:10025\"\nlmtp = \"unix:/run/mt/lmtp\"\n\
+             [relay]\nnext_hop = \"lmtp://127.0.0.1:24\"\n",
+            "x.toml",
+        )
+        .unwrap();
+        assert_eq!(c.server.smtp, Some(ListenAddress::Inet("127.0.0.1:10025".into())));
+        assert_eq!(c.server.lmtp, Some(ListenAddress::Unix("/run/mt/lmtp".into())));
+        assert_eq!(c.server.milter_listen(), None, "only SMTP/LMTP configured: no milter");
+        let hop = &c.relay.as_ref().unwrap().next_hop;
+        assert_eq!(hop.protocol, HopProtocol::Lmtp);
+        assert_eq!(hop.to_string(), "lmtp://127.0.0.1:24");
+        assert_eq!(
+            "smtp:unix:/var/spool/postfix/private/in".parse::<NextHop>().unwrap().address,
+            ListenAddress::Unix("/var/spool/postfix/private/in".into())
+        );
+        assert_eq!(Config::default().server.milter_listen().unwrap().to_string(), DEFAULT_MILTER);
+        for (text, needle) in [
+            ("[server]\nsmtp = \"127.0.0.1:10025\"\n", "relay.next_hop"),
+            ("[relay]\nnext_hop = \"http://x:1\"\n", "smtp://HOST:PORT"),
+            ("[server]\ntls_cert = \"/c.pem\"\n", "server.tls_key"),
+            ("[server]\nrequire_tls = true\n", "server.require_tls"),
+            (
+                "[server]\nsmtp = \"127.0.0.1:1\"\n[relay]\nnext_hop = \"smtp://127.0.0.1:2\"\n\
+                 [[departments]]\nname = \"sec\"\naction = \"quarantine\"\n",
+                "relay.quarantine_mailbox",
+            ),
         ] {
             let err = Config::from_toml(text, "x.toml").unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");

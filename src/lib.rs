@@ -28,4 +28,5 @@ pub mod pipeline;
 pub mod policy;
 pub mod redact;
 pub mod rules;
+pub mod smtp;
 pub mod train;

@@ -10,11 +10,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use mailtriage::budget::ByteBudget;
 use mailtriage::config::{Config, LogFormat};
 use mailtriage::milter::server;
 use mailtriage::milter::session::SessionConfig;
 use mailtriage::net::Listener;
 use mailtriage::pipeline::{SharedTriage, Triage};
+use mailtriage::smtp::relay::RelaySettings;
+use mailtriage::smtp::server as smtp_server;
+use mailtriage::smtp::session::SmtpSettings;
 use tokio::sync::watch;
 
 use cli::{Cli, Command, ModelCommand};
@@ -31,21 +35,24 @@ fn main() -> ExitCode {
     };
     single_threaded_candle_per_worker(&cli.command, &cfg);
     let result = match cli.command {
-        Command::CheckConfig => match Triage::new(&cfg) {
+        Command::CheckConfig => match Triage::new(&cfg).map_err(anyhow::Error::from).and_then(|t| {
+            FrontDoorSetup::new(&cfg)?;
+            Ok(t)
+        }) {
             Ok(t) => {
                 println!(
-                    "{}: OK ({} departments, {} rules, model {}, mode {:?}, milter {})",
+                    "{}: OK ({} departments, {} rules, model {}, mode {:?}, {})",
                     config_path.display(),
                     cfg.departments.len(),
                     cfg.rules.len(),
                     t.model_summary(),
                     cfg.server.mode,
-                    cfg.server.milter
+                    front_doors(&cfg)
                 );
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
-                eprintln!("mailtriage: invalid configuration: {}: {e}", config_path.display());
+                eprintln!("mailtriage: invalid configuration: {}: {e:#}", config_path.display());
                 return ExitCode::from(2);
             }
         },
@@ -111,11 +118,28 @@ fn serve(cfg: Config, config_path: std::path::PathBuf) -> Result<ExitCode> {
             tracing::info!(listen = %m.listen, "metrics on /metrics, /healthz, /readyz");
             tokio::spawn(mailtriage::metrics::serve(http, handle, ready.clone()));
         }
-        let listener = Listener::bind(&cfg.server.milter, cfg.server.milter_socket_mode).await?;
+        let setup = FrontDoorSetup::new(&cfg)?;
+        let mode = cfg.server.milter_socket_mode;
+        let milter = match cfg.server.milter_listen() {
+            Some(a) => Some(Listener::bind(&a, mode).await?),
+            None => None,
+        };
+        let smtp = match &cfg.server.smtp {
+            Some(a) => Some(Listener::bind(a, mode).await?),
+            None => None,
+        };
+        let lmtp = match &cfg.server.lmtp {
+            Some(a) => Some(Listener::bind(a, mode).await?),
+            None => None,
+        };
         mailtriage::metrics::set_info(&cfg.version, &triage.model_summary(), None);
         ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        let bound = |l: &Option<Listener>| l.as_ref().map(|l| l.local_addr()).unwrap_or_else(|| "-".into());
         tracing::info!(
-            milter = %listener.local_addr(),
+            milter = %bound(&milter),
+            smtp = %bound(&smtp),
+            lmtp = %bound(&lmtp),
+            next_hop = %cfg.relay.as_ref().map(|r| r.next_hop.to_string()).unwrap_or_else(|| "-".into()),
             mode = ?cfg.server.mode,
             on_error = ?cfg.server.on_error,
             rules = triage.rule_count(),
@@ -132,18 +156,62 @@ fn serve(cfg: Config, config_path: std::path::PathBuf) -> Result<ExitCode> {
             tracing::info!("stopping: no new connections, finishing messages in flight");
             let _ = stop_tx.send(true);
         });
-        server::serve(
-            listener,
-            shared,
-            SessionConfig::from(&cfg),
-            cfg.server.max_connections,
-            cfg.server.shutdown_grace,
-            stop_rx,
-        )
-        .await;
+        let (max, grace) = (cfg.server.max_connections, cfg.server.shutdown_grace);
+        let mut doors = tokio::task::JoinSet::new();
+        if let Some(l) = milter {
+            let mut session = SessionConfig::from(&cfg);
+            session.budget = setup.budget.clone();
+            doors.spawn(server::serve(l, shared.clone(), session, max, grace, stop_rx.clone()));
+        }
+        for (listener, lmtp) in [(smtp, false), (lmtp, true)] {
+            let (Some(l), Some(relay)) = (listener, setup.relay.clone()) else { continue };
+            let settings = SmtpSettings::new(&cfg, lmtp, setup.tls.clone(), setup.budget.clone(), relay);
+            doors.spawn(smtp_server::serve(l, shared.clone(), settings, max, grace, stop_rx.clone()));
+        }
+        while doors.join_next().await.is_some() {}
         tracing::info!("stopped");
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// What the front doors share, built (and checked) before anything listens:
+/// one byte budget for all of them, the STARTTLS certificate, the next hop.
+struct FrontDoorSetup {
+    budget: Arc<ByteBudget>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    relay: Option<Arc<RelaySettings>>,
+}
+
+impl FrontDoorSetup {
+    fn new(cfg: &Config) -> Result<Self> {
+        let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
+            (Some(cert), Some(key)) => Some(mailtriage::smtp::tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        Ok(FrontDoorSetup {
+            budget: ByteBudget::new(cfg.limits.max_total_bytes),
+            tls,
+            relay: RelaySettings::from_config(cfg)?,
+        })
+    }
+}
+
+/// `milter inet:…, smtp inet:… → smtp://…` for check-config.
+fn front_doors(cfg: &Config) -> String {
+    let mut doors = Vec::new();
+    if let Some(m) = cfg.server.milter_listen() {
+        doors.push(format!("milter {m}"));
+    }
+    for (name, addr) in [("smtp", &cfg.server.smtp), ("lmtp", &cfg.server.lmtp)] {
+        if let Some(a) = addr {
+            doors.push(format!("{name} {a}"));
+        }
+    }
+    let mut out = doors.join(", ");
+    if let Some(r) = &cfg.relay {
+        out.push_str(&format!(" → {}", r.next_hop));
+    }
+    out
 }
 
 /// SIGHUP: re-read the config, rules, model and heads, validate them, and
@@ -168,6 +236,25 @@ async fn reload_on_sighup(shared: SharedTriage, path: std::path::PathBuf, mut ru
             Ok((cfg, triage)) => {
                 let restart_only: Vec<&str> = [
                     ("server.milter", cfg.server.milter != running.server.milter),
+                    ("server.smtp", cfg.server.smtp != running.server.smtp),
+                    ("server.lmtp", cfg.server.lmtp != running.server.lmtp),
+                    (
+                        "server.tls_cert/tls_key/require_tls/hostname/smtp_timeout",
+                        (
+                            &cfg.server.tls_cert,
+                            &cfg.server.tls_key,
+                            cfg.server.require_tls,
+                            &cfg.server.hostname,
+                            cfg.server.smtp_timeout,
+                        ) != (
+                            &running.server.tls_cert,
+                            &running.server.tls_key,
+                            running.server.require_tls,
+                            &running.server.hostname,
+                            running.server.smtp_timeout,
+                        ),
+                    ),
+                    ("relay", format!("{:?}", cfg.relay) != format!("{:?}", running.relay)),
                     ("server.max_connections", cfg.server.max_connections != running.server.max_connections),
                     ("limits", format!("{:?}", cfg.limits) != format!("{:?}", running.limits)),
                     ("metrics", cfg.metrics.as_ref().map(|m| &m.listen) != running.metrics.as_ref().map(|m| &m.listen)),

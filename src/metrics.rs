@@ -31,6 +31,8 @@ pub mod name {
     pub const QUEUE_DEPTH: &str = "mailtriage_inference_queue_depth";
     pub const CONNECTIONS: &str = "mailtriage_connections_open";
     pub const INFO: &str = "mailtriage_info";
+    /// SMTP/LMTP front doors: messages relayed to the next hop, by result.
+    pub const RELAY: &str = "mailtriage_relay_total";
 }
 
 /// Latency buckets (seconds): sub-millisecond rules up to multi-second model waits.
