@@ -608,26 +608,40 @@ impl<'a, F: Filter> Session<'a, F> {
             }
         }
         let Some(hop) = self.hop.as_mut() else { return vec![Reply::hop_unavailable(); n] };
-        let result = async {
+        let result = async move {
             if rcpts != tx.rcpts {
-                // All or nothing: restart the hop's transaction with the new
-                // recipients, and send nothing unless every one is accepted.
+                // Restart the hop's transaction with the new recipients; send
+                // nothing unless the ones the message now belongs to are accepted.
                 hop.rset().await?;
                 let r = hop.mail(&tx.from, message.len(), tx.eight_bit).await?;
                 if !r.is_positive() {
-                    return Ok(vec![r; rcpts.len()]);
+                    let n = rcpts.len();
+                    return Ok((rcpts, vec![r; n]));
                 }
+                let mut accepted = Vec::with_capacity(rcpts.len());
                 for to in &rcpts {
                     let r = hop.rcpt(to).await?;
-                    if !r.is_positive() {
-                        return Ok(vec![r; rcpts.len()]);
+                    let original = tx.rcpts.iter().any(|o| o.eq_ignore_ascii_case(to));
+                    let kept = rcpts.iter().any(|x| tx.rcpts.iter().any(|o| o.eq_ignore_ascii_case(x)));
+                    if r.is_positive() {
+                        accepted.push(to.clone());
+                    } else if !original && kept {
+                        // A copy the hop refuses: the original recipients
+                        // still get the message; failing it would bounce them.
+                        tracing::warn!(reply = %r.to_string().trim_end(), "next hop refused the department copy; delivering to the original recipients only");
+                        metrics::counter!(name::RELAY, "result" => "copy_refused").increment(1);
+                    } else {
+                        let n = rcpts.len();
+                        return Ok((rcpts, vec![r; n]));
                     }
                 }
+                rcpts = accepted;
             }
-            hop.data(&message, rcpts.len()).await
+            let replies = hop.data(&message, rcpts.len()).await?;
+            Ok::<_, RelayError>((rcpts, replies))
         }
         .await;
-        let replies = match result {
+        let (rcpts, replies) = match result {
             Ok(r) => r,
             Err(e) => return vec![self.hop_failed(e); n],
         };

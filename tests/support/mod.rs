@@ -146,6 +146,45 @@ milter_content_timeout = 30s
         pf
     }
 
+    /// Runs `postconf -c <our conf> ARGS…` (e.g. `-M` and `-P` to add a master.cf service).
+    pub fn postconf(&self, args: &[&str]) {
+        run(Command::new("postconf").arg("-c").arg(&self.conf).args(args));
+    }
+
+    /// `postfix reload`, after which new master.cf services listen.
+    pub fn reload(&self) {
+        run(Command::new("postfix").arg("-c").arg(&self.conf).arg("reload"));
+    }
+
+    /// `postqueue -f`: retry deferred mail now.
+    pub fn flush(&self) {
+        run(Command::new("postqueue").arg("-c").arg(&self.conf).arg("-f"));
+    }
+
+    /// Adds an smtpd listener on a free port that takes mail back from a
+    /// content filter: no filter, no milter, no header checks on it.
+    pub fn add_reinjection_listener(&self, port: u16) {
+        let svc = format!("127.0.0.1:{port}/inet");
+        self.postconf(&["-M", &format!("{svc} = 127.0.0.1:{port} inet n - n - 10 smtpd")]);
+        self.postconf(&[
+            "-P",
+            &format!("{svc}/content_filter="),
+            &format!("{svc}/smtpd_milters="),
+            &format!("{svc}/receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters"),
+            &format!("{svc}/syslog_name=postfix-reinject"),
+        ]);
+    }
+
+    /// Adds the `scan` transport (an smtp client) that `content_filter = scan:[127.0.0.1]:PORT` uses.
+    pub fn add_scan_transport(&self) {
+        self.postconf(&["-M", "scan/unix = scan unix - - n - 10 smtp"]);
+        self.postconf(&[
+            "-P",
+            "scan/unix/disable_mime_output_conversion=yes",
+            "scan/unix/smtp_dns_support_level=disabled",
+        ]);
+    }
+
     pub fn mail_dir(&self) -> PathBuf {
         self.dir.path().join("mail")
     }
@@ -221,6 +260,160 @@ impl Drop for Postfix {
             let path = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
             eprintln!("kept postfix dir {}", path.display());
         }
+    }
+}
+
+/// A private Dovecot serving LMTP on a free port, delivering into Maildirs
+/// under `mail/<user>/`, and knowing only `users` (others are refused at RCPT).
+pub struct Dovecot {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Dovecot {
+    pub fn start(users: &[&str]) -> Dovecot {
+        require("dovecot", "dovecot-core and dovecot-lmtpd");
+        let dir = tempfile::Builder::new().prefix("mt-dovecot.").tempdir_in("/tmp").unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let root = dir.path();
+        for d in ["run", "state", "mail"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        run(Command::new("chown").arg("65534:65534").arg(root.join("mail")));
+        let mail = root.join("mail");
+        let passwd: String = users.iter().map(|u| format!("{u}::65534:65534::{}/{u}\n", mail.display())).collect();
+        std::fs::write(root.join("users"), passwd).unwrap();
+        let port = free_port();
+        let conf = format!(
+            "base_dir = {root}/run
+state_dir = {root}/state
+instance_name = mt-dovecot-{port}
+protocols = lmtp
+listen = 127.0.0.1
+log_path = {root}/dovecot.log
+ssl = no
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = 100
+mail_location = maildir:{mail}/%n
+auth_username_format = %Ln
+userdb {{
+  driver = passwd-file
+  args = {root}/users
+}}
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+service lmtp {{
+  inet_listener lmtp {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+protocol lmtp {{
+  postmaster_address = postmaster@{DOMAIN}
+}}
+",
+            root = root.display(),
+            mail = mail.display(),
+        );
+        std::fs::write(root.join("dovecot.conf"), conf).unwrap();
+        // Not `output()`: the daemon keeps the inherited pipes open.
+        let started = Command::new("dovecot")
+            .arg("-c")
+            .arg(root.join("dovecot.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            started.success(),
+            "dovecot failed to start; log:\n{}",
+            std::fs::read_to_string(root.join("dovecot.log")).unwrap_or_default()
+        );
+        let d = Dovecot { dir, port };
+        assert!(wait_for_port(port, Duration::from_secs(30)), "dovecot LMTP not listening; log:\n{}", d.log());
+        d
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dovecot.log")).unwrap_or_default()
+    }
+
+    /// Messages delivered to `user`'s Maildir.
+    pub fn mailbox(&self, user: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["new", "cur"] {
+            if let Ok(rd) = std::fs::read_dir(self.dir.path().join("mail").join(user).join(sub)) {
+                for e in rd.flatten() {
+                    out.push(String::from_utf8_lossy(&std::fs::read(e.path()).unwrap()).into_owned());
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Dovecot {
+    fn drop(&mut self) {
+        let pid = std::fs::read_to_string(self.dir.path().join("run/master.pid")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<u32>() {
+            let _ = Command::new("kill").arg(pid.to_string()).output();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+        }
+    }
+}
+
+/// A line-at-a-time SMTP/LMTP client for tests that check each reply.
+pub struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Client {
+    /// Connects and returns the greeting's code alongside.
+    pub fn connect(port: u16) -> (Client, u16) {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut c = Client { r: BufReader::new(s.try_clone().unwrap()), w: s };
+        let (code, _) = c.reply();
+        (c, code)
+    }
+
+    /// One reply: its code and its whole text.
+    pub fn reply(&mut self) -> (u16, String) {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line).unwrap_or(0) == 0 {
+                return (0, all);
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return (line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0), all);
+            }
+        }
+    }
+
+    /// Sends one command line, returns its reply.
+    pub fn cmd(&mut self, line: &str) -> (u16, String) {
+        write!(self.w, "{line}\r\n").unwrap();
+        self.reply()
+    }
+
+    /// Sends a message body (LF or CRLF) after a 354, dot-stuffed, and the final dot.
+    pub fn send_data(&mut self, data: &str) {
+        for line in data.replace("\r\n", "\n").lines() {
+            let dot = if line.starts_with('.') { "." } else { "" };
+            write!(self.w, "{dot}{line}\r\n").unwrap();
+        }
+        write!(self.w, ".\r\n").unwrap();
     }
 }
 

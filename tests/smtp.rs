@@ -1,0 +1,192 @@
+//! Black-box tests of the SMTP/LMTP content-filter front door against real
+//! peers on loopback: Postfix with `content_filter` and a reinjection
+//! listener, Dovecot LMTP as the next hop, swaks over STARTTLS, and a next
+//! hop that is down and comes back.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{config, free_port, header_values, mail, send, wait_for_port, Client, Daemon, Dovecot, Postfix, DOMAIN};
+
+/// The shared test config with an SMTP or LMTP listener on `port` relaying to `next_hop`.
+fn filter_config(listener: &str, port: u16, next_hop: &str, server_extra: &str) -> String {
+    config("enforce").replacen(
+        "[server]",
+        &format!("[server]\n{listener} = \"127.0.0.1:{port}\"\nhostname = \"filter.{DOMAIN}\"\n{server_extra}"),
+        1,
+    ) + &format!("\n[relay]\nnext_hop = \"{next_hop}\"\nquarantine_mailbox = \"quarantine@{DOMAIN}\"\n")
+}
+
+fn start_filter(config: &str, port: u16) -> Daemon {
+    let d = Daemon::start(config, false);
+    assert!(wait_for_port(port, Duration::from_secs(20)), "filter port not listening; log:\n{}", d.log());
+    d
+}
+
+/// Postfix whose mail all passes through the filter on `filter_port` and
+/// comes back on `reinject` (the listener is added only when `reinject_up`).
+fn postfix_with_content_filter(filter_port: u16, reinject: u16, reinject_up: bool) -> Postfix {
+    let pf = Postfix::start(None, "accept", &[&format!("content_filter = scan:[127.0.0.1]:{filter_port}")]);
+    pf.add_scan_transport();
+    if reinject_up {
+        pf.add_reinjection_listener(reinject);
+    }
+    pf.reload();
+    if reinject_up {
+        assert!(wait_for_port(reinject, Duration::from_secs(30)), "reinjection listener not up:\n{}", pf.log());
+    }
+    pf
+}
+
+fn one(values: Vec<String>, what: &str) -> String {
+    assert_eq!(values.len(), 1, "{what}: expected exactly one, got {values:?}");
+    values.into_iter().next().unwrap()
+}
+
+#[test]
+fn postfix_content_filter_tags_routes_and_reinjects() {
+    let (port, reinject) = (free_port(), free_port());
+    let daemon = start_filter(&filter_config("smtp", port, &format!("smtp://127.0.0.1:{reinject}"), ""), port);
+    let pf = postfix_with_content_filter(port, reinject, true);
+
+    let spoofed = mail("Lunch on Friday?", "X-Triage-Department: billing\nX-Triage-Action: reroute", "Pizza?");
+    let codes = send(
+        pf.smtp_port,
+        &[
+            mail("Your invoice 2024-17", "", "Please pay by Friday.\n.leading dot line"),
+            spoofed,
+            mail("Request for a quote", "", "100 licences please"),
+            mail("Phishing attempt reported", "", "see attached"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(codes, vec![250; 4]);
+    // invoice → billing; lunch → user; quote → user + sales (copy); phishing → quarantine mailbox.
+    let delivered = pf.wait_delivered(5, Duration::from_secs(60));
+    let ctx = || format!("postfix log:\n{}\ndaemon log:\n{}", pf.log(), daemon.log());
+    assert_eq!(delivered.len(), 5, "{delivered:#?}\n{}", ctx());
+
+    let billing = pf.mailbox("billing");
+    assert_eq!(billing.len(), 1, "{}", ctx());
+    assert_eq!(one(header_values(&billing[0], "X-Triage-Department"), "department"), "billing");
+    assert_eq!(one(header_values(&billing[0], "X-Triage-Source"), "source"), "rule:invoices");
+    assert!(billing[0].contains("\n.leading dot line"), "dot-stuffing survived both hops");
+    let user = pf.mailbox("user");
+    assert_eq!(user.len(), 2, "{}", ctx());
+    assert!(!user.iter().any(|m| m.contains("Subject: Your invoice")), "rerouted mail reached the original recipient");
+    let lunch = user.iter().find(|m| m.contains("Subject: Lunch")).unwrap();
+    assert_eq!(one(header_values(lunch, "X-Triage-Department"), "department"), "general");
+    assert_eq!(one(header_values(lunch, "X-Triage-Action"), "action"), "tag");
+    assert_eq!(pf.mailbox("sales").len(), 1, "copy to sales");
+    // The quarantine mailbox is not a listed one: Postfix files it under other/.
+    let held = pf.mailbox("other");
+    assert_eq!(held.len(), 1, "{}", ctx());
+    assert_eq!(one(header_values(&held[0], "X-Triage-Action"), "action"), "quarantine");
+    // Every message went through the filter and back in.
+    assert_eq!(pf.log().matches("relay=127.0.0.1[127.0.0.1]:").count(), 4, "{}", ctx());
+    assert!(pf.log().contains("postfix-reinject/smtpd"), "{}", ctx());
+}
+
+#[test]
+fn dovecot_lmtp_next_hop_answers_each_recipient() {
+    let dovecot = Dovecot::start(&["alice", "bob"]);
+    let port = free_port();
+    let daemon = start_filter(&filter_config("lmtp", port, &format!("lmtp://127.0.0.1:{}", dovecot.port), ""), port);
+    let ctx = || format!("dovecot log:\n{}\ndaemon log:\n{}", dovecot.log(), daemon.log());
+
+    let (mut c, greeting) = Client::connect(port);
+    assert_eq!(greeting, 220);
+    assert_eq!(c.cmd(&format!("LHLO client.{DOMAIN}")).0, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<bench@{DOMAIN}>")).0, 250);
+    assert_eq!(c.cmd(&format!("RCPT TO:<alice@{DOMAIN}>")).0, 250, "{}", ctx());
+    let (code, text) = c.cmd(&format!("RCPT TO:<carol@{DOMAIN}>"));
+    assert_eq!(code, 550, "Dovecot's refusal of an unknown user, passed back: {text}");
+    assert!(text.contains("5.1.1"), "{text}");
+    assert_eq!(c.cmd(&format!("RCPT TO:<bob@{DOMAIN}>")).0, 250);
+    assert_eq!(c.cmd("DATA").0, 354);
+    c.send_data("Subject: Request for a quote\nMessage-ID: <q1@test.example>\n\nten seats\n");
+    // LMTP: one reply per accepted recipient (alice, bob).
+    let replies = [c.reply(), c.reply()];
+    assert!(replies.iter().all(|(code, _)| *code == 250), "{replies:?}\n{}", ctx());
+    assert_eq!(c.cmd("QUIT").0, 221);
+
+    for user in ["alice", "bob"] {
+        let got = dovecot.mailbox(user);
+        assert_eq!(got.len(), 1, "{user}: delivered exactly once\n{}", ctx());
+        assert_eq!(one(header_values(&got[0], "X-Triage-Department"), "department"), "sales");
+    }
+    assert!(dovecot.mailbox("carol").is_empty());
+    // `copy` adds sales@, which this Dovecot does not know: the refused copy
+    // is dropped (and logged), the original recipients still get the message.
+    assert!(daemon.log().contains("refused the department copy"), "{}", ctx());
+    assert!(dovecot.mailbox("sales").is_empty());
+}
+
+#[test]
+fn swaks_through_starttls_and_plaintext_refused_when_tls_is_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    support::require("swaks", "swaks");
+    let pf = Postfix::start(None, "accept", &[]);
+    let port = free_port();
+    let tls = format!("tls_cert = \"{}\"\ntls_key = \"{}\"\nrequire_tls = true\n", cert.display(), key.display());
+    let daemon = start_filter(&filter_config("smtp", port, &format!("smtp://127.0.0.1:{}", pf.smtp_port), &tls), port);
+
+    let (mut c, _) = Client::connect(port);
+    let (code, caps) = c.cmd("EHLO client.test.example");
+    assert_eq!(code, 250);
+    assert!(caps.contains("STARTTLS"), "{caps}");
+    assert_eq!(c.cmd(&format!("MAIL FROM:<bench@{DOMAIN}>")).0, 530, "MAIL before STARTTLS");
+
+    let out = Command::new("swaks")
+        .args(["--tls", "--server", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--from", &format!("bench@{DOMAIN}"), "--to", &format!("user@{DOMAIN}")])
+        .args(["--ehlo", "client.test.example", "--header", "Subject: your invoice 77", "--body", "pay"])
+        .output()
+        .expect("swaks");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "swaks failed:\n{text}\ndaemon log:\n{}", daemon.log());
+    assert!(text.contains("TLS started"), "{text}");
+    let delivered = pf.wait_delivered(1, Duration::from_secs(60));
+    assert_eq!(delivered.len(), 1, "{}", pf.log());
+    let billing = pf.mailbox("billing");
+    assert_eq!(one(header_values(&billing[0], "X-Triage-Department"), "department"), "billing");
+}
+
+#[test]
+fn next_hop_down_keeps_mail_queued_until_it_returns() {
+    let (port, reinject) = (free_port(), free_port());
+    let daemon = start_filter(&filter_config("smtp", port, &format!("smtp://127.0.0.1:{reinject}"), ""), port);
+    let pf = postfix_with_content_filter(port, reinject, false);
+    assert_eq!(send(pf.smtp_port, &[mail("Hello there", "", "one message")]).unwrap(), vec![250]);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(pf.log().contains("status=deferred") && pf.queue_count("deferred") == 1) {
+        assert!(Instant::now() < deadline, "not deferred:\n{}\n{}", pf.log(), daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(pf.log().contains("4.4.1"), "the client heard our 4xx:\n{}", pf.log());
+    assert!(pf.all_delivered().is_empty());
+
+    pf.add_reinjection_listener(reinject);
+    pf.reload();
+    assert!(wait_for_port(reinject, Duration::from_secs(30)));
+    pf.flush();
+    let delivered = pf.wait_delivered(1, Duration::from_secs(60));
+    assert_eq!(delivered.len(), 1, "{}\n{}", pf.log(), daemon.log());
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(pf.all_delivered().len(), 1, "delivered exactly once");
+    assert_eq!(pf.queue_count("deferred"), 0);
+    assert_eq!(one(header_values(&delivered[0].1, "X-Triage-Department"), "department"), "general");
+}
