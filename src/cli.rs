@@ -143,6 +143,11 @@ pub struct TrainArgs {
     /// with a dev split of thousands of messages).
     #[arg(long)]
     pub search: bool,
+    /// With embeddings, also train a lexical-only head that decides alone
+    /// (no encoder) where, on the dev split, that costs at most this much
+    /// accuracy and macro-F1. Negative: no cascade.
+    #[arg(long, default_value_t = 0.005, allow_negative_numbers = true)]
+    pub cascade_tolerance: f64,
 }
 
 #[derive(Debug, Args)]

@@ -316,6 +316,8 @@ pub struct ModelConfig {
     pub deadline: Duration,
     /// `cpu`, or `cuda` (needs a build with the `cuda` feature).
     pub device: String,
+    /// Embeddings kept for identical text (bulk mail); 0 disables the cache.
+    pub cache_entries: usize,
 }
 
 impl Default for ModelConfig {
@@ -330,6 +332,7 @@ impl Default for ModelConfig {
             queue_depth: 64,
             deadline: Duration::from_secs(2),
             device: "cpu".into(),
+            cache_entries: 10_000,
         }
     }
 }

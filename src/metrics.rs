@@ -31,6 +31,10 @@ pub mod name {
     pub const QUEUE_DEPTH: &str = "mailtriage_inference_queue_depth";
     pub const CONNECTIONS: &str = "mailtriage_connections_open";
     pub const INFO: &str = "mailtriage_info";
+    /// Model decisions by how they were reached: `lexical` (the cascade's
+    /// lexical head was sure), `cache` (same text seen before), `encoder`,
+    /// `overload` (queue full or deadline passed: the lexical head decided).
+    pub const MODEL_PATH: &str = "mailtriage_model_decisions_total";
     /// SMTP/LMTP front doors: messages relayed to the next hop, by result.
     pub const RELAY: &str = "mailtriage_relay_total";
 }

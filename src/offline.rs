@@ -117,12 +117,15 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
         lexical: LexicalConfig { bits: args.bits, char_weight: args.char_weight, ..Default::default() },
         refit: !args.no_refit,
         search: args.search,
+        cascade_tolerance: args.cascade_tolerance,
         ..Default::default()
     };
     let label_field = if args.data.maildir.is_some() { "department".to_string() } else { args.data.label.clone() };
     let provenance = Provenance { label_field, encoder: Some(m.id.clone()), max_tokens: m.max_tokens };
     let fit_started = Instant::now();
-    let fits = opts.candidates(embeddings.is_some()).len() + usize::from(opts.refit);
+    let cascade_fits =
+        if embeddings.is_some() && opts.cascade_tolerance >= 0.0 { 1 + usize::from(opts.refit) } else { 0 };
+    let fits = opts.candidates(embeddings.is_some()).len() + usize::from(opts.refit) + cascade_fits;
     let epochs = Progress::new("training", opts.epochs * fits);
     let mut step = 0;
     let (head, report) = train::train(&examples, embeddings.as_deref(), provenance, &opts, |_, _, _| {
@@ -139,6 +142,18 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
         "dev split ({} messages): accuracy {:.4}, macro-F1 {:.4}, ECE {:.4}, temperature {:.3}",
         d.n, d.accuracy, d.macro_f1, d.ece, report.temperature
     );
+    if let Some(c) = &report.cascade {
+        eprintln!(
+            "cascade: the lexical head decides alone at confidence ≥ {:.2}: {:.1} % of the dev split, accuracy {:.4} \
+             (full head {:.4}), macro-F1 {:.4} (full head {:.4})",
+            c.threshold,
+            c.dev["skipped_share"].as_f64().unwrap_or(0.0) * 100.0,
+            c.dev["cascade"]["accuracy"].as_f64().unwrap_or(0.0),
+            c.dev["full"]["accuracy"].as_f64().unwrap_or(0.0),
+            c.dev["cascade"]["macro_f1"].as_f64().unwrap_or(0.0),
+            c.dev["full"]["macro_f1"].as_f64().unwrap_or(0.0),
+        );
+    }
     eprintln!(
         "wrote {} ({} labels, version {}); fitting {:.1} s, total {:.1} s",
         args.out.display(),
@@ -183,15 +198,36 @@ pub fn eval(cfg: &Config, args: &EvalArgs) -> Result<ExitCode> {
     } else {
         None
     };
+    // As the daemon decides: the cascade's lexical head where it is sure,
+    // the full head elsewhere. Both are measured, and the share skipped.
+    let mut lexical_decided = 0usize;
+    let mut full_outcomes = Vec::with_capacity(records.len());
     let outcomes: Vec<Outcome> = records
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let p = head.predict(embeddings.as_ref().map(|e| e[i].as_slice()), &head.lexical(&r.text));
+            let lex = head.lexical(&r.text);
             let truth = r.label.as_ref().and_then(|l| head.meta.labels.iter().position(|x| x == l));
+            let full = head.predict(embeddings.as_ref().map(|e| e[i].as_slice()), &lex);
+            full_outcomes.push(Outcome { truth, predicted: full.index, confidence: full.confidence });
+            let p = match head.predict_lexical(&lex) {
+                Some((p, true)) => {
+                    lexical_decided += 1;
+                    p
+                }
+                _ => full,
+            };
             Outcome { truth, predicted: p.index, confidence: p.confidence }
         })
         .collect();
+    let cascade = head.meta.cascade.as_ref().map(|c| {
+        let without = eval::compute(&head.meta.labels, &full_outcomes);
+        serde_json::json!({
+            "threshold": c.threshold,
+            "skipped_share": lexical_decided as f64 / records.len().max(1) as f64,
+            "without_cascade": {"accuracy": without.accuracy, "macro_f1": without.macro_f1, "ece": without.ece},
+        })
+    });
     let overall = eval::compute(&head.meta.labels, &outcomes);
     let mut slices: BTreeMap<String, BTreeMap<String, Metrics>> = BTreeMap::new();
     for field in &args.slice {
@@ -216,10 +252,23 @@ pub fn eval(cfg: &Config, args: &EvalArgs) -> Result<ExitCode> {
         v["head"] = path.display().to_string().into();
         v["head_version"] = head.meta.version.clone().into();
         v["seconds"] = secs.into();
+        if let Some(c) = &cascade {
+            v["cascade"] = c.clone();
+        }
         println!("{v}");
     } else {
         println!("head {} (version {}, label `{}`)\n", path.display(), head.meta.version, head.meta.label_field);
         print!("{}", overall.render());
+        if let Some(c) = &cascade {
+            println!(
+                "\ncascade: {:.1} % decided by the lexical head alone (confidence ≥ {}); without the cascade: \
+                 accuracy={:.4} macro-F1={:.4}",
+                c["skipped_share"].as_f64().unwrap_or(0.0) * 100.0,
+                c["threshold"],
+                c["without_cascade"]["accuracy"].as_f64().unwrap_or(0.0),
+                c["without_cascade"]["macro_f1"].as_f64().unwrap_or(0.0),
+            );
+        }
         for (field, groups) in &slices {
             println!("\nby {field}:");
             for (value, m) in groups {

@@ -19,6 +19,7 @@ use crate::envelope::{domain_of, Envelope};
 use crate::extract::{extract, ExtractLimits, Features};
 use crate::metrics::name;
 use crate::model::batcher::{Batcher, EmbedFn};
+use crate::model::cache::EmbeddingCache;
 use crate::model::{self, features_text, Classifier, ModelError, ModelVerdict};
 use crate::policy::{Decision, Policy};
 use crate::rules::{RuleError, RuleSet};
@@ -94,6 +95,7 @@ impl Triage {
 struct ModelStage {
     classifier: Arc<Classifier>,
     batcher: Option<Batcher>,
+    cache: EmbeddingCache,
     /// Head label → configured department.
     departments: HashMap<String, String>,
 }
@@ -129,7 +131,7 @@ impl Triage {
                     let embed: EmbedFn = Arc::new(move |text: &str| enc.embed(text));
                     Batcher::start(embed, m.workers, m.queue_depth, m.deadline)
                 });
-                Some(ModelStage { classifier, batcher, departments })
+                Some(ModelStage { classifier, batcher, departments, cache: EmbeddingCache::new(m.cache_entries) })
             }
         };
         Ok(Self {
@@ -177,15 +179,23 @@ impl Triage {
             Some(d) => d,
             None => {
                 let text = features_text(&features);
-                let embedding = match &self.model {
-                    Some(m) if m.classifier.needs_embedding() => {
-                        let enc =
-                            m.classifier.encoder.as_ref().expect("a classifier that needs embeddings has an encoder");
-                        Some(enc.embed(&text)?)
+                match self.cascade(&text) {
+                    Some(d) => d,
+                    None => {
+                        let embedding = match &self.model {
+                            Some(m) if m.classifier.needs_embedding() => {
+                                let enc = m
+                                    .classifier
+                                    .encoder
+                                    .as_ref()
+                                    .expect("a classifier that needs embeddings has an encoder");
+                                Some(enc.embed(&text)?)
+                            }
+                            _ => None,
+                        };
+                        self.model_decision(&text, embedding.as_deref())
                     }
-                    _ => None,
-                };
-                self.model_decision(&text, embedding.as_deref())
+                }
             }
         };
         let plan = Plan::for_decision(&decision, envelope, header_names);
@@ -196,17 +206,38 @@ impl Triage {
         self.rules.first_match(envelope, features).map(|m| self.policy.decide(Some(m)))
     }
 
+    /// The cascade's lexical decision, when its heads are sure enough that the
+    /// encoder would not change the outcome measurably (see `train`).
+    fn cascade(&self, text: &str) -> Option<Decision> {
+        let m = self.model.as_ref().filter(|m| m.classifier.needs_embedding())?;
+        match m.classifier.predict_lexical(text)? {
+            (verdict, true) => Some(self.verdict_decision(m, verdict, true)),
+            _ => None,
+        }
+    }
+
+    /// The lexical heads' decision whatever their confidence: what a message
+    /// gets when the encoder cannot take it in time.
+    fn lexical_fallback(&self, text: &str) -> Option<Decision> {
+        let m = self.model.as_ref()?;
+        m.classifier.predict_lexical(text).map(|(verdict, _)| self.verdict_decision(m, verdict, true))
+    }
+
+    fn verdict_decision(&self, m: &ModelStage, verdict: ModelVerdict, lexical: bool) -> Decision {
+        let ModelVerdict { department, priority } = verdict;
+        let id = if lexical { format!("{}/lexical", m.classifier.id) } else { m.classifier.id.clone() };
+        self.policy.decide_model(
+            &m.departments[&department.label],
+            department.confidence,
+            priority.as_ref().map(|p| p.label.as_str()),
+            &id,
+        )
+    }
+
     /// The model's decision on a message's text ([`features_text`]), or the default without a model.
     fn model_decision(&self, text: &str, embedding: Option<&[f32]>) -> Decision {
         let Some(m) = &self.model else { return self.policy.decide(None) };
-        let ModelVerdict { department, priority } = m.classifier.predict(text, embedding);
-        let dept = &m.departments[&department.label];
-        self.policy.decide_model(
-            dept,
-            department.confidence,
-            priority.as_ref().map(|p| p.label.as_str()),
-            &m.classifier.id,
-        )
+        self.verdict_decision(m, m.classifier.predict(text, embedding), false)
     }
 }
 
@@ -334,16 +365,66 @@ impl Triage {
             None => {
                 // Built once: the encoder and the lexical features read the same text.
                 let text = features_text(&features);
-                let embedding = match self.model.as_ref().and_then(|m| m.batcher.as_ref()) {
-                    Some(b) => Some(b.embed(text.clone()).await?),
-                    None => None,
-                };
-                let triage = Arc::clone(self);
-                blocking(move || triage.model_decision(&text, embedding.as_deref())).await?
+                self.model_decide_async(text).await?
             }
         };
         let plan = Plan::for_decision(&decision, &envelope, &header_names);
         Ok((decision, plan, features))
+    }
+}
+
+impl Triage {
+    /// The model's part, cheapest first: the cascade's lexical heads, then
+    /// an embedding from the cache, then the encoder through the bounded
+    /// queue; when the queue is full or the deadline passes, the lexical
+    /// heads decide rather than nobody.
+    async fn model_decide_async(self: &Arc<Self>, text: String) -> Result<Decision, FilterError> {
+        let Some(m) = self.model.as_ref().filter(|m| m.classifier.needs_embedding()) else {
+            let triage = Arc::clone(self);
+            return blocking(move || triage.model_decision(&text, None)).await;
+        };
+        let triage = Arc::clone(self);
+        let (text, cascaded) = blocking(move || {
+            let d = triage.cascade(&text);
+            (text, d)
+        })
+        .await?;
+        let path = |p: &'static str| metrics::counter!(name::MODEL_PATH, "path" => p).increment(1);
+        if let Some(d) = cascaded {
+            path("lexical");
+            return Ok(d);
+        }
+        let key = EmbeddingCache::key(&text);
+        let embedding: Arc<[f32]> = match (m.cache.get(&key), &m.batcher) {
+            (Some(e), _) => {
+                path("cache");
+                e
+            }
+            (None, Some(b)) => match b.embed(text.clone()).await {
+                Ok(e) => {
+                    path("encoder");
+                    let e: Arc<[f32]> = Arc::from(e);
+                    m.cache.insert(key, e.clone());
+                    e
+                }
+                Err(e @ (ModelError::Overloaded(_) | ModelError::Timeout(_))) => {
+                    let triage = Arc::clone(self);
+                    let fallback = blocking(move || triage.lexical_fallback(&text)).await?;
+                    return match fallback {
+                        Some(d) => {
+                            path("overload");
+                            tracing::debug!(reason = %e, "encoder unavailable in time; the lexical head decided");
+                            Ok(d)
+                        }
+                        None => Err(e.into()),
+                    };
+                }
+                Err(e) => return Err(e.into()),
+            },
+            (None, None) => return Err(FilterError::Task("the model needs embeddings but has no encoder".into())),
+        };
+        let triage = Arc::clone(self);
+        blocking(move || triage.model_decision(&text, Some(&embedding))).await
     }
 }
 

@@ -13,7 +13,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::eval::{self, Metrics, Outcome};
-use crate::model::head::{softmax, Head, HeadMeta};
+use crate::model::head::{softmax, CascadeMeta, Head, HeadMeta};
 use crate::model::lexical::{self, LexicalConfig, Sparse};
 
 /// One labeled training text (subject + body, as the daemon sees mail).
@@ -40,6 +40,10 @@ pub struct TrainOptions {
     /// Try a small grid of settings (character block on/off, class weighting,
     /// embedding weight) and keep the best on the dev split.
     pub search: bool,
+    /// With embeddings: also train a lexical-only head and let it decide
+    /// alone where, on the dev split, that costs at most this much accuracy
+    /// and macro-F1. Negative: no cascade.
+    pub cascade_tolerance: f64,
 }
 
 impl Default for TrainOptions {
@@ -55,6 +59,7 @@ impl Default for TrainOptions {
             lexical: LexicalConfig::default(),
             refit: true,
             search: false,
+            cascade_tolerance: 0.005,
         }
     }
 }
@@ -101,6 +106,8 @@ pub struct TrainReport {
     pub dev_examples: usize,
     pub temperature: f32,
     pub dev: Metrics,
+    /// The lexical-only head's threshold and dev figures, when one was trained.
+    pub cascade: Option<CascadeMeta>,
 }
 
 /// Where the head came from, for its metadata.
@@ -185,6 +192,7 @@ pub fn train(
         train_examples: examples.len(),
         dev_metrics: serde_json::Value::Null,
         version: String::new(),
+        cascade: None,
     };
     let emb_of = |i: usize| embeddings.map(|e| e[i].as_slice());
     let dev_y: Vec<usize> = dev_idx.iter().map(|&i| y[i]).collect();
@@ -235,11 +243,33 @@ pub fn train(
     let temperature = if dev_idx.is_empty() { 1.0 } else { fit_temperature(&dev_logits, &dev_y) };
     let dev = eval::compute(&labels, &outcomes(&dev_logits, temperature));
 
-    // 3. Refit on everything with the chosen settings, keep the temperature.
-    if chosen.refit && !dev_idx.is_empty() {
-        let all: Vec<usize> = (0..examples.len()).collect();
+    // 3. The cascade: a lexical-only head with the same settings, and the
+    //    lowest confidence at which it may decide alone.
+    let lexical_meta = HeadMeta { encoder: None, embedding_dim: 0, lexical: chosen.lexical, ..base_meta.clone() };
+    let no_embedding = |_: usize| -> Option<&[f32]> { None };
+    let cascade = (dim > 0 && !dev_idx.is_empty() && opts.cascade_tolerance >= 0.0).then(|| {
+        let lexical =
+            fit(examples, &buckets, &y, &train_idx, no_embedding, lexical_meta.clone(), &chosen, &mut progress);
+        let lexical_logits = dev_logits_of(&lexical);
+        let t = fit_temperature(&lexical_logits, &dev_y);
+        let (full, alone) = (outcomes(&dev_logits, temperature), outcomes(&lexical_logits, t));
+        let (threshold, dev_figures) = cascade_threshold(&labels, &full, &alone, opts.cascade_tolerance);
+        CascadeMeta { temperature: t, threshold, dev: dev_figures }
+    });
+
+    // 4. Refit on everything with the chosen settings, keep the temperatures.
+    let all: Vec<usize> = (0..examples.len()).collect();
+    let refit = chosen.refit && !dev_idx.is_empty();
+    if refit {
         let meta = HeadMeta { embedding_weight: chosen.embedding_weight, lexical: chosen.lexical, ..base_meta };
         head = fit(examples, &buckets, &y, &all, emb_of, meta, &chosen, &mut progress);
+    }
+    if cascade.is_some() {
+        let rows = if refit { &all } else { &train_idx };
+        let lexical = fit(examples, &buckets, &y, rows, no_embedding, lexical_meta, &chosen, &mut progress);
+        debug_assert_eq!(lexical.idf, head.idf, "both heads see the same documents");
+        head.lexical_only = Some((lexical.w_lex, lexical.bias));
+        head.meta.cascade = cascade.clone();
     }
     head.meta.temperature = temperature;
     head.meta.dev_metrics = serde_json::json!({
@@ -247,9 +277,52 @@ pub fn train(
         "balanced": chosen.balanced,
     });
     head.meta.version = head.meta.trained_at.replace(['-', ':'], "").trim_end_matches('Z').to_string();
-    let report =
-        TrainReport { chosen, search, train_examples: train_idx.len(), dev_examples: dev_idx.len(), temperature, dev };
+    let report = TrainReport {
+        chosen,
+        search,
+        train_examples: train_idx.len(),
+        dev_examples: dev_idx.len(),
+        temperature,
+        dev,
+        cascade,
+    };
     Ok((head, report))
+}
+
+/// The lowest confidence (0.30, 0.31, … 1.00; 1.01 = never) at which the
+/// lexical head's answer may replace the full head's on the dev split with
+/// accuracy and macro-F1 each at most `tolerance` below the full head's.
+/// Returns it with the dev figures at that threshold.
+fn cascade_threshold(
+    labels: &[String],
+    full: &[Outcome],
+    lexical: &[Outcome],
+    tolerance: f64,
+) -> (f32, serde_json::Value) {
+    let f = eval::compute(labels, full);
+    let alone = eval::compute(labels, lexical);
+    let mixed = |t: f32| -> (Metrics, usize) {
+        let out: Vec<Outcome> =
+            full.iter().zip(lexical).map(|(f, l)| if l.confidence >= t { *l } else { *f }).collect();
+        (eval::compute(labels, &out), lexical.iter().filter(|l| l.confidence >= t).count())
+    };
+    let chosen = (30..=101)
+        .map(|p| p as f32 / 100.0)
+        .find(|&t| {
+            let (m, _) = mixed(t);
+            m.accuracy >= f.accuracy - tolerance && m.macro_f1 >= f.macro_f1 - tolerance
+        })
+        .unwrap_or(1.01);
+    let (m, skipped) = mixed(chosen);
+    let figures = serde_json::json!({
+        "n": full.len(),
+        "skipped_share": skipped as f64 / full.len().max(1) as f64,
+        "tolerance": tolerance,
+        "full": {"accuracy": f.accuracy, "macro_f1": f.macro_f1},
+        "cascade": {"accuracy": m.accuracy, "macro_f1": m.macro_f1, "ece": m.ece},
+        "lexical_alone": {"accuracy": alone.accuracy, "macro_f1": alone.macro_f1, "ece": alone.ece},
+    });
+    (chosen, figures)
 }
 
 /// AdaGrad on the examples `idx`, IDF from those examples only.
@@ -269,7 +342,14 @@ fn fit<'a>(
     let lexdim = meta.lexical.dim();
     let docs: Vec<Vec<u32>> = idx.iter().map(|&i| buckets[i].clone()).collect();
     let idf = lexical::idf(&docs, lexdim);
-    let mut head = Head { meta, w_emb: vec![0.0; c * dim], w_lex: vec![0.0; lexdim * c], bias: vec![0.0; c], idf };
+    let mut head = Head {
+        meta,
+        w_emb: vec![0.0; c * dim],
+        w_lex: vec![0.0; lexdim * c],
+        bias: vec![0.0; c],
+        idf,
+        lexical_only: None,
+    };
     let xs: Vec<Sparse> = idx.iter().map(|&i| head.lexical(&examples[i].text)).collect();
 
     let mut counts = vec![0usize; c];

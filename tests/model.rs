@@ -199,7 +199,9 @@ fn lexical_only_eval_figures_are_exact_on_the_fixture() {
 fn classify_uses_the_model_and_sends_unsure_mail_to_review() {
     let dir = tempfile::tempdir().unwrap();
     let head = dir.path().join("department.safetensors");
-    train_fixture(&config(dir.path(), ""), "department", &head, &[]);
+    // No cascade: this test is about the full head's confidence.
+    train_fixture(&config(dir.path(), ""), "department", &head, &["--cascade-tolerance", "-1"]);
+    assert!(Head::load(&head).unwrap().meta.cascade.is_none());
     let msg = dir.path().join("m.eml");
     std::fs::write(&msg, "From: a@x.example\r\nTo: user@test.example\r\nSubject: Rechnung 4711 ist falsch\r\n\r\nBitte Betrag korrigieren.\r\n").unwrap();
 
@@ -269,4 +271,61 @@ fn corrupt_or_mismatched_model_files_are_named_at_startup() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("\"de\"") && err.contains("labels"), "{err}");
+}
+
+#[test]
+fn the_cascade_decides_lexically_when_sure_and_under_overload() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("department.safetensors");
+    let out = train_fixture(&config(dir.path(), ""), "department", &head, &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cascade: the lexical head decides alone"));
+    let trained = Head::load(&head).unwrap();
+    let cascade = trained.meta.cascade.clone().expect("a head trained with embeddings has a cascade");
+    assert!(trained.lexical_only.is_some());
+    assert!(cascade.dev["skipped_share"].as_f64().is_some(), "{:?}", cascade.dev);
+
+    let msg = dir.path().join("m.eml");
+    std::fs::write(
+        &msg,
+        "From: a@x.example\r\nTo: user@test.example\r\nSubject: Rechnung 4711 ist falsch\r\n\r\nBitte Betrag korrigieren.\r\n",
+    )
+    .unwrap();
+    let source_with_threshold = |threshold: f32| {
+        let mut h = trained.clone();
+        h.meta.cascade.as_mut().unwrap().threshold = threshold;
+        h.save(&head).unwrap();
+        let cfg = config(dir.path(), &format!("department_head = \"{}\"", head.display()));
+        let v: Value =
+            serde_json::from_str(ok(&mailtriage(&cfg, &["classify", msg.to_str().unwrap()])).trim()).unwrap();
+        assert_eq!(v["decision"]["department"], "billing", "{v}");
+        v["decision"]["source"].as_str().unwrap().to_string()
+    };
+    assert_eq!(source_with_threshold(0.0), "model:sentence-transformers/all-MiniLM-L6-v2/lexical");
+    assert_eq!(source_with_threshold(1.01), "model:sentence-transformers/all-MiniLM-L6-v2");
+
+    // Overload: the encoder cannot answer within the deadline, so the lexical
+    // head decides instead of nobody (the cascade threshold is now "never").
+    let cfg = mailtriage::config::Config::from_toml(
+        &format!(
+            "[model]\npath = \"{}\"\nmax_tokens = 256\nworkers = 1\ndeadline = \"1ms\"\ndepartment_head = \"{}\"\n\
+             [[departments]]\nname = \"billing\"\n[[departments]]\nname = \"support\"\n[[departments]]\nname = \"hr\"\n",
+            model_dir().display(),
+            head.display()
+        ),
+        "overload",
+    )
+    .unwrap();
+    let triage = std::sync::Arc::new(mailtriage::pipeline::Triage::new(&cfg).unwrap());
+    let long = "Bitte korrigieren Sie den Betrag auf der Rechnung. ".repeat(40);
+    let input = mailtriage::pipeline::MessageInput {
+        raw: format!("Subject: Rechnung 4711 ist falsch\r\n\r\n{long}\r\n").into_bytes(),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let plan = rt.block_on(mailtriage::pipeline::Filter::filter(&triage, input)).unwrap();
+    let source = plan.changes.iter().find_map(|c| match c {
+        mailtriage::actions::Change::AddHeader { name, value } if name == "X-Triage-Source" => Some(value.clone()),
+        _ => None,
+    });
+    assert_eq!(source.as_deref(), Some("model:sentence-transformers/all-MiniLM-L6-v2/lexical"));
 }

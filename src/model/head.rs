@@ -40,6 +40,23 @@ pub struct HeadMeta {
     /// Version shown in headers and logs: trained_at as a compact stamp.
     #[serde(default)]
     pub version: String,
+    /// The cascade: a lexical-only head trained beside this one decides
+    /// alone when its calibrated confidence reaches this (chosen on the dev
+    /// split so accuracy does not drop), and under overload. `None`: no
+    /// lexical-only head in the file.
+    #[serde(default)]
+    pub cascade: Option<CascadeMeta>,
+}
+
+/// How the lexical-only head of a cascade was calibrated and what it did on dev.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CascadeMeta {
+    pub temperature: f32,
+    /// Decide without the encoder at or above this confidence (above 1: never).
+    pub threshold: f32,
+    /// Dev figures: share of messages decided lexically, accuracy/macro-F1 of
+    /// the full head, of the cascade, and of the lexical head alone.
+    pub dev: serde_json::Value,
 }
 
 /// A head's answer for one message.
@@ -61,6 +78,9 @@ pub struct Head {
     pub w_lex: Vec<f32>,
     pub bias: Vec<f32>,
     pub idf: Vec<f32>,
+    /// The cascade's lexical-only weights (`[2^bits × classes]` and bias),
+    /// sharing `idf`; present when `meta.cascade` is.
+    pub lexical_only: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Head {
@@ -100,7 +120,26 @@ impl Head {
 
     /// Calibrated prediction. `emb` must be given when the head uses one.
     pub fn predict(&self, emb: Option<&[f32]>, lex: &Sparse) -> Prediction {
-        let probs = softmax(&self.logits(emb, lex), self.meta.temperature);
+        self.prediction(softmax(&self.logits(emb, lex), self.meta.temperature))
+    }
+
+    /// The lexical-only head's calibrated prediction, and whether it is
+    /// confident enough to decide alone. `None` without a cascade.
+    pub fn predict_lexical(&self, lex: &Sparse) -> Option<(Prediction, bool)> {
+        let (cascade, (w, b)) = (self.meta.cascade.as_ref()?, self.lexical_only.as_ref()?);
+        let c = self.classes();
+        let mut z = b.clone();
+        for &(i, v) in lex {
+            for (zk, wk) in z.iter_mut().zip(&w[i as usize * c..(i as usize + 1) * c]) {
+                *zk += v * wk;
+            }
+        }
+        let p = self.prediction(softmax(&z, cascade.temperature));
+        let confident = p.confidence >= cascade.threshold;
+        Some((p, confident))
+    }
+
+    fn prediction(&self, probs: Vec<f32>) -> Prediction {
         let (index, &confidence) =
             probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).expect("a head has at least two classes");
         Prediction { label: self.meta.labels[index].clone(), index, confidence, probs }
@@ -119,6 +158,11 @@ impl Head {
         ];
         if self.uses_embedding() {
             views.push(("w_emb", TensorView::new(Dtype::F32, vec![c, self.meta.embedding_dim], &we)));
+        }
+        let (lw, lb) = self.lexical_only.as_ref().map(|(w, b)| (bytes(w), bytes(b))).unwrap_or_default();
+        if self.lexical_only.is_some() {
+            views.push(("lexical_only.w_lex", TensorView::new(Dtype::F32, vec![self.idf.len(), c], &lw)));
+            views.push(("lexical_only.bias", TensorView::new(Dtype::F32, vec![c], &lb)));
         }
         let views: Vec<(&str, TensorView<'_>)> = views
             .into_iter()
@@ -170,11 +214,21 @@ impl Head {
             Ok(v)
         };
         let w_emb = if meta.embedding_dim > 0 { read("w_emb", &[c, meta.embedding_dim])? } else { Vec::new() };
+        let lexical_only = match &meta.cascade {
+            Some(_) => Some((read("lexical_only.w_lex", &[dim, c])?, read("lexical_only.bias", &[c])?)),
+            None => None,
+        };
+        if let Some(cascade) = &meta.cascade {
+            if !(cascade.temperature.is_finite() && cascade.temperature > 0.0) {
+                return Err(bad(format!("cascade temperature {} is not positive", cascade.temperature)));
+            }
+        }
         let head = Head {
             w_lex: read("w_lex", &[dim, c])?,
             bias: read("bias", &[c])?,
             idf: read("idf", &[dim])?,
             w_emb,
+            lexical_only,
             meta,
         };
         if !(head.meta.temperature.is_finite() && head.meta.temperature > 0.0) {
@@ -215,11 +269,13 @@ mod tests {
                 train_examples: 10,
                 dev_metrics: serde_json::json!({"accuracy": 0.5}),
                 version: "20260101T000000".into(),
+                cascade: Some(CascadeMeta { temperature: 1.0, threshold: 0.8, dev: serde_json::json!({}) }),
             },
             w_emb: vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
-            w_lex,
+            w_lex: w_lex.clone(),
             bias: vec![0.0, 0.5],
             idf: vec![1.0; lexical.dim()],
+            lexical_only: Some((w_lex, vec![0.0, 0.0])),
         }
     }
 
@@ -231,6 +287,12 @@ mod tests {
         let expect = softmax(&[3.0, 0.5], 2.0);
         assert_eq!(p.label, "billing");
         assert!((p.confidence - expect[0]).abs() < 1e-6);
+        // The lexical-only head: bucket 3 gives logits (2, 0) at T=1 → 0.88 ≥ 0.8, confident.
+        let (lp, confident) = h.predict_lexical(&vec![(3, 1.0)]).unwrap();
+        assert_eq!(lp.label, "billing");
+        assert!((lp.confidence - softmax(&[2.0, 0.0], 1.0)[0]).abs() < 1e-6 && confident);
+        let (_, confident) = h.predict_lexical(&vec![(3, 0.1)]).unwrap();
+        assert!(!confident, "a weak lexical signal leaves it to the full head");
     }
 
     #[test]
@@ -242,6 +304,7 @@ mod tests {
         let back = Head::load(&path).unwrap();
         assert_eq!(back.meta, h.meta);
         assert_eq!((back.w_emb, back.w_lex, back.bias, back.idf), (h.w_emb, h.w_lex, h.bias, h.idf));
+        assert_eq!(back.lexical_only, h.lexical_only);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 pub mod batcher;
 pub mod bulk;
+pub mod cache;
 pub mod encoder;
 pub mod fetch;
 pub mod head;
@@ -102,6 +103,23 @@ impl Classifier {
         ModelVerdict { department, priority }
     }
 
+    /// The cascade's first step: the lexical-only heads' verdict, and whether
+    /// every head is confident enough for it to stand without the encoder.
+    /// `None` when a head that uses embeddings has no lexical-only part.
+    pub fn predict_lexical(&self, text: &str) -> Option<(ModelVerdict, bool)> {
+        let DepartmentModel::Trained(d) = &self.department else { return None };
+        let (department, mut confident) = lexical_verdict(d, text)?;
+        let priority = match &self.priority {
+            None => None,
+            Some(h) => {
+                let (p, c) = lexical_verdict(h, text)?;
+                confident &= c;
+                Some(p)
+            }
+        };
+        Some((ModelVerdict { department, priority }, confident))
+    }
+
     /// Department labels this classifier can output.
     pub fn department_labels(&self) -> Vec<String> {
         match &self.department {
@@ -118,6 +136,15 @@ impl Classifier {
         };
         let p = self.priority.as_ref().map_or("none".into(), |h| h.meta.version.clone());
         format!("department={d} priority={p}")
+    }
+}
+
+fn lexical_verdict(h: &Head, text: &str) -> Option<(Prediction, bool)> {
+    let lex = h.lexical(text);
+    if h.uses_embedding() {
+        h.predict_lexical(&lex)
+    } else {
+        Some((h.predict(None, &lex), true))
     }
 }
 
