@@ -327,7 +327,7 @@ impl Default for ModelConfig {
             path: None,
             department_head: None,
             priority_head: None,
-            max_tokens: 256,
+            max_tokens: 128,
             workers: 2,
             queue_depth: 64,
             deadline: Duration::from_secs(2),

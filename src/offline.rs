@@ -16,7 +16,7 @@ use mailtriage::extract::ExtractLimits;
 use mailtriage::model::encoder::Encoder;
 use mailtriage::model::head::Head;
 use mailtriage::model::lexical::LexicalConfig;
-use mailtriage::model::{bulk, fetch};
+use mailtriage::model::{bulk, encoder_text, fetch};
 use mailtriage::pipeline::Triage;
 use mailtriage::train::{self, Example, Provenance, TrainOptions};
 
@@ -83,7 +83,10 @@ fn read_data(cfg: &Config, args: &DataArgs, need_label: bool) -> Result<Vec<Reco
     Ok(records)
 }
 
+/// Embeds model texts as the daemon does: through [`encoder_text`].
 fn embed(m: &ModelConfig, encoder: &Encoder, texts: &[String], args: &DataArgs) -> Result<Vec<Vec<f32>>> {
+    let texts: Vec<String> = texts.iter().map(|t| encoder_text(t)).collect();
+    let texts = texts.as_slice();
     let threads = args.threads();
     let progress = Progress::new("embedding", texts.len());
     let started = Instant::now();

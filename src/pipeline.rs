@@ -20,7 +20,7 @@ use crate::extract::{extract, ExtractLimits, Features};
 use crate::metrics::name;
 use crate::model::batcher::{Batcher, EmbedFn};
 use crate::model::cache::EmbeddingCache;
-use crate::model::{self, features_text, Classifier, ModelError, ModelVerdict};
+use crate::model::{self, encoder_text, features_text, Classifier, ModelError, ModelVerdict};
 use crate::policy::{Decision, Policy};
 use crate::rules::{RuleError, RuleSet};
 
@@ -189,7 +189,7 @@ impl Triage {
                                     .encoder
                                     .as_ref()
                                     .expect("a classifier that needs embeddings has an encoder");
-                                Some(enc.embed(&text)?)
+                                Some(enc.embed(&encoder_text(&text))?)
                             }
                             _ => None,
                         };
@@ -394,13 +394,14 @@ impl Triage {
             path("lexical");
             return Ok(d);
         }
-        let key = EmbeddingCache::key(&text);
+        let for_encoder = encoder_text(&text);
+        let key = EmbeddingCache::key(&for_encoder);
         let embedding: Arc<[f32]> = match (m.cache.get(&key), &m.batcher) {
             (Some(e), _) => {
                 path("cache");
                 e
             }
-            (None, Some(b)) => match b.embed(text.clone()).await {
+            (None, Some(b)) => match b.embed(for_encoder).await {
                 Ok(e) => {
                     path("encoder");
                     let e: Arc<[f32]> = Arc::from(e);

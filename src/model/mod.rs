@@ -6,6 +6,7 @@
 //! - [`prototypes`]: the cold-start classifier from department descriptions.
 //! - [`batcher`]: the bounded queue in front of the encoder's own threads.
 //! - [`fetch`]: getting model files from the Hugging Face hub or a local dir.
+//! - [`text`]: what the model reads of a message (subject, body without quotes or signature).
 //!
 //! Nothing here knows about milter or SMTP: it turns text into predictions.
 
@@ -17,13 +18,14 @@ pub mod fetch;
 pub mod head;
 pub mod lexical;
 pub mod prototypes;
+pub mod text;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use thiserror::Error;
 
-use crate::extract::Features;
+pub use text::{encoder_text, features_text, model_text};
 use head::{Head, Prediction};
 use prototypes::Prototypes;
 
@@ -43,20 +45,6 @@ pub enum ModelError {
     Timeout(std::time::Duration),
     #[error("fetching model: {0}")]
     Fetch(String),
-}
-
-/// The text a model sees for a message: the subject, then the body text.
-/// Training data goes through the same function so both sides agree.
-pub fn model_text(subject: &str, body: &str) -> String {
-    let mut t = String::with_capacity(subject.len() + body.len() + 2);
-    t.push_str(subject.trim());
-    t.push('\n');
-    t.push_str(body.trim());
-    t
-}
-
-pub fn features_text(f: &Features) -> String {
-    model_text(&f.subject, &f.text)
 }
 
 /// How departments are predicted.
