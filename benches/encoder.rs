@@ -1,4 +1,5 @@
-//! Encoder throughput on one core: one sequence per pass, as the daemon runs it.
+//! Encoder throughput on one core: one sequence per pass, as the daemon runs
+//! it, with our forward pass and with Candle's BertModel for comparison.
 //!
 //! `cargo bench --bench encoder` (needs models/all-MiniLM-L6-v2: scripts/fetch-model.sh).
 //! Report emb/s = 1 / time per iteration, and achieved GFLOP/s with the matmul
@@ -26,9 +27,14 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.sample_size(20);
     for tokens in [128usize, 256] {
+        // The daemon's forward pass (CpuBert), and Candle's BertModel as the reference.
         let enc = Encoder::load(&dir, tokens, &candle_core::Device::Cpu).expect("run scripts/fetch-model.sh");
         let ids = text_of(tokens, &enc);
         g.bench_function(format!("embed_{tokens}_tokens"), |b| b.iter(|| enc.embed_ids(&ids).unwrap()));
+        let reference = Encoder::load_reference(&dir, tokens, &candle_core::Device::Cpu).unwrap();
+        g.bench_function(format!("candle_reference_{tokens}_tokens"), |b| {
+            b.iter(|| reference.embed_ids(&ids).unwrap())
+        });
     }
     g.finish();
 }

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use tokenizers::{Tokenizer, TruncationParams};
 
+use super::cpu_bert::{CpuBert, Shape};
 use super::ModelError;
 
 /// Characters kept per token of budget before tokenising (see `token_ids`).
@@ -19,8 +20,14 @@ const CHARS_PER_TOKEN_BOUND: usize = 24;
 /// The three files a model directory must hold.
 pub const MODEL_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
 
+/// Which forward pass runs: ours on CPU, Candle's elsewhere (CUDA).
+enum Backend {
+    Cpu(CpuBert),
+    Candle(BertModel),
+}
+
 pub struct Encoder {
-    model: BertModel,
+    backend: Backend,
     tokenizer: Tokenizer,
     device: Device,
     dim: usize,
@@ -29,8 +36,19 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    /// Loads a model directory. Each failure names the file at fault.
+    /// Loads a model directory. Each failure names the file at fault. On CPU
+    /// the forward pass is [`CpuBert`]; on other devices, Candle's `BertModel`.
     pub fn load(dir: &Path, max_tokens: usize, device: &Device) -> Result<Encoder, ModelError> {
+        Self::load_with(dir, max_tokens, device, device.is_cpu())
+    }
+
+    /// As [`load`](Self::load), always with Candle's `BertModel` (the
+    /// reference the fast path is measured and checked against).
+    pub fn load_reference(dir: &Path, max_tokens: usize, device: &Device) -> Result<Encoder, ModelError> {
+        Self::load_with(dir, max_tokens, device, false)
+    }
+
+    fn load_with(dir: &Path, max_tokens: usize, device: &Device, fast_cpu: bool) -> Result<Encoder, ModelError> {
         let file = |name: &str| -> Result<PathBuf, ModelError> {
             let p = dir.join(name);
             if p.is_file() {
@@ -60,10 +78,26 @@ impl Encoder {
 
         let tensors = candle_core::safetensors::load(&weights_path, device)
             .map_err(|e| bad(&weights_path, format!("not readable safetensors: {e}")))?;
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let model = BertModel::load(vb, &config)
-            .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?;
-        Ok(Encoder { model, tokenizer, device: device.clone(), dim: config.hidden_size, max_tokens })
+        let backend = if fast_cpu {
+            let shape = Shape {
+                hidden: config.hidden_size,
+                heads: config.num_attention_heads,
+                intermediate: config.intermediate_size,
+                layers: config.num_hidden_layers,
+                eps: config.layer_norm_eps,
+            };
+            Backend::Cpu(
+                CpuBert::from_tensors(&tensors, &shape)
+                    .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?,
+            )
+        } else {
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+            Backend::Candle(
+                BertModel::load(vb, &config)
+                    .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?,
+            )
+        };
+        Ok(Encoder { backend, tokenizer, device: device.clone(), dim: config.hidden_size, max_tokens })
     }
 
     /// Embedding width (384 for MiniLM-L6).
@@ -94,10 +128,14 @@ impl Encoder {
 
     /// The embedding of already-tokenised input.
     pub fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let model = match &self.backend {
+            Backend::Cpu(bert) => return bert.embed(ids).map_err(ModelError::Inference),
+            Backend::Candle(model) => model,
+        };
         let run = || -> candle_core::Result<Vec<f32>> {
             let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
             let types = input.zeros_like()?;
-            let hidden = self.model.forward(&input, &types, None)?; // [1, n, dim]
+            let hidden = model.forward(&input, &types, None)?; // [1, n, dim]
             let pooled = hidden.mean(1)?.squeeze(0)?; // no padding: every token counts
             let norm = pooled.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-12);
             (pooled / norm as f64)?.to_vec1::<f32>()

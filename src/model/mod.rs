@@ -13,6 +13,7 @@
 pub mod batcher;
 pub mod bulk;
 pub mod cache;
+pub mod cpu_bert;
 pub mod encoder;
 pub mod fetch;
 pub mod head;
@@ -25,9 +26,9 @@ use std::sync::Arc;
 
 use thiserror::Error;
 
-pub use text::{encoder_text, features_text, model_text};
 use head::{Head, Prediction};
 use prototypes::Prototypes;
+pub use text::{encoder_text, features_text, model_text};
 
 #[derive(Debug, Error)]
 pub enum ModelError {

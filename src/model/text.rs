@@ -82,9 +82,15 @@ fn is_signature_delimiter(t: &str) -> bool {
 fn starts_original(t: &str) -> bool {
     let lower = t.to_lowercase();
     (lower.starts_with("-----")
-        && ["original message", "ursprüngliche nachricht", "message d'origine", "forwarded message", "weitergeleitete nachricht"]
-            .iter()
-            .any(|m| lower.contains(m)))
+        && [
+            "original message",
+            "ursprüngliche nachricht",
+            "message d'origine",
+            "forwarded message",
+            "weitergeleitete nachricht",
+        ]
+        .iter()
+        .any(|m| lower.contains(m)))
         || (t.len() >= 20 && t.chars().all(|c| c == '_'))
 }
 
@@ -93,7 +99,9 @@ fn introduces_quote(t: &str) -> bool {
     let lower = t.to_lowercase();
     t.len() <= 300
         && lower.ends_with(':')
-        && ["wrote", "writes", "schrieb", "a écrit", "escribió", "ha scritto", "skrev"].iter().any(|w| lower.contains(w))
+        && ["wrote", "writes", "schrieb", "a écrit", "escribió", "ha scritto", "skrev"]
+            .iter()
+            .any(|w| lower.contains(w))
 }
 
 #[cfg(test)]
@@ -115,7 +123,10 @@ mod tests {
         let underscores = "See below.\n________________________________\nFrom: x";
         assert_eq!(split_body(underscores).1, "From: x\n");
         // A line ending in "wrote:" that introduces no quote is the sender's own.
-        assert_eq!(split_body("Here is what the customer wrote:\nit broke").0, "Here is what the customer wrote:\nit broke\n");
+        assert_eq!(
+            split_body("Here is what the customer wrote:\nit broke").0,
+            "Here is what the customer wrote:\nit broke\n"
+        );
         // No quotes, no signature: the text is unchanged.
         assert_eq!(encoder_text("Subject\nline one\nline two"), "Subject\nline one\nline two");
         assert_eq!(encoder_text("only a subject"), "only a subject\n");
