@@ -1,5 +1,7 @@
-//! The rules-only decision path: MIME extraction, rules, policy and plan for a
-//! realistic multipart message. `cargo bench --bench decision`.
+//! The whole decision for a realistic multipart message: MIME extraction,
+//! rules, policy and plan; then the same with the model deciding (the
+//! shipped config's cold start: the encoder runs for every message).
+//! `cargo bench --bench decision` (the model part needs scripts/fetch-model.sh).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use mailtriage::config::Config;
@@ -18,9 +20,9 @@ const MESSAGE: &str = concat!(
 );
 
 fn bench(c: &mut Criterion) {
-    let cfg = Config::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/mailtriage.toml")).unwrap();
-    let mut cfg = cfg;
-    cfg.model = None; // rules only: the model path is benchmarked in benches/encoder.rs
+    let shipped = Config::load(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/mailtriage.toml")).unwrap();
+    let mut cfg = shipped.clone();
+    cfg.model = None;
     let triage = Triage::new(&cfg).unwrap();
     let env =
         Envelope { mail_from: "billing@shop.example".into(), rcpts: vec!["user@corp.example".into()], queue_id: None };
@@ -28,6 +30,12 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("decision");
     g.throughput(Throughput::Elements(1));
     g.bench_function("rules_only_multipart", |b| b.iter(|| triage.decide(&env, MESSAGE.as_bytes(), &names).unwrap()));
+    // No rule matches this one, so the model decides.
+    let unruled = MESSAGE.replace("Your invoice 2024-17", "Question about my account");
+    let with_model = Triage::new(&shipped).expect("run scripts/fetch-model.sh");
+    g.bench_function("model_cold_start_multipart", |b| {
+        b.iter(|| with_model.decide(&env, unruled.as_bytes(), &names).unwrap())
+    });
     g.finish();
 }
 
