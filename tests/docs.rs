@@ -52,6 +52,8 @@ fn grafana_dashboard_is_valid_json_over_metrics_we_export() {
         mailtriage::metrics::name::QUEUE_DEPTH,
         mailtriage::metrics::name::CONNECTIONS,
         mailtriage::metrics::name::INFO,
+        mailtriage::metrics::name::MODEL_PATH,
+        mailtriage::metrics::name::RELAY,
     ];
     for panel in d["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {
