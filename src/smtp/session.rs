@@ -196,7 +196,7 @@ impl<'a, F: Filter> Session<'a, F> {
         self.reply(Reply::bare(220, vec![format!("{} {banner} mailtriage", self.cfg.hostname)]));
         let mut receiver = RequestReceiver::default();
         let mut skipping_line = false;
-        let end = loop {
+        let end = 'session: loop {
             if self.pending.is_empty() {
                 match self.fill(&mut shutdown).await? {
                     Input::Data => {}
@@ -287,8 +287,13 @@ impl<'a, F: Filter> Session<'a, F> {
                         if done {
                             break;
                         }
-                        if !matches!(self.fill_within_message().await?, Input::Data) {
-                            return Ok(SessionEnd::Closed);
+                        match self.fill_within_message().await? {
+                            Input::Data => {}
+                            Input::Timeout => {
+                                self.reply(Reply::timeout());
+                                break 'session SessionEnd::Timeout;
+                            }
+                            _ => break 'session SessionEnd::Closed,
                         }
                     }
                     self.abort_transaction().await;
@@ -396,7 +401,10 @@ impl<'a, F: Filter> Session<'a, F> {
             };
             match hop.mail(&from.address, from.size, eight_bit).await {
                 Ok(r) => {
-                    if r.is_positive() {
+                    if r.code == 421 {
+                        // The hop is closing the connection.
+                        self.hop = None;
+                    } else if r.is_positive() {
                         self.tx =
                             Some(Transaction { from: from.address, eight_bit, rcpts: Vec::new(), hop_lost: false });
                     }
@@ -420,10 +428,17 @@ impl<'a, F: Filter> Session<'a, F> {
         if tx.rcpts.len() >= self.cfg.max_recipients {
             return Reply::new(452, [4, 5, 3], "too many recipients");
         }
-        let hop = self.hop.as_mut().expect("an open transaction has a hop");
+        let Some(hop) = self.hop.as_mut() else {
+            tx.hop_lost = true;
+            return Reply::hop_unavailable();
+        };
         match hop.rcpt(&to).await {
             Ok(r) => {
-                if r.is_positive() {
+                if r.code == 421 {
+                    // The hop is closing the connection: this transaction is over.
+                    tx.hop_lost = true;
+                    self.hop = None;
+                } else if r.is_positive() {
                     tx.rcpts.push(to);
                 }
                 r
@@ -477,7 +492,10 @@ impl<'a, F: Filter> Session<'a, F> {
         let refusal = match &self.tx {
             None => Some(Reply::bad_sequence("need MAIL and RCPT before DATA")),
             Some(tx) if tx.hop_lost => Some(Reply::hop_unavailable()),
-            Some(tx) if tx.rcpts.is_empty() => Some(Reply::new(554, [5, 5, 1], "no valid recipients")),
+            // RFC 2033 §4.2 requires 503 in LMTP; RFC 5321 allows 554 in SMTP.
+            Some(tx) if tx.rcpts.is_empty() => {
+                Some(Reply::new(if self.cfg.lmtp { 503 } else { 554 }, [5, 5, 1], "no valid recipients"))
+            }
             _ => None,
         };
         if let Some(r) = refusal {
