@@ -151,6 +151,17 @@ pub fn load(cfg: &crate::config::ModelConfig, departments: &[(String, Vec<String
         None
     };
     for (head, key) in [(&department_head, &cfg.department_head), (&priority, &cfg.priority_head)] {
+        if let (Some(h), Some(path), Some(_)) = (head, key, &encoder) {
+            if h.uses_embedding() && h.meta.max_tokens != cfg.max_tokens {
+                // Works, but the embeddings differ from the ones it learned from.
+                tracing::warn!(
+                    head = %path.display(),
+                    trained_with = h.meta.max_tokens,
+                    configured = cfg.max_tokens,
+                    "head trained with another [model] max_tokens; retrain it for the figures it was measured with"
+                );
+            }
+        }
         if let (Some(h), Some(path), Some(enc)) = (head, key, &encoder) {
             if h.uses_embedding()
                 && (h.meta.encoder.as_deref() != Some(cfg.id.as_str()) || h.meta.embedding_dim != enc.dim())
