@@ -37,6 +37,18 @@ fn bench(c: &mut Criterion) {
         b.iter(|| with_model.decide(&env, unruled.as_bytes(), &names).unwrap())
     });
     g.finish();
+
+    // The lexical features one head computes per message (hashed word and
+    // character n-grams), on a 5 KB body.
+    let cfg = mailtriage::model::lexical::LexicalConfig::default();
+    let idf = vec![1.0f32; cfg.dim()];
+    let body = "Dear support, since the update last night our invoices page fails with error 500 when \
+                customers pay by card; the provider shows the payment as declined. "
+        .repeat(30);
+    let mut g = c.benchmark_group("lexical");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("features_5kb", |b| b.iter(|| mailtriage::model::lexical::features(&body, &cfg, &idf)));
+    g.finish();
 }
 
 criterion_group!(benches, bench);

@@ -7,6 +7,7 @@
 //! turns into fail-open, never an unbounded wait.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,8 +37,10 @@ impl Batcher {
     /// Starts `workers` inference threads behind a queue of `depth` messages.
     pub fn start(embed: EmbedFn, workers: usize, depth: usize, deadline: Duration) -> Batcher {
         let (tx, rx) = bounded::<Job>(depth);
+        // Recent inference time (µs, moving average), shared by the workers.
+        let recent = Arc::new(AtomicU64::new(0));
         for n in 0..workers.max(1) {
-            let (rx, embed) = (rx.clone(), embed.clone());
+            let (rx, embed, recent) = (rx.clone(), embed.clone(), recent.clone());
             std::thread::Builder::new()
                 .name(format!("mt-infer-{n}"))
                 .spawn(move || {
@@ -48,14 +51,22 @@ impl Batcher {
                         if job.reply.is_closed() {
                             continue; // the waiter gave up already
                         }
-                        if Instant::now() > job.deadline {
+                        // A job that cannot finish before its deadline is answered
+                        // now: under a flood, running it would only make the
+                        // next ones late too (its waiter would be gone).
+                        let expected = Duration::from_micros(recent.load(Ordering::Relaxed));
+                        if Instant::now() + expected > job.deadline {
                             let _ = job.reply.send(Err(ModelError::Timeout(Duration::ZERO)));
                             continue;
                         }
                         let started = Instant::now();
                         let result = catch_unwind(AssertUnwindSafe(|| embed(&job.text)))
                             .unwrap_or_else(|_| Err(ModelError::Inference("encoder panicked".into())));
-                        metrics::histogram!(name::INFERENCE_SECONDS).record(started.elapsed().as_secs_f64());
+                        let took = started.elapsed();
+                        metrics::histogram!(name::INFERENCE_SECONDS).record(took.as_secs_f64());
+                        let before = recent.load(Ordering::Relaxed);
+                        let now_us = took.as_micros().min(u64::MAX as u128) as u64;
+                        recent.store(if before == 0 { now_us } else { (before * 7 + now_us) / 8 }, Ordering::Relaxed);
                         let _ = job.reply.send(result);
                     }
                 })
