@@ -383,10 +383,15 @@ impl Triage {
             let triage = Arc::clone(self);
             return blocking(move || triage.model_decision(&text, None)).await;
         };
+        // Text work (lexical heads, the encoder's text and its hash) stays off the reactor.
         let triage = Arc::clone(self);
-        let (text, cascaded) = blocking(move || {
-            let d = triage.cascade(&text);
-            (text, d)
+        let (text, cascaded, for_encoder, key) = blocking(move || match triage.cascade(&text) {
+            Some(d) => (text, Some(d), String::new(), [0; 16]),
+            None => {
+                let for_encoder = encoder_text(&text);
+                let key = EmbeddingCache::key(&for_encoder);
+                (text, None, for_encoder, key)
+            }
         })
         .await?;
         let path = |p: &'static str| metrics::counter!(name::MODEL_PATH, "path" => p).increment(1);
@@ -394,8 +399,6 @@ impl Triage {
             path("lexical");
             return Ok(d);
         }
-        let for_encoder = encoder_text(&text);
-        let key = EmbeddingCache::key(&for_encoder);
         let embedding: Arc<[f32]> = match (m.cache.get(&key), &m.batcher) {
             (Some(e), _) => {
                 path("cache");
