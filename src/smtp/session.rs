@@ -832,76 +832,95 @@ mod tests {
         tokio::spawn(async move {
             loop {
                 let (s, _) = listener.accept().await.unwrap();
-                let store = store.clone();
-                tokio::spawn(async move {
-                    let (r, mut w) = s.into_split();
-                    let mut lines = BufReader::new(r).lines();
-                    w.write_all(b"220 hop ready\r\n").await.unwrap();
-                    let (mut from, mut rcpts) = (String::new(), Vec::<String>::new());
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let upper = line.to_ascii_uppercase();
-                        let reply: String = if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
-                            "250-hop\r\n250-SIZE 100000\r\n250 8BITMIME\r\n".into()
-                        } else if upper.starts_with("MAIL FROM:") {
-                            from = line[10..].trim_matches(['<', '>', ' ']).split('>').next().unwrap().into();
-                            rcpts.clear();
-                            "250 2.1.0 ok\r\n".into()
-                        } else if upper.starts_with("RCPT TO:") {
-                            let to = line[8..].trim_matches(['<', '>', ' ']).to_string();
-                            if to.starts_with("unknown@") {
-                                "550 5.1.1 no such user\r\n".into()
-                            } else {
-                                rcpts.push(to);
-                                "250 2.1.5 ok\r\n".into()
-                            }
-                        } else if upper == "DATA" {
-                            w.write_all(b"354 go\r\n").await.unwrap();
-                            let mut msg = String::new();
-                            while let Ok(Some(l)) = lines.next_line().await {
-                                if l == "." {
-                                    break;
-                                }
-                                msg.push_str(l.strip_prefix('.').unwrap_or(&l));
-                                msg.push('\n');
-                            }
-                            let ok: Vec<String> =
-                                rcpts.iter().filter(|r| !(lmtp && r.starts_with("full@"))).cloned().collect();
-                            store.lock().unwrap().push((from.clone(), ok, msg));
-                            if lmtp {
-                                rcpts
-                                    .iter()
-                                    .map(|r| {
-                                        if r.starts_with("full@") {
-                                            "452 4.2.2 mailbox full\r\n"
-                                        } else {
-                                            "250 2.0.0 delivered\r\n"
-                                        }
-                                    })
-                                    .collect()
-                            } else {
-                                "250 2.0.0 queued\r\n".into()
-                            }
-                        } else if upper == "RSET" {
-                            rcpts.clear();
-                            "250 2.0.0 ok\r\n".into()
-                        } else if upper == "QUIT" {
-                            let _ = w.write_all(b"221 bye\r\n").await;
-                            break;
-                        } else {
-                            "502 5.5.1 what\r\n".into()
-                        };
-                        if w.write_all(reply.as_bytes()).await.is_err() {
-                            break;
-                        }
-                    }
-                });
+                tokio::spawn(hop_conversation(s, lmtp, store.clone()));
             }
         });
         (addr, delivered)
     }
 
+    /// The same next hop on a unix socket (as Dovecot's `lmtp:unix:` usually is).
+    async fn fake_hop_unix(lmtp: bool, path: &std::path::Path) -> Delivered {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        let delivered: Delivered = Default::default();
+        let store = delivered.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                tokio::spawn(hop_conversation(s, lmtp, store.clone()));
+            }
+        });
+        delivered
+    }
+
+    async fn hop_conversation<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(
+        s: S,
+        lmtp: bool,
+        store: Delivered,
+    ) {
+        let (r, mut w) = tokio::io::split(s);
+        let mut lines = BufReader::new(r).lines();
+        w.write_all(b"220 hop ready\r\n").await.unwrap();
+        let (mut from, mut rcpts) = (String::new(), Vec::<String>::new());
+        while let Ok(Some(line)) = lines.next_line().await {
+            let upper = line.to_ascii_uppercase();
+            let reply: String = if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
+                "250-hop\r\n250-SIZE 100000\r\n250 8BITMIME\r\n".into()
+            } else if upper.starts_with("MAIL FROM:") {
+                from = line[10..].trim_matches(['<', '>', ' ']).split('>').next().unwrap().into();
+                rcpts.clear();
+                "250 2.1.0 ok\r\n".into()
+            } else if upper.starts_with("RCPT TO:") {
+                let to = line[8..].trim_matches(['<', '>', ' ']).to_string();
+                if to.starts_with("unknown@") {
+                    "550 5.1.1 no such user\r\n".into()
+                } else {
+                    rcpts.push(to);
+                    "250 2.1.5 ok\r\n".into()
+                }
+            } else if upper == "DATA" {
+                w.write_all(b"354 go\r\n").await.unwrap();
+                let mut msg = String::new();
+                while let Ok(Some(l)) = lines.next_line().await {
+                    if l == "." {
+                        break;
+                    }
+                    msg.push_str(l.strip_prefix('.').unwrap_or(&l));
+                    msg.push('\n');
+                }
+                let ok: Vec<String> = rcpts.iter().filter(|r| !(lmtp && r.starts_with("full@"))).cloned().collect();
+                store.lock().unwrap().push((from.clone(), ok, msg));
+                if lmtp {
+                    rcpts
+                        .iter()
+                        .map(|r| {
+                            if r.starts_with("full@") {
+                                "452 4.2.2 mailbox full\r\n"
+                            } else {
+                                "250 2.0.0 delivered\r\n"
+                            }
+                        })
+                        .collect()
+                } else {
+                    "250 2.0.0 queued\r\n".into()
+                }
+            } else if upper == "RSET" {
+                rcpts.clear();
+                "250 2.0.0 ok\r\n".into()
+            } else if upper == "QUIT" {
+                let _ = w.write_all(b"221 bye\r\n").await;
+                break;
+            } else {
+                "502 5.5.1 what\r\n".into()
+            };
+            if w.write_all(reply.as_bytes()).await.is_err() {
+                break;
+            }
+        }
+    }
+
     fn settings(lmtp: bool, hop: &str, extra: &str) -> (SmtpSettings, Arc<Triage>) {
         let scheme = if lmtp { "lmtp" } else { "smtp" };
+        let hop = if hop.starts_with('/') { format!("unix:{hop}") } else { format!("//{hop}") };
         let cfg = Config::from_toml(
             &format!(
                 r#"
@@ -914,7 +933,7 @@ hostname = "filter.test"
 max_recipients = 3
 max_smtp_message_bytes = 2000
 [relay]
-next_hop = "{scheme}://{hop}"
+next_hop = "{scheme}:{hop}"
 timeout = "2s"
 [[departments]]
 name = "billing"
@@ -1022,6 +1041,22 @@ department = "billing"
         assert!(replies[1].starts_with("452 4.2.2"), "{replies:?}");
         assert!(replies[2].starts_with("250"), "{replies:?}");
         assert_eq!(delivered.lock().unwrap()[0].1, ["a@y.test", "b@y.test"]);
+    }
+
+    #[tokio::test]
+    async fn the_next_hop_may_be_a_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lmtp.sock");
+        let delivered = fake_hop_unix(true, &path).await;
+        let (s, t) = settings(true, path.to_str().unwrap(), "");
+        let (mut c, _stop) = start(s, t);
+        reply(&mut c).await;
+        assert!(say(&mut c, "LHLO client.test").await.starts_with("250"));
+        assert!(say(&mut c, "MAIL FROM:<a@x.test>").await.starts_with("250"));
+        assert!(say(&mut c, "RCPT TO:<a@y.test>").await.starts_with("250"));
+        assert!(say(&mut c, "DATA").await.starts_with("354"));
+        assert!(say(&mut c, "Subject: hi\r\n\r\nbody\r\n.").await.starts_with("250"));
+        assert_eq!(delivered.lock().unwrap()[0].1, ["a@y.test"]);
     }
 
     #[tokio::test]
