@@ -125,7 +125,7 @@ fn dovecot_lmtp_next_hop_answers_each_recipient() {
 }
 
 #[test]
-fn swaks_through_starttls_and_plaintext_refused_when_tls_is_required() {
+fn swaks_through_starttls_relayed_over_starttls_and_plaintext_refused_when_tls_is_required() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     let out = Command::new("openssl")
@@ -138,10 +138,22 @@ fn swaks_through_starttls_and_plaintext_refused_when_tls_is_required() {
         .expect("openssl");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     support::require("swaks", "swaks");
-    let pf = Postfix::start(None, "accept", &[]);
+    // The next hop offers STARTTLS too, and the relay requires it (`tls = "encrypt"`).
+    let pf = Postfix::start(
+        None,
+        "accept",
+        &[
+            &format!("smtpd_tls_cert_file = {}", cert.display()),
+            &format!("smtpd_tls_key_file = {}", key.display()),
+            "smtpd_tls_security_level = may",
+            "smtpd_tls_loglevel = 1",
+        ],
+    );
     let port = free_port();
     let tls = format!("tls_cert = \"{}\"\ntls_key = \"{}\"\nrequire_tls = true\n", cert.display(), key.display());
-    let daemon = start_filter(&filter_config("smtp", port, &format!("smtp://127.0.0.1:{}", pf.smtp_port), &tls), port);
+    let config =
+        filter_config("smtp", port, &format!("smtp://127.0.0.1:{}", pf.smtp_port), &tls) + "tls = \"encrypt\"\n";
+    let daemon = start_filter(&config, port);
 
     let (mut c, _) = Client::connect(port);
     let (code, caps) = c.cmd("EHLO client.test.example");
@@ -162,6 +174,8 @@ fn swaks_through_starttls_and_plaintext_refused_when_tls_is_required() {
     assert_eq!(delivered.len(), 1, "{}", pf.log());
     let billing = pf.mailbox("billing");
     assert_eq!(one(header_values(&billing[0], "X-Triage-Department"), "department"), "billing");
+    // Both hops were encrypted: swaks → mailtriage, and mailtriage → Postfix.
+    assert!(pf.log().contains("TLS connection established from"), "{}", pf.log());
 }
 
 #[test]
