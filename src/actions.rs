@@ -100,12 +100,14 @@ impl Plan {
         let end = fields.last().map_or(0, |f| f.end);
         for change in &self.changes {
             if let Change::RemoveHeader { name, index } = change {
-                let nth = fields
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, f)| f.name(raw).eq_ignore_ascii_case(name.as_bytes()))
-                    .nth(*index as usize - 1)
-                    .map(|(i, _)| i);
+                let nth = (*index as usize).checked_sub(1).and_then(|k| {
+                    fields
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, f)| f.name(raw).eq_ignore_ascii_case(name.as_bytes()))
+                        .nth(k)
+                        .map(|(i, _)| i)
+                });
                 if let Some(i) = nth {
                     fields.remove(i);
                 }

@@ -179,7 +179,10 @@ impl CpuBert {
         resize(&mut s.ctx, n * h);
         resize(&mut s.tmp, n * h);
         resize(&mut s.up, n * i);
+        // Exactly this sequence's size: the buffers may be longer from an earlier one.
         let Scratch { x, qkv, scores, ctx, tmp, up } = s;
+        let (x, qkv, scores) = (&mut x[..n * h], &mut qkv[..n * 3 * h], &mut scores[..n * n]);
+        let (ctx, tmp, up) = (&mut ctx[..n * h], &mut tmp[..n * h], &mut up[..n * i]);
 
         for (t, &id) in ids.iter().enumerate() {
             let row = &mut x[t * h..(t + 1) * h];
@@ -265,7 +268,7 @@ impl CpuBert {
 
         // Mean over the tokens (no padding: all of them count), then unit length.
         let mut pooled = vec![0.0f32; h];
-        for row in x[..n * h].chunks_exact(h) {
+        for row in x.chunks_exact(h) {
             for (p, v) in pooled.iter_mut().zip(row) {
                 *p += v;
             }
