@@ -20,7 +20,7 @@ use crate::extract::{extract, ExtractLimits, Features};
 use crate::metrics::name;
 use crate::model::batcher::{Batcher, EmbedFn};
 use crate::model::cache::EmbeddingCache;
-use crate::model::{self, encoder_text, features_text, Classifier, ModelError, ModelVerdict};
+use crate::model::{self, encoder_text, features_text, Classifier, LexicalFeatures, ModelError, ModelVerdict};
 use crate::policy::{Decision, Policy};
 use crate::rules::{RuleError, RuleSet};
 
@@ -175,25 +175,20 @@ impl Triage {
         features: Features,
         header_names: &[String],
     ) -> Result<Outcome, ModelError> {
-        let decision = match self.rule_decision(envelope, &features) {
-            Some(d) => d,
-            None => {
+        let decision = match (self.rule_decision(envelope, &features), &self.model) {
+            (Some(d), _) => d,
+            (None, None) => self.policy.decide(None),
+            (None, Some(m)) => {
                 let text = features_text(&features);
-                match self.cascade(&text) {
+                let lex = m.classifier.lexical_features(&text);
+                match self.cascade(m, &lex) {
                     Some(d) => d,
                     None => {
-                        let embedding = match &self.model {
-                            Some(m) if m.classifier.needs_embedding() => {
-                                let enc = m
-                                    .classifier
-                                    .encoder
-                                    .as_ref()
-                                    .expect("a classifier that needs embeddings has an encoder");
-                                Some(enc.embed(&encoder_text(&text))?)
-                            }
+                        let embedding = match &m.classifier.encoder {
+                            Some(enc) if m.classifier.needs_embedding() => Some(enc.embed(&encoder_text(&text))?),
                             _ => None,
                         };
-                        self.model_decision(&text, embedding.as_deref())
+                        self.model_decision(m, &lex, embedding.as_deref())
                     }
                 }
             }
@@ -208,9 +203,11 @@ impl Triage {
 
     /// The cascade's lexical decision, when its heads are sure enough that the
     /// encoder would not change the outcome measurably (see `train`).
-    fn cascade(&self, text: &str) -> Option<Decision> {
-        let m = self.model.as_ref().filter(|m| m.classifier.needs_embedding())?;
-        match m.classifier.predict_lexical(text)? {
+    fn cascade(&self, m: &ModelStage, lex: &LexicalFeatures) -> Option<Decision> {
+        if !m.classifier.needs_embedding() {
+            return None;
+        }
+        match m.classifier.predict_lexical(lex)? {
             (verdict, true) => Some(self.verdict_decision(m, verdict, true)),
             _ => None,
         }
@@ -218,9 +215,8 @@ impl Triage {
 
     /// The lexical heads' decision whatever their confidence: what a message
     /// gets when the encoder cannot take it in time.
-    fn lexical_fallback(&self, text: &str) -> Option<Decision> {
-        let m = self.model.as_ref()?;
-        m.classifier.predict_lexical(text).map(|(verdict, _)| self.verdict_decision(m, verdict, true))
+    fn lexical_fallback(&self, m: &ModelStage, lex: &LexicalFeatures) -> Option<Decision> {
+        m.classifier.predict_lexical(lex).map(|(verdict, _)| self.verdict_decision(m, verdict, true))
     }
 
     fn verdict_decision(&self, m: &ModelStage, verdict: ModelVerdict, lexical: bool) -> Decision {
@@ -234,10 +230,9 @@ impl Triage {
         )
     }
 
-    /// The model's decision on a message's text ([`features_text`]), or the default without a model.
-    fn model_decision(&self, text: &str, embedding: Option<&[f32]>) -> Decision {
-        let Some(m) = &self.model else { return self.policy.decide(None) };
-        self.verdict_decision(m, m.classifier.predict(text, embedding), false)
+    /// The full heads' decision (embedding given when they use one).
+    fn model_decision(&self, m: &ModelStage, lex: &LexicalFeatures, embedding: Option<&[f32]>) -> Decision {
+        self.verdict_decision(m, m.classifier.predict(lex, embedding), false)
     }
 }
 
@@ -379,26 +374,32 @@ impl Triage {
     /// queue; when the queue is full or the deadline passes, the lexical
     /// heads decide rather than nobody.
     async fn model_decide_async(self: &Arc<Self>, text: String) -> Result<Decision, FilterError> {
-        let Some(m) = self.model.as_ref().filter(|m| m.classifier.needs_embedding()) else {
-            let triage = Arc::clone(self);
-            return blocking(move || triage.model_decision(&text, None)).await;
-        };
-        // Text work (lexical heads, the encoder's text and its hash) stays off the reactor.
+        let Some(m) = &self.model else { return Ok(self.policy.decide(None)) };
+        // The text work (lexical features once for every head, the encoder's
+        // text and its hash) runs off the reactor; what follows is arithmetic.
         let triage = Arc::clone(self);
-        let (text, cascaded, for_encoder, key) = blocking(move || match triage.cascade(&text) {
-            Some(d) => (text, Some(d), String::new(), [0; 16]),
-            None => {
-                let for_encoder = encoder_text(&text);
-                let key = EmbeddingCache::key(&for_encoder);
-                (text, None, for_encoder, key)
+        let step = blocking(move || {
+            let m = triage.model.as_ref().expect("checked above");
+            let lex = m.classifier.lexical_features(&text);
+            if !m.classifier.needs_embedding() {
+                return Step::Decided(triage.model_decision(m, &lex, None), None);
             }
+            if let Some(d) = triage.cascade(m, &lex) {
+                return Step::Decided(d, Some("lexical"));
+            }
+            let for_encoder = encoder_text(&text);
+            let key = EmbeddingCache::key(&for_encoder);
+            Step::Embed { lex, for_encoder, key }
         })
         .await?;
         let path = |p: &'static str| metrics::counter!(name::MODEL_PATH, "path" => p).increment(1);
-        if let Some(d) = cascaded {
-            path("lexical");
-            return Ok(d);
-        }
+        let (lex, for_encoder, key) = match step {
+            Step::Decided(d, p) => {
+                p.into_iter().for_each(path);
+                return Ok(d);
+            }
+            Step::Embed { lex, for_encoder, key } => (lex, for_encoder, key),
+        };
         let embedding: Arc<[f32]> = match (m.cache.get(&key), &m.batcher) {
             (Some(e), _) => {
                 path("cache");
@@ -412,9 +413,7 @@ impl Triage {
                     e
                 }
                 Err(e @ (ModelError::Overloaded(_) | ModelError::Timeout(_))) => {
-                    let triage = Arc::clone(self);
-                    let fallback = blocking(move || triage.lexical_fallback(&text)).await?;
-                    return match fallback {
+                    return match self.lexical_fallback(m, &lex) {
                         Some(d) => {
                             path("overload");
                             tracing::debug!(reason = %e, "encoder unavailable in time; the lexical head decided");
@@ -427,17 +426,18 @@ impl Triage {
             },
             (None, None) => return Err(FilterError::Task("the model needs embeddings but has no encoder".into())),
         };
-        let triage = Arc::clone(self);
-        blocking(move || triage.model_decision(&text, Some(&embedding))).await
+        Ok(self.model_decision(m, &lex, Some(&embedding)))
     }
 }
 
-/// Runs CPU-bound work (parsing, lexical features, heads) off the reactor,
-/// at most one job per core at a time. Tokio's blocking pool would run
-/// hundreds at once under a connection flood; they would then starve the
-/// inference threads of the cores they need (measured: with 100 concurrent
-/// Postfix connections, 128 of 1,158 messages that needed the encoder got it,
-/// the rest timed out).
+/// Where the off-reactor part of a model decision left off.
+enum Step {
+    /// Decided without an embedding (and by which path, for the metric).
+    Decided(Decision, Option<&'static str>),
+    /// The encoder is needed for this text.
+    Embed { lex: LexicalFeatures, for_encoder: String, key: [u8; 16] },
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, FilterError> {
     static CPU_SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
     let slots = CPU_SLOTS.get_or_init(|| {

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use head::{Head, Prediction};
+use lexical::Sparse;
 use prototypes::Prototypes;
 pub use text::{encoder_text, features_text, model_text};
 
@@ -64,6 +65,12 @@ pub struct Classifier {
     pub priority: Option<Head>,
 }
 
+/// A message's lexical features, per trained head (see [`Classifier::lexical_features`]).
+pub struct LexicalFeatures {
+    department: Option<Sparse>,
+    priority: Option<Sparse>,
+}
+
 /// The model's answer for one message.
 #[derive(Debug, Clone)]
 pub struct ModelVerdict {
@@ -81,30 +88,44 @@ impl Classifier {
         department || self.priority.as_ref().is_some_and(Head::uses_embedding)
     }
 
-    /// Predicts from the text and (when needed) its embedding. Cheap: the
-    /// expensive part, the embedding, is computed by the caller.
-    pub fn predict(&self, text: &str, embedding: Option<&[f32]>) -> ModelVerdict {
+    /// The lexical features of a message as each trained head sees them
+    /// (each head has its own IDF). Computed once per message: the cascade
+    /// and the full heads both read them.
+    pub fn lexical_features(&self, text: &str) -> LexicalFeatures {
         let department = match &self.department {
-            DepartmentModel::Trained(h) => h.predict(embedding, &h.lexical(text)),
+            DepartmentModel::Trained(h) => Some(h.lexical(text)),
+            DepartmentModel::ColdStart(_) => None,
+        };
+        LexicalFeatures { department, priority: self.priority.as_ref().map(|h| h.lexical(text)) }
+    }
+
+    /// Predicts from the lexical features and (when needed) the embedding.
+    /// Cheap: the expensive part, the embedding, is computed by the caller.
+    pub fn predict(&self, lex: &LexicalFeatures, embedding: Option<&[f32]>) -> ModelVerdict {
+        // Features of another classifier would be empty here, never a panic.
+        const NONE: &Sparse = &Vec::new();
+        let department = match &self.department {
+            DepartmentModel::Trained(h) => h.predict(embedding, lex.department.as_ref().unwrap_or(NONE)),
             DepartmentModel::ColdStart(p) => p.predict(embedding.expect("cold start needs an embedding")),
         };
-        let priority = self.priority.as_ref().map(|h| h.predict(embedding, &h.lexical(text)));
+        let priority = self.priority.as_ref().map(|h| h.predict(embedding, lex.priority.as_ref().unwrap_or(NONE)));
         ModelVerdict { department, priority }
     }
 
     /// The cascade's first step: the lexical-only heads' verdict, and whether
     /// every head is confident enough for it to stand without the encoder.
     /// `None` when a head that uses embeddings has no lexical-only part.
-    pub fn predict_lexical(&self, text: &str) -> Option<(ModelVerdict, bool)> {
+    pub fn predict_lexical(&self, lex: &LexicalFeatures) -> Option<(ModelVerdict, bool)> {
         let DepartmentModel::Trained(d) = &self.department else { return None };
-        let (department, mut confident) = lexical_verdict(d, text)?;
-        let priority = match &self.priority {
-            None => None,
-            Some(h) => {
-                let (p, c) = lexical_verdict(h, text)?;
+        let (department, mut confident) = lexical_verdict(d, lex.department.as_ref()?)?;
+        let priority = match (&self.priority, &lex.priority) {
+            (None, _) => None,
+            (Some(h), Some(x)) => {
+                let (p, c) = lexical_verdict(h, x)?;
                 confident &= c;
                 Some(p)
             }
+            (Some(_), None) => return None,
         };
         Some((ModelVerdict { department, priority }, confident))
     }
@@ -128,12 +149,11 @@ impl Classifier {
     }
 }
 
-fn lexical_verdict(h: &Head, text: &str) -> Option<(Prediction, bool)> {
-    let lex = h.lexical(text);
+fn lexical_verdict(h: &Head, lex: &Sparse) -> Option<(Prediction, bool)> {
     if h.uses_embedding() {
-        h.predict_lexical(&lex)
+        h.predict_lexical(lex)
     } else {
-        Some((h.predict(None, &lex), true))
+        Some((h.predict(None, lex), true))
     }
 }
 
