@@ -816,40 +816,35 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::config::NextHop;
+    use crate::config::{ListenAddress, NextHop};
+    use crate::net::{Listener, Stream};
     use crate::pipeline::Triage;
 
     /// What the fake next hop received: sender, recipients, message.
     type Delivered = Arc<Mutex<Vec<(String, Vec<String>, String)>>>;
 
-    /// A next hop on loopback: refuses RCPT for `unknown@…` (550), and in
-    /// LMTP mode refuses the message for `full@…` after DATA (452).
-    async fn fake_hop(lmtp: bool) -> (String, Delivered) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
+    /// A next hop at `addr` (TCP or unix socket): refuses RCPT for
+    /// `unknown@…` (550), and in LMTP mode refuses the message for `full@…`
+    /// after DATA (452). Returns the bound address and what it received.
+    async fn fake_hop_at(addr: ListenAddress, lmtp: bool) -> (String, Delivered) {
+        let listener = Listener::bind(&addr, 0o600).await.unwrap();
+        let bound = listener.local_addr();
         let delivered: Delivered = Default::default();
         let store = delivered.clone();
         tokio::spawn(async move {
             loop {
-                let (s, _) = listener.accept().await.unwrap();
-                tokio::spawn(hop_conversation(s, lmtp, store.clone()));
+                match crate::net::accept(&listener).await.unwrap().0 {
+                    Stream::Tcp(s) => tokio::spawn(hop_conversation(s, lmtp, store.clone())),
+                    Stream::Unix(s) => tokio::spawn(hop_conversation(s, lmtp, store.clone())),
+                };
             }
         });
-        (addr, delivered)
+        (bound, delivered)
     }
 
-    /// The same next hop on a unix socket (as Dovecot's `lmtp:unix:` usually is).
-    async fn fake_hop_unix(lmtp: bool, path: &std::path::Path) -> Delivered {
-        let listener = tokio::net::UnixListener::bind(path).unwrap();
-        let delivered: Delivered = Default::default();
-        let store = delivered.clone();
-        tokio::spawn(async move {
-            loop {
-                let (s, _) = listener.accept().await.unwrap();
-                tokio::spawn(hop_conversation(s, lmtp, store.clone()));
-            }
-        });
-        delivered
+    async fn fake_hop(lmtp: bool) -> (String, Delivered) {
+        let (bound, delivered) = fake_hop_at(ListenAddress::Inet("127.0.0.1:0".into()), lmtp).await;
+        (bound.trim_start_matches("inet:").to_string(), delivered)
     }
 
     async fn hop_conversation<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static>(
@@ -1047,7 +1042,7 @@ department = "billing"
     async fn the_next_hop_may_be_a_unix_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lmtp.sock");
-        let delivered = fake_hop_unix(true, &path).await;
+        let (_, delivered) = fake_hop_at(ListenAddress::Unix(path.clone()), true).await;
         let (s, t) = settings(true, path.to_str().unwrap(), "");
         let (mut c, _stop) = start(s, t);
         reply(&mut c).await;
