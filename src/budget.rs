@@ -36,3 +36,30 @@ impl ByteBudget {
         self.left.load(Ordering::Acquire)
     }
 }
+
+/// The bytes one message holds from the budget, all given back when it is
+/// dropped (the message ended, was aborted, or its connection died).
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<ByteBudget>,
+    bytes: usize,
+}
+
+impl Reservation {
+    pub fn new(budget: Arc<ByteBudget>) -> Self {
+        Reservation { budget, bytes: 0 }
+    }
+
+    /// Takes up to `want` more bytes; returns how many were granted.
+    pub fn take(&mut self, want: usize) -> usize {
+        let granted = self.budget.take(want);
+        self.bytes += granted;
+        granted
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.give_back(self.bytes);
+    }
+}

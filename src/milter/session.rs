@@ -17,6 +17,7 @@ use tokio::time::{interval_at, sleep, timeout, Instant};
 use super::codec::{self, action, proto, CodecError, Command, MacroStage, Negotiation, Reply};
 use crate::actions::{Change, Plan};
 pub use crate::budget::ByteBudget;
+use crate::budget::Reservation;
 use crate::config::{Config, OnError};
 use crate::envelope::strip_brackets;
 use crate::pipeline::{Filter, MessageInput};
@@ -112,16 +113,7 @@ struct MessageState {
     /// `raw` reached `max_message_bytes` (or the global budget); later bytes are not kept.
     truncated: bool,
     /// Bytes taken from the global budget, given back when the message ends.
-    reserved: usize,
-    budget: Option<Arc<ByteBudget>>,
-}
-
-impl Drop for MessageState {
-    fn drop(&mut self) {
-        if let Some(b) = &self.budget {
-            b.give_back(self.reserved);
-        }
-    }
+    reservation: Option<Reservation>,
 }
 
 pub struct Session<'a, F> {
@@ -206,8 +198,8 @@ impl<'a, F: Filter> Session<'a, F> {
             Command::Helo(_) => self.ack(proto::NR_HELO),
             Command::Mail(args) => {
                 // A new transaction; anything unfinished was implicitly aborted.
-                let mut state = MessageState::default();
-                state.budget = Some(self.cfg.budget.clone());
+                let mut state =
+                    MessageState { reservation: Some(Reservation::new(self.cfg.budget.clone())), ..Default::default() };
                 state.input.envelope.mail_from = strip_brackets(&args[0]);
                 self.msg = Some(state);
                 self.ack(proto::NR_MAIL)
@@ -419,10 +411,8 @@ impl MessageState {
     /// Keeps bytes up to the limit; past it, only notes that we stopped.
     fn append(&mut self, bytes: &[u8], max: usize) {
         let mut room = max.saturating_sub(self.input.raw.len()).min(bytes.len());
-        if let Some(b) = &self.budget {
-            let granted = b.take(room);
-            self.reserved += granted;
-            room = granted;
+        if let Some(r) = &mut self.reservation {
+            room = r.take(room);
         }
         if bytes.len() > room {
             self.truncated = true;

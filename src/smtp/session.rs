@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use super::relay::{Hop, Io, RelayError, RelaySettings};
 use super::reply::Reply;
 use crate::actions::{header_names, Change, Plan, HEADER_PREFIX};
-use crate::budget::ByteBudget;
+use crate::budget::{ByteBudget, Reservation};
 use crate::config::{Config, OnError};
 use crate::envelope::Envelope;
 use crate::metrics::name;
@@ -122,27 +122,6 @@ struct Transaction {
     /// The hop connection failed during this transaction: nothing more can
     /// be relayed, every further command of it gets 4xx.
     hop_lost: bool,
-}
-
-/// Message bytes taken from the global budget; given back when dropped.
-struct Reservation {
-    budget: Arc<ByteBudget>,
-    bytes: usize,
-}
-
-impl Reservation {
-    /// Takes `n` more bytes; false (and nothing taken) when the budget is short.
-    fn grow(&mut self, n: usize) -> bool {
-        let got = self.budget.take(n);
-        self.bytes += got;
-        got == n
-    }
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        self.budget.give_back(self.bytes);
-    }
 }
 
 /// A message as DATA delivered it.
@@ -547,7 +526,7 @@ impl<'a, F: Filter> Session<'a, F> {
     async fn receive_message(&mut self) -> Result<Result<Received, SessionEnd>, SessionError> {
         let mut receiver = DataReceiver::new();
         let mut msg = Vec::new();
-        let mut reservation = Reservation { budget: self.cfg.budget.clone(), bytes: 0 };
+        let mut reservation = Reservation::new(self.cfg.budget.clone());
         let (mut total, mut too_big, mut over_budget) = (0usize, false, false);
         let mut chunk = Vec::new();
         loop {
@@ -572,7 +551,7 @@ impl<'a, F: Filter> Session<'a, F> {
             } else if total > self.cfg.max_size {
                 too_big = true;
                 msg = Vec::new();
-            } else if !reservation.grow(chunk.len()) {
+            } else if reservation.take(chunk.len()) < chunk.len() {
                 over_budget = true;
                 msg = Vec::new();
             } else {
