@@ -226,10 +226,7 @@ impl<'a, F: Filter> Session<'a, F> {
                 }
                 continue;
             }
-            let mut bytes = self.pending.iter();
-            let parsed = receiver.ingest(&mut bytes).map(|r| r.into_owned());
-            let consumed = self.pending.len() - bytes.as_slice().len();
-            self.pending.drain(..consumed);
+            let parsed = feed(&mut self.pending, |bytes| receiver.ingest(bytes).map(|r| r.into_owned()));
             let request = match parsed {
                 Ok(r) => r,
                 Err(smtp_proto::Error::NeedsMoreData { .. }) => continue,
@@ -259,11 +256,7 @@ impl<'a, F: Filter> Session<'a, F> {
                     // Not offered; skip the chunk so its bytes are not read as commands.
                     let mut skip = DummyDataReceiver::new_bdat(chunk_size);
                     loop {
-                        let mut bytes = self.pending.iter();
-                        let done = skip.ingest(&mut bytes);
-                        let consumed = self.pending.len() - bytes.as_slice().len();
-                        self.pending.drain(..consumed);
-                        if done {
+                        if feed(&mut self.pending, |bytes| skip.ingest(bytes)) {
                             break;
                         }
                         match self.fill_within_message().await? {
@@ -540,11 +533,8 @@ impl<'a, F: Filter> Session<'a, F> {
                     _ => return Ok(Err(SessionEnd::Closed)),
                 }
             }
-            let mut bytes = self.pending.iter();
             chunk.clear();
-            let done = receiver.ingest(&mut bytes, &mut chunk);
-            let consumed = self.pending.len() - bytes.as_slice().len();
-            self.pending.drain(..consumed);
+            let done = feed(&mut self.pending, |bytes| receiver.ingest(bytes, &mut chunk));
             total += chunk.len();
             if too_big || over_budget {
                 // Read to the end so the reply lands where the client expects it.
@@ -733,6 +723,16 @@ impl<'a, F: Filter> Session<'a, F> {
             Ok(Err(e)) => Err(e.into()),
         }
     }
+}
+
+/// Lets one of `smtp-proto`'s sans-IO receivers read the unparsed input,
+/// then drops the bytes it consumed.
+fn feed<T>(pending: &mut Vec<u8>, parse: impl FnOnce(&mut std::slice::Iter<'_, u8>) -> T) -> T {
+    let mut bytes = pending.iter();
+    let out = parse(&mut bytes);
+    let consumed = pending.len() - bytes.as_slice().len();
+    pending.drain(..consumed);
+    out
 }
 
 /// The reply for a command `smtp-proto` could not parse.
