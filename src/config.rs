@@ -378,6 +378,88 @@ pub struct PolicyConfig {
     pub review_mailbox: Option<String>,
 }
 
+/// Continuous learning: corrections from staff and gated retraining.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackConfig {
+    /// Where corrections are kept: `sqlite:///path.db` or `postgres://…`.
+    pub store: String,
+    /// Mail to `local+department[+priority]@domain` of this address is a correction.
+    pub address: Option<String>,
+    /// Feedback mail is delivered to nobody but this mailbox (none: discarded once recorded).
+    pub audit_copy: Option<String>,
+    /// Corrections older than this are deleted.
+    pub retention_days: u64,
+    /// File holding the bearer token `POST /feedback` requires (no file: no HTTP channel).
+    pub http_token_file: Option<PathBuf>,
+    /// Memory for recent decisions' features (corrections by Message-ID).
+    pub recent_bytes: usize,
+    /// This instance retrains (set false on all but one instance sharing a store).
+    pub retrain: bool,
+    /// Retrain this often…
+    #[serde(deserialize_with = "de_duration")]
+    pub retrain_every: Duration,
+    /// …or once this many new corrections arrived.
+    pub retrain_after: u64,
+    /// Versioned head files and their pointers.
+    pub heads_dir: PathBuf,
+    /// The original labeled data (JSONL, as for `train`) retraining starts from.
+    pub training_data: Option<PathBuf>,
+    /// The original dev split: part of the gate's evaluation.
+    pub dev_data: Option<PathBuf>,
+    /// Embeddings of the original data, so retraining does not re-embed it.
+    pub embedding_cache: Option<PathBuf>,
+    /// A department new to the head joins only with at least this many corrections.
+    pub min_per_class: usize,
+    /// The newest this many corrections per class form the reservoir.
+    pub max_per_class: usize,
+    /// Share of corrections (by id) held back for the gate, in percent.
+    pub holdout_percent: u8,
+    /// The gate refuses a head when any language slice's macro-F1 drops more than this.
+    pub max_slice_drop: f64,
+    /// Slices smaller than this are reported but not gated (too noisy).
+    pub min_slice: usize,
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> Self {
+        Self {
+            store: "sqlite:///var/lib/mailtriage/feedback.db".into(),
+            address: None,
+            audit_copy: None,
+            retention_days: 180,
+            http_token_file: None,
+            recent_bytes: 256 << 20,
+            retrain: true,
+            retrain_every: Duration::from_secs(6 * 3600),
+            retrain_after: 500,
+            heads_dir: PathBuf::from("/var/lib/mailtriage/heads"),
+            training_data: None,
+            dev_data: None,
+            embedding_cache: None,
+            min_per_class: 5,
+            max_per_class: 2000,
+            holdout_percent: 20,
+            max_slice_drop: 0.02,
+            min_slice: 50,
+        }
+    }
+}
+
+/// Figures for the people paying for it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KpiConfig {
+    /// Staff minutes one message costs when triaged by hand.
+    pub minutes_per_manual_triage: f64,
+}
+
+impl Default for KpiConfig {
+    fn default() -> Self {
+        Self { minutes_per_manual_triage: 2.0 }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
@@ -425,6 +507,8 @@ pub struct Config {
     pub audit: Option<AuditConfig>,
     pub metrics: Option<MetricsConfig>,
     pub relay: Option<RelayConfig>,
+    pub feedback: Option<FeedbackConfig>,
+    pub kpi: KpiConfig,
     pub logging: LoggingConfig,
     /// Where this configuration came from (for messages), not a key.
     #[serde(skip)]
@@ -623,6 +707,25 @@ impl Config {
         }
         if d.department.trim().is_empty() {
             return Err(invalid("defaults.department".into(), "must not be empty".into()));
+        }
+        if let Some(f) = &self.feedback {
+            if !(f.store.starts_with("sqlite://") || f.store.starts_with("postgres://") || f.store.starts_with("postgresql://")) {
+                return Err(invalid("feedback.store".into(), "expected sqlite:///path/to/feedback.db or postgres://…".into()));
+            }
+            for (key, addr) in [("feedback.address", &f.address), ("feedback.audit_copy", &f.audit_copy)] {
+                if let Some(a) = addr.as_deref().filter(|a| !valid_mailbox(a)) {
+                    return Err(invalid(key.into(), format!("`{a}` is not an address")));
+                }
+            }
+            if f.holdout_percent == 0 || f.holdout_percent >= 100 {
+                return Err(invalid("feedback.holdout_percent".into(), "must be between 1 and 99".into()));
+            }
+            if f.retention_days == 0 {
+                return Err(invalid("feedback.retention_days".into(), "must be at least 1".into()));
+            }
+        }
+        if !(self.kpi.minutes_per_manual_triage >= 0.0) {
+            return Err(invalid("kpi.minutes_per_manual_triage".into(), "must be a number ≥ 0".into()));
         }
         let mut names = HashSet::new();
         for (i, dep) in self.departments.iter().enumerate() {

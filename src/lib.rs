@@ -9,7 +9,8 @@
 //! trait, the only thing a front door sees.
 //!
 //! Offline tools share the same code: [`dataset`] reads labeled mail,
-//! [`train`] fits heads, [`eval`] measures them.
+//! [`train`] fits heads, [`eval`] measures them. [`feedback`] takes staff
+//! corrections back and retrains the heads behind a gate.
 
 pub mod actions;
 pub mod audit;
@@ -19,6 +20,7 @@ pub mod dataset;
 pub mod envelope;
 pub mod eval;
 pub mod extract;
+pub mod feedback;
 pub mod html;
 pub mod metrics;
 pub mod milter;

@@ -99,17 +99,6 @@ fn embed(m: &ModelConfig, encoder: &Encoder, texts: &[String], args: &DataArgs) 
 pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let records = read_data(cfg, &args.data, true)?;
-    let examples: Vec<Example> =
-        records.iter().map(|r| Example { text: r.text.clone(), label: r.label.clone().expect("labeled") }).collect();
-    eprintln!("{} labeled messages read", examples.len());
-    let m = model_config(cfg);
-    let embeddings = if args.no_embeddings {
-        None
-    } else {
-        let encoder = load_encoder(&m)?;
-        let texts: Vec<String> = examples.iter().map(|e| e.text.clone()).collect();
-        Some(embed(&m, &encoder, &texts, &args.data)?)
-    };
     let opts = TrainOptions {
         epochs: args.epochs,
         learning_rate: args.learning_rate,
@@ -122,6 +111,17 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
         search: args.search,
         cascade_tolerance: args.cascade_tolerance,
         ..Default::default()
+    };
+    let examples: Vec<Example> =
+        records.iter().map(|r| Example::new(&r.text, r.label.clone().expect("labeled"), &opts.lexical)).collect();
+    eprintln!("{} labeled messages read", examples.len());
+    let m = model_config(cfg);
+    let embeddings = if args.no_embeddings {
+        None
+    } else {
+        let encoder = load_encoder(&m)?;
+        let texts: Vec<String> = records.iter().map(|r| r.text.clone()).collect();
+        Some(embed(&m, &encoder, &texts, &args.data)?)
     };
     let label_field = if args.data.maildir.is_some() { "department".to_string() } else { args.data.label.clone() };
     let provenance = Provenance { label_field, encoder: Some(m.id.clone()), max_tokens: m.max_tokens };

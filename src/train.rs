@@ -14,13 +14,21 @@ use thiserror::Error;
 
 use crate::eval::{self, Metrics, Outcome};
 use crate::model::head::{softmax, CascadeMeta, Head, HeadMeta};
-use crate::model::lexical::{self, LexicalConfig, Sparse};
+use crate::model::lexical::{self, LexicalConfig, Sparse, TermCounts};
 
-/// One labeled training text (subject + body, as the daemon sees mail).
+/// One labeled training message, as the hashed term counts of its text
+/// (subject + body, as the daemon sees mail): the trainer never needs the
+/// text itself, so stored corrections train exactly like the original data.
 #[derive(Debug, Clone)]
 pub struct Example {
-    pub text: String,
+    pub terms: TermCounts,
     pub label: String,
+}
+
+impl Example {
+    pub fn new(text: &str, label: impl Into<String>, lexical: &LexicalConfig) -> Example {
+        Example { terms: TermCounts::of(text, lexical.bits), label: label.into() }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,6 +101,8 @@ pub enum TrainError {
     TooFewLabels(Vec<String>),
     #[error("{0} examples but {1} embeddings")]
     EmbeddingCount(usize, usize),
+    #[error("example {0} was hashed with {1} bits, the settings say {2}")]
+    HashWidth(usize, u8, u8),
 }
 
 /// What training produced, besides the head.
@@ -156,8 +166,9 @@ pub fn stratified_split(labels: &[usize], classes: usize, fraction: f32, seed: u
     (train, dev)
 }
 
-/// Trains a head. `embeddings[i]` belongs to `examples[i]`; `None` trains a
-/// lexical-only head. `progress(done, total)` is called once per epoch.
+/// Trains a head. `embeddings[i]` belongs to `examples[i]` (empty where a
+/// message has none: its embedding block then counts as zero); `None` trains
+/// a lexical-only head. `progress(done, total)` is called once per epoch.
 pub fn train(
     examples: &[Example],
     embeddings: Option<&[Vec<f32>]>,
@@ -174,10 +185,13 @@ pub fn train(
             return Err(TrainError::EmbeddingCount(examples.len(), e.len()));
         }
     }
+    if let Some((i, e)) = examples.iter().enumerate().find(|(_, e)| e.terms.bits != opts.lexical.bits) {
+        return Err(TrainError::HashWidth(i, e.terms.bits, opts.lexical.bits));
+    }
     let y: Vec<usize> = examples.iter().map(|e| labels.binary_search(&e.label).expect("label from the set")).collect();
     let (train_idx, dev_idx) = stratified_split(&y, labels.len(), opts.dev_fraction, opts.seed);
-    let dim = embeddings.and_then(|e| e.first()).map_or(0, Vec::len);
-    let buckets: Vec<Vec<u32>> = examples.iter().map(|e| lexical::buckets(&e.text, &opts.lexical)).collect();
+    let dim = embeddings.and_then(|e| e.iter().map(Vec::len).find(|&n| n > 0)).unwrap_or(0);
+    let buckets: Vec<Vec<u32>> = examples.iter().map(|e| e.terms.buckets()).collect();
 
     let base_meta = HeadMeta {
         labels: labels.clone(),
@@ -194,11 +208,11 @@ pub fn train(
         version: String::new(),
         cascade: None,
     };
-    let emb_of = |i: usize| embeddings.map(|e| e[i].as_slice());
+    let emb_of = |i: usize| embeddings.map(|e| e[i].as_slice()).filter(|e| e.len() == dim && dim > 0);
     let dev_y: Vec<usize> = dev_idx.iter().map(|&i| y[i]).collect();
     // Dev logits of a head, computed once per head; outcomes derive from them at any temperature.
     let dev_logits_of = |head: &Head| -> Vec<Vec<f32>> {
-        dev_idx.iter().map(|&i| head.logits(emb_of(i), &head.lexical(&examples[i].text))).collect()
+        dev_idx.iter().map(|&i| head.logits(emb_of(i), &head.lexical_terms(&examples[i].terms))).collect()
     };
     let outcomes = |logits: &[Vec<f32>], t: f32| -> Vec<Outcome> {
         logits
@@ -350,7 +364,7 @@ fn fit<'a>(
         idf,
         lexical_only: None,
     };
-    let xs: Vec<Sparse> = idx.iter().map(|&i| head.lexical(&examples[i].text)).collect();
+    let xs: Vec<Sparse> = idx.iter().map(|&i| head.lexical_terms(&examples[i].terms)).collect();
 
     let mut counts = vec![0usize; c];
     idx.iter().for_each(|&i| counts[y[i]] += 1);
@@ -431,6 +445,8 @@ pub fn fit_temperature(logits: &[Vec<f32>], y: &[usize]) -> f32 {
 mod tests {
     use super::*;
 
+    const TOY: LexicalConfig = LexicalConfig { bits: 12, word_weight: 1.0, char_weight: 1.0 };
+
     fn toy() -> Vec<Example> {
         let mut v = Vec::new();
         let billing = [
@@ -443,10 +459,10 @@ mod tests {
             ["server outage error 500", "login page broken error", "app crashes on start", "cannot connect vpn error"];
         for r in 0..6 {
             for t in billing {
-                v.push(Example { text: format!("{t} {r}"), label: "billing".into() });
+                v.push(Example::new(&format!("{t} {r}"), "billing", &TOY));
             }
             for t in support {
-                v.push(Example { text: format!("{t} {r}"), label: "support".into() });
+                v.push(Example::new(&format!("{t} {r}"), "support", &TOY));
             }
         }
         v
@@ -458,7 +474,7 @@ mod tests {
 
     #[test]
     fn learns_a_separable_toy_problem_and_is_deterministic() {
-        let opts = TrainOptions { lexical: LexicalConfig { bits: 14, ..Default::default() }, ..Default::default() };
+        let opts = TrainOptions { lexical: TOY, ..Default::default() };
         let (head, report) = train(&toy(), None, prov(), &opts, |_, _, _| {}).unwrap();
         assert_eq!(report.dev.accuracy, 1.0);
         let p = head.predict(None, &head.lexical("my invoice payment was refused"));
@@ -473,7 +489,7 @@ mod tests {
     fn search_tries_each_candidate_and_keeps_the_best() {
         let opts = TrainOptions {
             search: true,
-            lexical: LexicalConfig { bits: 12, ..Default::default() },
+            lexical: TOY,
             ..Default::default()
         };
         let (head, report) = train(&toy(), None, prov(), &opts, |_, _, _| {}).unwrap();
@@ -521,7 +537,7 @@ mod tests {
         assert_eq!(dev.iter().filter(|&&i| y[i] == 1).count(), 2);
         assert!(tr.iter().any(|&i| y[i] == 1));
         assert!(train(
-            &[Example { text: "x".into(), label: "a".into() }],
+            &[Example::new("x", "a", &LexicalConfig::default())],
             None,
             prov(),
             &TrainOptions::default(),

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
-use super::lexical::{self, LexicalConfig, Sparse};
+use super::lexical::{self, LexicalConfig, Sparse, TermCounts};
 use super::ModelError;
 
 /// File format tag; bump on any incompatible change.
@@ -95,6 +95,12 @@ impl Head {
     /// Lexical features of a text as this head was trained to see them.
     pub fn lexical(&self, text: &str) -> Sparse {
         lexical::features(text, &self.meta.lexical, &self.idf)
+    }
+
+    /// The same from stored term counts (made with this head's `bits`).
+    pub fn lexical_terms(&self, terms: &TermCounts) -> Sparse {
+        debug_assert_eq!(terms.bits, self.meta.lexical.bits);
+        terms.features(&self.meta.lexical, &self.idf)
     }
 
     /// Raw scores (before temperature).
@@ -247,7 +253,7 @@ pub fn softmax(z: &[f32], t: f32) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn tiny_head() -> Head {

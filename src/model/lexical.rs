@@ -60,54 +60,136 @@ pub fn words(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(|w| w.to_lowercase()).collect()
 }
 
-/// Raw counts per bucket for the word block and the character block.
-fn counts(text: &str, mask: u64) -> (HashMap<u32, f32>, HashMap<u32, f32>) {
-    let ws = words(text);
-    let (mut wc, mut cc) = (HashMap::new(), HashMap::new());
-    for (i, w) in ws.iter().enumerate() {
-        *wc.entry((fnv1a(b'w', &[w]) & mask) as u32).or_insert(0.0) += 1.0;
-        if i + 1 < ws.len() {
-            *wc.entry((fnv1a(b'b', &[w, &ws[i + 1]]) & mask) as u32).or_insert(0.0) += 1.0;
-        }
-        let chars: Vec<char> = std::iter::once(' ').chain(w.chars().take(MAX_WORD_CHARS)).chain([' ']).collect();
-        for n in 3..=5 {
-            for win in chars.windows(n) {
-                let g: String = win.iter().collect();
-                *cc.entry((fnv1a(b'c', &[&g]) & mask) as u32).or_insert(0.0) += 1.0;
+/// Hashed term counts of one text, per block, buckets ascending: all the
+/// lexical features need, and all the feedback store keeps of a message (a
+/// head applies its own IDF at use). Depends only on `bits` and the hash.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TermCounts {
+    pub bits: u8,
+    pub word: Vec<(u32, u32)>,
+    pub char: Vec<(u32, u32)>,
+}
+
+impl TermCounts {
+    pub fn of(text: &str, bits: u8) -> TermCounts {
+        let mask = (1u64 << bits) - 1;
+        let ws = words(text);
+        let (mut wc, mut cc) = (HashMap::<u32, u32>::new(), HashMap::<u32, u32>::new());
+        for (i, w) in ws.iter().enumerate() {
+            *wc.entry((fnv1a(b'w', &[w]) & mask) as u32).or_insert(0) += 1;
+            if i + 1 < ws.len() {
+                *wc.entry((fnv1a(b'b', &[w, &ws[i + 1]]) & mask) as u32).or_insert(0) += 1;
+            }
+            let chars: Vec<char> = std::iter::once(' ').chain(w.chars().take(MAX_WORD_CHARS)).chain([' ']).collect();
+            for n in 3..=5 {
+                for win in chars.windows(n) {
+                    let g: String = win.iter().collect();
+                    *cc.entry((fnv1a(b'c', &[&g]) & mask) as u32).or_insert(0) += 1;
+                }
             }
         }
+        let sorted = |m: HashMap<u32, u32>| {
+            let mut v: Vec<(u32, u32)> = m.into_iter().collect();
+            v.sort_unstable();
+            v
+        };
+        TermCounts { bits, word: sorted(wc), char: sorted(cc) }
     }
-    (wc, cc)
+
+    /// Which buckets the text touches (for document frequencies).
+    pub fn buckets(&self) -> Vec<u32> {
+        let mut b: Vec<u32> = self.word.iter().chain(&self.char).map(|&(k, _)| k).collect();
+        b.sort_unstable();
+        b.dedup();
+        b
+    }
+
+    /// The weighted feature vector: sublinear TF × IDF, each block L2-normalised
+    /// and weighted. `idf` has `cfg.dim()` entries.
+    pub fn features(&self, cfg: &LexicalConfig, idf: &[f32]) -> Sparse {
+        let mut out: Vec<(u32, f32)> = Vec::with_capacity(self.word.len() + self.char.len());
+        for (block, weight) in [(&self.word, cfg.word_weight), (&self.char, cfg.char_weight)] {
+            let vals: Vec<(u32, f32)> = block
+                .iter()
+                .map(|&(k, n)| (k, (1.0 + (n as f32).ln()) * idf.get(k as usize).copied().unwrap_or(1.0)))
+                .collect();
+            // Summed in bucket order, so the result never depends on hashing order.
+            let norm = vals.iter().map(|(_, v)| v * v).sum::<f32>().sqrt();
+            if norm > 0.0 && weight != 0.0 {
+                out.extend(vals.into_iter().map(|(k, v)| (k, weight * v / norm)));
+            }
+        }
+        // A bucket in both blocks (a hash collision) becomes one entry.
+        out.sort_by_key(|(k, _)| *k);
+        out.dedup_by(|b, a| {
+            if a.0 == b.0 {
+                a.1 += b.1;
+                true
+            } else {
+                false
+            }
+        });
+        out
+    }
+
+    /// Compact little-endian encoding for storage: bits, then each block as a
+    /// count of entries followed by (bucket u32, count u32) pairs.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9 + 8 * (self.word.len() + self.char.len()));
+        out.push(self.bits);
+        for block in [&self.word, &self.char] {
+            out.extend_from_slice(&(block.len() as u32).to_le_bytes());
+            for &(k, n) in block {
+                out.extend_from_slice(&k.to_le_bytes());
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Inverse of [`to_bytes`](Self::to_bytes); `None` for bytes it did not write.
+    pub fn from_bytes(bytes: &[u8]) -> Option<TermCounts> {
+        let (&bits, mut rest) = bytes.split_first()?;
+        if !(1..=30).contains(&bits) {
+            return None;
+        }
+        let mut take_u32 = || -> Option<u32> {
+            let (head, tail) = rest.split_first_chunk::<4>()?;
+            rest = tail;
+            Some(u32::from_le_bytes(*head))
+        };
+        let mut blocks = [Vec::new(), Vec::new()];
+        for block in &mut blocks {
+            let n = take_u32()? as usize;
+            if n > (1usize << bits) {
+                return None;
+            }
+            for _ in 0..n {
+                let (k, c) = (take_u32()?, take_u32()?);
+                if k >> bits != 0 {
+                    return None;
+                }
+                block.push((k, c));
+            }
+        }
+        let [word, char] = blocks;
+        rest.is_empty().then_some(TermCounts { bits, word, char })
+    }
+
+    /// Approximate heap size, for memory budgets.
+    pub fn heap_bytes(&self) -> usize {
+        8 * (self.word.capacity() + self.char.capacity())
+    }
 }
 
 /// Which buckets a text touches (for document frequencies when training).
 pub fn buckets(text: &str, cfg: &LexicalConfig) -> Vec<u32> {
-    let (w, c) = counts(text, (cfg.dim() - 1) as u64);
-    let mut b: Vec<u32> = w.into_keys().chain(c.into_keys()).collect();
-    b.sort_unstable();
-    b.dedup();
-    b
+    TermCounts::of(text, cfg.bits).buckets()
 }
 
 /// The weighted feature vector of a text. `idf` has `cfg.dim()` entries.
 pub fn features(text: &str, cfg: &LexicalConfig, idf: &[f32]) -> Sparse {
-    let (w, c) = counts(text, (cfg.dim() - 1) as u64);
-    let mut out: HashMap<u32, f32> = HashMap::with_capacity(w.len() + c.len());
-    for (block, weight) in [(w, cfg.word_weight), (c, cfg.char_weight)] {
-        let mut vals: Vec<(u32, f32)> =
-            block.into_iter().map(|(k, n)| (k, (1.0 + n.ln()) * idf.get(k as usize).copied().unwrap_or(1.0))).collect();
-        // Sum in bucket order: HashMap order varies per process, float sums must not.
-        vals.sort_unstable_by_key(|(k, _)| *k);
-        let norm = vals.iter().map(|(_, v)| v * v).sum::<f32>().sqrt();
-        if norm > 0.0 {
-            for (k, v) in vals {
-                *out.entry(k).or_insert(0.0) += weight * v / norm;
-            }
-        }
-    }
-    let mut v: Sparse = out.into_iter().collect();
-    v.sort_unstable_by_key(|(k, _)| *k);
-    v
+    TermCounts::of(text, cfg.bits).features(cfg, idf)
 }
 
 /// Smoothed inverse document frequency from per-document bucket lists.
@@ -158,5 +240,17 @@ mod tests {
         let the = (fnv1a(b'w', &["the"]) & 0xfff) as usize;
         let inv = (fnv1a(b'w', &["invoice"]) & 0xfff) as usize;
         assert!(idf[the] < idf[inv]);
+    }
+
+    #[test]
+    fn term_counts_round_trip_and_reject_foreign_bytes() {
+        let t = TermCounts::of("Invoice overdue: the invoice is overdue", 12);
+        assert_eq!(t.word.iter().find(|(k, _)| *k == (fnv1a(b'w', &["invoice"]) & 0xfff) as u32).unwrap().1, 2);
+        assert_eq!(TermCounts::from_bytes(&t.to_bytes()), Some(t.clone()));
+        let mut bytes = t.to_bytes();
+        bytes.pop();
+        assert_eq!(TermCounts::from_bytes(&bytes), None);
+        assert_eq!(TermCounts::from_bytes(b"not features"), None);
+        assert_eq!(TermCounts::from_bytes(&[]), None);
     }
 }

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use thiserror::Error;
 
 use head::{Head, Prediction};
-use lexical::Sparse;
+use lexical::{Sparse, TermCounts};
 use prototypes::Prototypes;
 pub use text::{encoder_text, features_text, model_text};
 
@@ -67,6 +67,8 @@ pub struct Classifier {
 
 /// A message's lexical features, per trained head (see [`Classifier::lexical_features`]).
 pub struct LexicalFeatures {
+    /// The hashed term counts they were made from (what feedback keeps).
+    pub terms: Option<TermCounts>,
     department: Option<Sparse>,
     priority: Option<Sparse>,
 }
@@ -92,11 +94,32 @@ impl Classifier {
     /// (each head has its own IDF). Computed once per message: the cascade
     /// and the full heads both read them.
     pub fn lexical_features(&self, text: &str) -> LexicalFeatures {
+        let Some(bits) = self.lexical_bits() else {
+            return LexicalFeatures { terms: None, department: None, priority: None };
+        };
+        let terms = TermCounts::of(text, bits);
+        let for_head = |h: &Head| {
+            if h.meta.lexical.bits == bits {
+                h.lexical_terms(&terms)
+            } else {
+                h.lexical(text)
+            }
+        };
         let department = match &self.department {
-            DepartmentModel::Trained(h) => Some(h.lexical(text)),
+            DepartmentModel::Trained(h) => Some(for_head(h)),
             DepartmentModel::ColdStart(_) => None,
         };
-        LexicalFeatures { department, priority: self.priority.as_ref().map(|h| h.lexical(text)) }
+        let priority = self.priority.as_ref().map(for_head);
+        LexicalFeatures { terms: Some(terms), department, priority }
+    }
+
+    /// The hash width of the stored term counts: the department head's (else
+    /// the priority head's). `None` when no head reads lexical features.
+    pub fn lexical_bits(&self) -> Option<u8> {
+        match &self.department {
+            DepartmentModel::Trained(h) => Some(h.meta.lexical.bits),
+            DepartmentModel::ColdStart(_) => self.priority.as_ref().map(|h| h.meta.lexical.bits),
+        }
     }
 
     /// Predicts from the lexical features and (when needed) the embedding.

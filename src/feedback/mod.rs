@@ -1,0 +1,141 @@
+//! Continuous learning: staff corrections come back, are kept as features
+//! only, and feed a retraining that is promoted only when it is no worse.
+//!
+//! - [`intake`]: recognising feedback mail and what message it corrects.
+//! - [`store`]: SQLite or PostgreSQL rows of [`Correction`].
+//! - [`recent`]: features of recent decisions, for corrections by Message-ID.
+//! - [`retrain`]: original data + feedback reservoir → candidate → gate.
+//! - [`heads`]: versioned head files, the current pointer, rollback.
+//! - [`language`]: the language guess behind the gate's per-language slices.
+//!
+//! Privacy by construction: a [`Correction`] holds hashed term counts, an
+//! embedding, labels, a channel, a pseudonymous actor and times — never a
+//! subject, a body or an address.
+
+pub mod heads;
+pub mod intake;
+pub mod language;
+pub mod recent;
+pub mod retrain;
+pub mod store;
+
+use std::str::FromStr;
+
+use thiserror::Error;
+
+use crate::model::lexical::TermCounts;
+
+/// How a correction reached us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Mail forwarded to the feedback address.
+    Mail,
+    /// `mailtriage feedback < message` (a Dovecot IMAPSieve pipe, a script).
+    Pipe,
+    /// `POST /feedback` (helpdesk webhooks).
+    Http,
+    /// `mailtriage feedback --message-id`.
+    Cli,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Mail => "mail",
+            Channel::Pipe => "pipe",
+            Channel::Http => "http",
+            Channel::Cli => "cli",
+        }
+    }
+}
+
+impl FromStr for Channel {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        Ok(match s {
+            "mail" => Channel::Mail,
+            "pipe" => Channel::Pipe,
+            "http" => Channel::Http,
+            "cli" => Channel::Cli,
+            _ => return Err(()),
+        })
+    }
+}
+
+/// One correction: what the heads need to learn from it, and no content.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Correction {
+    /// Store id (0 before it is stored).
+    pub id: i64,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub channel: Channel,
+    /// Who: an HMAC of the sender (with the audit key), a token name, a Unix user.
+    pub actor: String,
+    /// HMAC of the corrected message's Message-ID, when known: a later
+    /// correction of the same message replaces an earlier one.
+    pub message_hash: Option<String>,
+    /// The department head's label and/or the priority head's.
+    pub department: Option<String>,
+    pub priority: Option<String>,
+    pub language: String,
+    pub terms: TermCounts,
+    /// The encoder the embedding came from; `None` with no embedding.
+    pub encoder: Option<String>,
+    pub embedding: Option<Vec<f32>>,
+}
+
+/// Features of one message, as the feedback path records them.
+#[derive(Debug, Clone)]
+pub struct MessageFeatures {
+    pub terms: TermCounts,
+    pub language: &'static str,
+    pub embedding: Option<(String, Vec<f32>)>,
+}
+
+impl MessageFeatures {
+    /// The correction these features make with the given labels.
+    pub fn correction(&self, labels: Labels, channel: Channel, actor: String, message_hash: Option<String>) -> Correction {
+        Correction {
+            id: 0,
+            created_at: now(),
+            channel,
+            actor,
+            message_hash,
+            department: labels.department,
+            priority: labels.priority,
+            language: self.language.to_string(),
+            terms: self.terms.clone(),
+            encoder: self.embedding.as_ref().map(|(id, _)| id.clone()),
+            embedding: self.embedding.as_ref().map(|(_, e)| e.clone()),
+        }
+    }
+}
+
+/// The right answer, as head labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels {
+    pub department: Option<String>,
+    pub priority: Option<String>,
+}
+
+#[derive(Debug, Error)]
+pub enum FeedbackError {
+    #[error("unknown department `{0}` (known: {1})")]
+    UnknownDepartment(String, String),
+    #[error("unknown priority `{0}` (known: {1})")]
+    UnknownPriority(String, String),
+    #[error("a correction needs a department or a priority")]
+    NoLabel,
+    #[error("no recent decision for that Message-ID (it is older than the recent-decisions window, or was decided by a rule)")]
+    NotRecent,
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("feedback is not configured: add a [feedback] section with `store`")]
+    NotConfigured,
+}
+
+/// Unix seconds now.
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
