@@ -37,6 +37,11 @@ pub enum Change {
     Quarantine {
         reason: String,
     },
+    /// Accept the message and deliver it to nobody (feedback mail once
+    /// recorded). Any other change in the plan is moot.
+    Discard {
+        reason: String,
+    },
 }
 
 /// The changes for one message, in the order they must be applied.
@@ -61,6 +66,9 @@ impl Plan {
         changes.push(header("Confidence", format!("{:.2}", decision.confidence.clamp(0.0, 1.0))));
         changes.push(header("Source", decision.source.to_string()));
         changes.push(header("Action", decision.action.as_str().into()));
+        if let Some(v) = &decision.model_version {
+            changes.push(header("Model-Version", v.clone()));
+        }
         if decision.mode == Mode::Shadow {
             // Admins comparing shadow results must see that nothing was rerouted.
             changes.push(header("Mode", "shadow".into()));
@@ -85,6 +93,11 @@ impl Plan {
             _ => {}
         }
         Plan { changes }
+    }
+
+    /// Whether the message is to be accepted and dropped.
+    pub fn discards(&self) -> bool {
+        self.changes.iter().any(|c| matches!(c, Change::Discard { .. }))
     }
 
     pub fn changes_recipients(&self) -> bool {
@@ -139,6 +152,9 @@ impl Plan {
 
     /// The envelope recipients after this plan's recipient changes.
     pub fn apply_to_recipients(&self, rcpts: &[String]) -> Vec<String> {
+        if self.discards() {
+            return Vec::new();
+        }
         let mut out: Vec<String> = rcpts.to_vec();
         for change in &self.changes {
             match change {
@@ -248,6 +264,7 @@ mod tests {
             action,
             mailbox: Some("billing@example.com".into()),
             mode,
+            model_version: None,
         }
     }
 

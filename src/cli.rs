@@ -65,6 +65,72 @@ pub enum Command {
     /// Model files.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Record a correction: the message on stdin (or FILE) belongs to this
+    /// department and/or priority. With --message-id, the running daemon
+    /// looks the message up among its recent decisions instead.
+    Feedback(FeedbackArgs),
+    /// Retrain the heads from the original data plus the corrections, and
+    /// promote each only if the gate passes.
+    Retrain {
+        /// Which head: department, priority, or both (default).
+        #[arg(long)]
+        head: Option<HeadArg>,
+        /// Print each outcome as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promoted head versions.
+    #[command(subcommand)]
+    Heads(HeadsCommand),
+    /// Figures for the people paying for it: auto-routed share, review share,
+    /// corrections per department per day, estimated staff minutes saved.
+    Report {
+        /// The last this many days.
+        #[arg(long, default_value_t = 7)]
+        days: u64,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum HeadArg {
+    Department,
+    Priority,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct FeedbackArgs {
+    /// The right department (a configured department name or a head label).
+    #[arg(long)]
+    pub department: Option<String>,
+    /// The right priority.
+    #[arg(long)]
+    pub priority: Option<String>,
+    /// Correct a recent decision by its Message-ID (asks the daemon over
+    /// `[metrics] listen` with the `[feedback] http_token_file` token).
+    #[arg(long, conflicts_with = "file")]
+    pub message_id: Option<String>,
+    /// The message (RFC 822); default: stdin.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HeadsCommand {
+    /// Every version with its gate figures; `*` marks the one in use.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an earlier version current again (the daemon swaps it in).
+    Rollback {
+        /// `v3` or `3`.
+        version: String,
+        /// Which head (default: department).
+        #[arg(long, default_value = "department")]
+        head: HeadArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]

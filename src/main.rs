@@ -3,6 +3,7 @@
 //! on stderr and a non-zero exit status.
 
 mod cli;
+mod learn;
 mod offline;
 
 use std::process::ExitCode;
@@ -62,6 +63,10 @@ fn main() -> ExitCode {
         Command::Replay { maildir } => offline::replay(&cfg, &maildir),
         Command::Model(ModelCommand::Fetch) => offline::model_fetch(&cfg),
         Command::Serve => serve(cfg, config_path.clone()),
+        Command::Feedback(args) => learn::feedback(&cfg, &args),
+        Command::Retrain { head, json } => learn::retrain(&cfg, head, json),
+        Command::Heads(cmd) => learn::heads(&cfg, &cmd),
+        Command::Report { days, json } => learn::report(&cfg, days, json),
     };
     match result {
         Ok(code) => code,
@@ -109,14 +114,20 @@ fn serve(cfg: Config, config_path: std::path::PathBuf) -> Result<ExitCode> {
     init_logging(&cfg);
     // Before anything records: metrics recorded earlier would be lost.
     let prometheus = cfg.metrics.as_ref().map(|_| mailtriage::metrics::install()).transpose()?;
-    let triage = Triage::new(&cfg).context("loading rules and model")?;
+    let mut triage = Triage::new(&cfg).context("loading rules and model")?;
+    let shared_slot = Arc::new(std::sync::OnceLock::new());
+    let feedback = learn::start(&cfg, shared_slot.clone())?;
+    if let Some(link) = &feedback.link {
+        triage.connect_feedback(link.clone());
+    }
+    triage.publish_head_versions();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     rt.block_on(async move {
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         if let (Some(m), Some(handle)) = (&cfg.metrics, prometheus) {
             let http = mailtriage::metrics::bind(&m.listen).await?;
-            tracing::info!(listen = %m.listen, "metrics on /metrics, /healthz, /readyz");
-            tokio::spawn(mailtriage::metrics::serve(http, handle, ready.clone()));
+            tracing::info!(listen = %m.listen, feedback = feedback.endpoint.is_some(), "metrics on /metrics, /healthz, /readyz");
+            tokio::spawn(mailtriage::metrics::serve(http, handle, ready.clone(), feedback.endpoint.clone()));
         }
         let setup = FrontDoorSetup::new(&cfg)?;
         let mode = cfg.server.milter_socket_mode;
@@ -149,7 +160,13 @@ fn serve(cfg: Config, config_path: std::path::PathBuf) -> Result<ExitCode> {
             "mailtriage listening"
         );
         let shared = SharedTriage::new(triage);
-        tokio::spawn(reload_on_sighup(shared.clone(), config_path, cfg.clone()));
+        let _ = shared_slot.set(shared.clone());
+        let reload = Arc::new(tokio::sync::Notify::new());
+        if let Some(link) = &feedback.link {
+            learn::spawn_retrainer(config_path.clone(), &cfg, link, shared.clone(), reload.clone());
+            tokio::spawn(learn::watch_heads(cfg.clone(), reload.clone()));
+        }
+        tokio::spawn(reload_on_request(shared.clone(), config_path, cfg.clone(), reload, feedback.link.clone()));
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn(async move {
             wait_for_stop_signal().await;
@@ -214,20 +231,35 @@ fn front_doors(cfg: &Config) -> String {
     out
 }
 
-/// SIGHUP: re-read the config, rules, model and heads, validate them, and
-/// swap them in. A bad file is logged and the running set stays. Settings
-/// that only a restart can apply (listen address, limits, timeouts) are named.
-async fn reload_on_sighup(shared: SharedTriage, path: std::path::PathBuf, mut running: Config) {
+/// SIGHUP, or a new head version: re-read the config, rules, model and
+/// heads, validate them, and swap them in. A bad file is logged and the
+/// running set stays. Settings that only a restart can apply (listen
+/// address, limits, timeouts) are named.
+async fn reload_on_request(
+    shared: SharedTriage,
+    path: std::path::PathBuf,
+    mut running: Config,
+    requested: Arc<tokio::sync::Notify>,
+    link: Option<mailtriage::pipeline::FeedbackLink>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler; reload needs a restart");
         return;
     };
-    while hup.recv().await.is_some() {
+    loop {
+        tokio::select! {
+            r = hup.recv() => if r.is_none() { return },
+            _ = requested.notified() => {}
+        }
         let p = path.clone();
+        let link = link.clone();
         let loaded = tokio::task::spawn_blocking(move || -> Result<(Config, Triage), String> {
             let cfg = Config::load(&p).map_err(|e| e.to_string())?;
-            let t = Triage::new(&cfg).map_err(|e| e.to_string())?;
+            let mut t = Triage::new(&cfg).map_err(|e| e.to_string())?;
+            if let Some(l) = link {
+                t.connect_feedback(l);
+            }
             Ok((cfg, t))
         })
         .await
@@ -272,6 +304,7 @@ async fn reload_on_sighup(shared: SharedTriage, path: std::path::PathBuf, mut ru
                     Some((&running.version, &replaced)),
                 );
                 tracing::info!(config_version = %cfg.version, rules = triage.rule_count(), model = %triage.model_summary(), "reloaded");
+                triage.publish_head_versions();
                 shared.replace(triage);
                 running = cfg;
             }

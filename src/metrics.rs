@@ -37,6 +37,17 @@ pub mod name {
     pub const MODEL_PATH: &str = "mailtriage_model_decisions_total";
     /// SMTP/LMTP front doors: messages relayed to the next hop, by result.
     pub const RELAY: &str = "mailtriage_relay_total";
+    /// Corrections recorded, by department (as configured) and channel: the misroute rate.
+    pub const FEEDBACK: &str = "mailtriage_feedback_corrections_total";
+    /// Corrections refused (unknown department or priority), by channel.
+    pub const FEEDBACK_REFUSED: &str = "mailtriage_feedback_refused_total";
+    /// Retrainings by head and result (`promoted`, `refused`, `failed`).
+    pub const RETRAIN: &str = "mailtriage_retrain_total";
+    /// The version number of the head in use, per head (0: the configured file).
+    pub const HEAD_VERSION: &str = "mailtriage_head_version";
+    /// Estimated staff minutes saved: `[kpi] minutes_per_manual_triage` per
+    /// message routed without review, less one per correction.
+    pub const MINUTES_SAVED: &str = "mailtriage_staff_minutes_saved";
 }
 
 /// Latency buckets (seconds): sub-millisecond rules up to multi-second model waits.
@@ -85,8 +96,27 @@ pub async fn bind(addr: &str) -> Result<TcpListener, MetricsError> {
     TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr: addr.to_string(), source })
 }
 
-/// Serves /metrics, /healthz and /readyz until the task is dropped.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Arc<AtomicBool>) {
+/// `POST /feedback`: a bearer token and what to do with the JSON body. The
+/// handler (run off the reactor) returns the stored correction's id, or an
+/// HTTP status and a message.
+#[derive(Clone)]
+pub struct FeedbackEndpoint {
+    pub token: String,
+    #[allow(clippy::type_complexity)]
+    pub handler: Arc<dyn Fn(serde_json::Value) -> Result<i64, (u16, String)> + Send + Sync>,
+}
+
+/// The largest `POST /feedback` body accepted.
+const MAX_BODY: usize = 8 * 1024;
+
+/// Serves /metrics, /healthz, /readyz (and `POST /feedback` when given)
+/// until the task is dropped.
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+    feedback: Option<FeedbackEndpoint>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
@@ -97,22 +127,27 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Arc<A
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue; // over the cap: drop the connection
         };
-        let (handle, ready) = (handle.clone(), ready.clone());
+        let (handle, ready, feedback) = (handle.clone(), ready.clone(), feedback.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let Ok(Some(path)) = tokio::time::timeout(Duration::from_secs(5), read_request_path(&mut stream)).await
-            else {
+            let Ok(Some(req)) = tokio::time::timeout(Duration::from_secs(5), read_request(&mut stream)).await else {
                 return;
             };
-            let (status, body, kind) = match path.as_str() {
-                "/metrics" => {
+            let text = |s: &'static str, b: &str| (s, b.to_string(), "text/plain");
+            let (status, body, kind) = match (req.method.as_str(), req.path.as_str()) {
+                ("GET", "/metrics") => {
                     handle.run_upkeep();
                     ("200 OK", handle.render(), "text/plain; version=0.0.4")
                 }
-                "/healthz" => ("200 OK", "ok\n".to_string(), "text/plain"),
-                "/readyz" if ready.load(Ordering::Relaxed) => ("200 OK", "ready\n".to_string(), "text/plain"),
-                "/readyz" => ("503 Service Unavailable", "not ready\n".to_string(), "text/plain"),
-                _ => ("404 Not Found", "not found\n".to_string(), "text/plain"),
+                ("GET", "/healthz") => text("200 OK", "ok\n"),
+                ("GET", "/readyz") if ready.load(Ordering::Relaxed) => text("200 OK", "ready\n"),
+                ("GET", "/readyz") => text("503 Service Unavailable", "not ready\n"),
+                ("POST", "/feedback") => match feedback {
+                    Some(f) => post_feedback(&f, &req).await,
+                    None => text("404 Not Found", "feedback over HTTP is not configured\n"),
+                },
+                (_, "/feedback") => text("405 Method Not Allowed", "use POST\n"),
+                _ => text("404 Not Found", "not found\n"),
             };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -125,23 +160,90 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, ready: Arc<A
     }
 }
 
-/// The path of a `GET` request, reading at most the bounded head.
-async fn read_request_path(stream: &mut tokio::net::TcpStream) -> Option<String> {
+async fn post_feedback(f: &FeedbackEndpoint, req: &Request) -> (&'static str, String, &'static str) {
+    let json = "application/json";
+    let err = |status: &'static str, msg: &str| (status, serde_json::json!({ "error": msg }).to_string() + "\n", json);
+    let presented = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    if !constant_time_eq(presented.trim().as_bytes(), f.token.as_bytes()) {
+        return err("401 Unauthorized", "missing or wrong bearer token");
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
+        return err("400 Bad Request", "the body must be a JSON object");
+    };
+    let handler = f.handler.clone();
+    match tokio::task::spawn_blocking(move || handler(value)).await {
+        Ok(Ok(id)) => ("200 OK", serde_json::json!({ "recorded": id }).to_string() + "\n", json),
+        Ok(Err((code, msg))) => {
+            let status = match code {
+                400 => "400 Bad Request",
+                404 => "404 Not Found",
+                422 => "422 Unprocessable Entity",
+                _ => "503 Service Unavailable",
+            };
+            err(status, &msg)
+        }
+        Err(_) => err("500 Internal Server Error", "feedback handler failed"),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && !b.is_empty() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A request: method, path (without query), headers, body.
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads a bounded request head, then a body of at most [`MAX_BODY`] bytes.
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Request> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
         let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 || buf.len() + n > MAX_REQUEST_HEAD {
+        if n == 0 || buf.len() + n > MAX_REQUEST_HEAD + MAX_BODY {
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_REQUEST_HEAD && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            return None;
+        }
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).ok()?;
+    let mut lines = head.lines();
+    let mut parts = lines.next()?.split(' ');
+    let (method, target) = (parts.next()?.to_string(), parts.next()?);
+    let path = target.split('?').next().unwrap_or(target).to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let mut req = Request { method, path, headers, body: buf[head_end..].to_vec() };
+    let length: usize = req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    if length > MAX_BODY {
+        return None;
     }
-    let line = std::str::from_utf8(&buf).ok()?.lines().next()?;
-    let mut parts = line.split(' ');
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some(target)) => Some(target.split('?').next().unwrap_or(target).to_string()),
-        _ => None,
+    while req.body.len() < length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        req.body.extend_from_slice(&chunk[..n]);
     }
+    req.body.truncate(length);
+    Some(req)
 }
 
 #[cfg(test)]
@@ -163,13 +265,37 @@ mod tests {
         let listener = bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ready = Arc::new(AtomicBool::new(false));
-        tokio::spawn(serve(listener, handle, ready.clone()));
+        let feedback = FeedbackEndpoint {
+            token: "s3cret".into(),
+            handler: Arc::new(|v: serde_json::Value| match v.get("message_id").and_then(|m| m.as_str()) {
+                Some("known@x") => Ok(7),
+                _ => Err((404, "no recent decision".into())),
+            }),
+        };
+        tokio::spawn(serve(listener, handle, ready.clone(), Some(feedback)));
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         ready.store(true, Ordering::Relaxed);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/metrics").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        assert!(get(addr, "/feedback").await.starts_with("HTTP/1.1 405"));
+        let post = |token: &'static str, body: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!(
+                "POST /feedback HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = post("s3cret", r#"{"message_id":"known@x","department":"billing"}"#).await;
+        assert!(ok.starts_with("HTTP/1.1 200") && ok.contains(r#"{"recorded":7}"#), "{ok}");
+        assert!(post("wrong!", r#"{"message_id":"known@x"}"#).await.starts_with("HTTP/1.1 401"));
+        assert!(post("s3cret", r#"{"message_id":"other@x"}"#).await.starts_with("HTTP/1.1 404"));
+        assert!(post("s3cret", "not json").await.starts_with("HTTP/1.1 400"));
         // A client that never finishes its request is dropped, not served.
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(&vec![b'a'; MAX_REQUEST_HEAD + 10]).await.unwrap();

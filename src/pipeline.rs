@@ -17,6 +17,12 @@ use crate::audit::{AuditError, AuditLog, Record};
 use crate::config::{Config, Mode};
 use crate::envelope::{domain_of, Envelope};
 use crate::extract::{extract, ExtractLimits, Features};
+use crate::feedback::heads::{self, Role};
+use crate::feedback::intake::{self, FeedbackAddress, Requested};
+use crate::feedback::recent::RecentDecisions;
+use crate::feedback::store::Store;
+use crate::feedback::{language, Channel, FeedbackError, MessageFeatures};
+use crate::model::lexical::{LexicalConfig, TermCounts};
 use crate::metrics::name;
 use crate::model::batcher::{Batcher, EmbedFn};
 use crate::model::cache::EmbeddingCache;
@@ -83,6 +89,26 @@ pub struct Triage {
     audit: Option<AuditLog>,
     config_version: String,
     mode: Mode,
+    feedback: Option<FeedbackStage>,
+    /// Staff minutes a message routed without review saves (`[kpi]`).
+    minutes_per_message: f64,
+}
+
+/// Corrections: the feedback address and, once [`Triage::connect_feedback`]
+/// is called, the store and the recent-decisions window.
+struct FeedbackStage {
+    address: Option<FeedbackAddress>,
+    audit_copy: Option<String>,
+    /// For resolving department names to head labels.
+    cfg: Config,
+    link: Option<FeedbackLink>,
+}
+
+/// What outlives a reload: the store connection and the recent decisions.
+#[derive(Clone)]
+pub struct FeedbackLink {
+    pub store: Arc<Store>,
+    pub recent: Arc<RecentDecisions>,
 }
 
 impl Triage {
@@ -113,6 +139,11 @@ impl Triage {
                         (d.name.clone(), std::iter::once(d.description.clone()).chain(d.examples.clone()).collect())
                     })
                     .collect();
+                // A promoted head version, when there is one, wins over the configured file.
+                let mut m = m.clone();
+                m.department_head = heads::in_use(cfg, Role::Department);
+                m.priority_head = heads::in_use(cfg, Role::Priority);
+                let m = &m;
                 let classifier = Arc::new(model::load(m, &descriptions)?);
                 let mut departments = HashMap::new();
                 let mut unmapped = Vec::new();
@@ -142,7 +173,44 @@ impl Triage {
             audit: cfg.audit.as_ref().map(AuditLog::open).transpose()?,
             config_version: cfg.version.clone(),
             mode: cfg.server.mode,
+            feedback: cfg.feedback.as_ref().map(|f| FeedbackStage {
+                address: f.address.as_deref().and_then(FeedbackAddress::parse),
+                audit_copy: f.audit_copy.clone(),
+                cfg: cfg.clone(),
+                link: None,
+            }),
+            minutes_per_message: cfg.kpi.minutes_per_manual_triage,
         })
+    }
+
+    /// Gives the feedback channels their store and recent-decisions window
+    /// (both outlive reloads, so they are made once by the daemon).
+    pub fn connect_feedback(&mut self, link: FeedbackLink) {
+        if let Some(f) = &mut self.feedback {
+            f.link = Some(link);
+        }
+    }
+
+    fn link(&self) -> Option<&FeedbackLink> {
+        self.feedback.as_ref()?.link.as_ref()
+    }
+
+    /// The encoder in use, for retraining beside the daemon.
+    pub fn encoder(&self) -> Option<Arc<crate::model::encoder::Encoder>> {
+        self.model.as_ref()?.classifier.encoder.clone()
+    }
+
+    /// Publishes each head's version number (`v3` → 3; 0 for a head not
+    /// promoted by retraining) as `mailtriage_head_version{head}`.
+    pub fn publish_head_versions(&self) {
+        let Some(m) = &self.model else { return };
+        let number = |v: &str| v.strip_prefix('v').and_then(|n| n.parse::<f64>().ok()).unwrap_or(0.0);
+        if let model::DepartmentModel::Trained(h) = &m.classifier.department {
+            metrics::gauge!(name::HEAD_VERSION, "head" => "department").set(number(&h.meta.version));
+        }
+        if let Some(h) = &m.classifier.priority {
+            metrics::gauge!(name::HEAD_VERSION, "head" => "priority").set(number(&h.meta.version));
+        }
     }
 
     pub fn rule_count(&self) -> usize {
@@ -222,12 +290,14 @@ impl Triage {
     fn verdict_decision(&self, m: &ModelStage, verdict: ModelVerdict, lexical: bool) -> Decision {
         let ModelVerdict { department, priority } = verdict;
         let id = if lexical { format!("{}/lexical", m.classifier.id) } else { m.classifier.id.clone() };
-        self.policy.decide_model(
+        let mut d = self.policy.decide_model(
             &m.departments[&department.label],
             department.confidence,
             priority.as_ref().map(|p| p.label.as_str()),
             &id,
-        )
+        );
+        d.model_version = Some(m.classifier.versions());
+        d
     }
 
     /// The full heads' decision (embedding given when they use one).
@@ -238,6 +308,9 @@ impl Triage {
 
 impl Filter for Arc<Triage> {
     async fn filter(&self, msg: MessageInput) -> Result<Plan, FilterError> {
+        if let Some(requests) = self.feedback_recipients(&msg.envelope.rcpts) {
+            return self.take_feedback(msg, requests).await;
+        }
         let started = Instant::now();
         let queue_id = msg.envelope.queue_id.clone();
         let sender_domain = domain_of(&msg.envelope.mail_from);
@@ -248,13 +321,18 @@ impl Filter for Arc<Triage> {
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         metrics::histogram!(name::DECISION_SECONDS).record(latency_ms / 1e3);
         match &result {
-            Ok((d, _, _)) => metrics::counter!(
-                name::MESSAGES,
-                "department" => d.department.clone(),
-                "action" => d.action.as_str(),
-                "source" => d.source.to_string()
-            )
-            .increment(1),
+            Ok((d, _, _)) => {
+                metrics::counter!(
+                    name::MESSAGES,
+                    "department" => d.department.clone(),
+                    "action" => d.action.as_str(),
+                    "source" => d.source.to_string()
+                )
+                .increment(1);
+                if d.action != crate::policy::Action::Review {
+                    metrics::gauge!(name::MINUTES_SAVED).increment(self.minutes_per_message);
+                }
+            }
             Err(e) => metrics::counter!(name::FAILED_OPEN, "reason" => failure_kind(e)).increment(1),
         }
         if let Some(audit) = &self.audit {
@@ -360,7 +438,7 @@ impl Triage {
             None => {
                 // Built once: the encoder and the lexical features read the same text.
                 let text = features_text(&features);
-                self.model_decide_async(text).await?
+                self.model_decide_async(text, features.message_id.clone()).await?
             }
         };
         let plan = Plan::for_decision(&decision, &envelope, &header_names);
@@ -373,32 +451,47 @@ impl Triage {
     /// an embedding from the cache, then the encoder through the bounded
     /// queue; when the queue is full or the deadline passes, the lexical
     /// heads decide rather than nobody.
-    async fn model_decide_async(self: &Arc<Self>, text: String) -> Result<Decision, FilterError> {
+    async fn model_decide_async(
+        self: &Arc<Self>,
+        text: String,
+        message_id: Option<String>,
+    ) -> Result<Decision, FilterError> {
         let Some(m) = &self.model else { return Ok(self.policy.decide(None)) };
+        // Kept for corrections by Message-ID, when that channel is connected.
+        let remember = message_id.filter(|_| self.link().is_some());
         // The text work (lexical features once for every head, the encoder's
         // text and its hash) runs off the reactor; what follows is arithmetic.
         let triage = Arc::clone(self);
         let step = blocking(move || {
             let m = triage.model.as_ref().expect("checked above");
             let lex = m.classifier.lexical_features(&text);
+            let recent = remember.map(|id| (id, language::detect(&text)));
+            let remember = |lex: &LexicalFeatures, embedding: Option<&[f32]>| {
+                if let (Some((id, lang)), Some(link), Some(terms)) = (&recent, triage.link(), &lex.terms) {
+                    let embedding = embedding.map(|e| (m.classifier.id.clone(), e.to_vec()));
+                    link.recent.insert(id, MessageFeatures { terms: terms.clone(), language: lang, embedding });
+                }
+            };
             if !m.classifier.needs_embedding() {
+                remember(&lex, None);
                 return Step::Decided(triage.model_decision(m, &lex, None), None);
             }
             if let Some(d) = triage.cascade(m, &lex) {
+                remember(&lex, None);
                 return Step::Decided(d, Some("lexical"));
             }
             let for_encoder = encoder_text(&text);
             let key = EmbeddingCache::key(&for_encoder);
-            Step::Embed { lex, for_encoder, key }
+            Step::Embed { lex, for_encoder, key, recent }
         })
         .await?;
         let path = |p: &'static str| metrics::counter!(name::MODEL_PATH, "path" => p).increment(1);
-        let (lex, for_encoder, key) = match step {
+        let (lex, for_encoder, key, recent) = match step {
             Step::Decided(d, p) => {
                 p.into_iter().for_each(path);
                 return Ok(d);
             }
-            Step::Embed { lex, for_encoder, key } => (lex, for_encoder, key),
+            Step::Embed { lex, for_encoder, key, recent } => (lex, for_encoder, key, recent),
         };
         let embedding: Arc<[f32]> = match (m.cache.get(&key), &m.batcher) {
             (Some(e), _) => {
@@ -426,6 +519,10 @@ impl Triage {
             },
             (None, None) => return Err(FilterError::Task("the model needs embeddings but has no encoder".into())),
         };
+        if let (Some((id, language)), Some(link), Some(terms)) = (recent, self.link(), &lex.terms) {
+            let embedding = Some((m.classifier.id.clone(), embedding.to_vec()));
+            link.recent.insert(&id, MessageFeatures { terms: terms.clone(), language, embedding });
+        }
         Ok(self.model_decision(m, &lex, Some(&embedding)))
     }
 }
@@ -435,7 +532,182 @@ enum Step {
     /// Decided without an embedding (and by which path, for the metric).
     Decided(Decision, Option<&'static str>),
     /// The encoder is needed for this text.
-    Embed { lex: LexicalFeatures, for_encoder: String, key: [u8; 16] },
+    Embed { lex: LexicalFeatures, for_encoder: String, key: [u8; 16], recent: Option<(String, &'static str)> },
+}
+
+/// Feedback: mail to the feedback address, and corrections by Message-ID.
+impl Triage {
+    /// The feedback recipients of a message and what each asks for; `None`
+    /// when it is ordinary mail.
+    fn feedback_recipients(&self, rcpts: &[String]) -> Option<Vec<(String, Requested)>> {
+        let address = self.feedback.as_ref()?.address.as_ref()?;
+        let found: Vec<(String, Requested)> =
+            rcpts.iter().filter_map(|r| address.requested(r).map(|q| (r.clone(), q))).collect();
+        (!found.is_empty()).then_some(found)
+    }
+
+    /// Records the correction a feedback mail carries, and plans its delivery:
+    /// to the other recipients (if any) and the audit copy, never onward to
+    /// the feedback address; with neither, the message is discarded.
+    async fn take_feedback(
+        self: &Arc<Self>,
+        msg: MessageInput,
+        requests: Vec<(String, Requested)>,
+    ) -> Result<Plan, FilterError> {
+        let MessageInput { envelope, raw, header_names } = msg;
+        let fb = self.feedback.as_ref().expect("feedback recipients imply a feedback stage");
+        let requested = requests.iter().map(|(_, q)| q.clone()).find(|q| *q != Requested::default()).unwrap_or_default();
+        let limits = self.limits;
+        let (text, forwarded_id) = blocking(move || intake::forwarded(&raw, limits)).await?;
+        let actor = self.actor(&envelope.mail_from);
+        let recorded = match self.message_features(text).await {
+            Ok(features) => {
+                let hash = forwarded_id.as_deref().map(|id| self.message_hash(id));
+                let triage = Arc::clone(self);
+                blocking(move || triage.record(&features, &requested, Channel::Mail, actor, hash))
+                    .await?
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let status = match &recorded {
+            Ok(id) => format!("recorded {id}"),
+            Err(e) => {
+                tracing::warn!(queue_id = envelope.queue_id.as_deref().unwrap_or("-"), error = %e, "feedback mail not recorded");
+                format!("not recorded: {e}")
+            }
+        };
+        let mut plan = Plan::strip_inbound(&header_names);
+        plan.changes.push(crate::actions::Change::AddHeader { name: "X-Triage-Feedback".into(), value: status });
+        let others = envelope.rcpts.iter().filter(|r| !requests.iter().any(|(f, _)| f == *r)).count();
+        match (&fb.audit_copy, others) {
+            (None, 0) => plan.changes.push(crate::actions::Change::Discard { reason: "feedback recorded".into() }),
+            (copy, _) => {
+                for (r, _) in &requests {
+                    plan.changes.push(crate::actions::Change::DeleteRecipient { address: r.clone() });
+                }
+                if let Some(c) = copy.as_ref().filter(|c| !envelope.rcpts.iter().any(|r| r.eq_ignore_ascii_case(c))) {
+                    plan.changes.push(crate::actions::Change::AddRecipient { address: c.clone() });
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The features a correction keeps of a message text: term counts, a
+    /// language guess, and the embedding when the heads read one (from the
+    /// cache, else the encoder through the queue; missing if it is busy).
+    async fn message_features(self: &Arc<Self>, text: String) -> Result<MessageFeatures, FilterError> {
+        let triage = Arc::clone(self);
+        let (terms, lang, for_encoder) = blocking(move || {
+            let bits = triage.model.as_ref().and_then(|m| m.classifier.lexical_bits());
+            let terms = TermCounts::of(&text, bits.unwrap_or(LexicalConfig::default().bits));
+            let needs = triage.model.as_ref().is_some_and(|m| m.classifier.needs_embedding());
+            (terms, language::detect(&text), needs.then(|| encoder_text(&text)))
+        })
+        .await?;
+        let mut embedding = None;
+        if let (Some(m), Some(t)) = (&self.model, for_encoder) {
+            let key = EmbeddingCache::key(&t);
+            let e = match (m.cache.get(&key), &m.batcher) {
+                (Some(e), _) => Some(e.to_vec()),
+                (None, Some(b)) => b.embed(t).await.ok(),
+                (None, None) => None,
+            };
+            embedding = e.map(|e| (m.classifier.id.clone(), e));
+        }
+        Ok(MessageFeatures { terms, language: lang, embedding })
+    }
+
+    /// Stores one correction (blocking: call off the reactor). Returns its id.
+    pub fn record(
+        &self,
+        features: &MessageFeatures,
+        requested: &Requested,
+        channel: Channel,
+        actor: String,
+        message_hash: Option<String>,
+    ) -> Result<i64, FeedbackError> {
+        let fb = self.feedback.as_ref().ok_or(FeedbackError::NotConfigured)?;
+        let link = fb.link.as_ref().ok_or(FeedbackError::NotConfigured)?;
+        let (department_labels, priority_labels) = match &self.model {
+            Some(m) => (
+                m.classifier.department_labels(),
+                m.classifier.priority.as_ref().map(|h| h.meta.labels.clone()).unwrap_or_default(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        let labels = match intake::resolve(&fb.cfg, &department_labels, &priority_labels, requested) {
+            Ok(l) => l,
+            Err(e) => {
+                metrics::counter!(name::FEEDBACK_REFUSED, "channel" => channel.as_str()).increment(1);
+                return Err(e);
+            }
+        };
+        let correction = features.correction(labels.clone(), channel, actor, message_hash);
+        let id = link.store.insert(&correction)?;
+        let department = labels.department.clone().unwrap_or_default();
+        let department = match &self.model {
+            Some(m) => m.departments.get(&department).cloned().unwrap_or(department),
+            None => department,
+        };
+        metrics::counter!(name::FEEDBACK, "department" => department.clone(), "channel" => channel.as_str()).increment(1);
+        // A correction means a person triaged this message after all.
+        metrics::gauge!(name::MINUTES_SAVED).decrement(self.minutes_per_message);
+        tracing::info!(id, department, priority = labels.priority.as_deref().unwrap_or("-"), channel = channel.as_str(), "correction recorded");
+        Ok(id)
+    }
+
+    /// A correction naming only the Message-ID of a recent decision (blocking).
+    pub fn correct_by_message_id(
+        &self,
+        message_id: &str,
+        requested: &Requested,
+        channel: Channel,
+        actor: String,
+    ) -> Result<i64, FeedbackError> {
+        let link = self.link().ok_or(FeedbackError::NotConfigured)?;
+        let features = link.recent.get(message_id).ok_or(FeedbackError::NotRecent)?;
+        self.record(&features, requested, channel, actor, Some(self.message_hash(message_id)))
+    }
+
+    /// The features of a whole message given by a person (the pipe and CLI
+    /// channels), computed on this thread.
+    pub fn features_of(&self, raw: &[u8]) -> Result<(MessageFeatures, Option<String>), ModelError> {
+        let (text, _) = intake::forwarded(raw, self.limits);
+        let own_id = self.extract(raw).message_id;
+        let bits = self.model.as_ref().and_then(|m| m.classifier.lexical_bits());
+        let terms = TermCounts::of(&text, bits.unwrap_or(LexicalConfig::default().bits));
+        let embedding = match &self.model {
+            Some(m) if m.classifier.needs_embedding() => match &m.classifier.encoder {
+                Some(enc) => Some((m.classifier.id.clone(), enc.embed(&encoder_text(&text))?)),
+                None => None,
+            },
+            _ => None,
+        };
+        Ok((MessageFeatures { terms, language: language::detect(&text), embedding }, own_id))
+    }
+
+    /// A pseudonym for a sender: HMAC with the audit key, else only the domain.
+    pub fn actor(&self, address: &str) -> String {
+        match &self.audit {
+            Some(a) => format!("hmac:{}", a.hash_message_id(&address.to_lowercase())),
+            None => format!("domain:{}", domain_of(address)),
+        }
+    }
+
+    /// The Message-ID as the audit trail names it (HMAC with the audit key, else SHA-256).
+    pub fn message_hash(&self, message_id: &str) -> String {
+        let id = message_id.trim().trim_matches(['<', '>']);
+        match &self.audit {
+            Some(a) => a.hash_message_id(id),
+            None => {
+                use sha2::Digest;
+                let d = sha2::Sha256::digest(id.as_bytes());
+                d[..16].iter().map(|b| format!("{b:02x}")).collect()
+            }
+        }
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, FilterError> {

@@ -84,6 +84,9 @@ pub struct Decision {
     /// Where `reroute`, `copy` and `review` deliver.
     pub mailbox: Option<String>,
     pub mode: Mode,
+    /// Head versions behind a model decision (`department=v3 priority=v1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
 }
 
 /// Turns what the rules (and later the model) found into a [`Decision`].
@@ -148,6 +151,7 @@ impl Policy {
             action,
             mailbox,
             mode: self.mode,
+            model_version: None,
         }
     }
 }

@@ -344,6 +344,8 @@ impl<'a, F: Filter> Session<'a, F> {
         // Error text may quote message content: mask personal data before logging it.
         let decided = decided.map_err(|reason| crate::redact::redact(&reason).into_owned());
         let (plan, verdict) = match decided {
+            // Nothing to change in a message nobody will get.
+            Ok(plan) if plan.discards() => (Plan::default(), Reply::Discard),
             Ok(plan) => (plan, Reply::Accept),
             Err(reason) => match self.cfg.on_error {
                 OnError::Accept => {
@@ -396,6 +398,8 @@ impl<'a, F: Filter> Session<'a, F> {
                 Change::Quarantine { reason } => {
                     (self.has_action(action::QUARANTINE), Reply::Quarantine(reason.clone()))
                 }
+                // Answered by the verdict, not a modification.
+                Change::Discard { .. } => continue,
             };
             if allowed {
                 out.push(reply);

@@ -585,6 +585,12 @@ impl<'a, F: Filter> Session<'a, F> {
                 }
             }
         };
+        if plan.discards() {
+            // Accepted and dropped on purpose (recorded feedback): the client is done.
+            metrics::counter!(name::RELAY, "result" => "discarded").increment(1);
+            self.reset_hop().await;
+            return vec![Reply::new(250, [2, 0, 0], "accepted"); n];
+        }
         let message = plan.apply_to_message(&msg);
         drop(msg);
         let mut rcpts = plan.apply_to_recipients(&tx.rcpts);

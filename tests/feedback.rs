@@ -1,0 +1,451 @@
+//! Continuous learning against real peers: corrections forwarded through a
+//! real Postfix to the milter, retraining in the daemon after each batch,
+//! the gate refusing a poisoned batch, expiry, and PostgreSQL beside SQLite.
+//!
+//! Data: ../shared/data/support_tickets/train.jsonl, split by id into a dev
+//! part (id % 5 == 1, as in the model figures) and a train part; 20 % of the
+//! train part trains the first head, the rest comes back as corrections.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mailtriage::feedback::store::Store;
+use mailtriage::feedback::{Channel, Correction};
+use mailtriage::model::lexical::TermCounts;
+use serde_json::Value;
+use support::{Daemon, Mail, Postfix, DOMAIN};
+
+const TICKETS: &str = "../shared/data/support_tickets/train.jsonl";
+const BATCHES: usize = 5;
+
+struct Ticket {
+    json: Value,
+    id: u64,
+}
+
+impl Ticket {
+    fn queue(&self) -> &str {
+        self.json["queue"].as_str().unwrap()
+    }
+    fn subject(&self) -> &str {
+        self.json["subject"].as_str().unwrap_or("")
+    }
+    fn body(&self) -> &str {
+        self.json["body"].as_str().unwrap_or("")
+    }
+}
+
+/// (initial 20 % of train, the other 80 %, all of train, dev).
+fn splits() -> (Vec<Ticket>, Vec<Ticket>, Vec<Ticket>, Vec<Ticket>) {
+    let text = std::fs::read_to_string(TICKETS).unwrap_or_else(|e| panic!("{TICKETS}: {e} (CI has ../shared beside the clone)"));
+    let (mut initial, mut rest, mut all, mut dev) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let json: Value = serde_json::from_str(line).unwrap();
+        let id = u64::from_str_radix(json["id"].as_str().unwrap(), 16).unwrap();
+        let t = || Ticket { json: json.clone(), id };
+        if id % 5 == 1 {
+            dev.push(t());
+            continue;
+        }
+        all.push(t());
+        if (id / 5) % 5 == 0 {
+            initial.push(t());
+        } else {
+            rest.push(t());
+        }
+    }
+    (initial, rest, all, dev)
+}
+
+fn write_jsonl(path: &Path, tickets: &[Ticket]) {
+    let text: String = tickets.iter().map(|t| format!("{}\n", t.json)).collect();
+    std::fs::write(path, text).unwrap();
+}
+
+fn slug(queue: &str) -> String {
+    queue.to_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).collect()
+}
+
+/// One department per queue, each named by its slug and mapped to the queue label.
+fn departments(tickets: &[Ticket]) -> String {
+    let queues: BTreeSet<&str> = tickets.iter().map(Ticket::queue).collect();
+    queues
+        .iter()
+        .map(|q| format!("[[departments]]\nname = \"{}\"\nlabels = [\"{q}\"]\n\n", slug(q)))
+        .collect()
+}
+
+fn mailtriage(config: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailtriage")).arg("--config").arg(config).args(args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "mailtriage {args:?} failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+fn macro_f1(config: &Path, head: &Path, dev: &Path) -> f64 {
+    let out = mailtriage(
+        config,
+        &["eval", "--data", dev.to_str().unwrap(), "--label", "queue", "--head", head.to_str().unwrap(), "--json"],
+    );
+    let v: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    v["macro_f1"].as_f64().unwrap()
+}
+
+fn train(config: &Path, data: &Path, out: &Path) {
+    mailtriage(
+        config,
+        &["train", "--data", data.to_str().unwrap(), "--label", "queue", "--no-embeddings", "--out", out.to_str().unwrap()],
+    );
+}
+
+/// A ticket forwarded as an attachment by a member of staff to the feedback
+/// address of its right department.
+fn forward(t: &Ticket, department: &str) -> Mail<'static> {
+    let inner = format!(
+        "From: Customer <customer{n}@client.example>\nTo: support@{DOMAIN}\nSubject: {subject}\nMessage-ID: <{n}@client.example>\n\
+         Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n{body}\n",
+        n = t.id,
+        subject = t.subject(),
+        body = t.body(),
+    );
+    Mail {
+        from: "agent@test.example",
+        rcpts: vec![format!("triage-feedback+{}@{DOMAIN}", slug(department))],
+        data: format!(
+            "From: Agent <agent@{DOMAIN}>\nTo: triage-feedback+{d}@{DOMAIN}\nSubject: Fwd: {subject}\nMIME-Version: 1.0\n\
+             Content-Type: multipart/mixed; boundary=\"fwd-{n}\"\n\n--fwd-{n}\nContent-Type: text/plain\n\nwrong desk\n\
+             --fwd-{n}\nContent-Type: message/rfc822\n\n{inner}\n--fwd-{n}--\n",
+            d = slug(department),
+            subject = t.subject(),
+            n = t.id,
+        ),
+    }
+}
+
+fn lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool, log: impl Fn() -> String) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; daemon log tail:\n{}", tail(&log()));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[test]
+fn corrections_by_mail_retrain_the_head_in_five_batches_up_to_the_full_data_figure() {
+    let (initial, rest, all, dev) = splits();
+    let work = tempfile::Builder::new().prefix("mt-feedback.").tempdir_in("/tmp").unwrap();
+    let w = work.path();
+    let (initial_path, all_path, dev_path) = (w.join("initial.jsonl"), w.join("all.jsonl"), w.join("dev.jsonl"));
+    write_jsonl(&initial_path, &initial);
+    write_jsonl(&all_path, &all);
+    write_jsonl(&dev_path, &dev);
+    let heads = w.join("heads");
+    let metrics_port = support::free_port();
+    let token_file = w.join("token");
+    std::fs::write(&token_file, "0123456789abcdef-token\n").unwrap();
+    let batch_len = rest.len().div_ceil(BATCHES);
+    let config = format!(
+        r#"
+[server]
+milter_socket_mode = "0666"
+progress_interval = "1s"
+
+[defaults]
+department = "general"
+
+{departments}
+[model]
+department_head = "{w}/initial.safetensors"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[feedback]
+store = "sqlite://{w}/feedback.db"
+address = "triage-feedback@{DOMAIN}"
+heads_dir = "{heads}"
+training_data = "{initial}"
+dev_data = "{dev}"
+retrain_after = {batch_len}
+retrain_every = "1h"
+http_token_file = "{token}"
+"#,
+        departments = departments(&all),
+        w = w.display(),
+        heads = heads.display(),
+        initial = initial_path.display(),
+        dev = dev_path.display(),
+        token = token_file.display(),
+    );
+    let config_path = w.join("mailtriage.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    train(&config_path, &initial_path, &w.join("initial.safetensors"));
+    train(&config_path, &all_path, &w.join("full.safetensors"));
+    let f1_initial = macro_f1(&config_path, &w.join("initial.safetensors"), &dev_path);
+    let f1_full = macro_f1(&config_path, &w.join("full.safetensors"), &dev_path);
+    eprintln!("dev macro-F1: initial head (20 %) {f1_initial:.4}, all at once {f1_full:.4}");
+
+    let daemon = Daemon::start(&config, false);
+    let postfix = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+    let store = Store::open(&format!("sqlite://{}/feedback.db", w.display())).unwrap();
+    let history = heads.join("history.jsonl");
+    for (b, batch) in rest.chunks(batch_len).enumerate() {
+        let mails: Vec<Mail> = batch.iter().map(|t| forward(t, t.queue())).collect();
+        for chunk in mails.chunks(100) {
+            let codes = support::send(postfix.smtp_port, chunk).unwrap();
+            assert!(codes.iter().all(|&c| c == 250), "batch {b}: {codes:?}");
+        }
+        let expected = rest[..(b * batch_len + batch.len()).min(rest.len())].len();
+        wait_until("the corrections to be stored", Duration::from_secs(600), || store.load(0).unwrap().len() >= expected, || daemon.log());
+        wait_until("the retraining", Duration::from_secs(600), || lines(&history).len() > b, || daemon.log());
+        let h = &lines(&history)[b];
+        eprintln!(
+            "batch {b}: {} corrections stored; retraining {} ({}), dev macro-F1 {:.4} → {:.4}",
+            expected, if h["promoted"] == true { "promoted" } else { "refused" }, h["reason"], h["current"]["dev_macro_f1"].as_f64().unwrap(), h["candidate"]["dev_macro_f1"].as_f64().unwrap()
+        );
+    }
+    // Feedback mail is recorded and delivered to nobody.
+    assert!(postfix.all_delivered().is_empty(), "feedback mail was delivered");
+    assert_eq!(store.load(0).unwrap().len(), rest.len());
+    assert!(store.load(0).unwrap().iter().all(|c| c.channel == Channel::Mail && c.department.is_some()));
+
+    // Every promoted version, measured independently, never drops; the last
+    // is within 0.02 of the head trained on everything at once.
+    let listed = mailtriage(&config_path, &["heads", "list", "--json"]);
+    let versions: Vec<Value> = listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!versions.is_empty(), "nothing was promoted:\n{}", tail(&daemon.log()));
+    let mut previous = f1_initial;
+    for v in &versions {
+        let f1 = macro_f1(&config_path, Path::new(v["path"].as_str().unwrap()), &dev_path);
+        eprintln!("{}: dev macro-F1 {f1:.4}", v["version"]);
+        assert!(f1 >= previous - 1e-9, "{} dropped: {previous:.4} → {f1:.4}", v["version"]);
+        previous = f1;
+    }
+    let last = versions.last().unwrap();
+    assert_eq!(last["current"], true);
+    assert!(previous > f1_initial, "no improvement over the initial head ({f1_initial:.4})");
+    assert!(previous >= f1_full - 0.02, "final {previous:.4} is not within 0.02 of all-at-once {f1_full:.4}");
+
+    // The daemon swapped the last version in without a restart.
+    let n = last["number"].as_u64().unwrap();
+    wait_until(
+        "the promoted head to be in use",
+        Duration::from_secs(60),
+        || support::http_get(metrics_port, "/metrics").contains(&format!("mailtriage_head_version{{head=\"department\"}} {n}")),
+        || daemon.log(),
+    );
+    let metrics = support::http_get(metrics_port, "/metrics");
+    assert!(metrics.contains("mailtriage_feedback_corrections_total{"), "{metrics}");
+    assert!(metrics.contains("mailtriage_retrain_total{head=\"department\",result=\"promoted\"}"), "{metrics}");
+
+    // Ordinary mail now carries the version; a correction by its Message-ID
+    // (CLI → daemon over HTTP) is learned from the recent decision's features.
+    let t = &dev[0];
+    let ordinary = Mail {
+        from: "customer@client.example",
+        rcpts: vec![format!("user@{DOMAIN}")],
+        data: format!("From: c@client.example\nTo: user@{DOMAIN}\nSubject: {}\nMessage-ID: <recent-1@client.example>\n\n{}\n", t.subject(), t.body()),
+    };
+    assert_eq!(support::send(postfix.smtp_port, &[ordinary]).unwrap(), [250]);
+    let delivered = postfix.wait_delivered(1, Duration::from_secs(30));
+    let version = support::header_values(&delivered[0].1, "X-Triage-Model-Version");
+    assert_eq!(version, [format!("department=v{n} priority=none")]);
+    let out = mailtriage(&config_path, &["feedback", "--message-id", "<recent-1@client.example>", "--department", &slug(t.queue())]);
+    assert!(out.contains("recorded"), "{out}");
+    let newest = store.load(0).unwrap().pop().unwrap();
+    assert_eq!((newest.channel, newest.department.as_deref()), (Channel::Cli, Some(t.queue())));
+    // An unknown Message-ID and a wrong token are refused.
+    let refused = Command::new(env!("CARGO_BIN_EXE_mailtriage"))
+        .arg("--config")
+        .arg(&config_path)
+        .args(["feedback", "--message-id", "never-seen@x", "--department", &slug(t.queue())])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("404"), "{}", String::from_utf8_lossy(&refused.stderr));
+}
+
+fn correction(t: &Ticket, label: &str, created_at: i64) -> Correction {
+    let text = format!("{}\n{}", t.subject().trim(), t.body().trim());
+    Correction {
+        id: 0,
+        created_at,
+        channel: Channel::Pipe,
+        actor: "user:test".into(),
+        message_hash: Some(format!("{:x}", t.id)),
+        department: Some(label.to_string()),
+        priority: None,
+        language: mailtriage::feedback::language::detect(&text).to_string(),
+        terms: TermCounts::of(&text, 18),
+        encoder: None,
+        embedding: None,
+    }
+}
+
+/// A config for offline retraining against `store`.
+fn offline_config(w: &Path, all: &[Ticket], store: &str, heads: &Path) -> PathBuf {
+    let config = format!(
+        r#"
+[defaults]
+department = "general"
+
+{departments}
+[model]
+department_head = "{w}/initial.safetensors"
+
+[feedback]
+store = "{store}"
+heads_dir = "{heads}"
+training_data = "{w}/initial.jsonl"
+dev_data = "{w}/dev.jsonl"
+retrain = false
+"#,
+        departments = departments(all),
+        w = w.display(),
+        heads = heads.display(),
+    );
+    let path = heads.with_extension("toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn retrain_json(config: &Path) -> Value {
+    serde_json::from_str(mailtriage(config, &["retrain", "--json"]).lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn the_gate_refuses_a_poisoned_batch_and_expired_corrections_are_deleted() {
+    let (initial, rest, all, dev) = splits();
+    let work = tempfile::Builder::new().prefix("mt-gate.").tempdir_in("/tmp").unwrap();
+    let w = work.path();
+    write_jsonl(&w.join("initial.jsonl"), &initial);
+    write_jsonl(&w.join("dev.jsonl"), &dev);
+    let store_url = format!("sqlite://{}/feedback.db", w.display());
+    let config = offline_config(w, &all, &store_url, &w.join("heads"));
+    train(&config, &w.join("initial.jsonl"), &w.join("initial.safetensors"));
+
+    let batch = &rest[..rest.len() / BATCHES];
+    let store = Store::open(&store_url).unwrap();
+    let now = mailtriage::feedback::now();
+    // Poisoned: every label moved to another class.
+    let queues: Vec<&str> = all.iter().map(Ticket::queue).collect::<BTreeSet<_>>().into_iter().collect();
+    for (i, t) in batch.iter().enumerate() {
+        let k = queues.iter().position(|q| *q == t.queue()).unwrap();
+        store.insert(&correction(t, queues[(k + 1 + i % (queues.len() - 1)) % queues.len()], now)).unwrap();
+    }
+    // One correction past the retention (180 days).
+    store.insert(&correction(&rest[rest.len() - 1], rest[rest.len() - 1].queue(), now - 200 * 86_400)).unwrap();
+    let poisoned = retrain_json(&config);
+    assert_eq!(poisoned["promoted"], false, "{poisoned}");
+    assert!(poisoned["reason"].as_str().unwrap().contains("drop"), "{poisoned}");
+    assert!(store.load(0).unwrap().iter().all(|c| c.created_at >= now - 180 * 86_400), "the expired correction is still stored");
+    assert_eq!(store.load(0).unwrap().len(), batch.len());
+
+    // The same messages with their right labels replace the poisoned ones
+    // (same message, newer correction) and pass.
+    for t in batch {
+        store.insert(&correction(t, t.queue(), now)).unwrap();
+    }
+    let clean = retrain_json(&config);
+    assert_eq!(clean["promoted"], true, "{clean}");
+    assert!(clean["candidate"]["dev_macro_f1"].as_f64() >= clean["current"]["dev_macro_f1"].as_f64());
+    let listed = mailtriage(&config, &["heads", "list"]);
+    assert!(listed.contains("* department v1"), "{listed}");
+    mailtriage(&config, &["heads", "rollback", "v1"]);
+}
+
+/// A private PostgreSQL server (Debian's `postgresql` package) on a free port.
+struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl Postgres {
+    fn start() -> Postgres {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|rd| rd.flatten().map(|e| e.path().join("bin")).find(|b| b.join("initdb").exists()))
+            .expect("PostgreSQL not found: install the Debian package `postgresql` (scripts/test.sh does this)");
+        let dir = tempfile::Builder::new().prefix("mt-pg.").tempdir_in("/tmp").unwrap();
+        let data = dir.path().join("data");
+        let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
+        assert!(chown.success());
+        let as_postgres = |args: &[&str]| {
+            let out = Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output().unwrap();
+            assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        };
+        as_postgres(&[bin.join("initdb").to_str().unwrap(), "-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust"]);
+        let port = support::free_port();
+        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.path().display());
+        as_postgres(&[
+            bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-o",
+            &opts,
+            "-l",
+            dir.path().join("log").to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
+        Postgres { dir, bin, port }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+#[test]
+fn postgresql_store_gives_the_same_retraining_as_sqlite() {
+    support::require("postfix", "postfix"); // root, as the server switches users
+    let (initial, rest, all, dev) = splits();
+    let work = tempfile::Builder::new().prefix("mt-pgsq.").tempdir_in("/tmp").unwrap();
+    let w = work.path();
+    std::fs::set_permissions(w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    write_jsonl(&w.join("initial.jsonl"), &initial);
+    write_jsonl(&w.join("dev.jsonl"), &dev);
+    let pg = Postgres::start();
+    let sqlite_url = format!("sqlite://{}/feedback.db", w.display());
+    let sqlite_cfg = offline_config(w, &all, &sqlite_url, &w.join("heads-sqlite"));
+    let pg_cfg = offline_config(w, &all, &pg.url(), &w.join("heads-pg"));
+    train(&sqlite_cfg, &w.join("initial.jsonl"), &w.join("initial.safetensors"));
+    let now = mailtriage::feedback::now();
+    let stores = [Store::open(&sqlite_url).unwrap(), Store::open(&pg.url()).unwrap()];
+    for t in &rest[..rest.len() / BATCHES] {
+        for s in &stores {
+            s.insert(&correction(t, t.queue(), now)).unwrap();
+        }
+    }
+    assert_eq!(stores[0].load(0).unwrap(), stores[1].load(0).unwrap());
+    let (a, b) = (retrain_json(&sqlite_cfg), retrain_json(&pg_cfg));
+    for key in ["promoted", "reason", "current", "candidate", "reservoir", "held_back"] {
+        assert_eq!(a[key], b[key], "{key} differs: sqlite {a} vs postgres {b}");
+    }
+}
