@@ -2,7 +2,7 @@
 # Runs every test of mailtriage on a fresh Debian machine.
 #
 # Installs the real peers the black-box tests talk to (Postfix, OpenDKIM's
-# miltertest, swaks, Dovecot LMTP) when they are missing, then runs the whole suite. Needs root:
+# miltertest, swaks, Dovecot LMTP, PostgreSQL) when they are missing, then runs the whole suite. Needs root:
 # apt, and Postfix's master and virtual(8) switch users. Nothing listens
 # beyond 127.0.0.1 and the system Postfix in /etc/postfix is never started.
 set -euo pipefail
@@ -17,6 +17,7 @@ perl -MNet::SSLeay -e1 >/dev/null 2>&1 || need+=(libnet-ssleay-perl)  # swaks --
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v dovecot >/dev/null 2>&1 || [[ -x /usr/sbin/dovecot ]] || need+=(dovecot-core)
 [[ -x /usr/lib/dovecot/lmtp ]] || need+=(dovecot-lmtpd)
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)  # the shared feedback store
 if (( ${#need[@]} )); then
   if (( EUID != 0 )); then
     echo "test.sh: missing ${need[*]}; run as root so they can be installed" >&2

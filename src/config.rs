@@ -441,7 +441,7 @@ impl Default for FeedbackConfig {
             max_per_class: 2000,
             holdout_percent: 20,
             max_slice_drop: 0.02,
-            min_slice: 50,
+            min_slice: 200,
         }
     }
 }
@@ -709,8 +709,14 @@ impl Config {
             return Err(invalid("defaults.department".into(), "must not be empty".into()));
         }
         if let Some(f) = &self.feedback {
-            if !(f.store.starts_with("sqlite://") || f.store.starts_with("postgres://") || f.store.starts_with("postgresql://")) {
-                return Err(invalid("feedback.store".into(), "expected sqlite:///path/to/feedback.db or postgres://…".into()));
+            if !(f.store.starts_with("sqlite://")
+                || f.store.starts_with("postgres://")
+                || f.store.starts_with("postgresql://"))
+            {
+                return Err(invalid(
+                    "feedback.store".into(),
+                    "expected sqlite:///path/to/feedback.db or postgres://…".into(),
+                ));
             }
             for (key, addr) in [("feedback.address", &f.address), ("feedback.audit_copy", &f.audit_copy)] {
                 if let Some(a) = addr.as_deref().filter(|a| !valid_mailbox(a)) {

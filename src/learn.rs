@@ -78,7 +78,8 @@ fn feedback_by_message_id(cfg: &Config, message_id: &str, requested: &Requested)
         "channel": "cli",
     })
     .to_string();
-    let mut s = std::net::TcpStream::connect(listen).with_context(|| format!("connecting to the daemon at {listen}"))?;
+    let mut s =
+        std::net::TcpStream::connect(listen).with_context(|| format!("connecting to the daemon at {listen}"))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         s,
@@ -172,7 +173,11 @@ pub fn heads(cfg: &Config, cmd: &HeadsCommand) -> Result<ExitCode> {
                 }
                 if versions.is_empty() {
                     let configured = mailtriage::feedback::heads::in_use(cfg, r);
-                    println!("{}: no promoted versions (in use: {})", r.as_str(), configured.map_or("none".into(), |p| p.display().to_string()));
+                    println!(
+                        "{}: no promoted versions (in use: {})",
+                        r.as_str(),
+                        configured.map_or("none".into(), |p| p.display().to_string())
+                    );
                 }
                 for v in &versions {
                     let p = &v.promotion;
@@ -193,7 +198,12 @@ pub fn heads(cfg: &Config, cmd: &HeadsCommand) -> Result<ExitCode> {
         }
         HeadsCommand::Rollback { version, head } => {
             let path = registry.rollback(role(*head), version)?;
-            println!("{} head is now {} ({}); a running daemon swaps it in within seconds", role(*head).as_str(), version, path.display());
+            println!(
+                "{} head is now {} ({}); a running daemon swaps it in within seconds",
+                role(*head).as_str(),
+                version,
+                path.display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -206,18 +216,21 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
     let mut files = vec![audit.path.clone()];
     if let (Some(dir), Some(name)) = (audit.path.parent(), audit.path.file_name()) {
         let prefix = format!("{}.", name.to_string_lossy());
-        for e in std::fs::read_dir(if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir })?.flatten() {
+        for e in std::fs::read_dir(if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir })?.flatten()
+        {
             if e.file_name().to_string_lossy().starts_with(&prefix) {
                 files.push(e.path());
             }
         }
     }
-    let (mut decided, mut failed, mut review, mut by_model, mut by_rule, mut by_default) = (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut decided, mut failed, mut review, mut by_model, mut by_rule, mut by_default) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     for f in files {
         let Ok(text) = std::fs::read_to_string(&f) else { continue };
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-            let recent = v["time"].as_str().and_then(|t| humantime::parse_rfc3339_weak(t).ok()).is_some_and(|t| t >= since);
+            let recent =
+                v["time"].as_str().and_then(|t| humantime::parse_rfc3339_weak(t).ok()).is_some_and(|t| t >= since);
             if !recent {
                 continue;
             }
@@ -275,11 +288,18 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
     }
     println!("last {days} days: {decided} messages decided, {failed} failed open");
     println!("  auto-routed {auto} ({:.1} %: {by_model} by the model, {by_rule} by rules), review {review} ({:.1} %), default {by_default}", 100.0 * share(auto), 100.0 * share(review));
-    println!("  corrections {} (misroute rate {:.2} % of auto-routed)", corrections.len(), 100.0 * report["misroute_rate"].as_f64().unwrap_or(0.0));
+    println!(
+        "  corrections {} (misroute rate {:.2} % of auto-routed)",
+        corrections.len(),
+        100.0 * report["misroute_rate"].as_f64().unwrap_or(0.0)
+    );
     for (d, n) in &per_department {
         println!("    {d:<30} {n:>6}  ({:.1} per day)", *n as f64 / days.max(1) as f64);
     }
-    println!("  estimated staff time saved: {saved:.0} minutes ({:.1} hours) at {minutes} min per message", saved / 60.0);
+    println!(
+        "  estimated staff time saved: {saved:.0} minutes ({:.1} hours) at {minutes} min per message",
+        saved / 60.0
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -318,7 +338,9 @@ pub fn start(cfg: &Config, shared_slot: Arc<std::sync::OnceLock<SharedTriage>>) 
                     .map_err(|e| {
                         let code = match e {
                             FeedbackError::NotRecent => 404,
-                            FeedbackError::UnknownDepartment(..) | FeedbackError::UnknownPriority(..) | FeedbackError::NoLabel => 422,
+                            FeedbackError::UnknownDepartment(..)
+                            | FeedbackError::UnknownPriority(..)
+                            | FeedbackError::NoLabel => 422,
                             _ => 503,
                         };
                         (code, e.to_string())
@@ -333,7 +355,13 @@ pub fn start(cfg: &Config, shared_slot: Arc<std::sync::OnceLock<SharedTriage>>) 
 /// Retrains in the background: when `retrain_after` corrections arrived or
 /// `retrain_every` passed with new ones. A promotion asks for a reload.
 /// Runs on its own thread with one embedding thread, beside mail.
-pub fn spawn_retrainer(path: std::path::PathBuf, cfg: &Config, link: &FeedbackLink, shared: SharedTriage, reload: Arc<Notify>) {
+pub fn spawn_retrainer(
+    path: std::path::PathBuf,
+    cfg: &Config,
+    link: &FeedbackLink,
+    shared: SharedTriage,
+    reload: Arc<Notify>,
+) {
     let Some(fb) = cfg.feedback.clone().filter(|f| f.retrain) else { return };
     let store = link.store.clone();
     let spawned = std::thread::Builder::new().name("retrain".into()).spawn(move || {

@@ -226,10 +226,8 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Request> {
     let mut parts = lines.next()?.split(' ');
     let (method, target) = (parts.next()?.to_string(), parts.next()?);
     let path = target.split('?').next().unwrap_or(target).to_string();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(n, v)| (n.trim().to_string(), v.trim().to_string())).collect();
     let mut req = Request { method, path, headers, body: buf[head_end..].to_vec() };
     let length: usize = req.header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
     if length > MAX_BODY {

@@ -22,10 +22,10 @@ use crate::feedback::intake::{self, FeedbackAddress, Requested};
 use crate::feedback::recent::RecentDecisions;
 use crate::feedback::store::Store;
 use crate::feedback::{language, Channel, FeedbackError, MessageFeatures};
-use crate::model::lexical::{LexicalConfig, TermCounts};
 use crate::metrics::name;
 use crate::model::batcher::{Batcher, EmbedFn};
 use crate::model::cache::EmbeddingCache;
+use crate::model::lexical::{LexicalConfig, TermCounts};
 use crate::model::{self, encoder_text, features_text, Classifier, LexicalFeatures, ModelError, ModelVerdict};
 use crate::policy::{Decision, Policy};
 use crate::rules::{RuleError, RuleSet};
@@ -556,7 +556,8 @@ impl Triage {
     ) -> Result<Plan, FilterError> {
         let MessageInput { envelope, raw, header_names } = msg;
         let fb = self.feedback.as_ref().expect("feedback recipients imply a feedback stage");
-        let requested = requests.iter().map(|(_, q)| q.clone()).find(|q| *q != Requested::default()).unwrap_or_default();
+        let requested =
+            requests.iter().map(|(_, q)| q.clone()).find(|q| *q != Requested::default()).unwrap_or_default();
         let limits = self.limits;
         let (text, forwarded_id) = blocking(move || intake::forwarded(&raw, limits)).await?;
         let actor = self.actor(&envelope.mail_from);
@@ -651,10 +652,17 @@ impl Triage {
             Some(m) => m.departments.get(&department).cloned().unwrap_or(department),
             None => department,
         };
-        metrics::counter!(name::FEEDBACK, "department" => department.clone(), "channel" => channel.as_str()).increment(1);
+        metrics::counter!(name::FEEDBACK, "department" => department.clone(), "channel" => channel.as_str())
+            .increment(1);
         // A correction means a person triaged this message after all.
         metrics::gauge!(name::MINUTES_SAVED).decrement(self.minutes_per_message);
-        tracing::info!(id, department, priority = labels.priority.as_deref().unwrap_or("-"), channel = channel.as_str(), "correction recorded");
+        tracing::info!(
+            id,
+            department,
+            priority = labels.priority.as_deref().unwrap_or("-"),
+            channel = channel.as_str(),
+            "correction recorded"
+        );
         Ok(id)
     }
 

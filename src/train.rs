@@ -487,11 +487,7 @@ mod tests {
 
     #[test]
     fn search_tries_each_candidate_and_keeps_the_best() {
-        let opts = TrainOptions {
-            search: true,
-            lexical: TOY,
-            ..Default::default()
-        };
+        let opts = TrainOptions { search: true, lexical: TOY, ..Default::default() };
         let (head, report) = train(&toy(), None, prov(), &opts, |_, _, _| {}).unwrap();
         assert_eq!(report.search.len(), 4); // char block on/off × balanced on/off, no embedding
         let best = report.search.iter().map(|(_, s)| *s).fold(f64::MIN, f64::max);

@@ -54,6 +54,10 @@ fn grafana_dashboard_is_valid_json_over_metrics_we_export() {
         mailtriage::metrics::name::INFO,
         mailtriage::metrics::name::MODEL_PATH,
         mailtriage::metrics::name::RELAY,
+        mailtriage::metrics::name::FEEDBACK,
+        mailtriage::metrics::name::RETRAIN,
+        mailtriage::metrics::name::HEAD_VERSION,
+        mailtriage::metrics::name::MINUTES_SAVED,
     ];
     for panel in d["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {

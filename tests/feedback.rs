@@ -41,7 +41,8 @@ impl Ticket {
 
 /// (initial 20 % of train, the other 80 %, all of train, dev).
 fn splits() -> (Vec<Ticket>, Vec<Ticket>, Vec<Ticket>, Vec<Ticket>) {
-    let text = std::fs::read_to_string(TICKETS).unwrap_or_else(|e| panic!("{TICKETS}: {e} (CI has ../shared beside the clone)"));
+    let text = std::fs::read_to_string(TICKETS)
+        .unwrap_or_else(|e| panic!("{TICKETS}: {e} (CI has ../shared beside the clone)"));
     let (mut initial, mut rest, mut all, mut dev) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let json: Value = serde_json::from_str(line).unwrap();
@@ -73,10 +74,7 @@ fn slug(queue: &str) -> String {
 /// One department per queue, each named by its slug and mapped to the queue label.
 fn departments(tickets: &[Ticket]) -> String {
     let queues: BTreeSet<&str> = tickets.iter().map(Ticket::queue).collect();
-    queues
-        .iter()
-        .map(|q| format!("[[departments]]\nname = \"{}\"\nlabels = [\"{q}\"]\n\n", slug(q)))
-        .collect()
+    queues.iter().map(|q| format!("[[departments]]\nname = \"{}\"\nlabels = [\"{q}\"]\n\n", slug(q))).collect()
 }
 
 fn mailtriage(config: &Path, args: &[&str]) -> String {
@@ -98,7 +96,16 @@ fn macro_f1(config: &Path, head: &Path, dev: &Path) -> f64 {
 fn train(config: &Path, data: &Path, out: &Path) {
     mailtriage(
         config,
-        &["train", "--data", data.to_str().unwrap(), "--label", "queue", "--no-embeddings", "--out", out.to_str().unwrap()],
+        &[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--label",
+            "queue",
+            "--no-embeddings",
+            "--out",
+            out.to_str().unwrap(),
+        ],
     );
 }
 
@@ -199,7 +206,10 @@ http_token_file = "{token}"
     eprintln!("dev macro-F1: initial head (20 %) {f1_initial:.4}, all at once {f1_full:.4}");
 
     let daemon = Daemon::start(&config, false);
-    let postfix = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+    // Discarded mail never reaches the queue manager, so it returns no
+    // in-flow tokens: Postfix would pace a burst of feedback mail to one
+    // message per second per connection (in_flow_delay).
+    let postfix = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &["in_flow_delay = 0s"]);
     let store = Store::open(&format!("sqlite://{}/feedback.db", w.display())).unwrap();
     let history = heads.join("history.jsonl");
     for (b, batch) in rest.chunks(batch_len).enumerate() {
@@ -209,12 +219,21 @@ http_token_file = "{token}"
             assert!(codes.iter().all(|&c| c == 250), "batch {b}: {codes:?}");
         }
         let expected = rest[..(b * batch_len + batch.len()).min(rest.len())].len();
-        wait_until("the corrections to be stored", Duration::from_secs(600), || store.load(0).unwrap().len() >= expected, || daemon.log());
+        wait_until(
+            "the corrections to be stored",
+            Duration::from_secs(600),
+            || store.load(0).unwrap().len() >= expected,
+            || daemon.log(),
+        );
         wait_until("the retraining", Duration::from_secs(600), || lines(&history).len() > b, || daemon.log());
         let h = &lines(&history)[b];
         eprintln!(
             "batch {b}: {} corrections stored; retraining {} ({}), dev macro-F1 {:.4} → {:.4}",
-            expected, if h["promoted"] == true { "promoted" } else { "refused" }, h["reason"], h["current"]["dev_macro_f1"].as_f64().unwrap(), h["candidate"]["dev_macro_f1"].as_f64().unwrap()
+            expected,
+            if h["promoted"] == true { "promoted" } else { "refused" },
+            h["reason"],
+            h["current"]["dev_macro_f1"].as_f64().unwrap(),
+            h["candidate"]["dev_macro_f1"].as_f64().unwrap()
         );
     }
     // Feedback mail is recorded and delivered to nobody.
@@ -244,7 +263,10 @@ http_token_file = "{token}"
     wait_until(
         "the promoted head to be in use",
         Duration::from_secs(60),
-        || support::http_get(metrics_port, "/metrics").contains(&format!("mailtriage_head_version{{head=\"department\"}} {n}")),
+        || {
+            support::http_get(metrics_port, "/metrics")
+                .contains(&format!("mailtriage_head_version{{head=\"department\"}} {n}"))
+        },
         || daemon.log(),
     );
     let metrics = support::http_get(metrics_port, "/metrics");
@@ -257,13 +279,20 @@ http_token_file = "{token}"
     let ordinary = Mail {
         from: "customer@client.example",
         rcpts: vec![format!("user@{DOMAIN}")],
-        data: format!("From: c@client.example\nTo: user@{DOMAIN}\nSubject: {}\nMessage-ID: <recent-1@client.example>\n\n{}\n", t.subject(), t.body()),
+        data: format!(
+            "From: c@client.example\nTo: user@{DOMAIN}\nSubject: {}\nMessage-ID: <recent-1@client.example>\n\n{}\n",
+            t.subject(),
+            t.body()
+        ),
     };
     assert_eq!(support::send(postfix.smtp_port, &[ordinary]).unwrap(), [250]);
     let delivered = postfix.wait_delivered(1, Duration::from_secs(30));
     let version = support::header_values(&delivered[0].1, "X-Triage-Model-Version");
     assert_eq!(version, [format!("department=v{n} priority=none")]);
-    let out = mailtriage(&config_path, &["feedback", "--message-id", "<recent-1@client.example>", "--department", &slug(t.queue())]);
+    let out = mailtriage(
+        &config_path,
+        &["feedback", "--message-id", "<recent-1@client.example>", "--department", &slug(t.queue())],
+    );
     assert!(out.contains("recorded"), "{out}");
     let newest = store.load(0).unwrap().pop().unwrap();
     assert_eq!((newest.channel, newest.department.as_deref()), (Channel::Cli, Some(t.queue())));
@@ -351,7 +380,10 @@ fn the_gate_refuses_a_poisoned_batch_and_expired_corrections_are_deleted() {
     let poisoned = retrain_json(&config);
     assert_eq!(poisoned["promoted"], false, "{poisoned}");
     assert!(poisoned["reason"].as_str().unwrap().contains("drop"), "{poisoned}");
-    assert!(store.load(0).unwrap().iter().all(|c| c.created_at >= now - 180 * 86_400), "the expired correction is still stored");
+    assert!(
+        store.load(0).unwrap().iter().all(|c| c.created_at >= now - 180 * 86_400),
+        "the expired correction is still stored"
+    );
     assert_eq!(store.load(0).unwrap().len(), batch.len());
 
     // The same messages with their right labels replace the poisoned ones
@@ -386,9 +418,21 @@ impl Postgres {
         assert!(chown.success());
         let as_postgres = |args: &[&str]| {
             let out = Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output().unwrap();
-            assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{args:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
-        as_postgres(&[bin.join("initdb").to_str().unwrap(), "-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust"]);
+        as_postgres(&[
+            bin.join("initdb").to_str().unwrap(),
+            "-D",
+            data.to_str().unwrap(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+        ]);
         let port = support::free_port();
         let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.path().display());
         as_postgres(&[

@@ -207,7 +207,10 @@ mod tests {
         assert_ne!(reg.signature(), before);
         assert!(reg.current(Role::Department).unwrap().ends_with("department-v2.safetensors"));
         let list = reg.versions(Role::Department).unwrap();
-        assert_eq!(list.iter().map(|v| (v.version.as_str(), v.current)).collect::<Vec<_>>(), [("v1", false), ("v2", true)]);
+        assert_eq!(
+            list.iter().map(|v| (v.version.as_str(), v.current)).collect::<Vec<_>>(),
+            [("v1", false), ("v2", true)]
+        );
         reg.rollback(Role::Department, "v1").unwrap();
         assert!(reg.current(Role::Department).unwrap().ends_with("department-v1.safetensors"));
         let e = reg.rollback(Role::Department, "v9").unwrap_err().to_string();

@@ -211,12 +211,7 @@ name = "legal"
         let labels = vec!["Billing and Payments".to_string(), "Technical Support".to_string()];
         let prio = vec!["high".to_string(), "low".to_string()];
         let r = |d: &str, p: Option<&str>| {
-            resolve(
-                &cfg(),
-                &labels,
-                &prio,
-                &Requested { department: Some(d.into()), priority: p.map(Into::into) },
-            )
+            resolve(&cfg(), &labels, &prio, &Requested { department: Some(d.into()), priority: p.map(Into::into) })
         };
         assert_eq!(r("billing", Some("HIGH")).unwrap().department.as_deref(), Some("Billing and Payments"));
         assert_eq!(r("billing", Some("HIGH")).unwrap().priority.as_deref(), Some("high"));

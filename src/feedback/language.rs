@@ -4,13 +4,31 @@
 
 /// Frequent short words that rarely occur in the other languages listed.
 const STOPWORDS: &[(&str, &[&str])] = &[
-    ("en", &["the", "and", "is", "are", "you", "we", "with", "for", "this", "that", "have", "please", "not", "our", "be"]),
-    ("de", &["der", "die", "das", "und", "ist", "nicht", "ich", "wir", "sie", "mit", "für", "ein", "eine", "bitte", "auf"]),
-    ("fr", &["le", "la", "les", "et", "est", "une", "nous", "vous", "pour", "avec", "pas", "dans", "sur", "je", "merci"]),
-    ("es", &["el", "los", "las", "y", "es", "una", "para", "con", "por", "que", "nuestro", "su", "gracias", "del", "está"]),
+    (
+        "en",
+        &["the", "and", "is", "are", "you", "we", "with", "for", "this", "that", "have", "please", "not", "our", "be"],
+    ),
+    (
+        "de",
+        &["der", "die", "das", "und", "ist", "nicht", "ich", "wir", "sie", "mit", "für", "ein", "eine", "bitte", "auf"],
+    ),
+    (
+        "fr",
+        &["le", "la", "les", "et", "est", "une", "nous", "vous", "pour", "avec", "pas", "dans", "sur", "je", "merci"],
+    ),
+    (
+        "es",
+        &["el", "los", "las", "y", "es", "una", "para", "con", "por", "que", "nuestro", "su", "gracias", "del", "está"],
+    ),
     ("pt", &["o", "os", "e", "é", "uma", "para", "com", "não", "que", "nosso", "obrigado", "do", "da", "em", "está"]),
-    ("it", &["il", "gli", "e", "è", "una", "per", "con", "non", "che", "grazie", "della", "nel", "sono", "di", "questo"]),
-    ("nl", &["de", "het", "en", "is", "een", "niet", "wij", "voor", "met", "bedankt", "van", "op", "ons", "dat", "zijn"]),
+    (
+        "it",
+        &["il", "gli", "e", "è", "una", "per", "con", "non", "che", "grazie", "della", "nel", "sono", "di", "questo"],
+    ),
+    (
+        "nl",
+        &["de", "het", "en", "is", "een", "niet", "wij", "voor", "met", "bedankt", "van", "op", "ons", "dat", "zijn"],
+    ),
 ];
 
 /// ISO 639-1 code of the likeliest language, or `und`.

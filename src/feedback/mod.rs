@@ -95,7 +95,13 @@ pub struct MessageFeatures {
 
 impl MessageFeatures {
     /// The correction these features make with the given labels.
-    pub fn correction(&self, labels: Labels, channel: Channel, actor: String, message_hash: Option<String>) -> Correction {
+    pub fn correction(
+        &self,
+        labels: Labels,
+        channel: Channel,
+        actor: String,
+        message_hash: Option<String>,
+    ) -> Correction {
         Correction {
             id: 0,
             created_at: now(),

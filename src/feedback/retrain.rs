@@ -155,7 +155,8 @@ pub fn retrain(
             _ => Vec::new(),
         }
     };
-    let (held, train_part): (Vec<_>, Vec<_>) = usable.into_iter().partition(|(c, _)| held_back(c.id, fb.holdout_percent));
+    let (held, train_part): (Vec<_>, Vec<_>) =
+        usable.into_iter().partition(|(c, _)| held_back(c.id, fb.holdout_percent));
 
     // The reservoir: the newest corrections per class, new classes only with enough of them.
     let mut by_class: BTreeMap<String, Vec<&Correction>> = BTreeMap::new();
@@ -210,8 +211,11 @@ pub fn retrain(
         cascade_tolerance: if meta.cascade.is_some() { TrainOptions::default().cascade_tolerance } else { -1.0 },
         ..TrainOptions::default()
     };
-    let provenance =
-        Provenance { label_field: meta.label_field.clone(), encoder: meta.encoder.clone(), max_tokens: meta.max_tokens };
+    let provenance = Provenance {
+        label_field: meta.label_field.clone(),
+        encoder: meta.encoder.clone(),
+        max_tokens: meta.max_tokens,
+    };
     let (mut candidate, _) =
         train::train(&examples, (dim > 0).then_some(embeddings.as_slice()), provenance, &opts, |_, _, _| {})?;
 
@@ -271,8 +275,15 @@ pub fn retrain(
 /// A head's figures on the evaluation set, over the union of the labels it
 /// knows and the labels the set holds (a department new to it counts against it).
 fn figures(head: &Head, items: &[EvalItem]) -> Figures {
-    let labels: Vec<String> =
-        head.meta.labels.iter().cloned().chain(items.iter().map(|i| i.label.clone())).collect::<BTreeSet<_>>().into_iter().collect();
+    let labels: Vec<String> = head
+        .meta
+        .labels
+        .iter()
+        .cloned()
+        .chain(items.iter().map(|i| i.label.clone()))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     let index = |l: &str| labels.binary_search_by(|x| x.as_str().cmp(l)).ok();
     let outcomes: Vec<Outcome> = items
         .iter()
@@ -348,7 +359,7 @@ mod tests {
 
     #[test]
     fn gate_refuses_any_drop_and_slice_drops_beyond_the_limit() {
-        let fb = FeedbackConfig::default();
+        let fb = FeedbackConfig { min_slice: 50, ..FeedbackConfig::default() };
         assert!(gate(&fb, &fig(0.40, 0.40, 0.40), &fig(0.42, 0.41, 0.39)).0);
         let (ok, why) = gate(&fb, &fig(0.40, 0.40, 0.40), &fig(0.399, 0.41, 0.40));
         assert!(!ok && why.contains("macro-F1 would drop"), "{why}");

@@ -95,7 +95,19 @@ pub struct Store {
     db: Mutex<Backend>,
 }
 
-type RawRow = (i64, i64, String, String, Option<String>, Option<String>, Option<String>, String, Vec<u8>, Option<String>, Option<Vec<u8>>);
+type RawRow = (
+    i64,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    Vec<u8>,
+    Option<String>,
+    Option<Vec<u8>>,
+);
 
 impl Store {
     /// Opens (and creates the table in) `sqlite:///path/file.db` or

@@ -589,8 +589,11 @@ pub fn send(port: u16, mails: &[Mail<'_>]) -> std::io::Result<Vec<u16>> {
     let stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let mut r = BufReader::new(stream.try_clone()?);
-    let mut w = stream;
-    let reply = |r: &mut BufReader<TcpStream>| -> std::io::Result<u16> {
+    // Buffered, flushed before each reply is read: line-by-line writes would
+    // meet Nagle and delayed ACKs (tens of ms per message).
+    let mut w = std::io::BufWriter::new(stream);
+    let reply = |r: &mut BufReader<TcpStream>, w: &mut std::io::BufWriter<TcpStream>| -> std::io::Result<u16> {
+        w.flush()?;
         loop {
             let mut line = String::new();
             if r.read_line(&mut line)? == 0 {
@@ -608,28 +611,28 @@ pub fn send(port: u16, mails: &[Mail<'_>]) -> std::io::Result<Vec<u16>> {
             Err(std::io::Error::other(format!("{what}: got {code}")))
         }
     };
-    expect(reply(&mut r)?, 220, "banner")?;
+    expect(reply(&mut r, &mut w)?, 220, "banner")?;
     write!(w, "EHLO client.{DOMAIN}\r\n")?;
-    expect(reply(&mut r)?, 250, "EHLO")?;
+    expect(reply(&mut r, &mut w)?, 250, "EHLO")?;
     let mut codes = Vec::new();
     for m in mails {
         write!(w, "MAIL FROM:<{}>\r\n", m.from)?;
-        expect(reply(&mut r)?, 250, "MAIL")?;
+        expect(reply(&mut r, &mut w)?, 250, "MAIL")?;
         for rc in &m.rcpts {
             write!(w, "RCPT TO:<{rc}>\r\n")?;
-            expect(reply(&mut r)?, 250, "RCPT")?;
+            expect(reply(&mut r, &mut w)?, 250, "RCPT")?;
         }
         write!(w, "DATA\r\n")?;
-        expect(reply(&mut r)?, 354, "DATA")?;
+        expect(reply(&mut r, &mut w)?, 354, "DATA")?;
         for line in m.data.replace("\r\n", "\n").lines() {
             let dot = if line.starts_with('.') { "." } else { "" };
             write!(w, "{dot}{line}\r\n")?;
         }
         write!(w, ".\r\n")?;
-        codes.push(reply(&mut r)?);
+        codes.push(reply(&mut r, &mut w)?);
     }
     write!(w, "QUIT\r\n")?;
-    let _ = reply(&mut r);
+    let _ = reply(&mut r, &mut w);
     Ok(codes)
 }
 
