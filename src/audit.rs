@@ -40,7 +40,8 @@ pub struct Record {
     pub message_id_hash: Option<String>,
     pub sender_domain: String,
     pub recipient_domains: Vec<String>,
-    /// `decided`, or `failed` with `reason` (the message then got `on_error`).
+    /// `decided`, or `failed` with `reason` (the message then got `on_error`),
+    /// or `feedback` (a correction mail; `reason` says whether it was recorded).
     pub outcome: &'static str,
     pub reason: Option<String>,
     pub department: Option<String>,

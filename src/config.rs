@@ -730,7 +730,7 @@ impl Config {
                 return Err(invalid("feedback.retention_days".into(), "must be at least 1".into()));
             }
         }
-        if !(self.kpi.minutes_per_manual_triage >= 0.0) {
+        if self.kpi.minutes_per_manual_triage.is_nan() || self.kpi.minutes_per_manual_triage < 0.0 {
             return Err(invalid("kpi.minutes_per_manual_triage".into(), "must be a number ≥ 0".into()));
         }
         let mut names = HashSet::new();

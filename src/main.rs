@@ -38,6 +38,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig => match Triage::new(&cfg).map_err(anyhow::Error::from).and_then(|t| {
             FrontDoorSetup::new(&cfg)?;
+            if let Some(f) = &cfg.feedback {
+                mailtriage::feedback::store::Store::open(&f.store)?;
+            }
             Ok(t)
         }) {
             Ok(t) => {

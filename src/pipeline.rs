@@ -578,6 +578,31 @@ impl Triage {
                 format!("not recorded: {e}")
             }
         };
+        if let Some(audit) = &self.audit {
+            let mut recipient_domains: Vec<String> = envelope.rcpts.iter().map(|r| domain_of(r)).collect();
+            recipient_domains.dedup();
+            let record = Record {
+                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+                queue_id: envelope.queue_id.clone(),
+                message_id_hash: None,
+                sender_domain: domain_of(&envelope.mail_from),
+                recipient_domains,
+                outcome: "feedback",
+                reason: Some(crate::redact::redact(&status).into_owned()),
+                department: None,
+                priority: None,
+                confidence: None,
+                source: Some("feedback".into()),
+                action: Some(if fb.audit_copy.is_some() { "audit_copy" } else { "discard" }.into()),
+                mode: format!("{:?}", self.mode).to_lowercase(),
+                config_version: self.config_version.clone(),
+                model_version: self.model_summary(),
+                latency_ms: 0.0,
+            };
+            if let Err(e) = audit.write(&record) {
+                tracing::error!(error = %e, "audit record not written");
+            }
+        }
         let mut plan = Plan::strip_inbound(&header_names);
         plan.changes.push(crate::actions::Change::AddHeader { name: "X-Triage-Feedback".into(), value: status });
         let others = envelope.rcpts.iter().filter(|r| !requests.iter().any(|(f, _)| f == *r)).count();

@@ -180,6 +180,10 @@ department_head = "{w}/initial.safetensors"
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
 
+[audit]
+path = "{w}/audit.jsonl"
+key_file = "{w}/audit.key"
+
 [feedback]
 store = "sqlite://{w}/feedback.db"
 address = "triage-feedback@{DOMAIN}"
@@ -305,6 +309,12 @@ http_token_file = "{token}"
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("404"), "{}", String::from_utf8_lossy(&refused.stderr));
+
+    // The report counts the decided message and every correction.
+    let report: Value = serde_json::from_str(&mailtriage(&config_path, &["report", "--days", "1", "--json"])).unwrap();
+    assert_eq!(report["messages"], 1, "{report}");
+    assert_eq!(report["corrections"], rest.len() + 1, "{report}");
+    assert_eq!(report["by_model"].as_u64().unwrap() + report["review"].as_u64().unwrap(), 1, "{report}");
 }
 
 fn correction(t: &Ticket, label: &str, created_at: i64) -> Correction {
