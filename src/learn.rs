@@ -180,18 +180,14 @@ pub fn heads(cfg: &Config, cmd: &HeadsCommand) -> Result<ExitCode> {
                     );
                 }
                 for v in &versions {
-                    let p = &v.promotion;
-                    let f1 = |side: &str| p.get(side).and_then(|c| c.get("macro_f1")).and_then(|x| x.as_f64());
                     println!(
-                        "{} {} {:<4} trained {} on {} messages; gate: macro-F1 {} → {} ({})",
+                        "{} {} {:<4} trained {} on {} messages; gate: {}",
                         if v.current { "*" } else { " " },
                         r.as_str(),
                         v.version,
                         v.trained_at,
                         v.train_examples,
-                        f1("current").map_or("-".into(), |x| format!("{x:.4}")),
-                        f1("candidate").map_or("-".into(), |x| format!("{x:.4}")),
-                        p.get("reason").and_then(|x| x.as_str()).unwrap_or("-"),
+                        v.promotion.get("reason").and_then(|x| x.as_str()).unwrap_or("-"),
                     );
                 }
             }
