@@ -1002,6 +1002,31 @@ department = "billing"
     }
 
     #[tokio::test]
+    async fn feedback_mail_is_accepted_and_relayed_to_nobody() {
+        let (hop, delivered) = fake_hop(false).await;
+        let (s, t) = settings(
+            false,
+            &hop,
+            "[feedback]\nstore = \"sqlite:///nonexistent/unused.db\"\naddress = \"fb@example.com\"\n",
+        );
+        let (mut c, _stop) = start(s, t);
+        reply(&mut c).await;
+        say(&mut c, "EHLO client.test").await;
+        assert!(say(&mut c, "MAIL FROM:<agent@x.test>").await.starts_with("250"));
+        assert!(say(&mut c, "RCPT TO:<fb+billing@example.com>").await.starts_with("250"));
+        assert!(say(&mut c, "DATA").await.starts_with("354"));
+        assert!(say(&mut c, "Subject: Fwd: refund\r\n\r\nplease refund\r\n.").await.starts_with("250"));
+        // The hop transaction was reset: the next message goes through normally.
+        assert!(say(&mut c, "MAIL FROM:<a@x.test>").await.starts_with("250"));
+        assert!(say(&mut c, "RCPT TO:<u@y.test>").await.starts_with("250"));
+        assert!(say(&mut c, "DATA").await.starts_with("354"));
+        assert!(say(&mut c, "Subject: hello\r\n\r\nhi\r\n.").await.starts_with("250"));
+        let got = delivered.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].1, ["u@y.test"]);
+    }
+
+    #[tokio::test]
     async fn lmtp_answers_each_recipient_with_the_hop_answer_for_it() {
         let (hop, delivered) = fake_hop(true).await;
         let (s, t) = settings(true, &hop, "");
