@@ -498,6 +498,14 @@ fn postgresql_store_gives_the_same_retraining_as_sqlite() {
         }
     }
     assert_eq!(stores[0].load(0).unwrap(), stores[1].load(0).unwrap());
+    // The daemon calls the store from tokio's blocking pool; the synchronous
+    // PostgreSQL client runs its own runtime there without complaint.
+    let url = pg.url();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let n = rt.block_on(async move {
+        tokio::task::spawn_blocking(move || Store::open(&url).unwrap().count_after(0).unwrap()).await.unwrap()
+    });
+    assert_eq!(n as usize, rest.len() / BATCHES);
     let (a, b) = (retrain_json(&sqlite_cfg), retrain_json(&pg_cfg));
     for key in ["promoted", "reason", "current", "candidate", "reservoir", "held_back"] {
         assert_eq!(a[key], b[key], "{key} differs: sqlite {a} vs postgres {b}");
