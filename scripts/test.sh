@@ -17,6 +17,8 @@ perl -MNet::SSLeay -e1 >/dev/null 2>&1 || need+=(libnet-ssleay-perl)  # swaks --
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v dovecot >/dev/null 2>&1 || [[ -x /usr/sbin/dovecot ]] || need+=(dovecot-core)
 [[ -x /usr/lib/dovecot/lmtp ]] || need+=(dovecot-lmtpd)
+[[ -x /usr/lib/dovecot/imap ]] || need+=(dovecot-imapd)  # the IMAPSieve feedback recipe
+command -v sievec >/dev/null 2>&1 || need+=(dovecot-sieve)
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)  # the shared feedback store
 if (( ${#need[@]} )); then
   if (( EUID != 0 )); then

@@ -511,3 +511,172 @@ fn postgresql_store_gives_the_same_retraining_as_sqlite() {
         assert_eq!(a[key], b[key], "{key} differs: sqlite {a} vs postgres {b}");
     }
 }
+
+/// The fenced code blocks of docs/feedback.md's Dovecot section, in order.
+fn dovecot_recipe() -> Vec<String> {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/feedback.md")).unwrap();
+    let section = doc.split("## Dovecot: learn from").nth(1).unwrap().split("\n## ").next().unwrap();
+    section
+        .split("```")
+        .skip(1)
+        .step_by(2)
+        .map(|b| b.split_once('\n').map_or(b, |(_, body)| body).to_string())
+        .collect()
+}
+
+/// Sends one IMAP command and reads to its tagged reply; returns everything read.
+fn imap(r: &mut std::io::BufReader<std::net::TcpStream>, tag: &str, command: &[u8]) -> String {
+    use std::io::{BufRead, Write};
+    r.get_mut().write_all(command).unwrap();
+    let mut all = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(r.read_line(&mut line).unwrap() > 0, "IMAP server closed after {all}");
+        all.push_str(&line);
+        if line.starts_with(&format!("{tag} ")) {
+            assert!(line.starts_with(&format!("{tag} OK")), "{all}");
+            return all;
+        }
+    }
+}
+
+#[test]
+fn the_documented_dovecot_imapsieve_recipe_records_a_moved_message() {
+    support::require("dovecot", "dovecot-core");
+    assert!(Path::new("/usr/lib/dovecot/imap").exists(), "install the Debian package `dovecot-imapd`");
+    assert!(Path::new("/usr/bin/sievec").exists(), "install the Debian package `dovecot-sieve`");
+    let (initial, _, all, _) = splits();
+    let work = tempfile::Builder::new().prefix("mt-imapsieve.").tempdir_in("/tmp").unwrap();
+    let root = work.path();
+    std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    for d in ["run", "state", "mail", "sieve-pipe", "store"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    // The pipe runs as the mail user (here nobody): it writes the store.
+    for d in ["mail", "store"] {
+        assert!(Command::new("chown").arg("65534:65534").arg(root.join(d)).status().unwrap().success());
+    }
+    write_jsonl(&root.join("initial.jsonl"), &initial[..200]);
+    let config = root.join("mailtriage.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[defaults]\ndepartment = \"general\"\n\n{}[model]\ndepartment_head = \"{r}/head.safetensors\"\n\n\
+             [feedback]\nstore = \"sqlite://{r}/store/feedback.db\"\nheads_dir = \"{r}/heads\"\nretrain = false\n",
+            departments(&all),
+            r = root.display()
+        ),
+    )
+    .unwrap();
+    train(&config, &root.join("initial.jsonl"), &root.join("head.safetensors"));
+
+    // The recipe, as documented, with this machine's paths.
+    let blocks = dovecot_recipe();
+    assert_eq!(blocks.len(), 3, "docs/feedback.md: expected the Dovecot config, the sieve script and the pipe script");
+    let sieve = root.join("mailtriage-feedback.sieve");
+    let pipe_dir = root.join("sieve-pipe");
+    let recipe_conf = blocks[0]
+        .replace("/etc/dovecot/sieve/mailtriage-feedback.sieve", sieve.to_str().unwrap())
+        .replace("/usr/local/lib/dovecot/sieve-pipe", pipe_dir.to_str().unwrap());
+    std::fs::write(&sieve, &blocks[1]).unwrap();
+    let script = blocks[2]
+        .replace("/usr/bin/mailtriage", env!("CARGO_BIN_EXE_mailtriage"))
+        .replace("/etc/mailtriage/mailtriage.toml", config.to_str().unwrap());
+    let script_path = pipe_dir.join("mailtriage-feedback");
+    std::fs::write(&script_path, script).unwrap();
+    std::fs::set_permissions(&script_path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+
+    let port = support::free_port();
+    std::fs::write(root.join("users"), format!("alice::65534:65534::{}/alice\n", root.join("mail").display())).unwrap();
+    let conf = format!(
+        "base_dir = {r}/run
+state_dir = {r}/state
+instance_name = mt-imapsieve-{port}
+protocols = imap
+listen = 127.0.0.1
+log_path = {r}/dovecot.log
+ssl = no
+disable_plaintext_auth = no
+default_internal_user = dovecot
+default_login_user = dovenull
+first_valid_uid = 100
+mail_location = maildir:{r}/mail/%n
+namespace inbox {{
+  inbox = yes
+  separator = /
+}}
+userdb {{
+  driver = passwd-file
+  args = {r}/users
+}}
+passdb {{
+  driver = static
+  args = nopassword=y
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+}}
+{recipe_conf}",
+        r = root.display(),
+    );
+    std::fs::write(root.join("dovecot.conf"), conf).unwrap();
+    // As `sievec script` does with the system's dovecot.conf and conf.d.
+    let compiled = Command::new("sievec").arg("-c").arg(root.join("dovecot.conf")).arg(&sieve).output().unwrap();
+    assert!(compiled.status.success(), "sievec: {}", String::from_utf8_lossy(&compiled.stderr));
+    let started = Command::new("dovecot")
+        .arg("-c")
+        .arg(root.join("dovecot.conf"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    let log = || std::fs::read_to_string(root.join("dovecot.log")).unwrap_or_default();
+    assert!(started.success(), "dovecot failed to start:\n{}", log());
+    struct Stop(PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Ok(pid) = std::fs::read_to_string(self.0.join("run/master.pid")) {
+                let _ = Command::new("kill").arg(pid.trim()).output();
+            }
+        }
+    }
+    let _stop = Stop(root.to_path_buf());
+    assert!(support::wait_for_port(port, Duration::from_secs(30)), "dovecot IMAP not listening:\n{}", log());
+
+    // A member of staff moves a ticket into Departments/<its department>.
+    let t = &all[0];
+    let message = format!(
+        "From: c@client.example\r\nSubject: {}\r\nMessage-ID: <imap-1@client.example>\r\n\r\n{}\r\n",
+        t.subject(),
+        t.body().replace('\n', "\r\n")
+    );
+    let stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut r = std::io::BufReader::new(stream);
+    let mut greeting = String::new();
+    std::io::BufRead::read_line(&mut r, &mut greeting).unwrap();
+    imap(&mut r, "a", b"a LOGIN alice secret\r\n");
+    let folder = format!("Departments/{}", slug(t.queue()));
+    imap(&mut r, "b", format!("b CREATE \"{folder}\"\r\n").as_bytes());
+    let mut append = format!("c APPEND INBOX {{{}+}}\r\n", message.len()).into_bytes();
+    append.extend_from_slice(message.as_bytes());
+    append.extend_from_slice(b"\r\n");
+    imap(&mut r, "c", &append);
+    imap(&mut r, "d", b"d SELECT INBOX\r\n");
+    imap(&mut r, "e", format!("e MOVE 1 \"{folder}\"\r\n").as_bytes());
+    imap(&mut r, "f", b"f LOGOUT\r\n");
+
+    let store = Store::open(&format!("sqlite://{}/store/feedback.db", root.display())).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.load(0).unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no correction recorded; dovecot log:\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let c = &store.load(0).unwrap()[0];
+    assert_eq!((c.channel, c.department.as_deref()), (Channel::Pipe, Some(t.queue())));
+    assert!(c.actor.starts_with("user:"), "{}", c.actor);
+}
