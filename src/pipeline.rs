@@ -313,10 +313,7 @@ impl Filter for Arc<Triage> {
         }
         let started = Instant::now();
         let queue_id = msg.envelope.queue_id.clone();
-        let sender_domain = domain_of(&msg.envelope.mail_from);
-        let mut recipient_domains: Vec<String> = msg.envelope.rcpts.iter().map(|r| domain_of(r)).collect();
-        recipient_domains.sort();
-        recipient_domains.dedup();
+        let line = self.audit.as_ref().map(|_| self.audit_line(&msg.envelope, "decided"));
         let result = self.decide_async(msg).await;
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         metrics::histogram!(name::DECISION_SECONDS).record(latency_ms / 1e3);
@@ -335,32 +332,21 @@ impl Filter for Arc<Triage> {
             }
             Err(e) => metrics::counter!(name::FAILED_OPEN, "reason" => failure_kind(e)).increment(1),
         }
-        if let Some(audit) = &self.audit {
+        if let (Some(audit), Some(mut record)) = (&self.audit, line) {
             let (d, message_id) = match &result {
                 Ok((d, _, f)) => (Some(d), f.message_id.as_deref().map(|m| audit.hash_message_id(m))),
                 Err(_) => (None, None),
             };
-            let record = Record {
-                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                queue_id: queue_id.clone(),
-                message_id_hash: message_id,
-                sender_domain,
-                recipient_domains,
-                outcome: if d.is_some() { "decided" } else { "failed" },
-                reason: result.as_ref().err().map(failure_kind),
-                department: d.map(|d| d.department.clone()),
-                priority: d.map(|d| d.priority.clone()),
-                confidence: d.map(|d| d.confidence),
-                source: d.map(|d| d.source.to_string()),
-                action: d.map(|d| d.action.as_str().to_string()),
-                mode: format!("{:?}", self.mode).to_lowercase(),
-                config_version: self.config_version.clone(),
-                model_version: self.model_summary(),
-                latency_ms,
-            };
-            if let Err(e) = audit.write(&record) {
-                tracing::error!(error = %e, "audit record not written");
-            }
+            record.message_id_hash = message_id;
+            record.outcome = if d.is_some() { "decided" } else { "failed" };
+            record.reason = result.as_ref().err().map(failure_kind);
+            record.department = d.map(|d| d.department.clone());
+            record.priority = d.map(|d| d.priority.clone());
+            record.confidence = d.map(|d| d.confidence);
+            record.source = d.map(|d| d.source.to_string());
+            record.action = d.map(|d| d.action.as_str().to_string());
+            record.latency_ms = latency_ms;
+            write_audit(audit, record);
         }
         let (decision, plan, features) = result?;
         // Names, scores and ids only: never subject, body or addresses.
@@ -404,6 +390,42 @@ impl SharedTriage {
 impl Filter for SharedTriage {
     async fn filter(&self, msg: MessageInput) -> Result<Plan, FilterError> {
         self.current().filter(msg).await
+    }
+}
+
+impl Triage {
+    /// An audit line for a message: its envelope's domains, this set's mode
+    /// and versions. The caller fills in what happened; the time is stamped
+    /// when it is written.
+    fn audit_line(&self, envelope: &Envelope, outcome: &'static str) -> Record {
+        let mut recipient_domains: Vec<String> = envelope.rcpts.iter().map(|r| domain_of(r)).collect();
+        recipient_domains.sort();
+        recipient_domains.dedup();
+        Record {
+            time: String::new(),
+            queue_id: envelope.queue_id.clone(),
+            message_id_hash: None,
+            sender_domain: domain_of(&envelope.mail_from),
+            recipient_domains,
+            outcome,
+            reason: None,
+            department: None,
+            priority: None,
+            confidence: None,
+            source: None,
+            action: None,
+            mode: format!("{:?}", self.mode).to_lowercase(),
+            config_version: self.config_version.clone(),
+            model_version: self.model_summary(),
+            latency_ms: 0.0,
+        }
+    }
+}
+
+fn write_audit(audit: &AuditLog, mut record: Record) {
+    record.time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    if let Err(e) = audit.write(&record) {
+        tracing::error!(error = %e, "audit record not written");
     }
 }
 
@@ -579,29 +601,11 @@ impl Triage {
             }
         };
         if let Some(audit) = &self.audit {
-            let mut recipient_domains: Vec<String> = envelope.rcpts.iter().map(|r| domain_of(r)).collect();
-            recipient_domains.dedup();
-            let record = Record {
-                time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
-                queue_id: envelope.queue_id.clone(),
-                message_id_hash: None,
-                sender_domain: domain_of(&envelope.mail_from),
-                recipient_domains,
-                outcome: "feedback",
-                reason: Some(crate::redact::redact(&status).into_owned()),
-                department: None,
-                priority: None,
-                confidence: None,
-                source: Some("feedback".into()),
-                action: Some(if fb.audit_copy.is_some() { "audit_copy" } else { "discard" }.into()),
-                mode: format!("{:?}", self.mode).to_lowercase(),
-                config_version: self.config_version.clone(),
-                model_version: self.model_summary(),
-                latency_ms: 0.0,
-            };
-            if let Err(e) = audit.write(&record) {
-                tracing::error!(error = %e, "audit record not written");
-            }
+            let mut record = self.audit_line(&envelope, "feedback");
+            record.reason = Some(crate::redact::redact(&status).into_owned());
+            record.source = Some("feedback".into());
+            record.action = Some(if fb.audit_copy.is_some() { "audit_copy" } else { "discard" }.into());
+            write_audit(audit, record);
         }
         let mut plan = Plan::strip_inbound(&header_names);
         plan.changes.push(crate::actions::Change::AddHeader { name: "X-Triage-Feedback".into(), value: status });
