@@ -581,7 +581,8 @@ impl Triage {
         let requested =
             requests.iter().map(|(_, q)| q.clone()).find(|q| *q != Requested::default()).unwrap_or_default();
         let limits = self.limits;
-        let (text, forwarded_id) = blocking(move || intake::forwarded(&raw, limits)).await?;
+        let intake::Forwarded { text, attached_id: forwarded_id, .. } =
+            blocking(move || intake::forwarded(&raw, limits)).await?;
         let actor = self.actor(&envelope.mail_from);
         let recorded = match self.message_features(text).await {
             Ok(features) => {
@@ -630,10 +631,9 @@ impl Triage {
     async fn message_features(self: &Arc<Self>, text: String) -> Result<MessageFeatures, FilterError> {
         let triage = Arc::clone(self);
         let (terms, lang, for_encoder) = blocking(move || {
-            let bits = triage.model.as_ref().and_then(|m| m.classifier.lexical_bits());
-            let terms = TermCounts::of(&text, bits.unwrap_or(LexicalConfig::default().bits));
+            let (terms, lang) = triage.lexical_part(&text);
             let needs = triage.model.as_ref().is_some_and(|m| m.classifier.needs_embedding());
-            (terms, language::detect(&text), needs.then(|| encoder_text(&text)))
+            (terms, lang, needs.then(|| encoder_text(&text)))
         })
         .await?;
         let mut embedding = None;
@@ -711,10 +711,8 @@ impl Triage {
     /// The features of a whole message given by a person (the pipe and CLI
     /// channels), computed on this thread.
     pub fn features_of(&self, raw: &[u8]) -> Result<(MessageFeatures, Option<String>), ModelError> {
-        let (text, _) = intake::forwarded(raw, self.limits);
-        let own_id = self.extract(raw).message_id;
-        let bits = self.model.as_ref().and_then(|m| m.classifier.lexical_bits());
-        let terms = TermCounts::of(&text, bits.unwrap_or(LexicalConfig::default().bits));
+        let intake::Forwarded { text, outer_id: own_id, .. } = intake::forwarded(raw, self.limits);
+        let (terms, language) = self.lexical_part(&text);
         let embedding = match &self.model {
             Some(m) if m.classifier.needs_embedding() => match &m.classifier.encoder {
                 Some(enc) => Some((m.classifier.id.clone(), enc.embed(&encoder_text(&text))?)),
@@ -722,7 +720,13 @@ impl Triage {
             },
             _ => None,
         };
-        Ok((MessageFeatures { terms, language: language::detect(&text), embedding }, own_id))
+        Ok((MessageFeatures { terms, language, embedding }, own_id))
+    }
+
+    /// The term counts a correction keeps (hashed as the heads hash) and the language guess.
+    fn lexical_part(&self, text: &str) -> (TermCounts, &'static str) {
+        let bits = self.model.as_ref().and_then(|m| m.classifier.lexical_bits());
+        (TermCounts::of(text, bits.unwrap_or(LexicalConfig::default().bits)), language::detect(text))
     }
 
     /// A pseudonym for a sender: HMAC with the audit key, else only the domain.

@@ -94,23 +94,35 @@ pub fn resolve(
     Ok(Labels { department, priority })
 }
 
-/// The corrected message's model text (subject + body) and its Message-ID.
-pub fn forwarded(raw: &[u8], limits: ExtractLimits) -> (String, Option<String>) {
+/// What a feedback message says was misrouted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    /// The corrected message's model text (subject + body).
+    pub text: String,
+    /// The Message-ID of an attached (forwarded-as-attachment) message.
+    pub attached_id: Option<String>,
+    /// The Message-ID of the message given, outer one.
+    pub outer_id: Option<String>,
+}
+
+/// Finds the corrected message in a feedback message, parsing it once.
+pub fn forwarded(raw: &[u8], limits: ExtractLimits) -> Forwarded {
     let attached = MessageParser::new().parse(raw).and_then(|outer| {
         outer.parts.iter().find_map(|p| match &p.body {
-            PartType::Message(inner) => Some(inner.raw_message().to_vec()),
+            PartType::Message(inner) => Some((inner.raw_message().to_vec(), outer.message_id().map(str::to_owned))),
             _ => None,
         })
     });
-    if let Some(inner) = attached {
+    if let Some((inner, outer_id)) = attached {
         let f = extract(&inner, limits);
-        return (model_text(&f.subject, &f.text), f.message_id);
+        return Forwarded { text: model_text(&f.subject, &f.text), attached_id: f.message_id, outer_id };
     }
     let outer = extract(raw, limits);
-    match inline_forward(&outer.text) {
-        Some((subject, body)) => (model_text(&subject, &body), None),
-        None => (model_text(strip_forward_prefix(&outer.subject), &outer.text), None),
-    }
+    let text = match inline_forward(&outer.text) {
+        Some((subject, body)) => model_text(&subject, &body),
+        None => model_text(strip_forward_prefix(&outer.subject), &outer.text),
+    };
+    Forwarded { text, attached_id: None, outer_id: outer.message_id }
 }
 
 /// Lines that start an inline forward in common clients (and their German,
@@ -226,20 +238,23 @@ name = "legal"
     #[test]
     fn finds_the_forwarded_message() {
         let limits = ExtractLimits::from(&crate::config::LimitsConfig::default());
-        let attached = b"From: staff@example.com\r\nSubject: Fwd: wrong desk\r\nMIME-Version: 1.0\r\n\
+        let attached = b"From: staff@example.com\r\nSubject: Fwd: wrong desk\r\nMessage-ID: <fwd@example.com>\r\nMIME-Version: 1.0\r\n\
 Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nthis belongs to billing\r\n\
 --b\r\nContent-Type: message/rfc822\r\n\r\nFrom: c@x.example\r\nSubject: Refund for invoice 42\r\n\
 Message-ID: <orig@x.example>\r\n\r\nPlease refund my card.\r\n--b--\r\n";
-        let (text, mid) = forwarded(attached, limits);
-        assert_eq!(text, "Refund for invoice 42\nPlease refund my card.");
-        assert_eq!(mid.as_deref(), Some("orig@x.example"));
+        let f = forwarded(attached, limits);
+        assert_eq!(f.text, "Refund for invoice 42\nPlease refund my card.");
+        assert_eq!(f.attached_id.as_deref(), Some("orig@x.example"));
+        assert_eq!(f.outer_id.as_deref(), Some("fwd@example.com"));
 
         let inline = b"From: staff@example.com\r\nSubject: Fwd: Refund\r\n\r\nFYI\r\n\r\n\
 ---------- Forwarded message ---------\r\nFrom: c@x.example\r\nDate: Mon, 1 Jan 2024\r\n\
 Subject: Refund for invoice 42\r\nTo: support@example.com\r\n\r\nPlease refund my card.\r\n";
-        assert_eq!(forwarded(inline, limits).0, "Refund for invoice 42\nPlease refund my card.");
+        assert_eq!(forwarded(inline, limits).text, "Refund for invoice 42\nPlease refund my card.");
 
-        let plain = b"Subject: Fwd: WG: Refund please\r\n\r\nPlease refund my card.\r\n";
-        assert_eq!(forwarded(plain, limits).0, "Refund please\nPlease refund my card.");
+        let plain = b"Subject: Fwd: WG: Refund please\r\nMessage-ID: <p@x.example>\r\n\r\nPlease refund my card.\r\n";
+        let f = forwarded(plain, limits);
+        assert_eq!(f.text, "Refund please\nPlease refund my card.");
+        assert_eq!((f.attached_id, f.outer_id.as_deref()), (None, Some("p@x.example")));
     }
 }
