@@ -32,9 +32,11 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
-const SCHEMA_SQLITE: &str = "
-CREATE TABLE IF NOT EXISTS mailtriage_corrections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+/// The table, in either dialect: only the id and byte-string column types differ.
+fn schema(id: &str, bytes: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS mailtriage_corrections (
+    id {id},
     created_at BIGINT NOT NULL,
     channel TEXT NOT NULL,
     actor TEXT NOT NULL,
@@ -42,27 +44,13 @@ CREATE TABLE IF NOT EXISTS mailtriage_corrections (
     department TEXT,
     priority TEXT,
     language TEXT NOT NULL,
-    terms BLOB NOT NULL,
+    terms {bytes} NOT NULL,
     encoder TEXT,
-    embedding BLOB
+    embedding {bytes}
 );
-CREATE INDEX IF NOT EXISTS mailtriage_corrections_created ON mailtriage_corrections (created_at);";
-
-const SCHEMA_POSTGRES: &str = "
-CREATE TABLE IF NOT EXISTS mailtriage_corrections (
-    id BIGSERIAL PRIMARY KEY,
-    created_at BIGINT NOT NULL,
-    channel TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    message_hash TEXT,
-    department TEXT,
-    priority TEXT,
-    language TEXT NOT NULL,
-    terms BYTEA NOT NULL,
-    encoder TEXT,
-    embedding BYTEA
-);
-CREATE INDEX IF NOT EXISTS mailtriage_corrections_created ON mailtriage_corrections (created_at);";
+CREATE INDEX IF NOT EXISTS mailtriage_corrections_created ON mailtriage_corrections (created_at);"
+    )
+}
 
 const INSERT: &str = "INSERT INTO mailtriage_corrections \
     (created_at, channel, actor, message_hash, department, priority, language, terms, encoder, embedding) \
@@ -123,11 +111,12 @@ impl Store {
             // WAL: the daemon writes while `retrain` or `report` read.
             conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| fail(e.to_string()))?;
             conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| fail(e.to_string()))?;
-            conn.execute_batch(SCHEMA_SQLITE).map_err(|e| fail(e.to_string()))?;
+            conn.execute_batch(&schema("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"))
+                .map_err(|e| fail(e.to_string()))?;
             Backend::Sqlite(conn)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(|e| fail(e.to_string()))?;
-            client.batch_execute(SCHEMA_POSTGRES).map_err(|e| fail(e.to_string()))?;
+            client.batch_execute(&schema("BIGSERIAL PRIMARY KEY", "BYTEA")).map_err(|e| fail(e.to_string()))?;
             Backend::Postgres(Box::new(client))
         } else {
             return Err(fail("expected sqlite:///path/to/feedback.db or postgres://…".into()));
