@@ -549,13 +549,11 @@ fn the_documented_dovecot_imapsieve_recipe_records_a_moved_message() {
     let work = tempfile::Builder::new().prefix("mt-imapsieve.").tempdir_in("/tmp").unwrap();
     let root = work.path();
     std::fs::set_permissions(root, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    for d in ["run", "state", "mail", "sieve-pipe", "store"] {
+    for d in ["sieve-pipe", "store"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     // The pipe runs as the mail user (here nobody): it writes the store.
-    for d in ["mail", "store"] {
-        assert!(Command::new("chown").arg("65534:65534").arg(root.join(d)).status().unwrap().success());
-    }
+    assert!(Command::new("chown").arg("65534:65534").arg(root.join("store")).status().unwrap().success());
     write_jsonl(&root.join("initial.jsonl"), &initial[..200]);
     let config = root.join("mailtriage.toml");
     std::fs::write(
@@ -586,66 +584,14 @@ fn the_documented_dovecot_imapsieve_recipe_records_a_moved_message() {
     std::fs::write(&script_path, script).unwrap();
     std::fs::set_permissions(&script_path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 
-    let port = support::free_port();
-    std::fs::write(root.join("users"), format!("alice::65534:65534::{}/alice\n", root.join("mail").display())).unwrap();
-    let conf = format!(
-        "base_dir = {r}/run
-state_dir = {r}/state
-instance_name = mt-imapsieve-{port}
-protocols = imap
-listen = 127.0.0.1
-log_path = {r}/dovecot.log
-ssl = no
-disable_plaintext_auth = no
-default_internal_user = dovecot
-default_login_user = dovenull
-first_valid_uid = 100
-mail_location = maildir:{r}/mail/%n
-namespace inbox {{
-  inbox = yes
-  separator = /
-}}
-userdb {{
-  driver = passwd-file
-  args = {r}/users
-}}
-passdb {{
-  driver = static
-  args = nopassword=y
-}}
-service imap-login {{
-  inet_listener imap {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-}}
-{recipe_conf}",
-        r = root.display(),
-    );
-    std::fs::write(root.join("dovecot.conf"), conf).unwrap();
-    // As `sievec script` does with the system's dovecot.conf and conf.d.
-    let compiled = Command::new("sievec").arg("-c").arg(root.join("dovecot.conf")).arg(&sieve).output().unwrap();
-    assert!(compiled.status.success(), "sievec: {}", String::from_utf8_lossy(&compiled.stderr));
-    let started = Command::new("dovecot")
-        .arg("-c")
-        .arg(root.join("dovecot.conf"))
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    let log = || std::fs::read_to_string(root.join("dovecot.log")).unwrap_or_default();
-    assert!(started.success(), "dovecot failed to start:\n{}", log());
-    struct Stop(PathBuf);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            if let Ok(pid) = std::fs::read_to_string(self.0.join("run/master.pid")) {
-                let _ = Command::new("kill").arg(pid.trim()).output();
-            }
-        }
-    }
-    let _stop = Stop(root.to_path_buf());
-    assert!(support::wait_for_port(port, Duration::from_secs(30)), "dovecot IMAP not listening:\n{}", log());
+    let extra = format!("namespace inbox {{\n  inbox = yes\n  separator = /\n}}\n{recipe_conf}");
+    let dovecot = support::Dovecot::start_with(&["alice"], "imap", &extra, |conf| {
+        // As `sievec script` does with the system's dovecot.conf and conf.d.
+        let compiled = Command::new("sievec").arg("-c").arg(conf).arg(&sieve).output().unwrap();
+        assert!(compiled.status.success(), "sievec: {}", String::from_utf8_lossy(&compiled.stderr));
+    });
+    let port = dovecot.port;
+    let log = || dovecot.log();
 
     // A member of staff moves a ticket into Departments/<its department>.
     let t = &all[0];

@@ -263,8 +263,9 @@ impl Drop for Postfix {
     }
 }
 
-/// A private Dovecot serving LMTP on a free port, delivering into Maildirs
-/// under `mail/<user>/`, and knowing only `users` (others are refused at RCPT).
+/// A private Dovecot serving LMTP (or IMAP) on a free port, delivering into
+/// Maildirs under `mail/<user>/`, and knowing only `users` (others are
+/// refused at RCPT).
 pub struct Dovecot {
     pub dir: tempfile::TempDir,
     pub port: u16,
@@ -272,6 +273,12 @@ pub struct Dovecot {
 
 impl Dovecot {
     pub fn start(users: &[&str]) -> Dovecot {
+        Dovecot::start_with(users, "lmtp", "", |_| {})
+    }
+
+    /// Dovecot with `protocol` (`lmtp` or `imap`) on the port, `extra`
+    /// appended to its config, and `prepare(config file)` run before it starts.
+    pub fn start_with(users: &[&str], protocol: &str, extra: &str, prepare: impl FnOnce(&Path)) -> Dovecot {
         require("dovecot", "dovecot-core and dovecot-lmtpd");
         let dir = tempfile::Builder::new().prefix("mt-dovecot.").tempdir_in("/tmp").unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -284,11 +291,22 @@ impl Dovecot {
         let passwd: String = users.iter().map(|u| format!("{u}::65534:65534::{}/{u}\n", mail.display())).collect();
         std::fs::write(root.join("users"), passwd).unwrap();
         let port = free_port();
+        let service = match protocol {
+            "lmtp" => format!(
+                "service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n\
+                 protocol lmtp {{\n  postmaster_address = postmaster@{DOMAIN}\n}}\n"
+            ),
+            "imap" => format!(
+                "disable_plaintext_auth = no\n\
+                 service imap-login {{\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n"
+            ),
+            other => panic!("no test setup for Dovecot protocol {other}"),
+        };
         let conf = format!(
             "base_dir = {root}/run
 state_dir = {root}/state
 instance_name = mt-dovecot-{port}
-protocols = lmtp
+protocols = {protocol}
 listen = 127.0.0.1
 log_path = {root}/dovecot.log
 ssl = no
@@ -305,20 +323,13 @@ passdb {{
   driver = static
   args = nopassword=y
 }}
-service lmtp {{
-  inet_listener lmtp {{
-    address = 127.0.0.1
-    port = {port}
-  }}
-}}
-protocol lmtp {{
-  postmaster_address = postmaster@{DOMAIN}
-}}
+{service}{extra}
 ",
             root = root.display(),
             mail = mail.display(),
         );
         std::fs::write(root.join("dovecot.conf"), conf).unwrap();
+        prepare(&root.join("dovecot.conf"));
         // Not `output()`: the daemon keeps the inherited pipes open.
         let started = Command::new("dovecot")
             .arg("-c")
@@ -334,7 +345,7 @@ protocol lmtp {{
             std::fs::read_to_string(root.join("dovecot.log")).unwrap_or_default()
         );
         let d = Dovecot { dir, port };
-        assert!(wait_for_port(port, Duration::from_secs(30)), "dovecot LMTP not listening; log:\n{}", d.log());
+        assert!(wait_for_port(port, Duration::from_secs(30)), "dovecot {protocol} not listening; log:\n{}", d.log());
         d
     }
 
