@@ -577,8 +577,13 @@ fn the_documented_dovecot_imapsieve_recipe_records_a_moved_message() {
         .replace("/etc/dovecot/sieve/mailtriage-feedback.sieve", sieve.to_str().unwrap())
         .replace("/usr/local/lib/dovecot/sieve-pipe", pipe_dir.to_str().unwrap());
     std::fs::write(&sieve, &blocks[1]).unwrap();
+    // The mail user must be able to run the binary: the checkout may sit in a
+    // directory only its owner can enter (a CI clone in a `mktemp -d`).
+    let binary = root.join("mailtriage");
+    std::fs::copy(env!("CARGO_BIN_EXE_mailtriage"), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let script = blocks[2]
-        .replace("/usr/bin/mailtriage", env!("CARGO_BIN_EXE_mailtriage"))
+        .replace("/usr/bin/mailtriage", binary.to_str().unwrap())
         .replace("/etc/mailtriage/mailtriage.toml", config.to_str().unwrap());
     let script_path = pipe_dir.join("mailtriage-feedback");
     std::fs::write(&script_path, script).unwrap();
