@@ -42,6 +42,10 @@ pub struct ServerConfig {
     pub tls_key: Option<PathBuf>,
     /// Refuse MAIL until the client has started TLS.
     pub require_tls: bool,
+    /// SMTP/LMTP clients whose XFORWARD (the original client's name, address,
+    /// HELO…) we believe and pass on; Postfix's `smtpd_authorized_xforward_hosts`.
+    /// Clients on a unix socket are always local and trusted.
+    pub xforward_hosts: Vec<crate::net::Cidr>,
     /// An SMTP/LMTP client silent this long (for a command, or within DATA)
     /// is disconnected with 421 (RFC 5321 §4.5.3.2 asks for at least 5 minutes).
     #[serde(deserialize_with = "de_duration")]
@@ -89,6 +93,7 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             require_tls: false,
+            xforward_hosts: ["127.0.0.0/8", "::1"].iter().map(|c| c.parse().expect("valid block")).collect(),
             smtp_timeout: Duration::from_secs(300),
             mode: Mode::Enforce,
             on_error: OnError::Accept,

@@ -73,6 +73,16 @@ fn postfix_content_filter_tags_routes_and_reinjects() {
     assert_eq!(one(header_values(&billing[0], "X-Triage-Department"), "department"), "billing");
     assert_eq!(one(header_values(&billing[0], "X-Triage-Source"), "source"), "rule:invoices");
     assert!(billing[0].contains("\n.leading dot line"), "dot-stuffing survived both hops");
+    // XFORWARD: the reinjection listener logs each message with the original
+    // client and the first queue's id, not as mail from the filter.
+    let log = pf.log();
+    let reinjected: Vec<&str> =
+        log.lines().filter(|l| l.contains("postfix-reinject/smtpd") && l.contains(": client=")).collect();
+    assert!(reinjected.len() >= 4, "{}", ctx());
+    assert!(
+        reinjected.iter().all(|l| l.contains("orig_queue_id=") && l.contains("orig_client=unknown[127.0.0.1]")),
+        "{reinjected:#?}"
+    );
     let user = pf.mailbox("user");
     assert_eq!(user.len(), 2, "{}", ctx());
     assert!(!user.iter().any(|m| m.contains("Subject: Your invoice")), "rerouted mail reached the original recipient");

@@ -6,6 +6,7 @@
 //! - [`reply`]: the replies we write.
 //! - [`tls`]: certificates for STARTTLS and the hop's TLS settings.
 //! - [`server`]: the listener.
+//! - [`xforward`]: the original client's identity, passed on to the hop.
 //!
 //! Nothing is stored on disk: a client hears 250 for a recipient only once
 //! the next hop has accepted the message for it, so the client keeps every
@@ -16,3 +17,4 @@ pub mod reply;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod xforward;

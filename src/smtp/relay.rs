@@ -10,13 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mail_send::SmtpClient;
-use smtp_proto::{EXT_8BIT_MIME, EXT_SIZE, EXT_START_TLS};
+use smtp_proto::{EhloResponse, EXT_8BIT_MIME, EXT_SIZE, EXT_START_TLS};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
 use super::reply::Reply;
 use super::tls::{self, TlsError};
+use super::xforward::{self, Xforward};
 use crate::config::{Config, HopProtocol, ListenAddress, NextHop, RelayTls};
 
 /// A byte stream of any kind (TCP, unix, TLS over either).
@@ -70,6 +71,8 @@ pub struct Hop {
     size_limit: usize,
     eight_bit: bool,
     announced_size: bool,
+    /// XFORWARD attributes the hop announced (none: it does not take XFORWARD).
+    xforward: Vec<String>,
 }
 
 impl Hop {
@@ -101,7 +104,14 @@ impl Hop {
                 detail: Reply::from_hop(&greeting).to_string().trim_end().into(),
             });
         }
-        let mut h = Hop { client, settings: settings.clone(), size_limit: 0, eight_bit: false, announced_size: false };
+        let mut h = Hop {
+            client,
+            settings: settings.clone(),
+            size_limit: 0,
+            eight_bit: false,
+            announced_size: false,
+            xforward: Vec::new(),
+        };
         let caps = h.hello().await?;
         let offered = caps & EXT_START_TLS != 0;
         match (settings.tls, &settings.connector) {
@@ -152,17 +162,34 @@ impl Hop {
 
     /// EHLO or LHLO; keeps what we use of the answer and returns the capabilities.
     async fn hello(&mut self) -> Result<u32, RelayError> {
+        let verb = match self.settings.hop.protocol {
+            HopProtocol::Smtp => "EHLO",
+            HopProtocol::Lmtp => "LHLO",
+        };
+        // Sent as a plain command so the whole answer is seen: mail-send's
+        // EHLO parser drops extensions it does not know, XFORWARD among them.
+        let line = format!("{verb} {}\r\n", self.settings.helo);
         let hop = self.settings.hop.to_string();
-        let helo = self.settings.helo.clone();
-        let resp = match self.settings.hop.protocol {
-            HopProtocol::Smtp => self.client.ehlo(&helo).await,
-            HopProtocol::Lmtp => self.client.lhlo(&helo).await,
+        let resp = match self.client.cmd(line.as_bytes()).await {
+            Ok(r) => r,
+            Err(mail_send::Error::Timeout) => {
+                return Err(RelayError::Timeout { hop, what: "EHLO/LHLO", secs: self.settings.timeout.as_secs() })
+            }
+            Err(e) => return Err(proto(&hop, "EHLO/LHLO", e)),
+        };
+        if resp.code != 250 {
+            return Err(RelayError::Protocol {
+                hop,
+                what: "EHLO/LHLO",
+                detail: Reply::from_hop(&resp).to_string().trim_end().into(),
+            });
         }
-        .map_err(|e| proto(&hop, "EHLO/LHLO", e))?;
-        self.size_limit = resp.size;
-        self.announced_size = resp.has_capability(EXT_SIZE);
-        self.eight_bit = resp.has_capability(EXT_8BIT_MIME);
-        Ok(resp.capabilities)
+        let ehlo = parse_ehlo(&resp.message);
+        self.size_limit = ehlo.size;
+        self.announced_size = ehlo.capabilities & EXT_SIZE != 0;
+        self.eight_bit = ehlo.capabilities & EXT_8BIT_MIME != 0;
+        self.xforward = xforward::offered_by(&resp.message);
+        Ok(ehlo.capabilities)
     }
 
     async fn command(&mut self, what: &'static str, line: &str) -> Result<Reply, RelayError> {
@@ -181,7 +208,23 @@ impl Hop {
         (self.announced_size && self.size_limit > 0).then_some(self.size_limit)
     }
 
-    pub async fn mail(&mut self, from: &str, size: usize, eight_bit: bool) -> Result<Reply, RelayError> {
+    /// Starts a transaction: XFORWARD first when the hop takes it (a refusal
+    /// is logged, not fatal: the message matters more than its provenance),
+    /// then MAIL.
+    pub async fn mail(
+        &mut self,
+        from: &str,
+        size: usize,
+        eight_bit: bool,
+        fwd: &Xforward,
+    ) -> Result<Reply, RelayError> {
+        for line in fwd.commands_for(&self.xforward) {
+            let r = self.command("XFORWARD", &line).await?;
+            if !r.is_positive() {
+                tracing::warn!(hop = %self.settings.hop, reply = %r.to_string().trim_end(),
+                    "next hop refused XFORWARD (Postfix: add us to smtpd_authorized_xforward_hosts); the original client is not passed on");
+            }
+        }
         let mut line = format!("MAIL FROM:<{from}>");
         if self.announced_size && size > 0 {
             line.push_str(&format!(" SIZE={size}"));
@@ -237,6 +280,19 @@ impl Hop {
     }
 }
 
+/// What smtp-proto reads from an EHLO answer, given the answer's text as a
+/// plain reply carries it (lines joined by LF); unknown extensions are
+/// skipped there, and a line it cannot read only loses that extension.
+fn parse_ehlo(message: &str) -> EhloResponse<String> {
+    let lines: Vec<&str> = message.lines().collect();
+    let mut raw = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+        raw.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
+    }
+    EhloResponse::parse(&mut raw.iter()).unwrap_or_default()
+}
+
 /// The message in DATA form: a dot doubled at the start of every line, CRLF
 /// at the end, then the terminating `.`.
 fn dot_stuff(message: &[u8]) -> Vec<u8> {
@@ -280,6 +336,15 @@ fn proto(hop: &str, what: &'static str, e: mail_send::Error) -> RelayError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ehlo_answers_are_read_with_their_extensions() {
+        let e = parse_ehlo("mx.example\nPIPELINING\nSIZE 10240000\nXFORWARD NAME ADDR\nSTARTTLS\n8BITMIME");
+        assert_eq!(e.size, 10_240_000);
+        assert_ne!(e.capabilities & EXT_8BIT_MIME, 0);
+        assert_ne!(e.capabilities & EXT_START_TLS, 0);
+        assert_eq!(parse_ehlo("mx.example").capabilities, 0);
+    }
 
     #[test]
     fn dot_stuffing() {

@@ -23,6 +23,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::relay::{Hop, Io, RelayError, RelaySettings};
 use super::reply::Reply;
+use super::xforward::{self, Xforward};
 use crate::actions::{header_names, Change, Plan, HEADER_PREFIX};
 use crate::budget::{ByteBudget, Reservation};
 use crate::config::{Config, OnError};
@@ -53,6 +54,8 @@ pub struct SmtpSettings {
     pub budget: Arc<ByteBudget>,
     pub relay: Arc<RelaySettings>,
     pub quarantine_mailbox: Option<String>,
+    /// Clients allowed to send XFORWARD (unix-socket clients always are).
+    pub xforward_hosts: Vec<crate::net::Cidr>,
 }
 
 impl SmtpSettings {
@@ -77,6 +80,7 @@ impl SmtpSettings {
             budget,
             relay,
             quarantine_mailbox: cfg.relay.as_ref().and_then(|r| r.quarantine_mailbox.clone()),
+            xforward_hosts: cfg.server.xforward_hosts.clone(),
         }
     }
 
@@ -122,6 +126,9 @@ struct Transaction {
     /// The hop connection failed during this transaction: nothing more can
     /// be relayed, every further command of it gets 4xx.
     hop_lost: bool,
+    /// The original client, as XFORWARD told us before this MAIL; repeated
+    /// to the hop whenever its transaction is (re)started.
+    xforward: Xforward,
 }
 
 /// A message as DATA delivered it.
@@ -151,10 +158,19 @@ pub struct Session<'a, F> {
     tx: Option<Transaction>,
     hop: Option<Hop>,
     errors: u32,
+    /// May this client send XFORWARD (`server.xforward_hosts`)?
+    xforward_trusted: bool,
+    /// XFORWARD attributes given for the next MAIL.
+    xforward: Xforward,
 }
 
 impl<'a, F: Filter> Session<'a, F> {
     pub fn new(filter: &'a F, cfg: &'a SmtpSettings, io: Box<dyn Io>, peer: String) -> Self {
+        // A TCP peer reads `IP:PORT`; anything else is a unix socket's path.
+        let xforward_trusted = match peer.parse::<std::net::SocketAddr>() {
+            Ok(a) => cfg.xforward_hosts.iter().any(|net| net.contains(a.ip())),
+            Err(_) => true,
+        };
         Session {
             filter,
             cfg,
@@ -167,6 +183,8 @@ impl<'a, F: Filter> Session<'a, F> {
             tx: None,
             hop: None,
             errors: 0,
+            xforward_trusted,
+            xforward: Xforward::default(),
         }
     }
 
@@ -176,7 +194,9 @@ impl<'a, F: Filter> Session<'a, F> {
         let mut receiver = RequestReceiver::default();
         let mut skipping_line = false;
         let end = 'session: loop {
-            if self.pending.is_empty() {
+            // Commands are parsed whole lines at a time (XFORWARD is read
+            // before smtp-proto, which does not know it, sees the line).
+            if !self.pending.contains(&b'\n') && self.pending.len() <= MAX_LINE_LENGTH {
                 match self.fill(&mut shutdown).await? {
                     Input::Data => {}
                     Input::Closed => break SessionEnd::Closed,
@@ -223,6 +243,17 @@ impl<'a, F: Filter> Session<'a, F> {
                     skipping_line = false;
                 } else {
                     self.pending.clear();
+                }
+                continue;
+            }
+            if let Some(end) = line_end.filter(|&end| is_xforward(&self.pending[..end])) {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                let args = String::from_utf8_lossy(&line["XFORWARD".len()..]).into_owned();
+                let reply = self.xforward_command(&args);
+                let failed = reply.code >= 500;
+                self.reply(reply);
+                if failed && self.count_error() {
+                    break SessionEnd::TooManyErrors;
                 }
                 continue;
             }
@@ -305,11 +336,13 @@ impl<'a, F: Filter> Session<'a, F> {
             }
             Request::Ehlo { .. } | Request::Lhlo { .. } => {
                 self.abort_transaction().await;
+                self.xforward = Xforward::default();
                 self.greeted = true;
                 self.capabilities()
             }
             Request::Helo { .. } => {
                 self.abort_transaction().await;
+                self.xforward = Xforward::default();
                 self.greeted = true;
                 Reply::bare(250, vec![self.cfg.hostname.clone()])
             }
@@ -317,6 +350,7 @@ impl<'a, F: Filter> Session<'a, F> {
             Request::Rcpt { to } => self.rcpt(to.address).await,
             Request::Rset => {
                 self.abort_transaction().await;
+                self.xforward = Xforward::default();
                 Reply::ok([2, 0, 0])
             }
             Request::Noop { .. } => Reply::ok([2, 0, 0]),
@@ -343,7 +377,28 @@ impl<'a, F: Filter> Session<'a, F> {
         if self.cfg.tls.is_some() && !self.tls_active {
             lines.push("STARTTLS".into());
         }
+        if self.xforward_trusted {
+            lines.push(format!("XFORWARD {}", xforward::ATTRIBUTES.join(" ")));
+        }
         Reply::bare(250, lines)
+    }
+
+    /// `XFORWARD attr=value…`: answered as Postfix's smtpd answers it.
+    fn xforward_command(&mut self, args: &str) -> Reply {
+        if !self.greeted {
+            return Reply::bad_sequence(if self.cfg.lmtp { "send LHLO first" } else { "send EHLO first" });
+        }
+        if !self.xforward_trusted {
+            tracing::info!(peer = %self.peer, "XFORWARD refused: client not in server.xforward_hosts");
+            return Reply::new(550, [5, 7, 0], "insufficient authorization for XFORWARD");
+        }
+        if self.tx.is_some() {
+            return Reply::bad_sequence("MAIL transaction in progress");
+        }
+        match self.xforward.update(args) {
+            Ok(()) => Reply::ok([2, 0, 0]),
+            Err(r) => r,
+        }
     }
 
     async fn mail(&mut self, from: smtp_proto::MailFrom<String>) -> Reply {
@@ -371,14 +426,19 @@ impl<'a, F: Filter> Session<'a, F> {
                     Err(e) => return self.hop_failed(e),
                 },
             };
-            match hop.mail(&from.address, from.size, eight_bit).await {
+            match hop.mail(&from.address, from.size, eight_bit, &self.xforward).await {
                 Ok(r) => {
                     if r.code == 421 {
                         // The hop is closing the connection.
                         self.hop = None;
                     } else if r.is_positive() {
-                        self.tx =
-                            Some(Transaction { from: from.address, eight_bit, rcpts: Vec::new(), hop_lost: false });
+                        self.tx = Some(Transaction {
+                            from: from.address,
+                            eight_bit,
+                            rcpts: Vec::new(),
+                            hop_lost: false,
+                            xforward: std::mem::take(&mut self.xforward),
+                        });
                     }
                     return r;
                 }
@@ -606,7 +666,7 @@ impl<'a, F: Filter> Session<'a, F> {
                 // Restart the hop's transaction with the new recipients; send
                 // nothing unless the ones the message now belongs to are accepted.
                 hop.rset().await?;
-                let r = hop.mail(&tx.from, message.len(), tx.eight_bit).await?;
+                let r = hop.mail(&tx.from, message.len(), tx.eight_bit, &tx.xforward).await?;
                 if !r.is_positive() {
                     let n = rcpts.len();
                     return Ok((rcpts, vec![r; n]));
@@ -731,6 +791,13 @@ impl<'a, F: Filter> Session<'a, F> {
     }
 }
 
+/// Whether a command line is `XFORWARD …`.
+fn is_xforward(line: &[u8]) -> bool {
+    line.len() >= 8
+        && line[..8].eq_ignore_ascii_case(b"XFORWARD")
+        && line.get(8).is_none_or(|c| matches!(c, b' ' | b'\t' | b'\r'))
+}
+
 /// Lets one of `smtp-proto`'s sans-IO receivers read the unparsed input,
 /// then drops the bytes it consumed.
 fn feed<T>(pending: &mut Vec<u8>, parse: impl FnOnce(&mut std::slice::Iter<'_, u8>) -> T) -> T {
@@ -841,10 +908,17 @@ mod tests {
         let mut lines = BufReader::new(r).lines();
         w.write_all(b"220 hop ready\r\n").await.unwrap();
         let (mut from, mut rcpts) = (String::new(), Vec::<String>::new());
+        // XFORWARD lines of the current transaction, stored in front of the message.
+        let mut xforward = String::new();
         while let Ok(Some(line)) = lines.next_line().await {
             let upper = line.to_ascii_uppercase();
             let reply: String = if upper.starts_with("EHLO") || upper.starts_with("LHLO") {
-                "250-hop\r\n250-SIZE 100000\r\n250 8BITMIME\r\n".into()
+                xforward.clear();
+                "250-hop\r\n250-SIZE 100000\r\n250-XFORWARD NAME ADDR HELO\r\n250 8BITMIME\r\n".into()
+            } else if upper.starts_with("XFORWARD ") {
+                xforward.push_str(&line);
+                xforward.push('\n');
+                "250 2.0.0 Ok\r\n".into()
             } else if upper.starts_with("MAIL FROM:") {
                 from = line[10..].trim_matches(['<', '>', ' ']).split('>').next().unwrap().into();
                 rcpts.clear();
@@ -868,7 +942,7 @@ mod tests {
                     msg.push('\n');
                 }
                 let ok: Vec<String> = rcpts.iter().filter(|r| !(lmtp && r.starts_with("full@"))).cloned().collect();
-                store.lock().unwrap().push((from.clone(), ok, msg));
+                store.lock().unwrap().push((from.clone(), ok, std::mem::take(&mut xforward) + &msg));
                 if lmtp {
                     rcpts
                         .iter()
@@ -885,6 +959,7 @@ mod tests {
                 }
             } else if upper == "RSET" {
                 rcpts.clear();
+                xforward.clear();
                 "250 2.0.0 ok\r\n".into()
             } else if upper == "QUIT" {
                 let _ = w.write_all(b"221 bye\r\n").await;
@@ -936,10 +1011,16 @@ department = "billing"
 
     /// Starts a session on an in-memory pipe; returns the client's end.
     fn start(s: SmtpSettings, t: Arc<Triage>) -> (BufReader<DuplexStream>, watch::Sender<bool>) {
+        start_from(s, t, "test")
+    }
+
+    /// A session whose client is `peer` (`IP:PORT` for TCP, else a socket path).
+    fn start_from(s: SmtpSettings, t: Arc<Triage>, peer: &str) -> (BufReader<DuplexStream>, watch::Sender<bool>) {
         let (client, server) = tokio::io::duplex(1 << 16);
         let (tx, rx) = watch::channel(false);
+        let peer = peer.to_string();
         tokio::spawn(async move {
-            let _ = Session::new(&t, &s, Box::new(server), "test".into()).run(rx).await;
+            let _ = Session::new(&t, &s, Box::new(server), peer).run(rx).await;
         });
         (BufReader::new(client), tx)
     }
@@ -999,6 +1080,63 @@ department = "billing"
         assert!(got[0].2.contains("\n.dotted\n"), "dot-stuffing round trip");
         assert_eq!(got[1].1, ["u@y.test", "v@y.test"]);
         assert!(got[1].2.contains("X-Triage-Department: general"));
+    }
+
+    #[tokio::test]
+    async fn xforward_from_a_trusted_client_reaches_the_hop_before_every_mail() {
+        let (hop, delivered) = fake_hop(false).await;
+        let (s, t) = settings(false, &hop, "");
+        let (mut c, _stop) = start_from(s, t, "127.0.0.1:40000");
+        reply(&mut c).await;
+        assert!(say(&mut c, "XFORWARD ADDR=192.0.2.7").await.starts_with("503"), "before EHLO");
+        let caps = say(&mut c, "EHLO postfix.test").await;
+        assert!(caps.contains("250 XFORWARD NAME ADDR PORT PROTO HELO IDENT SOURCE\r\n"), "{caps}");
+        // Postfix splits the attributes over two commands; pipelined with MAIL.
+        c.get_mut()
+            .write_all(b"XFORWARD NAME=client.example ADDR=192.0.2.7 PORT=5000\r\nxforward HELO=client.example PROTO=ESMTP\r\n")
+            .await
+            .unwrap();
+        assert!(reply(&mut c).await.starts_with("250 2.0.0"));
+        assert!(reply(&mut c).await.starts_with("250 2.0.0"));
+        assert!(say(&mut c, "XFORWARD COLOUR=red").await.starts_with("501 5.5.4"));
+        assert!(say(&mut c, "MAIL FROM:<a@x.test>").await.starts_with("250"));
+        assert!(say(&mut c, "XFORWARD NAME=late.example").await.starts_with("503"), "inside a transaction");
+        assert!(say(&mut c, "RCPT TO:<u@y.test>").await.starts_with("250"));
+        assert!(say(&mut c, "DATA").await.starts_with("354"));
+        // Rerouted: the hop's transaction is restarted, XFORWARD said again.
+        assert!(say(&mut c, "Subject: invoice 9\r\n\r\nbody\r\n.").await.starts_with("250"));
+        // The next transaction starts without them.
+        assert!(say(&mut c, "MAIL FROM:<b@x.test>").await.starts_with("250"));
+        assert!(say(&mut c, "RCPT TO:<u@y.test>").await.starts_with("250"));
+        assert!(say(&mut c, "DATA").await.starts_with("354"));
+        assert!(say(&mut c, "Subject: hello\r\n\r\nhi\r\n.").await.starts_with("250"));
+        say(&mut c, "QUIT").await;
+        let got = delivered.lock().unwrap().clone();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].1, ["billing@example.com"]);
+        assert!(
+            got[0].2.starts_with("XFORWARD NAME=client.example ADDR=192.0.2.7 HELO=client.example\n"),
+            "only what the hop announced, after the restart: {}",
+            got[0].2
+        );
+        assert!(!got[1].2.contains("XFORWARD"), "attributes last one transaction: {}", got[1].2);
+    }
+
+    #[tokio::test]
+    async fn xforward_from_an_untrusted_client_is_refused_and_not_offered() {
+        let (hop, delivered) = fake_hop(false).await;
+        let (s, t) = settings(false, &hop, "xforward_hosts = [\"10.0.0.0/8\"]");
+        let (mut c, _stop) = start_from(s, t, "192.0.2.1:25000");
+        reply(&mut c).await;
+        let caps = say(&mut c, "EHLO elsewhere.test").await;
+        assert!(!caps.contains("XFORWARD"), "{caps}");
+        assert!(say(&mut c, "XFORWARD NAME=spoofed.example").await.starts_with("550 5.7.0"));
+        assert!(say(&mut c, "MAIL FROM:<a@x.test>").await.starts_with("250"));
+        assert!(say(&mut c, "RCPT TO:<u@y.test>").await.starts_with("250"));
+        assert!(say(&mut c, "DATA").await.starts_with("354"));
+        assert!(say(&mut c, "Subject: hello\r\n\r\nhi\r\n.").await.starts_with("250"));
+        say(&mut c, "QUIT").await;
+        assert!(!delivered.lock().unwrap()[0].2.contains("XFORWARD"));
     }
 
     #[tokio::test]

@@ -172,6 +172,7 @@ milter_content_timeout = 30s
             &format!("{svc}/smtpd_milters="),
             &format!("{svc}/receive_override_options=no_unknown_recipient_checks,no_header_body_checks,no_milters"),
             &format!("{svc}/syslog_name=postfix-reinject"),
+            &format!("{svc}/smtpd_authorized_xforward_hosts=127.0.0.0/8"),
         ]);
     }
 
@@ -182,6 +183,7 @@ milter_content_timeout = 30s
             "-P",
             "scan/unix/disable_mime_output_conversion=yes",
             "scan/unix/smtp_dns_support_level=disabled",
+            "scan/unix/smtp_send_xforward_command=yes",
         ]);
     }
 
