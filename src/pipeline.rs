@@ -313,8 +313,16 @@ impl Filter for Arc<Triage> {
         }
         let started = Instant::now();
         let queue_id = msg.envelope.queue_id.clone();
-        let line = self.audit.as_ref().map(|_| self.audit_line(&msg.envelope, "decided"));
+        // Armed until the decision ends here: a front door that stops waiting
+        // (its decision_timeout, or the MTA hanging up) drops this future,
+        // and the guard then writes the line, so every message is audited.
+        let mut pending = PendingAudit {
+            audit: self.audit.as_ref(),
+            record: self.audit.as_ref().map(|_| self.audit_line(&msg.envelope, "failed")),
+            started,
+        };
         let result = self.decide_async(msg).await;
+        let line = pending.record.take();
         let latency_ms = started.elapsed().as_secs_f64() * 1e3;
         metrics::histogram!(name::DECISION_SECONDS).record(latency_ms / 1e3);
         match &result {
@@ -418,6 +426,24 @@ impl Triage {
             config_version: self.config_version.clone(),
             model_version: self.model_summary(),
             latency_ms: 0.0,
+        }
+    }
+}
+
+/// The audit line of a decision in progress; written as `failed`, reason
+/// `abandoned`, if the decision is dropped before it ends.
+struct PendingAudit<'a> {
+    audit: Option<&'a AuditLog>,
+    record: Option<Record>,
+    started: Instant,
+}
+
+impl Drop for PendingAudit<'_> {
+    fn drop(&mut self) {
+        if let (Some(audit), Some(mut record)) = (self.audit, self.record.take()) {
+            record.reason = Some("abandoned".into());
+            record.latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
+            write_audit(audit, record);
         }
     }
 }
@@ -801,5 +827,36 @@ department = "billing"
             .contains(&Change::AddHeader { name: "X-Triage-Department".into(), value: "billing".into() }));
         assert!(plan.changes.contains(&Change::AddRecipient { address: "billing@example.com".into() }));
         assert!(plan.changes.contains(&Change::DeleteRecipient { address: "u@y.example".into() }));
+    }
+
+    #[tokio::test]
+    async fn a_decision_the_front_door_stops_waiting_for_is_still_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = (dir.path().join("audit.jsonl"), dir.path().join("key"));
+        let cfg = Config::from_toml(
+            &format!("[audit]\npath = \"{}\"\nkey_file = \"{}\"\n", path.display(), key.display()),
+            "t",
+        )
+        .unwrap();
+        let triage = Arc::new(Triage::new(&cfg).unwrap());
+        let msg = || MessageInput {
+            envelope: Envelope { mail_from: "a@x.example".into(), rcpts: vec!["u@y.example".into()], queue_id: None },
+            raw: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
+            header_names: vec!["Subject".into()],
+        };
+        {
+            // Polled once (extraction is then running on a blocking thread), then dropped.
+            use std::future::Future;
+            let mut fut = std::pin::pin!(triage.filter(msg()));
+            let first = std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx).is_pending())).await;
+            assert!(first, "the decision is still running");
+        }
+        triage.filter(msg()).await.unwrap();
+        let lines: Vec<serde_json::Value> =
+            std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2, "one line per message: {lines:?}");
+        assert_eq!((lines[0]["outcome"].as_str(), lines[0]["reason"].as_str()), (Some("failed"), Some("abandoned")));
+        assert_eq!(lines[0]["recipient_domains"][0], "y.example");
+        assert_eq!((lines[1]["outcome"].as_str(), lines[1]["department"].as_str()), (Some("decided"), Some("general")));
     }
 }

@@ -113,15 +113,15 @@ impl Registry {
             .into_iter()
             .map(|n| {
                 let path = self.file(role, n);
-                let head = Head::load(&path)?;
+                let meta = Head::read_meta(&path)?;
                 Ok(VersionInfo {
                     role,
-                    version: head.meta.version.clone(),
+                    version: meta.version.clone(),
                     number: n,
                     current: current.as_deref() == Some(path.as_path()),
-                    trained_at: head.meta.trained_at.clone(),
-                    train_examples: head.meta.train_examples,
-                    promotion: head.meta.dev_metrics.get("promotion").cloned().unwrap_or_default(),
+                    trained_at: meta.trained_at.clone(),
+                    train_examples: meta.train_examples,
+                    promotion: meta.dev_metrics.get("promotion").cloned().unwrap_or_default(),
                     path,
                 })
             })

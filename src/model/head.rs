@@ -196,12 +196,7 @@ impl Head {
             _ => bad(e.to_string()),
         })?;
         let (_, header) = SafeTensors::read_metadata(&data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
-        let info = header.metadata().clone().unwrap_or_default();
-        if info.get("format").map(String::as_str) != Some(FORMAT) {
-            return Err(bad(format!("not a mailtriage head (format {:?}, expected {FORMAT})", info.get("format"))));
-        }
-        let meta: HeadMeta = serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
-            .map_err(|e| bad(format!("bad metadata: {e}")))?;
+        let meta = meta_of(path, &header.metadata().clone().unwrap_or_default())?;
         let st = SafeTensors::deserialize(&data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let c = meta.labels.len();
         if c < 2 {
@@ -242,6 +237,51 @@ impl Head {
         }
         Ok(head)
     }
+}
+
+impl Head {
+    /// A head file's metadata from its header alone: listing versions should
+    /// not read every file whole (a 20-class head is tens of MB). The tensors
+    /// are not checked; [`Head::load`] does that.
+    pub fn read_meta(path: &Path) -> Result<HeadMeta, ModelError> {
+        use std::io::Read;
+        // safetensors' own bound on the JSON header.
+        const MAX_HEADER: u64 = 100_000_000;
+        let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
+        let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_owned()),
+            _ => bad(e.to_string()),
+        })?;
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let len = u64::from_le_bytes(len);
+        if len > MAX_HEADER {
+            return Err(bad(format!("not a safetensors file: header of {len} bytes")));
+        }
+        let mut header = Vec::new();
+        file.take(len).read_to_end(&mut header).map_err(|e| bad(e.to_string()))?;
+        if header.len() as u64 != len {
+            return Err(bad("not a safetensors file: the header is cut short".into()));
+        }
+        #[derive(serde::Deserialize)]
+        struct Header {
+            #[serde(rename = "__metadata__", default)]
+            metadata: HashMap<String, String>,
+        }
+        let header: Header =
+            serde_json::from_slice(&header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        meta_of(path, &header.metadata)
+    }
+}
+
+/// The head metadata in a safetensors `__metadata__` map.
+fn meta_of(path: &Path, info: &HashMap<String, String>) -> Result<HeadMeta, ModelError> {
+    let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
+    if info.get("format").map(String::as_str) != Some(FORMAT) {
+        return Err(bad(format!("not a mailtriage head (format {:?}, expected {FORMAT})", info.get("format"))));
+    }
+    serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
+        .map_err(|e| bad(format!("bad metadata: {e}")))
 }
 
 /// Softmax of `z / t`, numerically stable.
@@ -309,6 +349,7 @@ pub(crate) mod tests {
         h.save(&path).unwrap();
         let back = Head::load(&path).unwrap();
         assert_eq!(back.meta, h.meta);
+        assert_eq!(Head::read_meta(&path).unwrap(), h.meta, "the header alone gives the same metadata");
         assert_eq!((back.w_emb, back.w_lex, back.bias, back.idf), (h.w_emb, h.w_lex, h.bias, h.idf));
         assert_eq!(back.lexical_only, h.lexical_only);
     }
@@ -320,8 +361,11 @@ pub(crate) mod tests {
         let err = Head::load(&path).unwrap_err().to_string();
         assert!(err.contains("h.safetensors") && err.contains("missing"), "{err}");
         std::fs::write(&path, b"garbage that is not safetensors").unwrap();
-        let err = Head::load(&path).unwrap_err().to_string();
-        assert!(err.contains("h.safetensors") && err.contains("not a safetensors file"), "{err}");
+        for err in [Head::load(&path).unwrap_err(), Head::read_meta(&path).unwrap_err()] {
+            let err = err.to_string();
+            assert!(err.contains("h.safetensors") && err.contains("not a safetensors file"), "{err}");
+        }
+        assert!(Head::read_meta(&dir.path().join("none")).unwrap_err().to_string().contains("missing"));
         // valid safetensors, truncated tensor data
         tiny_head().save(&path).unwrap();
         let bytes = std::fs::read(&path).unwrap();
@@ -336,5 +380,6 @@ pub(crate) mod tests {
         .unwrap();
         std::fs::write(&path, other).unwrap();
         assert!(Head::load(&path).unwrap_err().to_string().contains("not a mailtriage head"));
+        assert!(Head::read_meta(&path).unwrap_err().to_string().contains("not a mailtriage head"));
     }
 }
