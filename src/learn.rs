@@ -55,6 +55,7 @@ pub fn feedback(cfg: &Config, args: &FeedbackArgs) -> Result<ExitCode> {
         bail!("no message given (pipe one into stdin, or name a file)");
     }
     let mut triage = Triage::new(cfg).context("loading rules and model")?;
+    // The pipe reads the message itself, so it keeps no recent decisions (0 bytes).
     let link = FeedbackLink { store: Arc::new(open_store(cfg)?), recent: Arc::new(RecentDecisions::new(0)) };
     triage.connect_feedback(link);
     let (features, message_id) = triage.features_of(&raw)?;
