@@ -184,7 +184,11 @@ impl Hop {
                 detail: Reply::from_hop(&resp).to_string().trim_end().into(),
             });
         }
-        let ehlo = parse_ehlo(&resp.message);
+        let ehlo = parse_ehlo(&resp.message).ok_or_else(|| RelayError::Protocol {
+            hop: hop.clone(),
+            what: "EHLO/LHLO",
+            detail: format!("unreadable answer: {}", Reply::from_hop(&resp).to_string().trim_end()),
+        })?;
         self.size_limit = ehlo.size;
         self.announced_size = ehlo.capabilities & EXT_SIZE != 0;
         self.eight_bit = ehlo.capabilities & EXT_8BIT_MIME != 0;
@@ -280,17 +284,16 @@ impl Hop {
     }
 }
 
-/// What smtp-proto reads from an EHLO answer, given the answer's text as a
-/// plain reply carries it (lines joined by LF); unknown extensions are
-/// skipped there, and a line it cannot read only loses that extension.
-fn parse_ehlo(message: &str) -> EhloResponse<String> {
+/// What smtp-proto reads from an EHLO answer (unknown extensions skipped),
+/// given the answer's text as a plain reply carries it: lines joined by LF.
+fn parse_ehlo(message: &str) -> Option<EhloResponse<String>> {
     let lines: Vec<&str> = message.lines().collect();
     let mut raw = Vec::new();
     for (i, l) in lines.iter().enumerate() {
         let sep = if i + 1 == lines.len() { ' ' } else { '-' };
         raw.extend_from_slice(format!("250{sep}{l}\r\n").as_bytes());
     }
-    EhloResponse::parse(&mut raw.iter()).unwrap_or_default()
+    EhloResponse::parse(&mut raw.iter()).ok()
 }
 
 /// The message in DATA form: a dot doubled at the start of every line, CRLF
@@ -339,11 +342,16 @@ mod tests {
 
     #[test]
     fn ehlo_answers_are_read_with_their_extensions() {
-        let e = parse_ehlo("mx.example\nPIPELINING\nSIZE 10240000\nXFORWARD NAME ADDR\nSTARTTLS\n8BITMIME");
+        // As the hop sends it, read as a plain reply the way `Hop::hello` does.
+        let wire = b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 10240000\r\n250-XFORWARD NAME ADDR\r\n\
+                     250-STARTTLS\r\n250 8BITMIME\r\n";
+        let reply = smtp_proto::response::parser::ResponseReceiver::default().parse(&mut wire.iter()).unwrap();
+        let e = parse_ehlo(&reply.message).unwrap();
         assert_eq!(e.size, 10_240_000);
-        assert_ne!(e.capabilities & EXT_8BIT_MIME, 0);
+        assert_ne!(e.capabilities & EXT_8BIT_MIME, 0, "{:?}", reply.message);
         assert_ne!(e.capabilities & EXT_START_TLS, 0);
-        assert_eq!(parse_ehlo("mx.example").capabilities, 0);
+        assert_eq!(xforward::offered_by(&reply.message), ["NAME", "ADDR"]);
+        assert_eq!(parse_ehlo("mx.example").unwrap().capabilities, 0);
     }
 
     #[test]
