@@ -232,6 +232,20 @@ milter_content_timeout = 30s
 
     /// Waits until `n` messages are delivered (or the timeout passes), and the
     /// queue has drained. Returns what was delivered.
+    /// Waits until at least `n` messages are delivered, busy queue or not
+    /// (for acting while mail still flows).
+    pub fn wait_at_least(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.all_delivered().len();
+            if got >= n || Instant::now() > deadline {
+                return got;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until at least `n` messages are delivered and the queue is idle.
     pub fn wait_delivered(&self, n: usize, timeout: Duration) -> Vec<(String, String)> {
         let deadline = Instant::now() + timeout;
         loop {
