@@ -3,9 +3,10 @@
 //! Postfix, sending to a content filter with `smtp_send_xforward_command =
 //! yes`, tells the filter the original client's name, address, HELO name and
 //! so on before MAIL. A filter that does not pass this on makes every message
-//! look, after re-injection, as if it came from the filter on localhost: the
-//! `Received:` header, the logs and `check_client_access` all lose the real
-//! sender. We accept XFORWARD from trusted clients (`server.xforward_hosts`)
+//! look, in the re-injecting MTA's log, as if it came from the filter on
+//! localhost, and the two queue ids of one message cannot be tied together
+//! (Postfix uses XFORWARD for logging). We accept XFORWARD from trusted
+//! clients (`server.xforward_hosts`)
 //! and repeat the attributes to the next hop before each MAIL, as far as the
 //! hop announces them. Reference: Postfix's XFORWARD_README.
 
@@ -28,10 +29,6 @@ pub struct Xforward {
 }
 
 impl Xforward {
-    pub fn is_empty(&self) -> bool {
-        self.attrs.is_empty()
-    }
-
     /// The value of one attribute, xtext as received.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.attrs.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
