@@ -1105,11 +1105,16 @@ priority = "high"
             ListenAddress::Unix("/var/spool/postfix/private/in".into())
         );
         assert_eq!(Config::default().server.milter_listen().unwrap().to_string(), DEFAULT_MILTER);
+        let loopback = &Config::default().server.xforward_hosts;
+        assert!(["127.0.0.1", "::1"].iter().all(|ip| loopback.iter().any(|n| n.contains(ip.parse().unwrap()))));
+        assert!(!loopback.iter().any(|n| n.contains("192.0.2.1".parse().unwrap())));
         for (text, needle) in [
             ("[server]\nsmtp = \"127.0.0.1:10025\"\n", "relay.next_hop"),
             ("[relay]\nnext_hop = \"http://x:1\"\n", "smtp://HOST:PORT"),
             ("[server]\ntls_cert = \"/c.pem\"\n", "server.tls_key"),
             ("[server]\nrequire_tls = true\n", "server.require_tls"),
+            ("[server]\nxforward_hosts = [\"10.0.0.0/40\"]\n", "`10.0.0.0/40`: bad prefix length"),
+            ("[server]\nxforward_hosts = [\"mx.example\"]\n", "`mx.example`: not an IP address"),
             (
                 "[server]\nsmtp = \"127.0.0.1:1\"\n[relay]\nnext_hop = \"smtp://127.0.0.1:2\"\n\
                  [[departments]]\nname = \"sec\"\naction = \"quarantine\"\n",
