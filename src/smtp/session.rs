@@ -1045,6 +1045,15 @@ department = "billing"
         reply(c).await
     }
 
+    /// MAIL, one RCPT and DATA, each expected to succeed; returns the reply
+    /// to the message (`message` is sent with the terminating dot line).
+    async fn transaction(c: &mut BufReader<DuplexStream>, from: &str, to: &str, message: &str) -> String {
+        assert!(say(c, &format!("MAIL FROM:<{from}>")).await.starts_with("250"), "MAIL FROM:<{from}>");
+        assert!(say(c, &format!("RCPT TO:<{to}>")).await.starts_with("250"), "RCPT TO:<{to}>");
+        assert!(say(c, "DATA").await.starts_with("354"));
+        say(c, &format!("{message}\r\n.")).await
+    }
+
     #[tokio::test]
     async fn smtp_relays_decided_messages_and_reroutes_by_restarting_the_hop_transaction() {
         let (hop, delivered) = fake_hop(false).await;
@@ -1106,10 +1115,7 @@ department = "billing"
         // Rerouted: the hop's transaction is restarted, XFORWARD said again.
         assert!(say(&mut c, "Subject: invoice 9\r\n\r\nbody\r\n.").await.starts_with("250"));
         // The next transaction starts without them.
-        assert!(say(&mut c, "MAIL FROM:<b@x.test>").await.starts_with("250"));
-        assert!(say(&mut c, "RCPT TO:<u@y.test>").await.starts_with("250"));
-        assert!(say(&mut c, "DATA").await.starts_with("354"));
-        assert!(say(&mut c, "Subject: hello\r\n\r\nhi\r\n.").await.starts_with("250"));
+        assert!(transaction(&mut c, "b@x.test", "u@y.test", "Subject: hello\r\n\r\nhi").await.starts_with("250"));
         say(&mut c, "QUIT").await;
         let got = delivered.lock().unwrap().clone();
         assert_eq!(got.len(), 2);
@@ -1131,10 +1137,7 @@ department = "billing"
         let caps = say(&mut c, "EHLO elsewhere.test").await;
         assert!(!caps.contains("XFORWARD"), "{caps}");
         assert!(say(&mut c, "XFORWARD NAME=spoofed.example").await.starts_with("550 5.7.0"));
-        assert!(say(&mut c, "MAIL FROM:<a@x.test>").await.starts_with("250"));
-        assert!(say(&mut c, "RCPT TO:<u@y.test>").await.starts_with("250"));
-        assert!(say(&mut c, "DATA").await.starts_with("354"));
-        assert!(say(&mut c, "Subject: hello\r\n\r\nhi\r\n.").await.starts_with("250"));
+        assert!(transaction(&mut c, "a@x.test", "u@y.test", "Subject: hello\r\n\r\nhi").await.starts_with("250"));
         say(&mut c, "QUIT").await;
         assert!(!delivered.lock().unwrap()[0].2.contains("XFORWARD"));
     }
@@ -1150,15 +1153,16 @@ department = "billing"
         let (mut c, _stop) = start(s, t);
         reply(&mut c).await;
         say(&mut c, "EHLO client.test").await;
-        assert!(say(&mut c, "MAIL FROM:<agent@x.test>").await.starts_with("250"));
-        assert!(say(&mut c, "RCPT TO:<fb+billing@example.com>").await.starts_with("250"));
-        assert!(say(&mut c, "DATA").await.starts_with("354"));
-        assert!(say(&mut c, "Subject: Fwd: refund\r\n\r\nplease refund\r\n.").await.starts_with("250"));
+        assert!(transaction(
+            &mut c,
+            "agent@x.test",
+            "fb+billing@example.com",
+            "Subject: Fwd: refund\r\n\r\nplease refund"
+        )
+        .await
+        .starts_with("250"));
         // The hop transaction was reset: the next message goes through normally.
-        assert!(say(&mut c, "MAIL FROM:<a@x.test>").await.starts_with("250"));
-        assert!(say(&mut c, "RCPT TO:<u@y.test>").await.starts_with("250"));
-        assert!(say(&mut c, "DATA").await.starts_with("354"));
-        assert!(say(&mut c, "Subject: hello\r\n\r\nhi\r\n.").await.starts_with("250"));
+        assert!(transaction(&mut c, "a@x.test", "u@y.test", "Subject: hello\r\n\r\nhi").await.starts_with("250"));
         let got = delivered.lock().unwrap().clone();
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0].1, ["u@y.test"]);
@@ -1195,10 +1199,7 @@ department = "billing"
         let (mut c, _stop) = start(s, t);
         reply(&mut c).await;
         assert!(say(&mut c, "LHLO client.test").await.starts_with("250"));
-        assert!(say(&mut c, "MAIL FROM:<a@x.test>").await.starts_with("250"));
-        assert!(say(&mut c, "RCPT TO:<a@y.test>").await.starts_with("250"));
-        assert!(say(&mut c, "DATA").await.starts_with("354"));
-        assert!(say(&mut c, "Subject: hi\r\n\r\nbody\r\n.").await.starts_with("250"));
+        assert!(transaction(&mut c, "a@x.test", "a@y.test", "Subject: hi\r\n\r\nbody").await.starts_with("250"));
         assert_eq!(delivered.lock().unwrap()[0].1, ["a@y.test"]);
     }
 
