@@ -195,10 +195,12 @@ impl<'a, F: Filter> Session<'a, F> {
         let mut skipping_line = false;
         let end = 'session: loop {
             // Commands are parsed whole lines at a time (XFORWARD is read
-            // before smtp-proto, which does not know it, sees the line).
-            if !self.pending.contains(&b'\n') && self.pending.len() <= MAX_LINE_LENGTH {
+            // before smtp-proto, which does not know it, sees the line):
+            // read until a line is complete, or too long to be one.
+            let line_end = self.pending.iter().position(|&b| b == b'\n');
+            if line_end.is_none() && self.pending.len() <= MAX_LINE_LENGTH {
                 match self.fill(&mut shutdown).await? {
-                    Input::Data => {}
+                    Input::Data => continue,
                     Input::Closed => break SessionEnd::Closed,
                     Input::Timeout => {
                         self.reply(Reply::timeout());
@@ -212,7 +214,6 @@ impl<'a, F: Filter> Session<'a, F> {
             }
             // RFC 5321 allows 512 octets; extensions add parameters. Past
             // MAX_LINE_LENGTH the line is skipped and answered once.
-            let line_end = self.pending.iter().position(|&b| b == b'\n');
             if line_end.unwrap_or(self.pending.len()) > MAX_LINE_LENGTH {
                 match line_end {
                     Some(end) => {
@@ -1108,6 +1109,10 @@ department = "billing"
         assert!(reply(&mut c).await.starts_with("250 2.0.0"));
         assert!(reply(&mut c).await.starts_with("250 2.0.0"));
         assert!(say(&mut c, "XFORWARD COLOUR=red").await.starts_with("501 5.5.4"));
+        // A command split over two reads is still one XFORWARD.
+        c.get_mut().write_all(b"XFORW").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(say(&mut c, "ARD IDENT=Q1").await.starts_with("250 2.0.0"));
         assert!(say(&mut c, "MAIL FROM:<a@x.test>").await.starts_with("250"));
         assert!(say(&mut c, "XFORWARD NAME=late.example").await.starts_with("503"), "inside a transaction");
         assert!(say(&mut c, "RCPT TO:<u@y.test>").await.starts_with("250"));
