@@ -212,9 +212,9 @@ impl Hop {
         (self.announced_size && self.size_limit > 0).then_some(self.size_limit)
     }
 
-    /// Starts a transaction: XFORWARD first when the hop takes it (a refusal
-    /// is logged, not fatal: the message matters more than its provenance),
-    /// then MAIL.
+    /// Starts a transaction: XFORWARD first when the hop takes it, then MAIL.
+    /// A refusal is not fatal (the message matters more than its provenance):
+    /// it is logged once, and this connection sends no more XFORWARD.
     pub async fn mail(
         &mut self,
         from: &str,
@@ -227,6 +227,8 @@ impl Hop {
             if !r.is_positive() {
                 tracing::warn!(hop = %self.settings.hop, reply = %r.to_string().trim_end(),
                     "next hop refused XFORWARD (Postfix: add us to smtpd_authorized_xforward_hosts); the original client is not passed on");
+                self.xforward.clear();
+                break;
             }
         }
         let mut line = format!("MAIL FROM:<{from}>");

@@ -917,9 +917,15 @@ mod tests {
                 xforward.clear();
                 "250-hop\r\n250-SIZE 100000\r\n250-XFORWARD NAME ADDR HELO\r\n250 8BITMIME\r\n".into()
             } else if upper.starts_with("XFORWARD ") {
+                let refused = line.contains("NAME=refused.example");
+                xforward.push_str(if refused { "REFUSED " } else { "" });
                 xforward.push_str(&line);
                 xforward.push('\n');
-                "250 2.0.0 Ok\r\n".into()
+                if refused {
+                    "550 5.7.0 insufficient authorization\r\n".into()
+                } else {
+                    "250 2.0.0 Ok\r\n".into()
+                }
             } else if upper.starts_with("MAIL FROM:") {
                 from = line[10..].trim_matches(['<', '>', ' ']).split('>').next().unwrap().into();
                 rcpts.clear();
@@ -1131,6 +1137,24 @@ department = "billing"
             got[0].2
         );
         assert!(!got[1].2.contains("XFORWARD"), "attributes last one transaction: {}", got[1].2);
+    }
+
+    #[tokio::test]
+    async fn a_hop_that_refuses_xforward_still_gets_the_mail_and_is_not_asked_again() {
+        let (hop, delivered) = fake_hop(false).await;
+        let (s, t) = settings(false, &hop, "");
+        let (mut c, _stop) = start_from(s, t, "127.0.0.1:40000");
+        reply(&mut c).await;
+        say(&mut c, "EHLO postfix.test").await;
+        for _ in 0..2 {
+            assert!(say(&mut c, "XFORWARD NAME=refused.example ADDR=192.0.2.7").await.starts_with("250"));
+            assert!(transaction(&mut c, "a@x.test", "u@y.test", "Subject: hello\r\n\r\nhi").await.starts_with("250"));
+        }
+        say(&mut c, "QUIT").await;
+        let got = delivered.lock().unwrap().clone();
+        assert_eq!(got.len(), 2, "both delivered despite the refusal");
+        assert!(got[0].2.starts_with("REFUSED XFORWARD NAME=refused.example ADDR=192.0.2.7\n"), "{}", got[0].2);
+        assert!(!got[1].2.contains("XFORWARD"), "not asked again on this connection: {}", got[1].2);
     }
 
     #[tokio::test]
