@@ -191,10 +191,7 @@ impl Head {
     /// Reads and checks a head file; any problem names the file and what is wrong.
     pub fn load(path: &Path) -> Result<Head, ModelError> {
         let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
-        let data = std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_owned()),
-            _ => bad(e.to_string()),
-        })?;
+        let data = std::fs::read(path).map_err(|e| open_error(path, e))?;
         let (_, header) = SafeTensors::read_metadata(&data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let meta = meta_of(path, &header.metadata().clone().unwrap_or_default())?;
         let st = SafeTensors::deserialize(&data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
@@ -248,10 +245,7 @@ impl Head {
         // safetensors' own bound on the JSON header.
         const MAX_HEADER: u64 = 100_000_000;
         let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
-        let mut file = std::fs::File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_owned()),
-            _ => bad(e.to_string()),
-        })?;
+        let mut file = std::fs::File::open(path).map_err(|e| open_error(path, e))?;
         let mut len = [0u8; 8];
         file.read_exact(&mut len).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let len = u64::from_le_bytes(len);
@@ -271,6 +265,14 @@ impl Head {
         let header: Header =
             serde_json::from_slice(&header).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         meta_of(path, &header.metadata)
+    }
+}
+
+/// A head file that cannot be opened: missing, or why not.
+fn open_error(path: &Path, e: std::io::Error) -> ModelError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_owned()),
+        _ => ModelError::BadFile { path: path.to_owned(), reason: e.to_string() },
     }
 }
 
