@@ -4,9 +4,9 @@
 //! `cargo bench --bench decision` (the model part needs scripts/fetch-model.sh).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mailtriage::config::Config;
-use mailtriage::envelope::Envelope;
+use mailtriage::message::envelope::Envelope;
 use mailtriage::pipeline::Triage;
+use mailtriage::settings::Config;
 
 const MESSAGE: &str = concat!(
     "From: Shop <billing@shop.example>\r\nTo: user@corp.example\r\nSubject: Your invoice 2024-17\r\n",

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mailtriage::extract::{extract, ExtractLimits};
+use mailtriage::message::extract::{extract, ExtractLimits};
 
 fn bench(c: &mut Criterion) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/spamassassin_mime");
@@ -17,7 +17,7 @@ fn bench(c: &mut Criterion) {
         }
     }
     assert!(!messages.is_empty(), "no corpus at {} (it must sit beside the checkout)", dir.display());
-    let limits = ExtractLimits::from(&mailtriage::config::LimitsConfig::default());
+    let limits = ExtractLimits::from(&mailtriage::settings::LimitsConfig::default());
     let mut g = c.benchmark_group("extraction");
     g.throughput(Throughput::Elements(messages.len() as u64));
     g.sample_size(20);

@@ -1,34 +1,42 @@
 //! mailtriage: routes every message crossing a mail relay to the right
 //! department before delivery.
 //!
-//! A message flows one way: a front door ([`milter`]) collects the
-//! [`envelope`] and raw bytes; [`extract`] turns them into features;
-//! [`rules`], the [`model`] and [`policy`] make a decision; [`actions`] turns it into a
-//! plan of header and recipient changes that the front door applies.
-//! [`pipeline`] wires those stages together behind the [`pipeline::Filter`]
-//! trait, the only thing a front door sees.
+//! A message flows one way, and so does this map:
 //!
-//! Offline tools share the same code: [`dataset`] reads labeled mail,
-//! [`train`] fits heads, [`eval`] measures them. [`feedback`] takes staff
-//! corrections back and retrains the heads behind a gate.
+//! 1. **Front doors** turn a protocol into a [`MessageInput`] (envelope +
+//!    raw bytes) and a verdict back into the protocol: [`milter`] (Postfix
+//!    `smtpd_milters`, protocol v6) and [`smtp`] (SMTP/LMTP content filter,
+//!    relaying to a next hop). What they share is in [`frontdoor`]: the
+//!    [`Filter`] they call, the timed decision (deadline, keepalive,
+//!    `on_error`, one metric and one log line), the listeners and the
+//!    byte budget.
+//! 2. **Message**: [`message`] holds the envelope and extracts features
+//!    from MIME (text of every part, HTML → text, bounded, never panics).
+//! 3. **Decide**: [`decide`] runs one cascade, rules → lexical heads →
+//!    embedding cache → encoder ([`model`]) → heads → policy, into a typed
+//!    decision.
+//! 4. **Act**: [`act`] turns the decision into a plan of header and
+//!    recipient changes (plain data, so `classify` prints it).
+//! 5. **Record**: [`record`] writes the audit line (no content) and the
+//!    metrics, and masks personal data in what must be logged.
+//!
+//! [`pipeline`] chains 2–5 behind the [`Filter`] trait. Around it,
+//! [`learn`] holds offline training and evaluation and the feedback layer
+//! (corrections in, gated retraining out). [`daemon`] builds all of it from
+//! the [`settings`], serves, reloads and drains.
+//!
+//! [`MessageInput`]: frontdoor::MessageInput
+//! [`Filter`]: frontdoor::Filter
 
-pub mod actions;
-pub mod audit;
-pub mod budget;
-pub mod config;
-pub mod dataset;
-pub mod envelope;
-pub mod eval;
-pub mod extract;
-pub mod feedback;
-pub mod html;
-pub mod metrics;
+pub mod act;
+pub mod daemon;
+pub mod decide;
+pub mod frontdoor;
+pub mod learn;
+pub mod message;
 pub mod milter;
 pub mod model;
-pub mod net;
 pub mod pipeline;
-pub mod policy;
-pub mod redact;
-pub mod rules;
+pub mod record;
+pub mod settings;
 pub mod smtp;
-pub mod train;

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use mailtriage::config::Config;
+use mailtriage::settings::Config;
 
 /// All keys of a section, as the deserializer lists them.
 fn keys_of(section: &str, array: bool) -> Vec<String> {
@@ -45,19 +45,19 @@ fn grafana_dashboard_is_valid_json_over_metrics_we_export() {
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/grafana-dashboard.json")).unwrap();
     let d: serde_json::Value = serde_json::from_str(&text).unwrap();
     let exported = [
-        mailtriage::metrics::name::MESSAGES,
-        mailtriage::metrics::name::FAILED_OPEN,
-        mailtriage::metrics::name::DECISION_SECONDS,
-        mailtriage::metrics::name::INFERENCE_SECONDS,
-        mailtriage::metrics::name::QUEUE_DEPTH,
-        mailtriage::metrics::name::CONNECTIONS,
-        mailtriage::metrics::name::INFO,
-        mailtriage::metrics::name::MODEL_PATH,
-        mailtriage::metrics::name::RELAY,
-        mailtriage::metrics::name::FEEDBACK,
-        mailtriage::metrics::name::RETRAIN,
-        mailtriage::metrics::name::HEAD_VERSION,
-        mailtriage::metrics::name::MINUTES_SAVED,
+        mailtriage::record::metrics::name::MESSAGES,
+        mailtriage::record::metrics::name::FAILED_OPEN,
+        mailtriage::record::metrics::name::DECISION_SECONDS,
+        mailtriage::record::metrics::name::INFERENCE_SECONDS,
+        mailtriage::record::metrics::name::QUEUE_DEPTH,
+        mailtriage::record::metrics::name::CONNECTIONS,
+        mailtriage::record::metrics::name::INFO,
+        mailtriage::record::metrics::name::MODEL_PATH,
+        mailtriage::record::metrics::name::RELAY,
+        mailtriage::record::metrics::name::FEEDBACK,
+        mailtriage::record::metrics::name::RETRAIN,
+        mailtriage::record::metrics::name::HEAD_VERSION,
+        mailtriage::record::metrics::name::MINUTES_SAVED,
     ];
     for panel in d["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {

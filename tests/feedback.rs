@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mailtriage::feedback::store::Store;
-use mailtriage::feedback::{Channel, Correction};
+use mailtriage::learn::feedback::store::Store;
+use mailtriage::learn::feedback::{Channel, Correction};
 use mailtriage::model::lexical::TermCounts;
 use serde_json::Value;
 use support::{Daemon, Mail, Postfix, DOMAIN};
@@ -327,7 +327,7 @@ fn correction(t: &Ticket, label: &str, created_at: i64) -> Correction {
         message_hash: Some(format!("{:x}", t.id)),
         department: Some(label.to_string()),
         priority: None,
-        language: mailtriage::feedback::language::detect(&text).to_string(),
+        language: mailtriage::message::language::detect(&text).to_string(),
         terms: TermCounts::of(&text, 18),
         encoder: None,
         embedding: None,
@@ -378,7 +378,7 @@ fn the_gate_refuses_a_poisoned_batch_and_expired_corrections_are_deleted() {
 
     let batch = &rest[..rest.len() / BATCHES];
     let store = Store::open(&store_url).unwrap();
-    let now = mailtriage::feedback::now();
+    let now = mailtriage::learn::feedback::now();
     // Poisoned: every label moved to another class.
     let queues: Vec<&str> = all.iter().map(Ticket::queue).collect::<BTreeSet<_>>().into_iter().collect();
     for (i, t) in batch.iter().enumerate() {
@@ -490,7 +490,7 @@ fn postgresql_store_gives_the_same_retraining_as_sqlite() {
     let sqlite_cfg = offline_config(w, &all, &sqlite_url, &w.join("heads-sqlite"));
     let pg_cfg = offline_config(w, &all, &pg.url(), &w.join("heads-pg"));
     train(&sqlite_cfg, &w.join("initial.jsonl"), &w.join("initial.safetensors"));
-    let now = mailtriage::feedback::now();
+    let now = mailtriage::learn::feedback::now();
     let stores = [Store::open(&sqlite_url).unwrap(), Store::open(&pg.url()).unwrap()];
     for t in &rest[..rest.len() / BATCHES] {
         for s in &stores {

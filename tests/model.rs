@@ -305,7 +305,7 @@ fn the_cascade_decides_lexically_when_sure_and_under_overload() {
 
     // Overload: the encoder cannot answer within the deadline, so the lexical
     // head decides instead of nobody (the cascade threshold is now "never").
-    let cfg = mailtriage::config::Config::from_toml(
+    let cfg = mailtriage::settings::Config::from_toml(
         &format!(
             "[model]\npath = \"{}\"\nmax_tokens = 256\nworkers = 1\ndeadline = \"1ms\"\ndepartment_head = \"{}\"\n\
              [[departments]]\nname = \"billing\"\n[[departments]]\nname = \"support\"\n[[departments]]\nname = \"hr\"\n",
@@ -324,7 +324,7 @@ fn the_cascade_decides_lexically_when_sure_and_under_overload() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let plan = rt.block_on(mailtriage::pipeline::Filter::filter(&triage, input)).unwrap();
     let source = plan.changes.iter().find_map(|c| match c {
-        mailtriage::actions::Change::AddHeader { name, value } if name == "X-Triage-Source" => Some(value.clone()),
+        mailtriage::act::Change::AddHeader { name, value } if name == "X-Triage-Source" => Some(value.clone()),
         _ => None,
     });
     assert_eq!(source.as_deref(), Some("model:sentence-transformers/all-MiniLM-L6-v2/lexical"));

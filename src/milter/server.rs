@@ -1,26 +1,24 @@
 //! The milter listener: one [`Session`] per MTA connection, on the shared
-//! accept loop of [`crate::net`].
-
-use std::sync::Arc;
+//! accept loop of [`crate::frontdoor::net`].
 
 use tokio::sync::watch;
 
 use super::session::{Session, SessionConfig, SessionEnd};
-use crate::net::{self, Listener, QuickAck, Stream};
-use crate::pipeline::Filter;
+use crate::frontdoor::net::{self, Listener, QuickAck, Stream};
+use crate::frontdoor::{Filter, Live};
 
 /// Serves milter connections until `shutdown`, then drains them for `grace`.
 pub async fn serve<F: Filter + Clone>(
     listener: Listener,
     filter: F,
-    cfg: SessionConfig,
+    cfg: Live<SessionConfig>,
     max_connections: usize,
     grace: std::time::Duration,
     shutdown: watch::Receiver<bool>,
 ) {
-    let cfg = Arc::new(cfg);
     net::serve(listener, "milter", max_connections, grace, shutdown, move |stream, peer, rx| {
-        let (filter, cfg) = (filter.clone(), cfg.clone());
+        // A connection keeps the settings it started with (reloads apply to new ones).
+        let (filter, cfg) = (filter.clone(), cfg.current());
         async move {
             let result = match stream {
                 Stream::Tcp(s) => {
@@ -33,7 +31,7 @@ pub async fn serve<F: Filter + Clone>(
                 Ok(SessionEnd::Quit) => tracing::debug!(%peer, "milter connection closed"),
                 Ok(SessionEnd::Shutdown) => tracing::debug!(%peer, "milter connection closed for shutdown"),
                 Err(e) => {
-                    let error = crate::redact::redact(&e.to_string()).into_owned();
+                    let error = crate::record::redact::redact(&e.to_string()).into_owned();
                     tracing::warn!(%peer, error, "milter connection dropped")
                 }
             }
@@ -47,18 +45,18 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::actions::Plan;
-    use crate::config::ListenAddress;
+    use crate::act::Plan;
+    use crate::frontdoor::net::Listener;
+    use crate::frontdoor::{FilterError, MessageInput};
     use crate::milter::codec::{self, Command, Negotiation, Reply};
-    use crate::net::Listener;
-    use crate::pipeline::{FilterError, MessageInput};
+    use crate::settings::ListenAddress;
 
     #[derive(Clone)]
     struct TagAll;
 
     impl Filter for TagAll {
         async fn filter(&self, _msg: MessageInput) -> Result<Plan, FilterError> {
-            Ok(Plan { changes: vec![crate::actions::Change::AddHeader { name: "X-T".into(), value: "1".into() }] })
+            Ok(Plan { changes: vec![crate::act::Change::AddHeader { name: "X-T".into(), value: "1".into() }] })
         }
     }
 
@@ -69,9 +67,11 @@ mod tests {
             max_message_bytes: 1 << 20,
             max_recipients: 10,
             idle_timeout: d,
-            decision_timeout: d,
-            progress_interval: d,
-            on_error: crate::config::OnError::Accept,
+            decision: crate::frontdoor::decide::DecisionSettings {
+                timeout: d,
+                keepalive: d,
+                on_error: crate::settings::OnError::Accept,
+            },
             budget: crate::milter::session::ByteBudget::new(1 << 30),
         }
     }
@@ -90,7 +90,7 @@ mod tests {
         let listener = Listener::bind(&ListenAddress::Inet("127.0.0.1:0".into()), 0o660).await.unwrap();
         let addr = listener.local_addr().trim_start_matches("inet:").to_string();
         let (tx, rx) = watch::channel(false);
-        let server = tokio::spawn(serve(listener, TagAll, cfg(), 4, std::time::Duration::from_secs(5), rx));
+        let server = tokio::spawn(serve(listener, TagAll, Live::new(cfg()), 4, std::time::Duration::from_secs(5), rx));
 
         let mut good = tokio::net::TcpStream::connect(&addr).await.unwrap();
         send(
@@ -129,7 +129,7 @@ mod tests {
         let listener = Listener::bind(&ListenAddress::Inet("127.0.0.1:0".into()), 0o660).await.unwrap();
         let addr = listener.local_addr().trim_start_matches("inet:").to_string();
         let (_tx, rx) = watch::channel(false);
-        tokio::spawn(serve(listener, TagAll, cfg(), 4, std::time::Duration::from_secs(1), rx));
+        tokio::spawn(serve(listener, TagAll, Live::new(cfg()), 4, std::time::Duration::from_secs(1), rx));
         let neg = Command::Negotiate(Negotiation {
             version: 6,
             actions: 0x1ff,

@@ -12,15 +12,16 @@ use std::time::Duration;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::watch;
-use tokio::time::{interval_at, sleep, timeout, Instant};
+use tokio::time::timeout;
 
 use super::codec::{self, action, proto, CodecError, Command, MacroStage, Negotiation, Reply};
-use crate::actions::{Change, Plan};
-pub use crate::budget::ByteBudget;
-use crate::budget::Reservation;
-use crate::config::{Config, OnError};
-use crate::envelope::strip_brackets;
-use crate::pipeline::{Filter, MessageInput};
+use crate::act::{Change, Plan};
+pub use crate::frontdoor::budget::ByteBudget;
+use crate::frontdoor::budget::Reservation;
+use crate::frontdoor::decide::{decide, Caller, DecisionSettings, KeepAlive, Verdict};
+use crate::frontdoor::{Filter, MessageInput};
+use crate::message::envelope::strip_brackets;
+use crate::settings::Config;
 
 /// Actions we may use at end-of-message. We never change the body or the
 /// sender, so we do not ask for those.
@@ -43,7 +44,7 @@ pub const WANTED_PROTOCOL: u32 = proto::NO_CONNECT
     | proto::NR_EOH
     | proto::SKIP;
 
-const PREFIX: &str = crate::actions::HEADER_PREFIX;
+const PREFIX: &str = crate::act::HEADER_PREFIX;
 
 /// Inbound `X-Triage-*` headers tracked per message for removal.
 const MAX_TRACKED_TRIAGE_HEADERS: usize = 1000;
@@ -58,9 +59,8 @@ pub struct SessionConfig {
     pub max_message_bytes: usize,
     pub max_recipients: usize,
     pub idle_timeout: Duration,
-    pub decision_timeout: Duration,
-    pub progress_interval: Duration,
-    pub on_error: OnError,
+    /// Deadline, progress interval, `on_error`.
+    pub decision: DecisionSettings,
     /// Bytes all sessions together may hold; shared by every connection.
     pub budget: Arc<ByteBudget>,
 }
@@ -72,11 +72,20 @@ impl From<&Config> for SessionConfig {
             max_message_bytes: c.limits.max_message_bytes,
             max_recipients: c.limits.max_recipients,
             idle_timeout: c.server.idle_timeout,
-            decision_timeout: c.server.decision_timeout,
-            progress_interval: c.server.progress_interval,
-            on_error: c.server.on_error,
+            decision: DecisionSettings::from(c),
             budget: ByteBudget::new(c.limits.max_total_bytes),
         }
+    }
+}
+
+/// SMFIR_PROGRESS while a decision runs: restarts the MTA's content timeout.
+struct Progress<'w, W>(&'w mut W);
+
+impl<W: AsyncWrite + Unpin> KeepAlive for Progress<'_, W> {
+    type Error = SessionError;
+    async fn alive(&mut self) -> Result<(), SessionError> {
+        self.0.write_all(&Reply::Progress.encode()).await.map_err(SessionError::Write)?;
+        self.0.flush().await.map_err(SessionError::Write)
     }
 }
 
@@ -318,50 +327,14 @@ impl<'a, F: Filter> Session<'a, F> {
     ) -> Result<(), SessionError> {
         let queue_id = self.msg_macros.get("i").or_else(|| self.conn_macros.get("i")).cloned();
         msg.input.envelope.queue_id = queue_id.clone();
-        let header_names = msg.input.header_names.clone();
-        let decided = {
-            let fut = self.filter.filter(std::mem::take(&mut msg.input));
-            tokio::pin!(fut);
-            let deadline = sleep(self.cfg.decision_timeout);
-            tokio::pin!(deadline);
-            let mut keepalive = interval_at(Instant::now() + self.cfg.progress_interval, self.cfg.progress_interval);
-            loop {
-                tokio::select! {
-                    r = &mut fut => break r.map_err(|e| e.to_string()),
-                    _ = &mut deadline => {
-                        metrics::counter!(crate::metrics::name::FAILED_OPEN, "reason" => "timeout").increment(1);
-                        break Err(format!("no decision within {:?}", self.cfg.decision_timeout));
-                    }
-                    _ = keepalive.tick() => {
-                        // Tells the MTA we are alive so its content timeout restarts.
-                        w.write_all(&Reply::Progress.encode()).await.map_err(SessionError::Write)?;
-                        w.flush().await.map_err(SessionError::Write)?;
-                    }
-                }
-            }
-        };
+        let caller = Caller { front: "milter", queue_id: queue_id.as_deref() };
+        let input = std::mem::take(&mut msg.input);
+        let verdict = decide(self.filter, input, &self.cfg.decision, caller, &mut Progress(&mut *w)).await?;
         let queue_id = queue_id.as_deref().unwrap_or("-");
-        // Error text may quote message content: mask personal data before logging it.
-        let decided = decided.map_err(|reason| crate::redact::redact(&reason).into_owned());
-        let (plan, verdict) = match decided {
-            // Nothing to change in a message nobody will get.
-            Ok(plan) if plan.discards() => (Plan::default(), Reply::Discard),
-            Ok(plan) => (plan, Reply::Accept),
-            Err(reason) => match self.cfg.on_error {
-                OnError::Accept => {
-                    tracing::warn!(queue_id, reason, on_error = "accept", "decision failed; delivering unrouted");
-                    (Plan::strip_inbound(&header_names), Reply::Accept)
-                }
-                OnError::Tempfail => {
-                    tracing::warn!(
-                        queue_id,
-                        reason,
-                        on_error = "tempfail",
-                        "decision failed; asking the client to retry"
-                    );
-                    (Plan::default(), Reply::Tempfail)
-                }
-            },
+        let (plan, verdict) = match verdict {
+            Verdict::Deliver(plan) => (plan, Reply::Accept),
+            Verdict::Discard => (Plan::default(), Reply::Discard),
+            Verdict::Tempfail => (Plan::default(), Reply::Tempfail),
         };
         for reply in self.replies_for(&plan, msg.rcpts_overflow, queue_id) {
             w.write_all(&reply.encode()).await.map_err(SessionError::Write)?;
@@ -465,8 +438,9 @@ mod tests {
     use tokio::io::{duplex, AsyncWriteExt, DuplexStream};
 
     use super::*;
-    use crate::actions::Plan;
-    use crate::pipeline::FilterError;
+    use crate::act::Plan;
+    use crate::frontdoor::FilterError;
+    use crate::settings::OnError;
 
     /// A filter that records what it was given and answers a fixed plan.
     #[derive(Default)]
@@ -484,7 +458,7 @@ mod tests {
                 tokio::time::sleep(d).await;
             }
             if self.fail {
-                return Err(FilterError::Task("boom".into()));
+                return Err(FilterError::Failed("boom".into()));
             }
             let mut plan = Plan::strip_inbound(&msg.header_names);
             plan.changes.push(Change::AddHeader { name: "X-Triage-Department".into(), value: "billing".into() });
@@ -503,9 +477,11 @@ mod tests {
             max_message_bytes: 1 << 20,
             max_recipients: 100,
             idle_timeout: Duration::from_secs(5),
-            decision_timeout: Duration::from_secs(5),
-            progress_interval: Duration::from_secs(1),
-            on_error: OnError::Accept,
+            decision: DecisionSettings {
+                timeout: Duration::from_secs(5),
+                keepalive: Duration::from_secs(1),
+                on_error: OnError::Accept,
+            },
             budget: ByteBudget::new(1 << 30),
         }
     }
@@ -766,7 +742,7 @@ mod tests {
         );
 
         let mut c = cfg();
-        c.on_error = OnError::Tempfail;
+        c.decision.on_error = OnError::Tempfail;
         let (mut mta, _h, _tx) = start(rec, c);
         mta.negotiate(0x1ff, 0x1f_ffff).await;
         assert_eq!(mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await, vec![Reply::Tempfail]);
@@ -776,7 +752,7 @@ mod tests {
     async fn slow_decision_sends_progress_then_times_out() {
         let rec = Arc::new(Recorder { delay: Some(Duration::from_secs(60)), ..Default::default() });
         let mut c = cfg();
-        c.decision_timeout = Duration::from_millis(3500);
+        c.decision.timeout = Duration::from_millis(3500);
         let (mut mta, _h, _tx) = start(rec, c);
         mta.negotiate(0x1ff, 0x1f_ffff).await;
         let r = mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await;

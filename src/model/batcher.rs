@@ -15,7 +15,7 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use super::ModelError;
-use crate::metrics::name;
+use crate::record::metrics::name;
 
 /// Anything that turns text into an embedding (the encoder, or a test double).
 pub type EmbedFn = Arc<dyn Fn(&str) -> Result<Vec<f32>, ModelError> + Send + Sync>;

@@ -182,7 +182,10 @@ fn lexical_verdict(h: &Head, lex: &Sparse) -> Option<(Prediction, bool)> {
 
 /// Builds the classifier from `[model]`. `departments` gives each
 /// department's description and examples, for the cold-start prototypes.
-pub fn load(cfg: &crate::config::ModelConfig, departments: &[(String, Vec<String>)]) -> Result<Classifier, ModelError> {
+pub fn load(
+    cfg: &crate::settings::ModelConfig,
+    departments: &[(String, Vec<String>)],
+) -> Result<Classifier, ModelError> {
     let department_head = cfg.department_head.as_deref().map(Head::load).transpose()?;
     let priority = cfg.priority_head.as_deref().map(Head::load).transpose()?;
     let needs_encoder = department_head.as_ref().is_none_or(Head::uses_embedding)

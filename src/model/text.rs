@@ -8,7 +8,7 @@
 //! can no longer push the new words out of the budget. Training and the daemon
 //! both derive their texts through these functions, so they agree.
 
-use crate::extract::Features;
+use crate::message::extract::Features;
 
 /// Subject, newline, body.
 pub fn model_text(subject: &str, body: &str) -> String {

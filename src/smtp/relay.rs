@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use super::reply::Reply;
 use super::tls::{self, TlsError};
 use super::xforward::{self, Xforward};
-use crate::config::{Config, HopProtocol, ListenAddress, NextHop, RelayTls};
+use crate::settings::{Config, HopProtocol, ListenAddress, NextHop, RelayTls};
 
 /// A byte stream of any kind (TCP, unix, TLS over either).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}

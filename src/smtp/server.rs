@@ -1,28 +1,26 @@
 //! The SMTP/LMTP listener: one [`Session`] per client, on the shared accept
-//! loop of [`crate::net`].
-
-use std::sync::Arc;
+//! loop of [`crate::frontdoor::net`].
 
 use tokio::sync::watch;
 
 use super::relay::Io;
 use super::session::{Session, SessionEnd, SmtpSettings};
-use crate::net::{self, Listener, Stream};
-use crate::pipeline::Filter;
+use crate::frontdoor::net::{self, Listener, Stream};
+use crate::frontdoor::{Filter, Live};
 
 /// Serves clients until `shutdown`, then drains them for `grace`.
 pub async fn serve<F: Filter + Clone>(
     listener: Listener,
     filter: F,
-    cfg: SmtpSettings,
+    cfg: Live<SmtpSettings>,
     max_connections: usize,
     grace: std::time::Duration,
     shutdown: watch::Receiver<bool>,
 ) {
-    let front = if cfg.lmtp { "lmtp" } else { "smtp" };
-    let cfg = Arc::new(cfg);
+    let front = if cfg.current().lmtp { "lmtp" } else { "smtp" };
     net::serve(listener, front, max_connections, grace, shutdown, move |stream, peer, rx| {
-        let (filter, cfg) = (filter.clone(), cfg.clone());
+        // A connection keeps the settings it started with (reloads apply to new ones).
+        let (filter, cfg) = (filter.clone(), cfg.current());
         async move {
             let io: Box<dyn Io> = match stream {
                 Stream::Tcp(s) => {

@@ -24,12 +24,13 @@ use tokio_rustls::TlsAcceptor;
 use super::relay::{Hop, Io, RelayError, RelaySettings};
 use super::reply::Reply;
 use super::xforward::{self, Xforward};
-use crate::actions::{header_names, Change, Plan, HEADER_PREFIX};
-use crate::budget::{ByteBudget, Reservation};
-use crate::config::{Config, OnError};
-use crate::envelope::Envelope;
-use crate::metrics::name;
-use crate::pipeline::{Filter, MessageInput};
+use crate::act::{header_names, Change, HEADER_PREFIX};
+use crate::frontdoor::budget::{ByteBudget, Reservation};
+use crate::frontdoor::decide::{decide, Caller, DecisionSettings, Silent, Verdict};
+use crate::frontdoor::{Filter, MessageInput};
+use crate::message::envelope::Envelope;
+use crate::record::metrics::name;
+use crate::settings::Config;
 
 /// Bad commands tolerated per connection before we hang up (Postfix's
 /// `smtpd_hard_error_limit` is 20).
@@ -47,15 +48,15 @@ pub struct SmtpSettings {
     pub max_decide_bytes: usize,
     pub max_recipients: usize,
     pub timeout: Duration,
-    pub decision_timeout: Duration,
-    pub on_error: OnError,
+    /// Deadline and `on_error` (SMTP has no keepalive).
+    pub decision: DecisionSettings,
     pub tls: Option<TlsAcceptor>,
     pub require_tls: bool,
     pub budget: Arc<ByteBudget>,
     pub relay: Arc<RelaySettings>,
     pub quarantine_mailbox: Option<String>,
     /// Clients allowed to send XFORWARD (unix-socket clients always are).
-    pub xforward_hosts: Vec<crate::net::Cidr>,
+    pub xforward_hosts: Vec<crate::settings::Cidr>,
 }
 
 impl SmtpSettings {
@@ -73,8 +74,7 @@ impl SmtpSettings {
             max_decide_bytes: cfg.limits.max_message_bytes,
             max_recipients: cfg.limits.max_recipients,
             timeout: cfg.server.smtp_timeout,
-            decision_timeout: cfg.server.decision_timeout,
-            on_error: cfg.server.on_error,
+            decision: DecisionSettings::from(cfg),
             tls,
             require_tls: cfg.server.require_tls,
             budget,
@@ -632,26 +632,18 @@ impl<'a, F: Filter> Session<'a, F> {
             raw: msg[..msg.len().min(self.cfg.max_decide_bytes)].to_vec(),
             header_names: triage_headers.clone(),
         };
-        let plan = match tokio::time::timeout(self.cfg.decision_timeout, self.filter.filter(input)).await {
-            Ok(Ok(plan)) => plan,
-            outcome => {
-                let reason = match outcome {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no decision within {:?}", self.cfg.decision_timeout),
-                };
-                tracing::warn!(front = self.cfg.front(), peer = %self.peer, reason, on_error = ?self.cfg.on_error, "no decision");
-                match self.cfg.on_error {
-                    OnError::Accept => Plan::strip_inbound(&triage_headers),
-                    OnError::Tempfail => return vec![Reply::tempfail("triage unavailable, try again later"); n],
-                }
+        let caller = Caller { front: self.cfg.front(), queue_id: None };
+        let Ok(verdict) = decide(self.filter, input, &self.cfg.decision, caller, &mut Silent).await;
+        let plan = match verdict {
+            Verdict::Deliver(plan) => plan,
+            Verdict::Tempfail => return vec![Reply::tempfail("triage unavailable, try again later"); n],
+            Verdict::Discard => {
+                // Accepted and dropped on purpose (recorded feedback): the client is done.
+                metrics::counter!(name::RELAY, "result" => "discarded").increment(1);
+                self.reset_hop().await;
+                return vec![Reply::new(250, [2, 0, 0], "accepted"); n];
             }
         };
-        if plan.discards() {
-            // Accepted and dropped on purpose (recorded feedback): the client is done.
-            metrics::counter!(name::RELAY, "result" => "discarded").increment(1);
-            self.reset_hop().await;
-            return vec![Reply::new(250, [2, 0, 0], "accepted"); n];
-        }
         let message = plan.apply_to_message(&msg);
         drop(msg);
         let mut rcpts = plan.apply_to_recipients(&tx.rcpts);
@@ -869,9 +861,10 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::config::{ListenAddress, NextHop};
-    use crate::net::{Listener, Stream};
+    use crate::frontdoor::net::{Listener, Stream};
+    use crate::learn::feedback::layer::FeedbackLayer;
     use crate::pipeline::Triage;
+    use crate::settings::{ListenAddress, NextHop};
 
     /// What the fake next hop received: sender, recipients, message.
     type Delivered = Arc<Mutex<Vec<(String, Vec<String>, String)>>>;
@@ -886,7 +879,7 @@ mod tests {
         let store = delivered.clone();
         tokio::spawn(async move {
             loop {
-                match crate::net::accept(&listener).await.unwrap().0 {
+                match crate::frontdoor::net::accept(&listener).await.unwrap().0 {
                     Stream::Tcp(s) => tokio::spawn(hop_conversation(s, lmtp, store.clone())),
                     Stream::Unix(s) => tokio::spawn(hop_conversation(s, lmtp, store.clone())),
                 };
@@ -980,7 +973,7 @@ mod tests {
         }
     }
 
-    fn settings(lmtp: bool, hop: &str, extra: &str) -> (SmtpSettings, Arc<Triage>) {
+    fn settings(lmtp: bool, hop: &str, extra: &str) -> (SmtpSettings, Arc<FeedbackLayer>) {
         let scheme = if lmtp { "lmtp" } else { "smtp" };
         let hop = if hop.starts_with('/') { format!("unix:{hop}") } else { format!("//{hop}") };
         let cfg = Config::from_toml(
@@ -1013,16 +1006,20 @@ department = "billing"
         .unwrap();
         let relay = RelaySettings::from_config(&cfg).unwrap().unwrap();
         let s = SmtpSettings::new(&cfg, lmtp, None, ByteBudget::new(1 << 20), relay);
-        (s, Arc::new(Triage::new(&cfg).unwrap()))
+        (s, Arc::new(FeedbackLayer::new(Triage::new(&cfg).unwrap(), &cfg, None)))
     }
 
     /// Starts a session on an in-memory pipe; returns the client's end.
-    fn start(s: SmtpSettings, t: Arc<Triage>) -> (BufReader<DuplexStream>, watch::Sender<bool>) {
+    fn start(s: SmtpSettings, t: Arc<FeedbackLayer>) -> (BufReader<DuplexStream>, watch::Sender<bool>) {
         start_from(s, t, "test")
     }
 
     /// A session whose client is `peer` (`IP:PORT` for TCP, else a socket path).
-    fn start_from(s: SmtpSettings, t: Arc<Triage>, peer: &str) -> (BufReader<DuplexStream>, watch::Sender<bool>) {
+    fn start_from(
+        s: SmtpSettings,
+        t: Arc<FeedbackLayer>,
+        peer: &str,
+    ) -> (BufReader<DuplexStream>, watch::Sender<bool>) {
         let (client, server) = tokio::io::duplex(1 << 16);
         let (tx, rx) = watch::channel(false);
         let peer = peer.to_string();
@@ -1096,6 +1093,50 @@ department = "billing"
         assert!(got[0].2.contains("\n.dotted\n"), "dot-stuffing round trip");
         assert_eq!(got[1].1, ["u@y.test", "v@y.test"]);
         assert!(got[1].2.contains("X-Triage-Department: general"));
+    }
+
+    /// A filter that never answers in time.
+    struct Stalled;
+
+    impl Filter for Stalled {
+        async fn filter(&self, _msg: MessageInput) -> Result<crate::act::Plan, crate::frontdoor::FilterError> {
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+            unreachable!("the session stops waiting first")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_decision_timeout_is_counted_and_the_message_goes_through_unrouted() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Current-thread runtime: the session task records on this thread.
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let (hop, delivered) = fake_hop(false).await;
+        let (mut s, _) = settings(false, &hop, "decision_timeout = \"300ms\"");
+        assert_eq!(s.decision.timeout, std::time::Duration::from_millis(300));
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (_stop, rx) = watch::channel(false);
+        s.decision.on_error = crate::settings::OnError::Accept;
+        tokio::spawn(async move {
+            let _ = Session::new(&Stalled, &s, Box::new(server), "test".into()).run(rx).await;
+        });
+        let mut c = BufReader::new(client);
+        assert!(reply(&mut c).await.starts_with("220"));
+        assert!(say(&mut c, "EHLO client.test").await.starts_with("250"));
+        let r =
+            transaction(&mut c, "a@x.test", "u@y.test", "Subject: invoice\r\nX-Triage-Source: forged\r\n\r\nhi").await;
+        assert!(r.starts_with("250"), "on_error = accept relays the message: {r}");
+        let got = delivered.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert!(!got[0].2.contains("forged"), "inbound X-Triage headers still removed: {}", got[0].2);
+        let text = handle.render();
+        assert!(
+            text.lines().any(|l| l.starts_with(crate::record::metrics::name::FAILED_OPEN)
+                && l.contains("reason=\"timeout\"")
+                && l.contains("front=\"smtp\"")
+                && l.ends_with(" 1")),
+            "{text}"
+        );
     }
 
     #[tokio::test]

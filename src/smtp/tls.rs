@@ -9,7 +9,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use thiserror::Error;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::RelayTls;
+use crate::settings::RelayTls;
 
 #[derive(Debug, Error)]
 pub enum TlsError {

@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use crate::html::to_text as html_to_text;
+use crate::message::html::to_text as html_to_text;
 use mail_parser::parsers::MessageStream;
 use mail_parser::{Address, HeaderValue, Message, MessageParser, MimeHeaders, PartType};
 use serde::Serialize;
@@ -23,8 +23,8 @@ pub struct ExtractLimits {
     pub max_headers: usize,
 }
 
-impl From<&crate::config::LimitsConfig> for ExtractLimits {
-    fn from(l: &crate::config::LimitsConfig) -> Self {
+impl From<&crate::settings::LimitsConfig> for ExtractLimits {
+    fn from(l: &crate::settings::LimitsConfig) -> Self {
         Self { max_bytes: l.max_message_bytes, max_text_chars: l.max_text_chars, max_headers: l.max_headers }
     }
 }

@@ -6,7 +6,6 @@
 //! - [`recent`]: features of recent decisions, for corrections by Message-ID.
 //! - [`retrain`]: original data + feedback reservoir → candidate → gate.
 //! - [`heads`]: versioned head files, the current pointer, rollback.
-//! - [`language`]: the language guess behind the gate's per-language slices.
 //!
 //! Privacy by construction: a [`Correction`] holds hashed term counts, an
 //! embedding, labels, a channel, a pseudonymous actor and times — never a
@@ -14,7 +13,7 @@
 
 pub mod heads;
 pub mod intake;
-pub mod language;
+pub mod layer;
 pub mod recent;
 pub mod retrain;
 pub mod store;

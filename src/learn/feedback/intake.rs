@@ -10,9 +10,9 @@
 use mail_parser::{MessageParser, PartType};
 
 use super::{FeedbackError, Labels};
-use crate::config::Config;
-use crate::extract::{extract, ExtractLimits};
+use crate::message::extract::{extract, ExtractLimits};
 use crate::model::model_text;
+use crate::settings::Config;
 
 /// The configured feedback address, split for matching.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,7 +237,7 @@ name = "legal"
 
     #[test]
     fn finds_the_forwarded_message() {
-        let limits = ExtractLimits::from(&crate::config::LimitsConfig::default());
+        let limits = ExtractLimits::from(&crate::settings::LimitsConfig::default());
         let attached = b"From: staff@example.com\r\nSubject: Fwd: wrong desk\r\nMessage-ID: <fwd@example.com>\r\nMIME-Version: 1.0\r\n\
 Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nthis belongs to billing\r\n\
 --b\r\nContent-Type: message/rfc822\r\n\r\nFrom: c@x.example\r\nSubject: Refund for invoice 42\r\n\

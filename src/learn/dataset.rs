@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 use thiserror::Error;
 
-use crate::extract::{extract, ExtractLimits};
+use crate::message::extract::{extract, ExtractLimits};
 use crate::model::{features_text, model_text};
 
 /// One message of a data set.

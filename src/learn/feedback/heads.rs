@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::config::Config;
 use crate::model::head::Head;
 use crate::model::ModelError;
+use crate::settings::Config;
 
 /// Which head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -188,6 +188,20 @@ pub fn in_use(cfg: &Config, role: Role) -> Option<PathBuf> {
         Role::Priority => m.priority_head.clone(),
     });
     registry.and_then(|r| r.current(role)).or(configured)
+}
+
+/// `cfg` with `[model]`'s head paths pointing at the versions in use: what
+/// the engine is built from wherever promoted heads must count (the daemon,
+/// `classify`, `replay`, the feedback pipe). The engine itself only loads
+/// the paths it is given.
+pub fn current(cfg: &Config) -> Config {
+    let mut cfg = cfg.clone();
+    let (department, priority) = (in_use(&cfg, Role::Department), in_use(&cfg, Role::Priority));
+    if let Some(m) = &mut cfg.model {
+        m.department_head = department;
+        m.priority_head = priority;
+    }
+    cfg
 }
 
 #[cfg(test)]

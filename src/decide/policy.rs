@@ -6,8 +6,8 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::config::{Config, DepartmentAction, Mode};
-use crate::rules::RuleMatch;
+use crate::decide::rules::RuleMatch;
+use crate::settings::{Config, DepartmentAction, Mode};
 
 /// What decided the department.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,18 +14,18 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::heads::{self, HeadsError, Registry, Role};
-use super::language;
 use super::store::{Store, StoreError};
 use super::{now, Correction};
-use crate::config::{Config, FeedbackConfig};
-use crate::dataset::{self, DataError};
-use crate::eval::{self, Outcome};
-use crate::extract::ExtractLimits;
+use crate::learn::dataset::{self, DataError};
+use crate::learn::eval::{self, Outcome};
+use crate::learn::train::{self, Example, Provenance, TrainError, TrainOptions};
+use crate::message::extract::ExtractLimits;
+use crate::message::language;
 use crate::model::encoder::Encoder;
 use crate::model::head::Head;
 use crate::model::lexical::TermCounts;
 use crate::model::{bulk, encoder_text, ModelError};
-use crate::train::{self, Example, Provenance, TrainError, TrainOptions};
+use crate::settings::{Config, FeedbackConfig};
 
 #[derive(Debug, Error)]
 pub enum RetrainError {

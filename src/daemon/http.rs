@@ -1,99 +1,35 @@
-//! Prometheus metrics and health endpoints.
+//! The daemon's HTTP side on `[metrics] listen`: `GET /metrics` (Prometheus
+//! text), `/healthz` (the process is alive), `/readyz` (config and model
+//! loaded, listeners up, not draining) and `POST /feedback` (a correction by
+//! Message-ID, when configured).
 //!
-//! The counters and histograms are recorded with the `metrics` facade all
-//! over the crate (a no-op when no recorder is installed, as in `classify`);
-//! `serve` installs the Prometheus recorder and answers on `[metrics] listen`:
-//! `GET /metrics` (text exposition), `/healthz` (the process is alive),
-//! `/readyz` (config and model loaded, listeners up).
-//!
-//! The HTTP side is deliberately tiny: one GET per connection, a bounded
-//! request head, a read timeout and a connection cap, so a scraper gone wild
-//! cannot hurt mail flow.
+//! Deliberately tiny: one request per connection, a bounded request head, a
+//! read timeout and a connection cap, so a scraper gone wild cannot hurt mail
+//! flow.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-/// Names of every metric, in one place.
-pub mod name {
-    pub const MESSAGES: &str = "mailtriage_messages_total";
-    pub const FAILED_OPEN: &str = "mailtriage_decisions_failed_total";
-    pub const EXTRACT_SECONDS: &str = "mailtriage_extract_seconds";
-    pub const QUEUE_WAIT_SECONDS: &str = "mailtriage_inference_queue_wait_seconds";
-    pub const INFERENCE_SECONDS: &str = "mailtriage_inference_seconds";
-    pub const DECISION_SECONDS: &str = "mailtriage_decision_seconds";
-    pub const QUEUE_DEPTH: &str = "mailtriage_inference_queue_depth";
-    pub const CONNECTIONS: &str = "mailtriage_connections_open";
-    pub const INFO: &str = "mailtriage_info";
-    /// Model decisions by how they were reached: `lexical` (the cascade's
-    /// lexical head was sure), `cache` (same text seen before), `encoder`,
-    /// `overload` (queue full or deadline passed: the lexical head decided).
-    pub const MODEL_PATH: &str = "mailtriage_model_decisions_total";
-    /// SMTP/LMTP front doors: messages relayed to the next hop, by result.
-    pub const RELAY: &str = "mailtriage_relay_total";
-    /// Corrections recorded, by department (as configured) and channel: the misroute rate.
-    pub const FEEDBACK: &str = "mailtriage_feedback_corrections_total";
-    /// Corrections refused (unknown department or priority), by channel.
-    pub const FEEDBACK_REFUSED: &str = "mailtriage_feedback_refused_total";
-    /// Retrainings by head and result (`promoted`, `refused`, `failed`).
-    pub const RETRAIN: &str = "mailtriage_retrain_total";
-    /// The version number of the head in use, per head (0: the configured file).
-    pub const HEAD_VERSION: &str = "mailtriage_head_version";
-    /// Estimated staff minutes saved: `[kpi] minutes_per_manual_triage` per
-    /// message routed without review, less one per correction.
-    pub const MINUTES_SAVED: &str = "mailtriage_staff_minutes_saved";
-}
-
-/// Latency buckets (seconds): sub-millisecond rules up to multi-second model waits.
-const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const MAX_SCRAPERS: usize = 16;
 
 #[derive(Debug, Error)]
-pub enum MetricsError {
-    #[error("installing the Prometheus recorder: {0}")]
-    Install(String),
-    #[error("cannot listen on {addr} for metrics")]
-    Bind { addr: String, source: std::io::Error },
-}
-
-/// Installs the global Prometheus recorder. Call once, before anything records.
-pub fn install() -> Result<PrometheusHandle, MetricsError> {
-    PrometheusBuilder::new()
-        .set_buckets(BUCKETS)
-        .map_err(|e| MetricsError::Install(e.to_string()))?
-        .install_recorder()
-        .map_err(|e| MetricsError::Install(e.to_string()))
-}
-
-/// Publishes what is running as `mailtriage_info{version,config_version,model} 1`,
-/// and sets the series of the set it replaces (after a reload) to 0, so
-/// exactly one series reads 1.
-pub fn set_info(config_version: &str, model: &str, replaced: Option<(&str, &str)>) {
-    let series = |c: &str, m: &str| {
-        metrics::gauge!(
-            name::INFO,
-            "version" => env!("CARGO_PKG_VERSION"),
-            "config_version" => c.to_string(),
-            "model" => m.to_string()
-        )
-    };
-    if let Some((c, m)) = replaced {
-        series(c, m).set(0.0);
-    }
-    series(config_version, model).set(1.0);
+#[error("cannot listen on {addr} for metrics")]
+pub struct BindError {
+    addr: String,
+    source: std::io::Error,
 }
 
 /// Binds the metrics listener (so a bad address fails at start-up).
-pub async fn bind(addr: &str) -> Result<TcpListener, MetricsError> {
-    TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr: addr.to_string(), source })
+pub async fn bind(addr: &str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError { addr: addr.to_string(), source })
 }
 
 /// `POST /feedback`: a bearer token and what to do with the JSON body. The
@@ -258,7 +194,7 @@ mod tests {
 
     #[tokio::test]
     async fn endpoints_answer_and_readiness_follows_the_flag() {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let listener = bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -3,9 +3,9 @@
 
 use regex::Regex;
 
-use crate::config::RuleConfig;
-use crate::envelope::Envelope;
-use crate::extract::Features;
+use crate::message::envelope::Envelope;
+use crate::message::extract::Features;
+use crate::settings::RuleConfig;
 
 /// What a rule's pattern is matched against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +103,7 @@ impl Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::extract::{extract, ExtractLimits};
+    use crate::message::extract::{extract, ExtractLimits};
 
     fn rule(name: &str, header: &str, pattern: &str, dept: &str) -> RuleConfig {
         RuleConfig {

@@ -6,9 +6,9 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::config::Mode;
-use crate::envelope::Envelope;
-use crate::policy::{Action, Decision};
+use crate::decide::policy::{Action, Decision};
+use crate::message::envelope::Envelope;
+use crate::settings::Mode;
 
 /// Every header we add starts with this; inbound ones are removed first.
 pub const HEADER_PREFIX: &str = "X-Triage-";
@@ -253,7 +253,7 @@ fn inbound_removals(header_names: &[String]) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Source;
+    use crate::decide::policy::Source;
 
     fn decision(action: Action, mode: Mode) -> Decision {
         Decision {

@@ -22,7 +22,9 @@ use serde::Serialize;
 use sha2::Sha256;
 use thiserror::Error;
 
-use crate::config::AuditConfig;
+use crate::decide::policy::{Action, Decision, Source};
+use crate::message::envelope::{domain_of, Envelope};
+use crate::settings::{AuditConfig, Mode};
 
 #[derive(Debug, Error)]
 pub enum AuditError {
@@ -32,7 +34,52 @@ pub enum AuditError {
     ShortKey(PathBuf),
 }
 
-/// One decision, as recorded.
+/// What became of a message, as the audit line says it.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Decided,
+    /// No decision: the message got `on_error`; `reason` says why.
+    Failed,
+    /// A correction mail; `reason` says whether it was recorded.
+    Feedback,
+}
+
+/// What decided the department, or `feedback` for a correction mail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordSource {
+    Decision(Source),
+    Feedback,
+}
+
+impl Serialize for RecordSource {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RecordSource::Decision(src) => src.serialize(s),
+            RecordSource::Feedback => s.serialize_str("feedback"),
+        }
+    }
+}
+
+/// What was done with the message: a decision's action, or for a
+/// correction mail, whether a copy went to the audit mailbox or it was
+/// dropped.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Handling {
+    Action(Action),
+    Feedback(FeedbackHandling),
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FeedbackHandling {
+    Discard,
+    AuditCopy,
+}
+
+/// One message, as recorded. Built from the typed decision by
+/// [`Record::decided`] and its siblings; serde writes the strings.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Record {
     pub time: String,
@@ -40,19 +87,118 @@ pub struct Record {
     pub message_id_hash: Option<String>,
     pub sender_domain: String,
     pub recipient_domains: Vec<String>,
-    /// `decided`, or `failed` with `reason` (the message then got `on_error`),
-    /// or `feedback` (a correction mail; `reason` says whether it was recorded).
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     pub reason: Option<String>,
     pub department: Option<String>,
     pub priority: Option<String>,
     pub confidence: Option<f32>,
-    pub source: Option<String>,
-    pub action: Option<String>,
-    pub mode: String,
+    pub source: Option<RecordSource>,
+    pub action: Option<Handling>,
+    pub mode: Mode,
     pub config_version: String,
     pub model_version: String,
     pub latency_ms: f64,
+}
+
+/// What every line of one running configuration shares.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub mode: Mode,
+    pub config_version: String,
+    /// `model:<id> (department=…, priority=…)`, or `none`.
+    pub model_version: String,
+}
+
+impl Record {
+    /// A line for a message with this envelope, outcome not yet known
+    /// (`failed`, reason `abandoned`, until told otherwise). Domains only:
+    /// never a full address.
+    pub fn begin(envelope: &Envelope, ctx: &Context) -> Record {
+        let mut recipient_domains: Vec<String> = envelope.rcpts.iter().map(|r| domain_of(r)).collect();
+        recipient_domains.sort();
+        recipient_domains.dedup();
+        Record {
+            time: String::new(),
+            queue_id: envelope.queue_id.clone(),
+            message_id_hash: None,
+            sender_domain: domain_of(&envelope.mail_from),
+            recipient_domains,
+            outcome: Outcome::Failed,
+            reason: Some("abandoned".into()),
+            department: None,
+            priority: None,
+            confidence: None,
+            source: None,
+            action: None,
+            mode: ctx.mode,
+            config_version: ctx.config_version.clone(),
+            model_version: ctx.model_version.clone(),
+            latency_ms: 0.0,
+        }
+    }
+
+    /// The message was decided.
+    pub fn decided(mut self, d: &Decision, message_id_hash: Option<String>) -> Record {
+        self.outcome = Outcome::Decided;
+        self.reason = None;
+        self.message_id_hash = message_id_hash;
+        self.department = Some(d.department.clone());
+        self.priority = Some(d.priority.clone());
+        self.confidence = Some(d.confidence);
+        self.source = Some(RecordSource::Decision(d.source.clone()));
+        self.action = Some(Handling::Action(d.action));
+        self
+    }
+
+    /// No decision; `reason` is a short, content-free label.
+    pub fn failed(mut self, reason: &str) -> Record {
+        self.outcome = Outcome::Failed;
+        self.reason = Some(reason.to_string());
+        self
+    }
+
+    /// A correction mail; `status` says whether it was recorded (redacted here).
+    pub fn feedback(mut self, status: &str, handling: FeedbackHandling) -> Record {
+        self.outcome = Outcome::Feedback;
+        self.reason = Some(crate::record::redact::redact(status).into_owned());
+        self.source = Some(RecordSource::Feedback);
+        self.action = Some(Handling::Feedback(handling));
+        self
+    }
+}
+
+/// The line of a message in progress: written as it stands when dropped, so
+/// a decision the front door stops waiting for (its deadline, the MTA
+/// hanging up) is still audited, as `failed`, reason `abandoned`.
+pub struct Pending<'a> {
+    log: &'a AuditLog,
+    record: Option<Record>,
+    started: std::time::Instant,
+}
+
+impl Pending<'_> {
+    /// Writes the line (decided, failed, feedback) now.
+    pub fn finish(mut self, f: impl FnOnce(Record) -> Record) {
+        if let Some(r) = self.record.take() {
+            self.write(f(r));
+        }
+    }
+
+    fn write(&self, mut record: Record) {
+        record.latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
+        record.time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        if let Err(e) = self.log.write(&record) {
+            tracing::error!(error = %e, "audit record not written");
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            self.write(r);
+        }
+    }
 }
 
 pub struct AuditLog {
@@ -86,6 +232,11 @@ impl AuditLog {
         };
         log.expire_rotated();
         Ok(log)
+    }
+
+    /// Starts the line of one message (see [`Pending`]).
+    pub fn begin(&self, envelope: &Envelope, ctx: &Context) -> Pending<'_> {
+        Pending { log: self, record: Some(Record::begin(envelope, ctx)), started: std::time::Instant::now() }
     }
 
     /// HMAC-SHA256 of a Message-ID (angle brackets and case of the domain ignored), hex.
@@ -179,14 +330,14 @@ mod tests {
             message_id_hash: None,
             sender_domain: "shop.example".into(),
             recipient_domains: vec!["corp.example".into()],
-            outcome: "decided",
+            outcome: Outcome::Decided,
             reason: None,
             department: Some("billing".into()),
             priority: Some("high".into()),
             confidence: Some(1.0),
-            source: Some("rule:invoices".into()),
-            action: Some("reroute".into()),
-            mode: "enforce".into(),
+            source: Some(RecordSource::Decision(Source::Rule("invoices".into()))),
+            action: Some(Handling::Action(Action::Reroute)),
+            mode: Mode::Enforce,
             config_version: "abc".into(),
             model_version: "none".into(),
             latency_ms: 0.5,

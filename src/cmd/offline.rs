@@ -4,21 +4,21 @@ use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use mailtriage::config::{Config, ModelConfig};
-use mailtriage::dataset::{self, Record};
-use mailtriage::envelope::Envelope;
-use mailtriage::eval::{self, Metrics, Outcome};
-use mailtriage::extract::ExtractLimits;
+use mailtriage::learn::dataset::{self, Record};
+use mailtriage::learn::eval::{self, Metrics, Outcome};
+use mailtriage::learn::feedback::heads;
+use mailtriage::learn::train::{self, Example, Provenance, TrainOptions};
+use mailtriage::message::envelope::Envelope;
+use mailtriage::message::extract::ExtractLimits;
 use mailtriage::model::encoder::Encoder;
 use mailtriage::model::head::Head;
 use mailtriage::model::lexical::LexicalConfig;
 use mailtriage::model::{bulk, encoder_text, fetch};
 use mailtriage::pipeline::Triage;
-use mailtriage::train::{self, Example, Provenance, TrainOptions};
+use mailtriage::settings::{Config, ModelConfig};
 
 use crate::cli::{DataArgs, EvalArgs, TrainArgs};
 
@@ -288,7 +288,7 @@ pub fn eval(cfg: &Config, args: &EvalArgs) -> Result<ExitCode> {
 
 /// One JSON line per file: envelope, decision, plan, extraction summary.
 pub fn classify(cfg: &Config, mail_from: &str, rcpts: &[String], files: &[PathBuf]) -> Result<ExitCode> {
-    let triage = Triage::new(cfg)?;
+    let triage = Triage::new(&heads::current(cfg))?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut failed = 0;
@@ -344,7 +344,7 @@ fn decide_json(triage: &Triage, raw: &[u8], mail_from: &str, rcpts: &[String]) -
 
 /// What the daemon would do with each message of a Maildir tree.
 pub fn replay(cfg: &Config, dir: &Path) -> Result<ExitCode> {
-    let triage = Arc::new(Triage::new(cfg)?);
+    let triage = Triage::new(&heads::current(cfg))?;
     let records = dataset::read_maildir(dir, ExtractLimits::from(&cfg.limits))?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

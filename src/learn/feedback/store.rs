@@ -308,7 +308,7 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::feedback::Channel;
+    use crate::learn::feedback::Channel;
 
     pub(crate) fn sample(created_at: i64, department: &str) -> Correction {
         Correction {

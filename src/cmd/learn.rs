@@ -1,24 +1,24 @@
-//! The continuous-learning subcommands (`feedback`, `retrain`, `heads`,
-//! `report`) and the daemon's side of it: the store connection, the
-//! retraining thread, the head-pointer watch and `POST /feedback`.
+//! The continuous-learning subcommands: `feedback`, `retrain`, `heads`,
+//! `report`. The daemon's side of it is `mailtriage::daemon::feedback`.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use mailtriage::config::Config;
-use mailtriage::feedback::heads::{Registry, Role};
-use mailtriage::feedback::intake::Requested;
-use mailtriage::feedback::recent::RecentDecisions;
-use mailtriage::feedback::retrain::{self, RetrainOutcome};
-use mailtriage::feedback::store::Store;
-use mailtriage::feedback::{Channel, FeedbackError};
-use mailtriage::metrics::{name, FeedbackEndpoint};
-use mailtriage::pipeline::{FeedbackLink, SharedTriage, Triage};
-use tokio::sync::Notify;
+use mailtriage::daemon;
+use mailtriage::learn::feedback::heads;
+use mailtriage::learn::feedback::heads::{Registry, Role};
+use mailtriage::learn::feedback::intake::Requested;
+use mailtriage::learn::feedback::layer::FeedbackLink;
+use mailtriage::learn::feedback::recent::RecentDecisions;
+use mailtriage::learn::feedback::retrain::{self, RetrainOutcome};
+use mailtriage::learn::feedback::store::Store;
+use mailtriage::learn::feedback::Channel;
+use mailtriage::pipeline::Triage;
+use mailtriage::settings::Config;
 
 use crate::cli::{FeedbackArgs, HeadArg, HeadsCommand};
 
@@ -54,10 +54,9 @@ pub fn feedback(cfg: &Config, args: &FeedbackArgs) -> Result<ExitCode> {
     if raw.is_empty() {
         bail!("no message given (pipe one into stdin, or name a file)");
     }
-    let mut triage = Triage::new(cfg).context("loading rules and model")?;
     // The pipe reads the message itself, so it keeps no recent decisions (0 bytes).
     let link = FeedbackLink { store: Arc::new(open_store(cfg)?), recent: Arc::new(RecentDecisions::new(0)) };
-    triage.connect_feedback(link);
+    let triage = daemon::build(cfg, Some(link)).context("loading rules and model")?;
     let (features, message_id) = triage.features_of(&raw)?;
     let actor = format!("user:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
     let hash = message_id.as_deref().map(|m| triage.message_hash(m));
@@ -100,19 +99,15 @@ fn feedback_by_message_id(cfg: &Config, message_id: &str, requested: &Requested)
 }
 
 fn token(cfg: &Config) -> Result<Option<String>> {
-    let Some(path) = cfg.feedback.as_ref().and_then(|f| f.http_token_file.as_ref()) else { return Ok(None) };
-    let t = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let t = t.trim().to_string();
-    if t.len() < 16 {
-        bail!("{}: the token must be at least 16 characters", path.display());
-    }
-    Ok(Some(t))
+    Ok(mailtriage::daemon::feedback::http_token(cfg)?)
 }
 
 fn roles(cfg: &Config, only: Option<HeadArg>) -> Vec<Role> {
     match only {
         Some(h) => vec![role(h)],
-        None => Role::ALL.into_iter().filter(|&r| mailtriage::feedback::heads::in_use(cfg, r).is_some()).collect(),
+        None => {
+            Role::ALL.into_iter().filter(|&r| mailtriage::learn::feedback::heads::in_use(cfg, r).is_some()).collect()
+        }
     }
 }
 
@@ -145,7 +140,7 @@ fn print_outcome(o: &RetrainOutcome, json: bool) {
 /// `mailtriage retrain`.
 pub fn retrain(cfg: &Config, head: Option<HeadArg>, json: bool) -> Result<ExitCode> {
     let store = open_store(cfg)?;
-    let triage = Triage::new(cfg).context("loading rules and model")?;
+    let triage = Triage::new(&heads::current(cfg)).context("loading rules and model")?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let roles = roles(cfg, head);
     if roles.is_empty() {
@@ -173,7 +168,7 @@ pub fn heads(cfg: &Config, cmd: &HeadsCommand) -> Result<ExitCode> {
                     continue;
                 }
                 if versions.is_empty() {
-                    let configured = mailtriage::feedback::heads::in_use(cfg, r);
+                    let configured = mailtriage::learn::feedback::heads::in_use(cfg, r);
                     println!(
                         "{}: no promoted versions (in use: {})",
                         r.as_str(),
@@ -248,7 +243,7 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
             }
         }
     }
-    let since_unix = mailtriage::feedback::now() - (days * 86_400) as i64;
+    let since_unix = mailtriage::learn::feedback::now() - (days * 86_400) as i64;
     let corrections = match cfg.feedback.as_ref() {
         Some(_) => open_store(cfg)?.summary(since_unix)?,
         None => Vec::new(),
@@ -298,142 +293,4 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
         saved / 60.0
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// The daemon's feedback side, started once.
-pub struct DaemonFeedback {
-    pub link: Option<FeedbackLink>,
-    pub endpoint: Option<FeedbackEndpoint>,
-}
-
-/// Opens the store (a store that is down does not stop mail: the feedback
-/// channels are off until a restart, and that is logged) and builds the
-/// HTTP endpoint around `shared`.
-pub fn start(cfg: &Config, shared_slot: Arc<std::sync::OnceLock<SharedTriage>>) -> Result<DaemonFeedback> {
-    let Some(fb) = &cfg.feedback else { return Ok(DaemonFeedback { link: None, endpoint: None }) };
-    let link = match Store::open(&fb.store) {
-        Ok(store) => {
-            Some(FeedbackLink { store: Arc::new(store), recent: Arc::new(RecentDecisions::new(fb.recent_bytes)) })
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "feedback store unavailable; corrections are not recorded until a restart");
-            None
-        }
-    };
-    let endpoint = match (token(cfg)?, &link) {
-        (Some(token), Some(_)) => Some(FeedbackEndpoint {
-            token,
-            handler: Arc::new(move |v: serde_json::Value| {
-                let Some(shared) = shared_slot.get() else { return Err((503, "starting".into())) };
-                let str_of = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-                let message_id = str_of("message_id").ok_or((400, "`message_id` is required".to_string()))?;
-                let requested = Requested { department: str_of("department"), priority: str_of("priority") };
-                let channel = if str_of("channel").as_deref() == Some("cli") { Channel::Cli } else { Channel::Http };
-                shared
-                    .current()
-                    .correct_by_message_id(&message_id, &requested, channel, channel.as_str().to_string())
-                    .map_err(|e| {
-                        let code = match e {
-                            FeedbackError::NotRecent => 404,
-                            FeedbackError::UnknownDepartment(..)
-                            | FeedbackError::UnknownPriority(..)
-                            | FeedbackError::NoLabel => 422,
-                            _ => 503,
-                        };
-                        (code, e.to_string())
-                    })
-            }),
-        }),
-        _ => None,
-    };
-    Ok(DaemonFeedback { link, endpoint })
-}
-
-/// Retrains in the background: when `retrain_after` corrections arrived or
-/// `retrain_every` passed with new ones. A promotion asks for a reload.
-/// Runs on its own thread with one embedding thread, beside mail.
-pub fn spawn_retrainer(
-    path: std::path::PathBuf,
-    cfg: &Config,
-    link: &FeedbackLink,
-    shared: SharedTriage,
-    reload: Arc<Notify>,
-) {
-    let Some(fb) = cfg.feedback.clone().filter(|f| f.retrain) else { return };
-    let store = link.store.clone();
-    let spawned = std::thread::Builder::new().name("retrain".into()).spawn(move || {
-        let mut last_id = store.max_id().unwrap_or(0);
-        let mut last_run = Instant::now();
-        let check = fb.retrain_every.min(Duration::from_secs(5));
-        loop {
-            std::thread::sleep(check);
-            let new = match store.count_after(last_id) {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "feedback store: cannot count new corrections");
-                    continue;
-                }
-            };
-            if new == 0 || (new < fb.retrain_after && last_run.elapsed() < fb.retrain_every) {
-                continue;
-            }
-            last_id = store.max_id().unwrap_or(last_id);
-            last_run = Instant::now();
-            // The configuration as it is now (reloads may have changed it).
-            let cfg = match Config::load(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "retraining skipped: configuration does not load");
-                    continue;
-                }
-            };
-            let encoder = shared.current().encoder();
-            for role in Role::ALL.into_iter().filter(|&r| mailtriage::feedback::heads::in_use(&cfg, r).is_some()) {
-                let started = Instant::now();
-                match retrain::retrain(&cfg, &store, role, encoder.as_deref(), 1) {
-                    Ok(o) => {
-                        let result = if o.promoted { "promoted" } else { "refused" };
-                        metrics::counter!(name::RETRAIN, "head" => role.as_str(), "result" => result).increment(1);
-                        tracing::info!(
-                            head = role.as_str(),
-                            result,
-                            version = o.version.as_deref().unwrap_or("-"),
-                            reason = %o.reason,
-                            new_corrections = new,
-                            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
-                            "retrained"
-                        );
-                        if o.promoted {
-                            reload.notify_one();
-                        }
-                    }
-                    Err(e) => {
-                        metrics::counter!(name::RETRAIN, "head" => role.as_str(), "result" => "failed").increment(1);
-                        tracing::error!(head = role.as_str(), error = %e, "retraining failed");
-                    }
-                }
-            }
-        }
-    });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the retraining thread");
-    }
-}
-
-/// Watches the head pointers (a promotion by `mailtriage retrain`, a
-/// rollback) and asks for a reload when they change.
-pub async fn watch_heads(cfg: Config, reload: Arc<Notify>) {
-    let Some(fb) = cfg.feedback else { return };
-    let registry = Registry::new(&fb.heads_dir);
-    let mut seen = registry.signature();
-    loop {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let r = registry.clone();
-        let Ok(now) = tokio::task::spawn_blocking(move || r.signature()).await else { continue };
-        if now != seen {
-            seen = now;
-            tracing::info!(dir = %fb.heads_dir.display(), "head version changed; reloading");
-            reload.notify_one();
-        }
-    }
 }

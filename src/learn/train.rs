@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::eval::{self, Metrics, Outcome};
+use crate::learn::eval::{self, Metrics, Outcome};
 use crate::model::head::{softmax, CascadeMeta, Head, HeadMeta};
 use crate::model::lexical::{self, LexicalConfig, Sparse, TermCounts};
 

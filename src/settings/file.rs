@@ -45,7 +45,7 @@ pub struct ServerConfig {
     /// SMTP/LMTP clients whose XFORWARD (the original client's name, address,
     /// HELO…) we believe and pass on; Postfix's `smtpd_authorized_xforward_hosts`.
     /// Clients on a unix socket are always local and trusted.
-    pub xforward_hosts: Vec<crate::net::Cidr>,
+    pub xforward_hosts: Vec<crate::settings::Cidr>,
     /// An SMTP/LMTP client silent this long (for a command, or within DATA)
     /// is disconnected with 421 (RFC 5321 §4.5.3.2 asks for at least 5 minutes).
     #[serde(deserialize_with = "de_duration")]
@@ -655,8 +655,16 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
-    #[error("{path}: `{key}`: {message}")]
-    Invalid { path: String, key: String, message: String },
+    /// Every problem validation found, one per line.
+    #[error("{}", problems.iter().map(|p| format!("{path}: `{}`: {}", p.key, p.message)).collect::<Vec<_>>().join("\n"))]
+    Invalid { path: String, problems: Vec<Problem> },
+}
+
+/// One problem in a configuration file: the key and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
 }
 
 /// Prefix of environment overrides: `MAILTRIAGE__SERVER__MODE=shadow`.
@@ -697,65 +705,76 @@ impl Config {
     }
 
     /// Checks what types alone cannot: references between sections, regexes,
-    /// addresses. Names the key of the first problem found.
+    /// addresses. Reports every problem found, each naming its key.
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |key: String, message: String| ConfigError::Invalid { path: origin.into(), key, message };
+        let mut problems = Vec::new();
+        self.check(&mut problems);
+        self.check_smtp(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { path: origin.into(), problems })
+        }
+    }
+
+    fn check(&self, problems: &mut Vec<Problem>) {
+        let invalid = |key: String, message: String| Problem { key, message };
         let d = &self.defaults;
         if d.priorities.is_empty() {
-            return Err(invalid("defaults.priorities".into(), "at least one priority is needed".into()));
+            problems.push(invalid("defaults.priorities".into(), "at least one priority is needed".into()));
         }
         if !d.priorities.contains(&d.priority) {
-            return Err(invalid(
+            problems.push(invalid(
                 "defaults.priority".into(),
                 format!("`{}` is not one of defaults.priorities {:?}", d.priority, d.priorities),
             ));
         }
         if d.department.trim().is_empty() {
-            return Err(invalid("defaults.department".into(), "must not be empty".into()));
+            problems.push(invalid("defaults.department".into(), "must not be empty".into()));
         }
         if let Some(f) = &self.feedback {
             if !(f.store.starts_with("sqlite://")
                 || f.store.starts_with("postgres://")
                 || f.store.starts_with("postgresql://"))
             {
-                return Err(invalid(
+                problems.push(invalid(
                     "feedback.store".into(),
                     "expected sqlite:///path/to/feedback.db or postgres://…".into(),
                 ));
             }
             for (key, addr) in [("feedback.address", &f.address), ("feedback.audit_copy", &f.audit_copy)] {
                 if let Some(a) = addr.as_deref().filter(|a| !valid_mailbox(a)) {
-                    return Err(invalid(key.into(), format!("`{a}` is not an address")));
+                    problems.push(invalid(key.into(), format!("`{a}` is not an address")));
                 }
             }
             if f.holdout_percent == 0 || f.holdout_percent >= 100 {
-                return Err(invalid("feedback.holdout_percent".into(), "must be between 1 and 99".into()));
+                problems.push(invalid("feedback.holdout_percent".into(), "must be between 1 and 99".into()));
             }
             if f.retention_days == 0 {
-                return Err(invalid("feedback.retention_days".into(), "must be at least 1".into()));
+                problems.push(invalid("feedback.retention_days".into(), "must be at least 1".into()));
             }
         }
         if self.kpi.minutes_per_manual_triage.is_nan() || self.kpi.minutes_per_manual_triage < 0.0 {
-            return Err(invalid("kpi.minutes_per_manual_triage".into(), "must be a number ≥ 0".into()));
+            problems.push(invalid("kpi.minutes_per_manual_triage".into(), "must be a number ≥ 0".into()));
         }
         let mut names = HashSet::new();
         for (i, dep) in self.departments.iter().enumerate() {
             let key = |field: &str| format!("departments[{i}] ({}).{field}", dep.name);
             if !valid_label(&dep.name) {
-                return Err(invalid(
+                problems.push(invalid(
                     key("name"),
                     "use letters, digits, `-`, `_` or `.` (it becomes a header value)".into(),
                 ));
             }
             if !names.insert(dep.name.as_str()) {
-                return Err(invalid(key("name"), "duplicate department name".into()));
+                problems.push(invalid(key("name"), "duplicate department name".into()));
             }
             match (&dep.mailbox, dep.action) {
                 (Some(m), _) if !valid_mailbox(m) => {
-                    return Err(invalid(key("mailbox"), format!("`{m}` is not an address like billing@example.com")));
+                    problems.push(invalid(key("mailbox"), format!("`{m}` is not an address like billing@example.com")));
                 }
                 (None, DepartmentAction::Reroute | DepartmentAction::Copy) => {
-                    return Err(invalid(
+                    problems.push(invalid(
                         key("mailbox"),
                         format!("action `{:?}` needs a mailbox", dep.action).to_lowercase(),
                     ));
@@ -766,26 +785,24 @@ impl Config {
         for (i, rule) in self.rules.iter().enumerate() {
             let key = |field: &str| format!("rules[{i}] ({}).{field}", rule.name);
             if rule.name.trim().is_empty() || !valid_label(&rule.name) {
-                return Err(invalid(
+                problems.push(invalid(
                     key("name"),
                     "use letters, digits, `-`, `_` or `.` (it becomes a header value)".into(),
                 ));
             }
             if rule.header.trim().is_empty() || rule.header.contains(|c: char| c == ':' || c.is_whitespace()) {
-                return Err(invalid(key("header"), format!("`{}` is not a header name", rule.header)));
+                problems.push(invalid(key("header"), format!("`{}` is not a header name", rule.header)));
             }
             if let Err(e) = Regex::new(&rule.pattern) {
-                return Err(invalid(key("pattern"), format!("invalid regular expression: {e}")));
+                problems.push(invalid(key("pattern"), format!("invalid regular expression: {e}")));
             }
             if !names.contains(rule.department.as_str()) && rule.department != d.department {
-                return Err(invalid(
-                    key("department"),
-                    format!("`{}` is not a configured department", rule.department),
-                ));
+                problems
+                    .push(invalid(key("department"), format!("`{}` is not a configured department", rule.department)));
             }
             if let Some(p) = &rule.priority {
                 if !d.priorities.contains(p) {
-                    return Err(invalid(
+                    problems.push(invalid(
                         key("priority"),
                         format!("`{p}` is not one of defaults.priorities {:?}", d.priorities),
                     ));
@@ -796,7 +813,7 @@ impl Config {
         for (i, dep) in self.departments.iter().enumerate() {
             for l in &dep.labels {
                 if !claimed.insert(l.as_str()) {
-                    return Err(invalid(
+                    problems.push(invalid(
                         format!("departments[{i}] ({}).labels", dep.name),
                         format!("label `{l}` is claimed twice"),
                     ));
@@ -805,49 +822,45 @@ impl Config {
         }
         let p = &self.policy;
         if !(0.0..=1.0).contains(&p.review_below) {
-            return Err(invalid("policy.review_below".into(), "must be between 0 and 1".into()));
+            problems.push(invalid("policy.review_below".into(), "must be between 0 and 1".into()));
         }
         match &p.review_mailbox {
-            Some(m) if !valid_mailbox(m) => {
-                return Err(invalid(
-                    "policy.review_mailbox".into(),
-                    format!("`{m}` is not an address like triage@example.com"),
-                ))
-            }
-            None if p.review_below > 0.0 => {
-                return Err(invalid(
-                    "policy.review_mailbox".into(),
-                    "review_below is set, so a review mailbox is needed".into(),
-                ))
-            }
+            Some(m) if !valid_mailbox(m) => problems.push(invalid(
+                "policy.review_mailbox".into(),
+                format!("`{m}` is not an address like triage@example.com"),
+            )),
+            None if p.review_below > 0.0 => problems.push(invalid(
+                "policy.review_mailbox".into(),
+                "review_below is set, so a review mailbox is needed".into(),
+            )),
             _ => {}
         }
         if let Some(a) = &self.audit {
             if a.max_bytes < 4096 {
-                return Err(invalid("audit.max_bytes".into(), "must be at least 4096".into()));
+                problems.push(invalid("audit.max_bytes".into(), "must be at least 4096".into()));
             }
             if a.retention_days == 0 {
-                return Err(invalid("audit.retention_days".into(), "must be at least 1".into()));
+                problems.push(invalid("audit.retention_days".into(), "must be at least 1".into()));
             }
         }
         if let Some(m) = &self.model {
             if m.id.trim().is_empty() {
-                return Err(invalid("model.id".into(), "must not be empty".into()));
+                problems.push(invalid("model.id".into(), "must not be empty".into()));
             }
             if !(3..=8192).contains(&m.max_tokens) {
-                return Err(invalid("model.max_tokens".into(), "must be between 3 and 8192".into()));
+                problems.push(invalid("model.max_tokens".into(), "must be between 3 and 8192".into()));
             }
             if m.workers == 0 || m.workers > 64 {
-                return Err(invalid("model.workers".into(), "must be between 1 and 64".into()));
+                problems.push(invalid("model.workers".into(), "must be between 1 and 64".into()));
             }
             if m.queue_depth == 0 {
-                return Err(invalid("model.queue_depth".into(), "must be greater than 0".into()));
+                problems.push(invalid("model.queue_depth".into(), "must be greater than 0".into()));
             }
             if m.deadline.is_zero() {
-                return Err(invalid("model.deadline".into(), "must be greater than 0".into()));
+                problems.push(invalid("model.deadline".into(), "must be greater than 0".into()));
             }
             if m.device != "cpu" && m.device != "cuda" {
-                return Err(invalid("model.device".into(), format!("`{}`: use \"cpu\" or \"cuda\"", m.device)));
+                problems.push(invalid("model.device".into(), format!("`{}`: use \"cpu\" or \"cuda\"", m.device)));
             }
         }
         let l = &self.limits;
@@ -862,70 +875,65 @@ impl Config {
             ("server.max_connections", self.server.max_connections),
         ] {
             if v == 0 {
-                return Err(invalid(k.into(), "must be greater than 0".into()));
+                problems.push(invalid(k.into(), "must be greater than 0".into()));
             }
         }
         // Postfix's body chunks are up to 65535 bytes; a smaller frame limit would drop every large message.
         if l.max_frame_bytes < 65_536 + 16 {
-            return Err(invalid(
+            problems.push(invalid(
                 "limits.max_frame_bytes".into(),
                 "must be at least 65552 (MTAs send 64 KiB body chunks)".into(),
             ));
         }
         if self.server.decision_timeout.is_zero() {
-            return Err(invalid("server.decision_timeout".into(), "must be greater than 0".into()));
+            problems.push(invalid("server.decision_timeout".into(), "must be greater than 0".into()));
         }
         if self.server.progress_interval.is_zero() {
-            return Err(invalid("server.progress_interval".into(), "must be greater than 0".into()));
+            problems.push(invalid("server.progress_interval".into(), "must be greater than 0".into()));
         }
-        self.validate_smtp(origin)?;
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
-            return Err(invalid("logging.level".into(), format!("not a log filter: {e}")));
+            problems.push(invalid("logging.level".into(), format!("not a log filter: {e}")));
         }
-        Ok(())
     }
 
     /// The SMTP/LMTP front doors and their next hop.
-    fn validate_smtp(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |key: &str, message: &str| ConfigError::Invalid {
-            path: origin.into(),
-            key: key.into(),
-            message: message.into(),
-        };
+    fn check_smtp(&self, problems: &mut Vec<Problem>) {
+        let invalid = |key: &str, message: &str| Problem { key: key.into(), message: message.into() };
         let srv = &self.server;
         let listening = srv.smtp.is_some() || srv.lmtp.is_some();
         match (&srv.tls_cert, &srv.tls_key) {
-            (Some(_), None) => return Err(invalid("server.tls_key", "tls_cert is set, so a key is needed")),
-            (None, Some(_)) => return Err(invalid("server.tls_cert", "tls_key is set, so a certificate is needed")),
+            (Some(_), None) => problems.push(invalid("server.tls_key", "tls_cert is set, so a key is needed")),
+            (None, Some(_)) => problems.push(invalid("server.tls_cert", "tls_key is set, so a certificate is needed")),
             (None, None) if srv.require_tls => {
-                return Err(invalid("server.require_tls", "needs tls_cert and tls_key to offer STARTTLS"))
+                problems.push(invalid("server.require_tls", "needs tls_cert and tls_key to offer STARTTLS"))
             }
             _ => {}
         }
         if srv.hostname.is_empty() || !srv.hostname.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c)) {
-            return Err(invalid("server.hostname", "must be a host name such as mx.example.com"));
+            problems.push(invalid("server.hostname", "must be a host name such as mx.example.com"));
         }
         if srv.smtp_timeout.is_zero() {
-            return Err(invalid("server.smtp_timeout", "must be greater than 0"));
+            problems.push(invalid("server.smtp_timeout", "must be greater than 0"));
         }
         if listening && self.relay.is_none() {
-            return Err(invalid("relay.next_hop", "server.smtp/lmtp need a [relay] next_hop to pass filtered mail to"));
+            problems
+                .push(invalid("relay.next_hop", "server.smtp/lmtp need a [relay] next_hop to pass filtered mail to"));
         }
         if let Some(r) = &self.relay {
             if r.timeout.is_zero() || r.data_timeout.is_zero() {
-                return Err(invalid("relay.timeout", "timeouts must be greater than 0"));
+                problems.push(invalid("relay.timeout", "timeouts must be greater than 0"));
             }
             if let Some(m) = &r.quarantine_mailbox {
                 if !valid_mailbox(m) {
-                    return Err(invalid("relay.quarantine_mailbox", &format!("`{m}` is not an address")));
+                    problems.push(invalid("relay.quarantine_mailbox", &format!("`{m}` is not an address")));
                 }
             }
             if r.tls_ca_file.is_some() && r.tls != RelayTls::Verify {
-                return Err(invalid("relay.tls_ca_file", "only used with tls = \"verify\""));
+                problems.push(invalid("relay.tls_ca_file", "only used with tls = \"verify\""));
             }
             if listening && r.quarantine_mailbox.is_none() {
                 if let Some(d) = self.departments.iter().find(|d| d.action == DepartmentAction::Quarantine) {
-                    return Err(invalid(
+                    problems.push(invalid(
                         "relay.quarantine_mailbox",
                         &format!(
                             "department `{}` quarantines, and an SMTP/LMTP filter has no hold queue: \
@@ -936,7 +944,6 @@ impl Config {
                 }
             }
         }
-        Ok(())
     }
 
     pub fn department(&self, name: &str) -> Option<&DepartmentConfig> {

@@ -1,0 +1,6 @@
+//! What the subcommands other than `serve` and `check-config` do: the
+//! offline tools (`classify`, `train`, `eval`, `replay`, `model fetch`) and
+//! the continuous-learning ones (`feedback`, `retrain`, `heads`, `report`).
+
+pub mod learn;
+pub mod offline;

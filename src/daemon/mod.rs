@@ -1,0 +1,270 @@
+//! The daemon: build, serve, reload, drain.
+//!
+//! [`run`] builds in one direction, each part from the ones before it: the
+//! decision engine (with the feedback link, which outlives reloads), then
+//! the front doors' shared setup ([`FrontDoors`]: byte budget, STARTTLS
+//! certificate, next hop), then the HTTP endpoints that read the engine,
+//! then the listeners. Once all are bound it reports ready. A reload
+//! ([`reload`]) swaps the engine and the session settings while mail flows;
+//! SIGTERM starts a drain: `/readyz` answers 503 at once, listeners stop
+//! accepting, messages in flight finish within `shutdown_grace`.
+
+pub mod feedback;
+pub mod http;
+mod logging;
+pub mod reload;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use thiserror::Error;
+use tokio::sync::{watch, Notify};
+
+use crate::frontdoor::budget::ByteBudget;
+use crate::frontdoor::net::{Listener, ServerError};
+use crate::frontdoor::Live;
+use crate::learn::feedback::heads;
+use crate::learn::feedback::layer::{FeedbackLayer, FeedbackLink};
+use crate::milter::session::SessionConfig;
+use crate::pipeline::{Triage, TriageError};
+use crate::record::metrics::{self, MetricsError};
+use crate::settings::Config;
+use crate::smtp::relay::RelaySettings;
+use crate::smtp::session::SmtpSettings;
+use crate::smtp::tls::TlsError;
+
+/// Why the daemon could not start. Each names what to fix.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    #[error("loading rules and model: {0}")]
+    Engine(#[from] TriageError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Bind(#[from] http::BindError),
+    #[error(transparent)]
+    Listen(#[from] ServerError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Token(#[from] feedback::TokenError),
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// What the front doors share, built (and checked) before anything listens:
+/// one byte budget for all of them, the STARTTLS certificate, the next hop.
+/// Made once: a reload keeps them (their keys are restart-only).
+#[derive(Clone)]
+pub struct FrontDoors {
+    budget: Arc<ByteBudget>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    relay: Option<Arc<RelaySettings>>,
+}
+
+impl FrontDoors {
+    pub fn new(cfg: &Config) -> Result<Self, DaemonError> {
+        let tls = match (&cfg.server.tls_cert, &cfg.server.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::smtp::tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        Ok(FrontDoors {
+            budget: ByteBudget::new(cfg.limits.max_total_bytes),
+            tls,
+            relay: RelaySettings::from_config(cfg)?,
+        })
+    }
+
+    /// The milter sessions' settings under `cfg`, sharing this budget.
+    fn milter(&self, cfg: &Config) -> SessionConfig {
+        let mut s = SessionConfig::from(cfg);
+        s.budget = self.budget.clone();
+        s
+    }
+
+    /// The SMTP (or LMTP) sessions' settings under `cfg`; `None` without a next hop.
+    fn smtp(&self, cfg: &Config, lmtp: bool) -> Option<SmtpSettings> {
+        let relay = self.relay.clone()?;
+        Some(SmtpSettings::new(cfg, lmtp, self.tls.clone(), self.budget.clone(), relay))
+    }
+}
+
+/// A one-line summary of the front doors: `milter inet:…, smtp inet:… → smtp://…`.
+pub fn describe_front_doors(cfg: &Config) -> String {
+    let mut doors = Vec::new();
+    if let Some(m) = cfg.server.milter_listen() {
+        doors.push(format!("milter {m}"));
+    }
+    for (name, addr) in [("smtp", &cfg.server.smtp), ("lmtp", &cfg.server.lmtp)] {
+        if let Some(a) = addr {
+            doors.push(format!("{name} {a}"));
+        }
+    }
+    let mut out = doors.join(", ");
+    if let Some(r) = &cfg.relay {
+        out.push_str(&format!(" → {}", r.next_hop));
+    }
+    out
+}
+
+/// The session settings of every front door, replaced together on reload.
+#[derive(Clone)]
+struct Sessions {
+    milter: Live<SessionConfig>,
+    smtp: Option<Live<SmtpSettings>>,
+    lmtp: Option<Live<SmtpSettings>>,
+}
+
+impl Sessions {
+    fn new(doors: &FrontDoors, cfg: &Config) -> Self {
+        Sessions {
+            milter: Live::new(doors.milter(cfg)),
+            smtp: doors.smtp(cfg, false).map(Live::new),
+            lmtp: doors.smtp(cfg, true).map(Live::new),
+        }
+    }
+
+    fn replace(&self, doors: &FrontDoors, cfg: &Config) {
+        self.milter.replace(doors.milter(cfg));
+        for (live, lmtp) in [(&self.smtp, false), (&self.lmtp, true)] {
+            if let (Some(live), Some(s)) = (live, doors.smtp(cfg, lmtp)) {
+                live.replace(s);
+            }
+        }
+    }
+}
+
+/// The decision path the front doors call, replaced on reload (SIGHUP, a
+/// promoted head): the feedback layer around the pipeline around the engine.
+pub type Running = Live<FeedbackLayer>;
+
+/// Builds the decision path from `cfg`, with the head versions in use.
+pub fn build(cfg: &Config, link: Option<FeedbackLink>) -> Result<FeedbackLayer, TriageError> {
+    Ok(FeedbackLayer::new(Triage::new(&heads::current(cfg))?, cfg, link))
+}
+
+/// Runs the daemon on `cfg` (read from `path`, which reloads read again)
+/// until SIGTERM or SIGINT, then drains. Blocks the calling thread.
+pub fn run(cfg: Config, path: PathBuf) -> Result<(), DaemonError> {
+    let log_level = logging::init(&cfg.logging);
+    // Before anything records: metrics recorded earlier would be lost.
+    let prometheus = cfg.metrics.as_ref().map(|_| metrics::install()).transpose()?;
+    // Build order: engine (with its feedback link) → front doors → endpoints.
+    let link = feedback::open_link(&cfg);
+    let engine = build(&cfg, link.clone())?;
+    engine.triage().publish_head_versions();
+    let token = feedback::http_token(&cfg)?;
+    let doors = FrontDoors::new(&cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(DaemonError::Runtime)?;
+    rt.block_on(async move {
+        let model = engine.triage().model_summary();
+        let (rules, departments) = (engine.triage().rule_count(), cfg.departments.len());
+        let shared = Running::new(engine);
+        let ready = Arc::new(AtomicBool::new(false));
+        if let (Some(m), Some(handle)) = (&cfg.metrics, prometheus) {
+            let listener = http::bind(&m.listen).await?;
+            let endpoint = match (token, &link) {
+                (Some(t), Some(_)) => Some(feedback::endpoint(t, shared.clone())),
+                _ => None,
+            };
+            tracing::info!(listen = %m.listen, feedback = endpoint.is_some(), "metrics on /metrics, /healthz, /readyz");
+            tokio::spawn(http::serve(listener, handle, ready.clone(), endpoint));
+        }
+        let mode = cfg.server.milter_socket_mode;
+        let bind = |a: &Option<crate::settings::ListenAddress>| {
+            let a = a.clone();
+            async move {
+                match a {
+                    Some(a) => Listener::bind(&a, mode).await.map(Some),
+                    None => Ok(None),
+                }
+            }
+        };
+        let milter = bind(&cfg.server.milter_listen()).await?;
+        let smtp = bind(&cfg.server.smtp).await?;
+        let lmtp = bind(&cfg.server.lmtp).await?;
+        metrics::set_info(&cfg.version, &model, None);
+        ready.store(true, Ordering::Relaxed);
+        let bound = |l: &Option<Listener>| l.as_ref().map(|l| l.local_addr()).unwrap_or_else(|| "-".into());
+        tracing::info!(
+            milter = %bound(&milter),
+            smtp = %bound(&smtp),
+            lmtp = %bound(&lmtp),
+            next_hop = %cfg.relay.as_ref().map(|r| r.next_hop.to_string()).unwrap_or_else(|| "-".into()),
+            mode = ?cfg.server.mode,
+            on_error = ?cfg.server.on_error,
+            rules,
+            model = %model,
+            departments,
+            config = %cfg.source.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            "mailtriage listening"
+        );
+        let sessions = Sessions::new(&doors, &cfg);
+        let reload_requested = Arc::new(Notify::new());
+        if let (Some(l), Some(fb)) = (&link, &cfg.feedback) {
+            feedback::spawn_retrainer(path.clone(), &cfg, l, shared.clone(), reload_requested.clone());
+            tokio::spawn(feedback::watch_heads(fb.heads_dir.clone(), reload_requested.clone()));
+        }
+        let reloader = reload::Reloader {
+            path,
+            running: cfg.clone(),
+            engine: shared.clone(),
+            link: link.clone(),
+            apply: Box::new({
+                let (sessions, doors) = (sessions.clone(), doors.clone());
+                move |cfg: &Config| {
+                    sessions.replace(&doors, cfg);
+                    log_level.set(&cfg.logging.level);
+                }
+            }),
+        };
+        tokio::spawn(reloader.run(reload_requested));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn({
+            let ready = ready.clone();
+            async move {
+                wait_for_stop_signal().await;
+                // Load balancers and probes stop sending first.
+                ready.store(false, Ordering::Relaxed);
+                tracing::info!("stopping: no new connections, finishing messages in flight");
+                let _ = stop_tx.send(true);
+            }
+        });
+        let (max, grace) = (cfg.server.max_connections, cfg.server.shutdown_grace);
+        let mut running = tokio::task::JoinSet::new();
+        if let Some(l) = milter {
+            running.spawn(crate::milter::server::serve(
+                l,
+                shared.clone(),
+                sessions.milter.clone(),
+                max,
+                grace,
+                stop_rx.clone(),
+            ));
+        }
+        for (listener, settings) in [(smtp, sessions.smtp.clone()), (lmtp, sessions.lmtp.clone())] {
+            let (Some(l), Some(settings)) = (listener, settings) else { continue };
+            running.spawn(crate::smtp::server::serve(l, shared.clone(), settings, max, grace, stop_rx.clone()));
+        }
+        while running.join_next().await.is_some() {}
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await
+        }
+    }
+}

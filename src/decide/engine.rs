@@ -1,0 +1,430 @@
+//! The decision engine: features in, [`Decision`] out, through one cascade,
+//! cheapest step first:
+//!
+//! 1. the admins' rules (first match decides);
+//! 2. the lexical heads, when the cascade is on and they are sure;
+//! 3. an embedding of the same text seen before (the cache);
+//! 4. the encoder, reached through an [`Embedder`];
+//! 5. the full heads over embedding and lexical features;
+//! 6. the policy (department action, review threshold, mode).
+//!
+//! When the encoder cannot answer in time (queue full, deadline passed) the
+//! lexical heads decide rather than nobody. The daemon, `classify`, `replay`
+//! and `eval` all go through [`Engine::decide`]; they differ only in the
+//! [`Embedder`]: [`Direct`] embeds on the calling thread, [`Queued`] through
+//! the bounded inference queue, with the CPU-bound half off the reactor.
+//!
+//! The engine loads the heads named in the `[model]` settings it is given;
+//! which head version is current is the caller's business.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use thiserror::Error;
+
+use super::policy::{Decision, Policy};
+use super::rules::{RuleError, RuleSet};
+use crate::message::envelope::Envelope;
+use crate::message::extract::{extract, ExtractLimits, Features};
+use crate::message::language;
+use crate::model::batcher::{Batcher, EmbedFn};
+use crate::model::cache::EmbeddingCache;
+use crate::model::encoder::Encoder;
+use crate::model::lexical::TermCounts;
+use crate::model::{self, encoder_text, features_text, Classifier, LexicalFeatures, ModelError, ModelVerdict};
+use crate::record::metrics::name;
+use crate::settings::Config;
+
+/// The configuration could not be turned into an engine.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Rules(#[from] RuleError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(
+        "the department head predicts {0:?}, which no department claims: name departments after them, \
+         or list them in a department's `labels`"
+    )]
+    UnmappedLabels(Vec<String>),
+}
+
+/// How the model part of a decision was reached (`mailtriage_model_decisions_total{path}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelPath {
+    /// The cascade's lexical heads were sure.
+    Lexical,
+    /// The same text was embedded before.
+    Cache,
+    Encoder,
+    /// The encoder could not answer in time: the lexical heads decided.
+    Overload,
+    /// Heads that read no embedding.
+    Heads,
+}
+
+impl ModelPath {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelPath::Lexical => "lexical",
+            ModelPath::Cache => "cache",
+            ModelPath::Encoder => "encoder",
+            ModelPath::Overload => "overload",
+            ModelPath::Heads => "heads",
+        }
+    }
+}
+
+/// What the model read of a message, for a correction that later names only
+/// its Message-ID: hashed term counts, a language guess, the embedding.
+/// Never text.
+#[derive(Debug, Clone)]
+pub struct Evidence {
+    pub terms: TermCounts,
+    pub language: &'static str,
+    /// The encoder's id and its vector, when one was computed.
+    pub embedding: Option<(String, Arc<[f32]>)>,
+}
+
+/// A decision and how it came about.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub decision: Decision,
+    pub path: Option<ModelPath>,
+    /// Filled when asked for and the model decided.
+    pub evidence: Option<Evidence>,
+    pub features: Features,
+}
+
+/// Reaches the encoder, and runs the CPU-bound half of a decision where
+/// the caller wants it.
+pub trait Embedder: Send + Sync {
+    /// Runs extraction and the lexical features (milliseconds for a large message).
+    fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> impl Future<Output = Result<T, ModelError>> + Send;
+    fn embed(&self, text: String) -> impl Future<Output = Result<Vec<f32>, ModelError>> + Send;
+}
+
+/// Everything on the calling thread: `classify`, `replay`, `eval`, the
+/// feedback pipe. Its futures never wait, so [`Engine::decide_now`] drives
+/// them without a runtime.
+pub struct Direct(pub Option<Arc<Encoder>>);
+
+impl Embedder for Direct {
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ModelError> {
+        Ok(work())
+    }
+
+    async fn embed(&self, text: String) -> Result<Vec<f32>, ModelError> {
+        match &self.0 {
+            Some(enc) => enc.embed(&text),
+            None => Err(ModelError::Config("the heads read embeddings but no encoder is loaded".into())),
+        }
+    }
+}
+
+/// The daemon's: CPU work on the blocking pool, at most one task per core
+/// (a burst must not queue hundreds of parses on two cores), and the
+/// encoder through the bounded queue with its deadline.
+pub struct Queued(Option<Batcher>);
+
+impl Embedder for Queued {
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ModelError> {
+        static CPU_SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+        let slots = CPU_SLOTS.get_or_init(|| {
+            tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get))
+        });
+        let _slot = slots.acquire().await.map_err(|e| ModelError::Inference(e.to_string()))?;
+        // A panic in there (a parser bug) surfaces as a JoinError: one failed decision, not a dead daemon.
+        tokio::task::spawn_blocking(work).await.map_err(|e| {
+            ModelError::Inference(if e.is_panic() { "decision task panicked".into() } else { e.to_string() })
+        })
+    }
+
+    async fn embed(&self, text: String) -> Result<Vec<f32>, ModelError> {
+        match &self.0 {
+            Some(b) => b.embed(text).await,
+            None => Err(ModelError::Config("the heads read embeddings but no encoder is loaded".into())),
+        }
+    }
+}
+
+/// The classifier with what serves it at run time.
+struct ModelStage {
+    classifier: Arc<Classifier>,
+    cache: EmbeddingCache,
+    /// Head label → configured department.
+    departments: HashMap<String, String>,
+}
+
+/// Rules, model and policy built from one configuration.
+pub struct Engine {
+    rules: RuleSet,
+    policy: Policy,
+    limits: ExtractLimits,
+    model: Option<ModelStage>,
+}
+
+/// A message to decide: raw bytes (extracted under this engine's limits,
+/// off the reactor), or features already extracted (`classify` derives its
+/// envelope from them first).
+pub enum Message {
+    Raw(Vec<u8>),
+    Extracted(Features),
+}
+
+/// Where the cascade stands after its CPU-bound half.
+enum Step {
+    Done(Decision, Option<ModelPath>, Option<LexicalFeatures>),
+    /// The encoder is needed for this text.
+    Encode {
+        lex: LexicalFeatures,
+        text: String,
+        key: [u8; 16],
+    },
+}
+
+impl Engine {
+    /// Builds the engine; loads the model when `[model]` is configured, with
+    /// the heads its `department_head` and `priority_head` name.
+    pub fn new(cfg: &Config) -> Result<Self, EngineError> {
+        let model = match &cfg.model {
+            None => None,
+            Some(m) => {
+                let descriptions: Vec<(String, Vec<String>)> = cfg
+                    .departments
+                    .iter()
+                    .map(|d| {
+                        (d.name.clone(), std::iter::once(d.description.clone()).chain(d.examples.clone()).collect())
+                    })
+                    .collect();
+                let classifier = Arc::new(model::load(m, &descriptions)?);
+                let mut departments = HashMap::new();
+                let mut unmapped = Vec::new();
+                for label in classifier.department_labels() {
+                    match cfg.department_for_label(&label) {
+                        Some(d) => {
+                            departments.insert(label, d.to_string());
+                        }
+                        None => unmapped.push(label),
+                    }
+                }
+                if !unmapped.is_empty() {
+                    return Err(EngineError::UnmappedLabels(unmapped));
+                }
+                Some(ModelStage { classifier, departments, cache: EmbeddingCache::new(m.cache_entries) })
+            }
+        };
+        Ok(Self {
+            rules: RuleSet::new(&cfg.rules)?,
+            policy: Policy::new(cfg),
+            limits: ExtractLimits::from(&cfg.limits),
+            model,
+        })
+    }
+
+    /// The embedder for this engine's encoder on the calling thread.
+    pub fn direct(&self) -> Direct {
+        Direct(self.encoder())
+    }
+
+    /// Starts the inference threads for the daemon under `[model]`'s
+    /// workers, queue depth and deadline (none when the heads read no
+    /// embedding).
+    pub fn queued_for(&self, cfg: Option<&crate::settings::ModelConfig>) -> Queued {
+        let batcher = match (cfg, self.model.as_ref()) {
+            (Some(m), Some(stage)) if stage.classifier.needs_embedding() => {
+                stage.classifier.encoder.clone().map(|enc| {
+                    let embed: EmbedFn = Arc::new(move |text: &str| enc.embed(text));
+                    Batcher::start(embed, m.workers, m.queue_depth, m.deadline)
+                })
+            }
+            _ => None,
+        };
+        Queued(batcher)
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// The encoder in use, for embedding corrections and retraining.
+    pub fn encoder(&self) -> Option<Arc<Encoder>> {
+        self.model.as_ref()?.classifier.encoder.clone()
+    }
+
+    /// The classifier, when a model is configured.
+    pub fn classifier(&self) -> Option<&Classifier> {
+        self.model.as_ref().map(|m| m.classifier.as_ref())
+    }
+
+    /// The configured department a head label stands for.
+    pub fn department_of_label(&self, label: &str) -> Option<&str> {
+        self.model.as_ref()?.departments.get(label).map(String::as_str)
+    }
+
+    /// `model:<id> (department=…, priority=…)`, or `none`.
+    pub fn model_summary(&self) -> String {
+        match &self.model {
+            Some(m) => format!("{} ({})", m.classifier.id, m.classifier.versions()),
+            None => "none".into(),
+        }
+    }
+
+    /// Head versions (`department=v3 priority=none`), when a model is loaded.
+    pub fn head_versions(&self) -> Option<String> {
+        self.model.as_ref().map(|m| m.classifier.versions())
+    }
+
+    /// Extraction under this configuration's limits.
+    pub fn extract(&self, raw: &[u8]) -> Features {
+        extract(raw, self.limits)
+    }
+
+    pub fn limits(&self) -> ExtractLimits {
+        self.limits
+    }
+
+    /// The embedding of an encoder text (cache first), with the encoder's
+    /// id; `None` when no encoder is loaded or it cannot answer.
+    pub async fn embedding<E: Embedder>(&self, text: String, embedder: &E) -> Option<(String, Vec<f32>)> {
+        let m = self.model.as_ref()?;
+        let key = EmbeddingCache::key(&text);
+        let e = match m.cache.get(&key) {
+            Some(e) => e.to_vec(),
+            None => embedder.embed(text).await.ok()?,
+        };
+        Some((m.classifier.id.clone(), e))
+    }
+
+    /// Decides on the calling thread (`classify`, `replay`, `eval`).
+    pub fn decide_now(self: &Arc<Self>, envelope: &Envelope, message: Message) -> Result<Decided, ModelError> {
+        let direct = self.direct();
+        let fut = self.decide(envelope.clone(), message, false, &direct);
+        let mut fut = std::pin::pin!(fut);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match fut.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(r) => r,
+            // Direct's futures never wait; should one ever, this is an error, not a hang.
+            std::task::Poll::Pending => Err(ModelError::Inference("a direct decision had to wait".into())),
+        }
+    }
+
+    /// Decides one message: the whole cascade. `evidence` asks for what the
+    /// model read (for corrections by Message-ID).
+    pub async fn decide<E: Embedder>(
+        self: &Arc<Self>,
+        envelope: Envelope,
+        message: Message,
+        evidence: bool,
+        embedder: &E,
+    ) -> Result<Decided, ModelError> {
+        let engine = Arc::clone(self);
+        let (features, step, text) = embedder
+            .run(move || {
+                let features = match message {
+                    Message::Raw(raw) => {
+                        let t = Instant::now();
+                        let f = engine.extract(&raw);
+                        metrics::histogram!(name::EXTRACT_SECONDS).record(t.elapsed().as_secs_f64());
+                        f
+                    }
+                    Message::Extracted(f) => f,
+                };
+                let (step, text) = engine.prepare(&envelope, &features);
+                // The text is kept only for the language guess of the evidence.
+                (features, step, text.filter(|_| evidence))
+            })
+            .await?;
+        let language = |text: &Option<String>| text.as_deref().map_or("und", language::detect);
+        let (decision, path, lex, embedding) = match step {
+            Step::Done(d, path, lex) => (d, path, lex, None),
+            Step::Encode { lex, text: for_encoder, key } => {
+                let m = self.model.as_ref().expect("Encode comes only from a model stage");
+                let (embedding, path) = match m.cache.get(&key) {
+                    Some(e) => (Ok(e), ModelPath::Cache),
+                    None => match embedder.embed(for_encoder).await {
+                        Ok(e) => {
+                            let e: Arc<[f32]> = Arc::from(e);
+                            m.cache.insert(key, e.clone());
+                            (Ok(e), ModelPath::Encoder)
+                        }
+                        Err(e) => (Err(e), ModelPath::Overload),
+                    },
+                };
+                match embedding {
+                    Ok(e) => (self.model_decision(m, &lex, Some(&e)), Some(path), Some(lex), Some(e)),
+                    Err(e @ (ModelError::Overloaded(_) | ModelError::Timeout(_))) => {
+                        let Some(d) = self.lexical_fallback(m, &lex) else { return Err(e) };
+                        tracing::debug!(reason = %e, "encoder unavailable in time; the lexical heads decided");
+                        (d, Some(ModelPath::Overload), Some(lex), None)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if let Some(p) = path.filter(|p| *p != ModelPath::Heads) {
+            metrics::counter!(name::MODEL_PATH, "path" => p.as_str()).increment(1);
+        }
+        let evidence = match (evidence, lex.and_then(|l| l.terms), &self.model) {
+            (true, Some(terms), Some(m)) => Some(Evidence {
+                terms,
+                language: language(&text),
+                embedding: embedding.map(|e| (m.classifier.id.clone(), e)),
+            }),
+            _ => None,
+        };
+        Ok(Decided { decision, path, evidence, features })
+    }
+
+    /// The CPU-bound half: rules, then the lexical features and the
+    /// cascade's lexical heads, then the encoder text and its cache key.
+    /// Returns the model text too (for the language guess).
+    fn prepare(&self, envelope: &Envelope, features: &Features) -> (Step, Option<String>) {
+        if let Some(m) = self.rules.first_match(envelope, features) {
+            return (Step::Done(self.policy.decide(Some(m)), None, None), None);
+        }
+        let Some(m) = &self.model else { return (Step::Done(self.policy.decide(None), None, None), None) };
+        // Built once: the encoder and the lexical features read the same text.
+        let text = features_text(features);
+        let lex = m.classifier.lexical_features(&text);
+        if !m.classifier.needs_embedding() {
+            return (Step::Done(self.model_decision(m, &lex, None), Some(ModelPath::Heads), Some(lex)), Some(text));
+        }
+        if let Some((verdict, true)) = m.classifier.predict_lexical(&lex) {
+            let d = self.verdict_decision(m, verdict, true);
+            return (Step::Done(d, Some(ModelPath::Lexical), Some(lex)), Some(text));
+        }
+        let for_encoder = encoder_text(&text);
+        let key = EmbeddingCache::key(&for_encoder);
+        (Step::Encode { lex, text: for_encoder, key }, Some(text))
+    }
+
+    /// The lexical heads' decision whatever their confidence: what a message
+    /// gets when the encoder cannot take it in time.
+    fn lexical_fallback(&self, m: &ModelStage, lex: &LexicalFeatures) -> Option<Decision> {
+        m.classifier.predict_lexical(lex).map(|(verdict, _)| self.verdict_decision(m, verdict, true))
+    }
+
+    fn verdict_decision(&self, m: &ModelStage, verdict: ModelVerdict, lexical: bool) -> Decision {
+        let ModelVerdict { department, priority } = verdict;
+        let id = if lexical { format!("{}/lexical", m.classifier.id) } else { m.classifier.id.clone() };
+        let mut d = self.policy.decide_model(
+            &m.departments[&department.label],
+            department.confidence,
+            priority.as_ref().map(|p| p.label.as_str()),
+            &id,
+        );
+        d.model_version = Some(m.classifier.versions());
+        d
+    }
+
+    /// The full heads' decision (embedding given when they use one).
+    fn model_decision(&self, m: &ModelStage, lex: &LexicalFeatures, embedding: Option<&[f32]>) -> Decision {
+        self.verdict_decision(m, m.classifier.predict(lex, embedding), false)
+    }
+}

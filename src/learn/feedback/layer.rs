@@ -1,0 +1,252 @@
+//! Feedback as a layer around the pipeline: a [`Filter`] that wraps
+//! [`Triage`]. Mail to the feedback address is a correction (recorded, then
+//! discarded or copied to the audit mailbox), not a message to triage;
+//! every other message is triaged as usual, and what the model read of it
+//! is kept in the recent-decisions window for a correction that later names
+//! only its Message-ID.
+
+use std::sync::Arc;
+
+use super::intake::{self, FeedbackAddress, Requested};
+use super::recent::RecentDecisions;
+use super::store::Store;
+use super::{Channel, FeedbackError, MessageFeatures};
+use crate::act::{Change, Plan};
+use crate::decide::engine::Evidence;
+use crate::message::envelope::domain_of;
+use crate::message::language;
+use crate::model::lexical::{LexicalConfig, TermCounts};
+use crate::model::{encoder_text, ModelError};
+use crate::pipeline::{Filter, FilterError, MessageInput, Triage};
+use crate::record::audit::FeedbackHandling;
+use crate::settings::Config;
+
+/// What outlives a reload: the store connection and the recent decisions.
+#[derive(Clone)]
+pub struct FeedbackLink {
+    pub store: Arc<Store>,
+    pub recent: Arc<RecentDecisions>,
+}
+
+/// The pipeline with the feedback channels around it.
+pub struct FeedbackLayer {
+    triage: Arc<Triage>,
+    /// `None` without `[feedback]`: then this layer only passes messages on.
+    address: Option<FeedbackAddress>,
+    audit_copy: Option<String>,
+    /// For resolving department names to head labels.
+    cfg: Config,
+    link: Option<FeedbackLink>,
+}
+
+impl FeedbackLayer {
+    /// Wraps `triage`. Without a `link` (no store) corrections are refused
+    /// with [`FeedbackError::NotConfigured`].
+    pub fn new(triage: Triage, cfg: &Config, link: Option<FeedbackLink>) -> Self {
+        let fb = cfg.feedback.as_ref();
+        FeedbackLayer {
+            triage: Arc::new(triage),
+            address: fb.and_then(|f| f.address.as_deref()).and_then(FeedbackAddress::parse),
+            audit_copy: fb.and_then(|f| f.audit_copy.clone()),
+            cfg: cfg.clone(),
+            link: link.filter(|_| fb.is_some()),
+        }
+    }
+
+    pub fn triage(&self) -> &Arc<Triage> {
+        &self.triage
+    }
+
+    /// The feedback recipients of a message and what each asks for; `None`
+    /// when it is ordinary mail.
+    fn feedback_recipients(&self, rcpts: &[String]) -> Option<Vec<(String, Requested)>> {
+        let address = self.address.as_ref()?;
+        let found: Vec<(String, Requested)> =
+            rcpts.iter().filter_map(|r| address.requested(r).map(|q| (r.clone(), q))).collect();
+        (!found.is_empty()).then_some(found)
+    }
+
+    /// Records the correction a feedback mail carries, and plans its delivery:
+    /// to the other recipients (if any) and the audit copy, never onward to
+    /// the feedback address; with neither, the message is discarded.
+    async fn take_feedback(
+        self: &Arc<Self>,
+        msg: MessageInput,
+        requests: Vec<(String, Requested)>,
+    ) -> Result<Plan, FilterError> {
+        let MessageInput { envelope, raw, header_names } = msg;
+        let pending = self.triage.audit().map(|a| a.begin(&envelope, self.triage.audit_context()));
+        let requested =
+            requests.iter().map(|(_, q)| q.clone()).find(|q| *q != Requested::default()).unwrap_or_default();
+        let limits = self.triage.engine().limits();
+        let intake::Forwarded { text, attached_id: forwarded_id, .. } =
+            self.triage.run(move || intake::forwarded(&raw, limits)).await?;
+        let actor = self.actor(&envelope.mail_from);
+        let recorded = match self.message_features(text).await {
+            Ok(features) => {
+                let hash = forwarded_id.as_deref().map(|id| self.message_hash(id));
+                let layer = Arc::clone(self);
+                self.triage
+                    .run(move || layer.record(&features, &requested, Channel::Mail, actor, hash))
+                    .await?
+                    .map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let status = match &recorded {
+            Ok(id) => format!("recorded {id}"),
+            Err(e) => {
+                tracing::warn!(queue_id = envelope.queue_id.as_deref().unwrap_or("-"), error = %e, "feedback mail not recorded");
+                format!("not recorded: {e}")
+            }
+        };
+        let handling = if self.audit_copy.is_some() { FeedbackHandling::AuditCopy } else { FeedbackHandling::Discard };
+        if let Some(p) = pending {
+            p.finish(|r| r.feedback(&status, handling));
+        }
+        let mut plan = Plan::strip_inbound(&header_names);
+        plan.changes.push(Change::AddHeader { name: "X-Triage-Feedback".into(), value: status });
+        let others = envelope.rcpts.iter().filter(|r| !requests.iter().any(|(f, _)| f == *r)).count();
+        match (&self.audit_copy, others) {
+            (None, 0) => plan.changes.push(Change::Discard { reason: "feedback recorded".into() }),
+            (copy, _) => {
+                for (r, _) in &requests {
+                    plan.changes.push(Change::DeleteRecipient { address: r.clone() });
+                }
+                if let Some(c) = copy.as_ref().filter(|c| !envelope.rcpts.iter().any(|r| r.eq_ignore_ascii_case(c))) {
+                    plan.changes.push(Change::AddRecipient { address: c.clone() });
+                }
+            }
+        }
+        Ok(plan)
+    }
+
+    /// The features a correction keeps of a message text: term counts, a
+    /// language guess, and the embedding when the heads read one (from the
+    /// encoder through the queue; missing if it is busy).
+    async fn message_features(self: &Arc<Self>, text: String) -> Result<MessageFeatures, FilterError> {
+        let layer = Arc::clone(self);
+        let (terms, lang, for_encoder) = self
+            .triage
+            .run(move || {
+                let (terms, lang) = layer.lexical_part(&text);
+                let needs = layer.triage.engine().classifier().is_some_and(|c| c.needs_embedding());
+                (terms, lang, needs.then(|| encoder_text(&text)))
+            })
+            .await?;
+        let embedding = match for_encoder {
+            Some(t) => self.triage.embed_queued(t).await,
+            None => None,
+        };
+        Ok(MessageFeatures { terms, language: lang, embedding })
+    }
+
+    /// Stores one correction (blocking: call off the reactor). Returns its id.
+    pub fn record(
+        &self,
+        features: &MessageFeatures,
+        requested: &Requested,
+        channel: Channel,
+        actor: String,
+        message_hash: Option<String>,
+    ) -> Result<i64, FeedbackError> {
+        let link = self.link.as_ref().ok_or(FeedbackError::NotConfigured)?;
+        let engine = self.triage.engine();
+        let (department_labels, priority_labels) = match engine.classifier() {
+            Some(c) => (c.department_labels(), c.priority.as_ref().map(|h| h.meta.labels.clone()).unwrap_or_default()),
+            None => (Vec::new(), Vec::new()),
+        };
+        let recorder = self.triage.recorder();
+        let labels = match intake::resolve(&self.cfg, &department_labels, &priority_labels, requested) {
+            Ok(l) => l,
+            Err(e) => {
+                recorder.refused(channel.as_str());
+                return Err(e);
+            }
+        };
+        let correction = features.correction(labels.clone(), channel, actor, message_hash);
+        let id = link.store.insert(&correction)?;
+        let label = labels.department.clone().unwrap_or_default();
+        let department = engine.department_of_label(&label).map(str::to_string).unwrap_or(label);
+        recorder.correction(&department, channel.as_str());
+        tracing::info!(
+            id,
+            department,
+            priority = labels.priority.as_deref().unwrap_or("-"),
+            channel = channel.as_str(),
+            "correction recorded"
+        );
+        Ok(id)
+    }
+
+    /// A correction naming only the Message-ID of a recent decision (blocking).
+    pub fn correct_by_message_id(
+        &self,
+        message_id: &str,
+        requested: &Requested,
+        channel: Channel,
+        actor: String,
+    ) -> Result<i64, FeedbackError> {
+        let link = self.link.as_ref().ok_or(FeedbackError::NotConfigured)?;
+        let features = link.recent.get(message_id).ok_or(FeedbackError::NotRecent)?;
+        self.record(&features, requested, channel, actor, Some(self.message_hash(message_id)))
+    }
+
+    /// The features of a whole message given by a person (the pipe and CLI
+    /// channels), computed on this thread.
+    pub fn features_of(&self, raw: &[u8]) -> Result<(MessageFeatures, Option<String>), ModelError> {
+        let engine = self.triage.engine();
+        let intake::Forwarded { text, outer_id: own_id, .. } = intake::forwarded(raw, engine.limits());
+        let (terms, language) = self.lexical_part(&text);
+        let embedding = match (engine.classifier(), engine.encoder()) {
+            (Some(c), Some(enc)) if c.needs_embedding() => Some((c.id.clone(), enc.embed(&encoder_text(&text))?)),
+            _ => None,
+        };
+        Ok((MessageFeatures { terms, language, embedding }, own_id))
+    }
+
+    /// The term counts a correction keeps (hashed as the heads hash) and the language guess.
+    fn lexical_part(&self, text: &str) -> (TermCounts, &'static str) {
+        let bits = self.triage.engine().classifier().and_then(|c| c.lexical_bits());
+        (TermCounts::of(text, bits.unwrap_or(LexicalConfig::default().bits)), language::detect(text))
+    }
+
+    /// A pseudonym for a sender: HMAC with the audit key, else only the domain.
+    pub fn actor(&self, address: &str) -> String {
+        match self.triage.audit() {
+            Some(a) => format!("hmac:{}", a.hash_message_id(&address.to_lowercase())),
+            None => format!("domain:{}", domain_of(address)),
+        }
+    }
+
+    /// The Message-ID as the audit trail names it (HMAC with the audit key, else SHA-256).
+    pub fn message_hash(&self, message_id: &str) -> String {
+        let id = message_id.trim().trim_matches(['<', '>']);
+        match self.triage.audit() {
+            Some(a) => a.hash_message_id(id),
+            None => {
+                use sha2::Digest;
+                let d = sha2::Sha256::digest(id.as_bytes());
+                d[..16].iter().map(|b| format!("{b:02x}")).collect()
+            }
+        }
+    }
+}
+
+impl Filter for Arc<FeedbackLayer> {
+    async fn filter(&self, msg: MessageInput) -> Result<Plan, FilterError> {
+        if let Some(requests) = self.feedback_recipients(&msg.envelope.rcpts) {
+            return self.take_feedback(msg, requests).await;
+        }
+        let (plan, evidence) = self.triage.triage(msg, self.link.is_some()).await?;
+        if let (Some((message_id, e)), Some(link)) = (evidence, &self.link) {
+            link.recent.insert(&message_id, features_of(e));
+        }
+        Ok(plan)
+    }
+}
+
+/// A decision's evidence as a correction keeps it.
+fn features_of(e: Evidence) -> MessageFeatures {
+    MessageFeatures { terms: e.terms, language: e.language, embedding: e.embedding.map(|(id, v)| (id, v.to_vec())) }
+}

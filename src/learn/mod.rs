@@ -1,0 +1,8 @@
+//! Learning, offline and from staff: labeled [`dataset`]s, [`train`]ing a
+//! head, [`eval`]uating one, and the [`feedback`] loop (corrections in, a
+//! gated retrain out).
+
+pub mod dataset;
+pub mod eval;
+pub mod feedback;
+pub mod train;

@@ -1,0 +1,127 @@
+//! The metrics every part records, under one set of names.
+//!
+//! The counters and histograms are recorded with the `metrics` facade (a
+//! no-op when no recorder is installed, as in `classify`); the daemon
+//! installs the Prometheus recorder and serves it over HTTP.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use thiserror::Error;
+/// Names of every metric, in one place.
+pub mod name {
+    pub const MESSAGES: &str = "mailtriage_messages_total";
+    pub const FAILED_OPEN: &str = "mailtriage_decisions_failed_total";
+    pub const EXTRACT_SECONDS: &str = "mailtriage_extract_seconds";
+    pub const QUEUE_WAIT_SECONDS: &str = "mailtriage_inference_queue_wait_seconds";
+    pub const INFERENCE_SECONDS: &str = "mailtriage_inference_seconds";
+    pub const DECISION_SECONDS: &str = "mailtriage_decision_seconds";
+    pub const QUEUE_DEPTH: &str = "mailtriage_inference_queue_depth";
+    pub const CONNECTIONS: &str = "mailtriage_connections_open";
+    pub const INFO: &str = "mailtriage_info";
+    /// Model decisions by how they were reached: `lexical` (the cascade's
+    /// lexical head was sure), `cache` (same text seen before), `encoder`,
+    /// `overload` (queue full or deadline passed: the lexical head decided).
+    pub const MODEL_PATH: &str = "mailtriage_model_decisions_total";
+    /// SMTP/LMTP front doors: messages relayed to the next hop, by result.
+    pub const RELAY: &str = "mailtriage_relay_total";
+    /// Corrections recorded, by department (as configured) and channel: the misroute rate.
+    pub const FEEDBACK: &str = "mailtriage_feedback_corrections_total";
+    /// Corrections refused (unknown department or priority), by channel.
+    pub const FEEDBACK_REFUSED: &str = "mailtriage_feedback_refused_total";
+    /// Retrainings by head and result (`promoted`, `refused`, `failed`).
+    pub const RETRAIN: &str = "mailtriage_retrain_total";
+    /// The version number of the head in use, per head (0: the configured file).
+    pub const HEAD_VERSION: &str = "mailtriage_head_version";
+    /// Estimated staff minutes saved: `[kpi] minutes_per_manual_triage` per
+    /// message routed without review, less one per correction.
+    pub const MINUTES_SAVED: &str = "mailtriage_staff_minutes_saved";
+}
+
+/// Latency buckets (seconds): sub-millisecond rules up to multi-second model waits.
+const BUCKETS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    #[error("installing the Prometheus recorder: {0}")]
+    Install(String),
+}
+
+/// Installs the global Prometheus recorder. Call once, before anything records.
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    PrometheusBuilder::new()
+        .set_buckets(BUCKETS)
+        .map_err(|e| MetricsError::Install(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| MetricsError::Install(e.to_string()))
+}
+
+/// Publishes what is running as `mailtriage_info{version,config_version,model} 1`,
+/// and sets the series of the set it replaces (after a reload) to 0, so
+/// exactly one series reads 1.
+pub fn set_info(config_version: &str, model: &str, replaced: Option<(&str, &str)>) {
+    let series = |c: &str, m: &str| {
+        metrics::gauge!(
+            name::INFO,
+            "version" => env!("CARGO_PKG_VERSION"),
+            "config_version" => c.to_string(),
+            "model" => m.to_string()
+        )
+    };
+    if let Some((c, m)) = replaced {
+        series(c, m).set(0.0);
+    }
+    series(config_version, model).set(1.0);
+}
+
+/// Records what the decision path produces: one place for the message
+/// counters and the staff-time KPI.
+#[derive(Debug, Clone, Copy)]
+pub struct Recorder {
+    /// Staff minutes a message routed without review saves (`[kpi]`).
+    pub minutes_per_message: f64,
+}
+
+impl Recorder {
+    /// A message decided in `seconds`.
+    pub fn decided(&self, d: &crate::decide::policy::Decision, seconds: f64) {
+        metrics::histogram!(name::DECISION_SECONDS).record(seconds);
+        metrics::counter!(
+            name::MESSAGES,
+            "department" => d.department.clone(),
+            "action" => d.action.as_str(),
+            "source" => d.source.to_string()
+        )
+        .increment(1);
+        if d.action != crate::decide::policy::Action::Review {
+            metrics::gauge!(name::MINUTES_SAVED).increment(self.minutes_per_message);
+        }
+    }
+
+    /// A decision that failed after `seconds` (the front door counts it in
+    /// `mailtriage_decisions_failed_total`, with the verdict it gave).
+    pub fn failed(&self, seconds: f64) {
+        metrics::histogram!(name::DECISION_SECONDS).record(seconds);
+    }
+
+    /// A correction recorded: a person triaged this message after all.
+    pub fn correction(&self, department: &str, channel: &'static str) {
+        metrics::counter!(name::FEEDBACK, "department" => department.to_string(), "channel" => channel).increment(1);
+        metrics::gauge!(name::MINUTES_SAVED).decrement(self.minutes_per_message);
+    }
+
+    /// A correction refused (unknown department or priority).
+    pub fn refused(&self, channel: &'static str) {
+        metrics::counter!(name::FEEDBACK_REFUSED, "channel" => channel).increment(1);
+    }
+
+    /// Each head's version number (`v3` → 3; 0 for a head not promoted by
+    /// retraining) as `mailtriage_head_version{head}`.
+    pub fn head_versions(&self, department: Option<&str>, priority: Option<&str>) {
+        let number = |v: &str| v.strip_prefix('v').and_then(|n| n.parse::<f64>().ok()).unwrap_or(0.0);
+        if let Some(v) = department {
+            metrics::gauge!(name::HEAD_VERSION, "head" => "department").set(number(v));
+        }
+        if let Some(v) = priority {
+            metrics::gauge!(name::HEAD_VERSION, "head" => "priority").set(number(v));
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! What a decision leaves behind: the [`audit`] trail (no content), the
+//! Prometheus [`metrics`], and [`redact`] for the error text that must be
+//! logged.
+
+pub mod audit;
+pub mod metrics;
+pub mod redact;
