@@ -9,7 +9,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mailtriage::daemon;
-use mailtriage::pipeline::Triage;
 use mailtriage::settings::Config;
 
 use cli::{Cli, Command, ModelCommand};
@@ -21,35 +20,24 @@ fn main() -> ExitCode {
     let cfg = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("mailtriage: invalid configuration: {e}");
+            // One line per problem: validation reports all of them at once.
+            for line in e.to_string().lines() {
+                eprintln!("mailtriage: invalid configuration: {line}");
+            }
             return ExitCode::from(2);
         }
     };
     single_threaded_candle_per_worker(&cli.command, &cfg);
     let result = match cli.command {
-        Command::CheckConfig => match Triage::new(&mailtriage::learn::feedback::heads::current(&cfg))
-            .map_err(anyhow::Error::from)
-            .and_then(|t| {
-                daemon::FrontDoors::new(&cfg)?;
-                if let Some(f) = &cfg.feedback {
-                    mailtriage::learn::feedback::store::Store::open(&f.store)?;
-                }
-                Ok(t)
-            }) {
-            Ok(t) => {
-                println!(
-                    "{}: OK ({} departments, {} rules, model {}, mode {:?}, {})",
-                    config_path.display(),
-                    cfg.departments.len(),
-                    cfg.rules.len(),
-                    t.model_summary(),
-                    cfg.server.mode,
-                    daemon::describe_front_doors(&cfg)
-                );
+        Command::CheckConfig => match daemon::check(&cfg) {
+            Ok(summary) => {
+                println!("{}: OK ({summary})", config_path.display());
                 Ok(ExitCode::SUCCESS)
             }
-            Err(e) => {
-                eprintln!("mailtriage: invalid configuration: {}: {e:#}", config_path.display());
+            Err(problems) => {
+                for p in problems {
+                    eprintln!("mailtriage: invalid configuration: {}: {p}", config_path.display());
+                }
                 return ExitCode::from(2);
             }
         },

@@ -19,7 +19,7 @@ use crate::message::envelope::Envelope;
 use crate::message::extract::Features;
 use crate::model::ModelError;
 use crate::record::audit::{self, AuditError, AuditLog};
-use crate::record::metrics::Recorder;
+use crate::record::recorder::Recorder;
 use crate::settings::{Config, ModelConfig};
 
 /// A decision with what led to it, for `classify` and for logs.
@@ -193,8 +193,8 @@ impl Triage {
                 return Err(e);
             }
         };
-        let Decided { decision, features, evidence, .. } = decided;
-        self.recorder.decided(&decision, seconds);
+        let Decided { decision, features, evidence, path, extract_seconds } = decided;
+        self.recorder.decided(&decision, path, extract_seconds, seconds);
         if let (Some(p), Some(a)) = (pending, &self.audit) {
             let hash = features.message_id.as_deref().map(|m| a.hash_message_id(m));
             p.finish(|r| r.decided(&decision, hash));

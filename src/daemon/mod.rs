@@ -108,6 +108,38 @@ pub fn describe_front_doors(cfg: &Config) -> String {
     out
 }
 
+/// What `check-config` checks beyond the file itself, all of it, reporting
+/// every failure: the engine builds (rules compile, model and heads load,
+/// every head label is claimed by a department), the STARTTLS certificate
+/// and the next hop's CA file read, the feedback store answers and its
+/// token reads. On success, a one-line summary.
+pub fn check(cfg: &Config) -> Result<String, Vec<String>> {
+    let mut problems = Vec::new();
+    let engine = Triage::new(&heads::current(cfg)).map_err(|e| problems.push(format!("loading rules and model: {e}")));
+    if let Err(e) = FrontDoors::new(cfg) {
+        problems.push(e.to_string());
+    }
+    if let Some(f) = &cfg.feedback {
+        if let Err(e) = crate::learn::feedback::store::Store::open(&f.store) {
+            problems.push(e.to_string());
+        }
+    }
+    if let Err(e) = feedback::http_token(cfg) {
+        problems.push(e.to_string());
+    }
+    match engine {
+        Ok(t) if problems.is_empty() => Ok(format!(
+            "{} departments, {} rules, model {}, mode {:?}, {}",
+            cfg.departments.len(),
+            cfg.rules.len(),
+            t.model_summary(),
+            cfg.server.mode,
+            describe_front_doors(cfg)
+        )),
+        _ => Err(problems),
+    }
+}
+
 /// The session settings of every front door, replaced together on reload.
 #[derive(Clone)]
 struct Sessions {

@@ -34,7 +34,6 @@ use crate::model::cache::EmbeddingCache;
 use crate::model::encoder::Encoder;
 use crate::model::lexical::TermCounts;
 use crate::model::{self, encoder_text, features_text, Classifier, LexicalFeatures, ModelError, ModelVerdict};
-use crate::record::metrics::name;
 use crate::settings::Config;
 
 /// The configuration could not be turned into an engine.
@@ -96,6 +95,8 @@ pub struct Decided {
     /// Filled when asked for and the model decided.
     pub evidence: Option<Evidence>,
     pub features: Features,
+    /// How long extraction took, when the engine extracted.
+    pub extract_seconds: Option<f64>,
 }
 
 /// Reaches the encoder, and runs the CPU-bound half of a decision where
@@ -324,20 +325,19 @@ impl Engine {
         embedder: &E,
     ) -> Result<Decided, ModelError> {
         let engine = Arc::clone(self);
-        let (features, step, text) = embedder
+        let (features, extract_seconds, step, text) = embedder
             .run(move || {
-                let features = match message {
+                let (features, extract_seconds) = match message {
                     Message::Raw(raw) => {
                         let t = Instant::now();
                         let f = engine.extract(&raw);
-                        metrics::histogram!(name::EXTRACT_SECONDS).record(t.elapsed().as_secs_f64());
-                        f
+                        (f, Some(t.elapsed().as_secs_f64()))
                     }
-                    Message::Extracted(f) => f,
+                    Message::Extracted(f) => (f, None),
                 };
                 let (step, text) = engine.prepare(&envelope, &features);
                 // The text is kept only for the language guess of the evidence.
-                (features, step, text.filter(|_| evidence))
+                (features, extract_seconds, step, text.filter(|_| evidence))
             })
             .await?;
         let language = |text: &Option<String>| text.as_deref().map_or("und", language::detect);
@@ -367,9 +367,6 @@ impl Engine {
                 }
             }
         };
-        if let Some(p) = path.filter(|p| *p != ModelPath::Heads) {
-            metrics::counter!(name::MODEL_PATH, "path" => p.as_str()).increment(1);
-        }
         let evidence = match (evidence, lex.and_then(|l| l.terms), &self.model) {
             (true, Some(terms), Some(m)) => Some(Evidence {
                 terms,
@@ -378,7 +375,7 @@ impl Engine {
             }),
             _ => None,
         };
-        Ok(Decided { decision, path, evidence, features })
+        Ok(Decided { decision, path, evidence, features, extract_seconds })
     }
 
     /// The CPU-bound half: rules, then the lexical features and the

@@ -59,7 +59,10 @@ impl RuleSet {
                     "envelope-to" => Target::EnvelopeTo,
                     h => Target::Header(h.to_string()),
                 };
-                let regex = Regex::new(&c.pattern).map_err(|source| RuleError { rule: c.name.clone(), source })?;
+                let regex = match c.compiled.get() {
+                    Some(re) => re.clone(),
+                    None => Regex::new(&c.pattern).map_err(|source| RuleError { rule: c.name.clone(), source })?,
+                };
                 Ok(Rule {
                     name: c.name.clone(),
                     target,
@@ -112,6 +115,7 @@ mod tests {
             pattern: pattern.into(),
             department: dept.into(),
             priority: None,
+            compiled: Default::default(),
         }
     }
 

@@ -1,7 +1,9 @@
 //! What a decision leaves behind: the [`audit`] trail (no content), the
-//! Prometheus [`metrics`], and [`redact`] for the error text that must be
+//! Prometheus [`metrics`] (names; the [`recorder`] of decisions and
+//! corrections), and [`redact`] for the error text that must be
 //! logged.
 
 pub mod audit;
 pub mod metrics;
+pub mod recorder;
 pub mod redact;

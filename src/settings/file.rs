@@ -475,6 +475,10 @@ pub struct RuleConfig {
     pub department: String,
     #[serde(default)]
     pub priority: Option<String>,
+    /// `pattern` compiled by validation, so the rule set reuses it rather
+    /// than compiling it again.
+    #[serde(skip)]
+    pub compiled: std::sync::OnceLock<Regex>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -793,8 +797,11 @@ impl Config {
             if rule.header.trim().is_empty() || rule.header.contains(|c: char| c == ':' || c.is_whitespace()) {
                 problems.push(invalid(key("header"), format!("`{}` is not a header name", rule.header)));
             }
-            if let Err(e) = Regex::new(&rule.pattern) {
-                problems.push(invalid(key("pattern"), format!("invalid regular expression: {e}")));
+            match Regex::new(&rule.pattern) {
+                Ok(re) => {
+                    let _ = rule.compiled.set(re);
+                }
+                Err(e) => problems.push(invalid(key("pattern"), format!("invalid regular expression: {e}"))),
             }
             if !names.contains(rule.department.as_str()) && rule.department != d.department {
                 problems
@@ -1091,6 +1098,41 @@ priority = "high"
             let err = Config::from_toml(text, "x.toml").unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn every_problem_in_a_file_is_reported_at_once() {
+        let text = "[server]\ndecision_timeout = \"0s\"\nrequire_tls = true\n\
+                    [policy]\nreview_below = 2.0\n\
+                    [[departments]]\nname = \"billing\"\naction = \"reroute\"\n\
+                    [[rules]]\nname = \"r\"\nheader = \"Subject\"\npattern = \"(\"\ndepartment = \"nobody\"\n";
+        let err = Config::from_toml(text, "x.toml").unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &err else { panic!("{err}") };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        for want in [
+            "server.decision_timeout",
+            "server.require_tls",
+            "policy.review_below",
+            "departments[0] (billing).mailbox",
+            "rules[0] (r).pattern",
+            "rules[0] (r).department",
+        ] {
+            assert!(keys.contains(&want), "{want} missing from {keys:?}");
+        }
+        // One entry per problem, each naming the file and the key (a regex
+        // error explains itself over several lines).
+        let text = err.to_string();
+        assert_eq!(text.lines().filter(|l| l.starts_with("x.toml: `")).count(), problems.len(), "{text}");
+    }
+
+    #[test]
+    fn a_rule_pattern_is_compiled_once_by_validation() {
+        let c = Config::from_toml(
+            "[[departments]]\nname = \"b\"\n[[rules]]\nname = \"r\"\nheader = \"Subject\"\npattern = \"x+\"\ndepartment = \"b\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.rules[0].compiled.get().map(|r| r.as_str()), Some("x+"));
     }
 
     #[test]
