@@ -61,8 +61,8 @@ impl Plan {
     pub fn for_decision(decision: &Decision, envelope: &Envelope, header_names: &[String]) -> Plan {
         let mut changes = inbound_removals(header_names);
         let header = |name: &str, value: String| Change::AddHeader { name: format!("{HEADER_PREFIX}{name}"), value };
-        changes.push(header("Department", decision.department.clone()));
-        changes.push(header("Priority", decision.priority.clone()));
+        changes.push(header("Department", decision.department.to_string()));
+        changes.push(header("Priority", decision.priority.to_string()));
         changes.push(header("Confidence", format!("{:.2}", decision.confidence.clamp(0.0, 1.0))));
         changes.push(header("Source", decision.source.to_string()));
         changes.push(header("Action", decision.action.as_str().into()));

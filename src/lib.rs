@@ -20,6 +20,9 @@
 //! 5. **Record**: [`record`] writes the audit line (no content) and the
 //!    metrics, and masks personal data in what must be logged.
 //!
+//! The words all stages share (department and priority ids, actions,
+//! mode) are in [`domain`].
+//!
 //! [`pipeline`] chains 2–5 behind the [`Filter`] trait. Around it,
 //! [`learn`] holds offline training and evaluation and the feedback layer
 //! (corrections in, gated retraining out). [`daemon`] builds all of it from
@@ -30,7 +33,8 @@
 
 pub mod act;
 pub mod daemon;
-pub mod decide;
+pub(crate) mod decide;
+pub mod domain;
 pub mod frontdoor;
 pub mod learn;
 pub mod message;

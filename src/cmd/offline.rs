@@ -70,7 +70,7 @@ fn model_config(cfg: &Config) -> ModelConfig {
 
 fn load_encoder(m: &ModelConfig) -> Result<Encoder> {
     let dir = fetch::resolve(m.path.as_deref(), &m.id)?;
-    Ok(Encoder::load(&dir, m.max_tokens, &mailtriage::model::device(&m.device)?)?)
+    Ok(Encoder::load(&dir, m.max_tokens, &mailtriage::model::device(m.device)?)?)
 }
 
 fn read_data(cfg: &Config, args: &DataArgs, need_label: bool) -> Result<Vec<Record>> {

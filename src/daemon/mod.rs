@@ -10,7 +10,7 @@
 //! accepting, messages in flight finish within `shutdown_grace`.
 
 pub mod feedback;
-pub mod http;
+mod http;
 mod logging;
 pub mod reload;
 

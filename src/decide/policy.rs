@@ -7,7 +7,9 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::decide::rules::RuleMatch;
-use crate::settings::{Config, DepartmentAction, Mode};
+pub use crate::domain::Action;
+use crate::domain::{DepartmentId, Mode, PriorityId};
+use crate::settings::Config;
 
 /// What decided the department.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,46 +38,11 @@ impl Serialize for Source {
     }
 }
 
-/// What happens to the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Tag,
-    Reroute,
-    Copy,
-    /// Sent to the human review mailbox because the decision is unsure.
-    Review,
-    Quarantine,
-}
-
-impl Action {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Action::Tag => "tag",
-            Action::Reroute => "reroute",
-            Action::Copy => "copy",
-            Action::Review => "review",
-            Action::Quarantine => "quarantine",
-        }
-    }
-}
-
-impl From<DepartmentAction> for Action {
-    fn from(a: DepartmentAction) -> Self {
-        match a {
-            DepartmentAction::Tag => Action::Tag,
-            DepartmentAction::Reroute => Action::Reroute,
-            DepartmentAction::Copy => Action::Copy,
-            DepartmentAction::Quarantine => Action::Quarantine,
-        }
-    }
-}
-
 /// The decision for one message.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
-    pub department: String,
-    pub priority: String,
+    pub department: DepartmentId,
+    pub priority: PriorityId,
     /// 0.0–1.0. A rule is certain (1.0); the default department has nothing
     /// behind it (0.0).
     pub confidence: f32,
@@ -93,9 +60,10 @@ pub struct Decision {
 #[derive(Debug, Clone)]
 pub struct Policy {
     mode: Mode,
-    default_department: String,
-    default_priority: String,
-    departments: Vec<(String, Option<String>, DepartmentAction)>,
+    default_department: DepartmentId,
+    default_priority: PriorityId,
+    /// Each configured department: its mailbox and action.
+    departments: Vec<(DepartmentId, Option<String>, Action)>,
     review_below: f32,
     review_mailbox: Option<String>,
 }
@@ -104,9 +72,13 @@ impl Policy {
     pub fn new(cfg: &Config) -> Self {
         Self {
             mode: cfg.server.mode,
-            default_department: cfg.defaults.department.clone(),
-            default_priority: cfg.defaults.priority.clone(),
-            departments: cfg.departments.iter().map(|d| (d.name.clone(), d.mailbox.clone(), d.action)).collect(),
+            default_department: DepartmentId::new(&cfg.defaults.department),
+            default_priority: PriorityId::new(&cfg.defaults.priority),
+            departments: cfg
+                .departments
+                .iter()
+                .map(|d| (DepartmentId::new(&d.name), d.mailbox.clone(), d.action))
+                .collect(),
             review_below: cfg.policy.review_below,
             review_mailbox: cfg.policy.review_mailbox.clone(),
         }
@@ -115,7 +87,7 @@ impl Policy {
     /// Decides from the classifier: `department` is already mapped to a
     /// configured department; an unsure one goes to human review.
     pub fn decide_model(&self, department: &str, confidence: f32, priority: Option<&str>, model_id: &str) -> Decision {
-        let priority = priority.unwrap_or(&self.default_priority);
+        let priority = priority.unwrap_or(self.default_priority.as_str());
         let mut d = self.route(department, priority, confidence, Source::Model(model_id.into()));
         if let Some(mailbox) = self.review_mailbox.as_ref().filter(|_| confidence < self.review_below) {
             d.action = Action::Review;
@@ -128,9 +100,10 @@ impl Policy {
     pub fn decide(&self, rule: Option<RuleMatch<'_>>) -> Decision {
         match rule {
             Some(m) => {
-                self.route(m.department, m.priority.unwrap_or(&self.default_priority), 1.0, Source::Rule(m.rule.into()))
+                let priority = m.priority.unwrap_or(self.default_priority.as_str());
+                self.route(m.department, priority, 1.0, Source::Rule(m.rule.into()))
             }
-            None => self.route(&self.default_department, &self.default_priority, 0.0, Source::Default),
+            None => self.route(self.default_department.as_str(), self.default_priority.as_str(), 0.0, Source::Default),
         }
     }
 
@@ -141,7 +114,7 @@ impl Policy {
             .departments
             .iter()
             .find(|(n, _, _)| n == department)
-            .map(|(_, m, a)| (m.clone(), Action::from(*a)))
+            .map(|(_, m, a)| (m.clone(), *a))
             .unwrap_or((None, Action::Tag));
         Decision {
             department: department.into(),

@@ -79,10 +79,6 @@ impl RuleSet {
         self.rules.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.rules.is_empty()
-    }
-
     /// The first rule, in configuration order, that matches.
     pub fn first_match(&self, envelope: &Envelope, features: &Features) -> Option<RuleMatch<'_>> {
         self.rules.iter().find(|r| r.matches(envelope, features)).map(|r| RuleMatch {

@@ -4,5 +4,5 @@
 
 pub mod envelope;
 pub mod extract;
-pub mod html;
+mod html;
 pub mod language;

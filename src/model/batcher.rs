@@ -75,11 +75,6 @@ impl Batcher {
         Batcher { tx, depth, deadline }
     }
 
-    /// Messages waiting now.
-    pub fn queue_len(&self) -> usize {
-        self.tx.len()
-    }
-
     /// Embeds `text`, waiting at most the configured deadline.
     pub async fn embed(&self, text: String) -> Result<Vec<f32>, ModelError> {
         let (reply, rx) = oneshot::channel();

@@ -66,13 +66,10 @@ impl EmbeddingCache {
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         g.young.len() + g.old.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

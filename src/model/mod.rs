@@ -10,16 +10,16 @@
 //!
 //! Nothing here knows about milter or SMTP: it turns text into predictions.
 
-pub mod batcher;
+pub(crate) mod batcher;
 pub mod bulk;
-pub mod cache;
-pub mod cpu_bert;
+pub(crate) mod cache;
+mod cpu_bert;
 pub mod encoder;
 pub mod fetch;
 pub mod head;
 pub mod lexical;
-pub mod prototypes;
-pub mod text;
+mod prototypes;
+mod text;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -192,7 +192,7 @@ pub fn load(
         || priority.as_ref().is_some_and(Head::uses_embedding);
     let encoder = if needs_encoder {
         let dir = fetch::resolve(cfg.path.as_deref(), &cfg.id)?;
-        Some(Arc::new(encoder::Encoder::load(&dir, cfg.max_tokens, &device(&cfg.device)?)?))
+        Some(Arc::new(encoder::Encoder::load(&dir, cfg.max_tokens, &device(cfg.device)?)?))
     } else {
         None
     };
@@ -236,13 +236,13 @@ pub fn load(
 }
 
 /// The Candle device named in `[model] device`.
-pub fn device(name: &str) -> Result<candle_core::Device, ModelError> {
-    match name {
-        "cpu" => Ok(candle_core::Device::Cpu),
+pub fn device(device: crate::settings::Device) -> Result<candle_core::Device, ModelError> {
+    use crate::settings::Device;
+    match device {
+        Device::Cpu => Ok(candle_core::Device::Cpu),
         #[cfg(feature = "cuda")]
-        "cuda" => candle_core::Device::new_cuda(0).map_err(|e| ModelError::Config(format!("CUDA device 0: {e}"))),
+        Device::Cuda => candle_core::Device::new_cuda(0).map_err(|e| ModelError::Config(format!("CUDA device 0: {e}"))),
         #[cfg(not(feature = "cuda"))]
-        "cuda" => Err(ModelError::Config("device = \"cuda\" needs a build with `--features cuda`".into())),
-        other => Err(ModelError::Config(format!("unknown device `{other}`"))),
+        Device::Cuda => Err(ModelError::Config("device = \"cuda\" needs a build with `--features cuda`".into())),
     }
 }

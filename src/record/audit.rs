@@ -22,7 +22,8 @@ use serde::Serialize;
 use sha2::Sha256;
 use thiserror::Error;
 
-use crate::decide::policy::{Action, Decision, Source};
+use crate::decide::policy::{Decision, Source};
+use crate::domain::{Action, DepartmentId, PriorityId};
 use crate::message::envelope::{domain_of, Envelope};
 use crate::settings::{AuditConfig, Mode};
 
@@ -89,8 +90,8 @@ pub struct Record {
     pub recipient_domains: Vec<String>,
     pub outcome: Outcome,
     pub reason: Option<String>,
-    pub department: Option<String>,
-    pub priority: Option<String>,
+    pub department: Option<DepartmentId>,
+    pub priority: Option<PriorityId>,
     pub confidence: Option<f32>,
     pub source: Option<RecordSource>,
     pub action: Option<Handling>,
@@ -332,8 +333,8 @@ mod tests {
             recipient_domains: vec!["corp.example".into()],
             outcome: Outcome::Decided,
             reason: None,
-            department: Some("billing".into()),
-            priority: Some("high".into()),
+            department: Some(DepartmentId::new("billing")),
+            priority: Some(PriorityId::new("high")),
             confidence: Some(1.0),
             source: Some(RecordSource::Decision(Source::Rule("invoices".into()))),
             action: Some(Handling::Action(Action::Reroute)),

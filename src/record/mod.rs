@@ -5,5 +5,5 @@
 
 pub mod audit;
 pub mod metrics;
-pub mod recorder;
+pub(crate) mod recorder;
 pub mod redact;

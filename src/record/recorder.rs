@@ -25,7 +25,7 @@ impl Recorder {
         metrics::histogram!(name::DECISION_SECONDS).record(seconds);
         metrics::counter!(
             name::MESSAGES,
-            "department" => d.department.clone(),
+            "department" => d.department.to_string(),
             "action" => d.action.as_str(),
             "source" => d.source.to_string()
         )

@@ -16,8 +16,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use regex::Regex;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use thiserror::Error;
+
+pub use crate::domain::{Action, Mode};
 
 /// Where `serve` listens, and what it tells the MTA.
 #[derive(Debug, Clone, Deserialize)]
@@ -287,7 +289,7 @@ pub struct DepartmentConfig {
     #[serde(default)]
     pub mailbox: Option<String>,
     #[serde(default)]
-    pub action: DepartmentAction,
+    pub action: Action,
     #[serde(default)]
     pub description: String,
     /// Sample messages for the cold-start classifier (before any head is trained).
@@ -320,7 +322,7 @@ pub struct ModelConfig {
     #[serde(deserialize_with = "de_duration")]
     pub deadline: Duration,
     /// `cpu`, or `cuda` (needs a build with the `cuda` feature).
-    pub device: String,
+    pub device: Device,
     /// Embeddings kept for identical text (bulk mail); 0 disables the cache.
     pub cache_entries: usize,
 }
@@ -336,7 +338,7 @@ impl Default for ModelConfig {
             workers: 2,
             queue_depth: 64,
             deadline: Duration::from_secs(2),
-            device: "cpu".into(),
+            device: Device::Cpu,
             cache_entries: 10_000,
         }
     }
@@ -528,12 +530,14 @@ pub struct Config {
     pub version: String,
 }
 
-/// `enforce` changes recipients; `shadow` only adds headers.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+/// Where the encoder runs.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum Mode {
-    Enforce,
-    Shadow,
+pub enum Device {
+    #[default]
+    Cpu,
+    /// Candle's CUDA backend (a build with the `cuda` feature).
+    Cuda,
 }
 
 /// What the MTA is told when we fail internally.
@@ -542,21 +546,6 @@ pub enum Mode {
 pub enum OnError {
     Accept,
     Tempfail,
-}
-
-/// What happens to a message routed to a department.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DepartmentAction {
-    /// Add headers only.
-    #[default]
-    Tag,
-    /// Replace the envelope recipients with the department mailbox.
-    Reroute,
-    /// Add the department mailbox to the recipients.
-    Copy,
-    /// Ask the MTA to hold the message.
-    Quarantine,
 }
 
 /// A milter listen address in Postfix notation.
@@ -777,7 +766,11 @@ impl Config {
                 (Some(m), _) if !valid_mailbox(m) => {
                     problems.push(invalid(key("mailbox"), format!("`{m}` is not an address like billing@example.com")));
                 }
-                (None, DepartmentAction::Reroute | DepartmentAction::Copy) => {
+                (_, Action::Review) => problems.push(invalid(
+                    key("action"),
+                    "`review` is for unsure decisions: set policy.review_below and policy.review_mailbox".into(),
+                )),
+                (None, Action::Reroute | Action::Copy) => {
                     problems.push(invalid(
                         key("mailbox"),
                         format!("action `{:?}` needs a mailbox", dep.action).to_lowercase(),
@@ -866,9 +859,6 @@ impl Config {
             if m.deadline.is_zero() {
                 problems.push(invalid("model.deadline".into(), "must be greater than 0".into()));
             }
-            if m.device != "cpu" && m.device != "cuda" {
-                problems.push(invalid("model.device".into(), format!("`{}`: use \"cpu\" or \"cuda\"", m.device)));
-            }
         }
         let l = &self.limits;
         for (k, v) in [
@@ -939,7 +929,7 @@ impl Config {
                 problems.push(invalid("relay.tls_ca_file", "only used with tls = \"verify\""));
             }
             if listening && r.quarantine_mailbox.is_none() {
-                if let Some(d) = self.departments.iter().find(|d| d.action == DepartmentAction::Quarantine) {
+                if let Some(d) = self.departments.iter().find(|d| d.action == Action::Quarantine) {
                     problems.push(invalid(
                         "relay.quarantine_mailbox",
                         &format!(
@@ -1045,7 +1035,7 @@ priority = "high"
         assert_eq!(c.server.mode, Mode::Shadow);
         assert_eq!(c.server.decision_timeout, Duration::from_secs(5));
         assert_eq!(c.rules[0].priority.as_deref(), Some("high"));
-        assert_eq!(c.department("billing").unwrap().action, DepartmentAction::Reroute);
+        assert_eq!(c.department("billing").unwrap().action, Action::Reroute);
     }
 
     #[test]
