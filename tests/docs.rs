@@ -70,3 +70,13 @@ fn grafana_dashboard_is_valid_json_over_metrics_we_export() {
         }
     }
 }
+
+#[test]
+fn the_restart_only_keys_are_the_ones_the_operations_guide_names() {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/operations.md")).unwrap();
+    let start = doc.find("What only a restart applies").expect("docs/operations.md lists the restart-only keys");
+    let section = &doc[start..start + doc[start..].find("\n- `systemctl stop`").unwrap()];
+    let named: Vec<&str> = section.split('`').skip(1).step_by(2).filter(|k| k.contains('.')).collect();
+    let restart: Vec<&str> = mailtriage::daemon::reload::RESTART.iter().map(|(k, _)| *k).collect();
+    assert_eq!(named, restart, "docs/operations.md and daemon::reload::RESTART disagree");
+}
