@@ -406,3 +406,49 @@ fn sigterm_during_a_run_loses_no_message() {
     assert_eq!(subjects.len(), 200, "lost messages:\n{}", pf.log());
     assert_eq!(delivered.len(), 200, "duplicates");
 }
+
+/// SIGTERM starts a drain: `/readyz` answers 503 at once, while a message
+/// is still in flight, and the daemon exits once that connection is done
+/// (here: once the grace period ends, since the client never finishes).
+#[test]
+fn a_drain_reports_not_ready_at_once_while_messages_finish() {
+    use std::io::{Read, Write};
+    let metrics_port = support::free_port();
+    let cfg = config("enforce").replacen("[server]\n", "[server]\nshutdown_grace = \"4s\"\n", 1)
+        + &format!("\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
+    let mut daemon = Daemon::start(&cfg, false);
+    assert!(support::http_get(metrics_port, "/readyz").starts_with("HTTP/1.1 200"));
+    // A milter client half-way through a message (negotiated, MAIL sent).
+    let packet = |cmd: u8, payload: &[u8]| {
+        let mut p = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+        p.push(cmd);
+        p.extend_from_slice(payload);
+        p
+    };
+    let mut milter = std::net::TcpStream::connect(("127.0.0.1", daemon.port.unwrap())).unwrap();
+    milter.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let optneg: Vec<u8> = [6u32, 0x1ff, 0x1f_ffff].iter().flat_map(|v| v.to_be_bytes()).collect();
+    milter.write_all(&packet(b'O', &optneg)).unwrap();
+    let mut len = [0u8; 4];
+    milter.read_exact(&mut len).unwrap();
+    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+    milter.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[0], b'O', "negotiation answered");
+    milter.write_all(&packet(b'M', b"<a@example.com>\0")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.signal("TERM");
+    let started = std::time::Instant::now();
+    let mut answer = String::new();
+    while started.elapsed() < Duration::from_secs(3) {
+        answer = support::http_get(metrics_port, "/readyz");
+        if answer.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(answer.starts_with("HTTP/1.1 503"), "not ready once draining: {answer}\n{}", daemon.log());
+    assert!(daemon.child.try_wait().unwrap().is_none(), "still draining the message in flight");
+    let status = daemon.child.wait().unwrap();
+    assert!(status.success(), "clean exit after the drain: {status:?}\n{}", daemon.log());
+    drop(milter);
+}

@@ -300,3 +300,30 @@ async fn wait_for_stop_signal() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_gives_new_connections_the_new_session_settings_and_keeps_the_budget() {
+        let a = Config::from_toml("[server]\ndecision_timeout = \"5s\"\non_error = \"accept\"\n", "a").unwrap();
+        let b = Config::from_toml(
+            "[server]\ndecision_timeout = \"9s\"\non_error = \"tempfail\"\nidle_timeout = \"1m\"\n\
+             [limits]\nmax_recipients = 7\nmax_total_bytes = 1\n",
+            "b",
+        )
+        .unwrap();
+        let doors = FrontDoors::new(&a).unwrap();
+        let sessions = Sessions::new(&doors, &a);
+        let before = sessions.milter.current();
+        sessions.replace(&doors, &b);
+        let after = sessions.milter.current();
+        assert_eq!(after.decision.timeout, std::time::Duration::from_secs(9));
+        assert_eq!(after.decision.on_error, crate::settings::OnError::Tempfail);
+        assert_eq!((after.idle_timeout, after.max_recipients), (std::time::Duration::from_secs(60), 7));
+        // The byte budget is shared by all connections and restart-only.
+        assert!(Arc::ptr_eq(&before.budget, &after.budget));
+        assert_eq!(before.decision.timeout, std::time::Duration::from_secs(5), "a running connection keeps its own");
+    }
+}
