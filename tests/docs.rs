@@ -80,3 +80,31 @@ fn the_restart_only_keys_are_the_ones_the_operations_guide_names() {
     let restart: Vec<&str> = mailtriage::daemon::reload::RESTART.iter().map(|(k, _)| *k).collect();
     assert_eq!(named, restart, "docs/operations.md and daemon::reload::RESTART disagree");
 }
+
+#[test]
+fn every_key_of_the_file_is_either_applied_by_a_reload_or_named_for_a_restart() {
+    use mailtriage::daemon::reload::{apply_of, LIVE, RESTART};
+    let mut unknown = Vec::new();
+    let mut seen = Vec::new();
+    for section in keys_of("", false) {
+        let array = section == "departments" || section == "rules";
+        for key in keys_of(&section, array) {
+            let key = format!("{section}.{key}");
+            if apply_of(&key).is_none() {
+                unknown.push(key.clone());
+            }
+            seen.push(key);
+        }
+    }
+    assert!(seen.len() > 60, "only {} keys found: the probe is broken", seen.len());
+    assert!(unknown.is_empty(), "keys neither live nor restart-only (or both): {unknown:?}");
+    // And no entry names a key the file does not have.
+    for k in LIVE.iter().copied().chain(RESTART.iter().map(|(k, _)| *k)) {
+        let section = k.split('.').next().unwrap();
+        assert!(
+            k.ends_with(".*") && seen.iter().any(|s| s.starts_with(&format!("{section}.")))
+                || seen.iter().any(|s| s == k),
+            "{k} is not a key of the file"
+        );
+    }
+}

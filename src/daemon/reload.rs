@@ -9,8 +9,8 @@
 //! [`RESTART`] keys hold what was bound or started once (sockets, the
 //! certificate, the next hop, the feedback store, the retraining thread);
 //! each is compared by its typed value and, when it changed, named in the
-//! "restart needed" warning. A test walks every key the file accepts and
-//! fails on one that is in neither list.
+//! "restart needed" warning. A test (`tests/docs.rs`) walks every key the
+//! file accepts and fails on one that is in neither list.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -191,41 +191,6 @@ impl Reloader {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Every key of a section, as the deserializer lists them when it
-    /// refuses an unknown one.
-    fn keys_of(section: &str) -> Vec<String> {
-        let toml = match section {
-            "" => "zz_not_a_key = 1\n".to_string(),
-            "departments" | "rules" => format!("[[{section}]]\nzz_not_a_key = 1\n"),
-            s => format!("[{s}]\nzz_not_a_key = 1\n"),
-        };
-        let err = Config::from_toml(&toml, "probe").unwrap_err().to_string();
-        let expected = err.split("expected").nth(1).unwrap_or_else(|| panic!("[{section}]: no key list in {err}"));
-        expected.split('`').skip(1).step_by(2).map(str::to_string).collect()
-    }
-
-    #[test]
-    fn every_key_of_the_file_is_either_applied_live_or_named_for_a_restart() {
-        let mut unknown = Vec::new();
-        let mut seen = 0;
-        for section in keys_of("") {
-            for key in keys_of(&section) {
-                seen += 1;
-                let key = format!("{section}.{key}");
-                if apply_of(&key).is_none() {
-                    unknown.push(key);
-                }
-            }
-        }
-        assert!(seen > 60, "only {seen} keys found: the probe is broken");
-        assert!(unknown.is_empty(), "keys neither live nor restart-only (or both): {unknown:?}");
-        // And no entry names a key the file does not have.
-        for k in LIVE.iter().copied().chain(RESTART.iter().map(|(k, _)| *k)) {
-            let (section, key) = k.split_once('.').unwrap();
-            assert!(key == "*" || keys_of(section).iter().any(|x| x == key), "{k} is not a key of the file");
-        }
-    }
 
     #[test]
     fn a_changed_restart_key_is_named_and_a_live_one_is_not() {
