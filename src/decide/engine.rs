@@ -26,6 +26,7 @@ use thiserror::Error;
 
 use super::policy::{Decision, Policy};
 use super::rules::{RuleError, RuleSet};
+use crate::domain::DepartmentId;
 use crate::message::envelope::Envelope;
 use crate::message::extract::{extract, ExtractLimits, Features};
 use crate::message::language;
@@ -159,7 +160,7 @@ struct ModelStage {
     classifier: Arc<Classifier>,
     cache: EmbeddingCache,
     /// Head label → configured department.
-    departments: HashMap<String, String>,
+    departments: HashMap<String, DepartmentId>,
 }
 
 /// Rules, model and policy built from one configuration.
@@ -197,19 +198,20 @@ impl Engine {
             None => None,
             Some(m) => {
                 let descriptions: Vec<(String, Vec<String>)> = cfg
-                    .departments
+                    .catalog
+                    .departments()
                     .iter()
                     .map(|d| {
-                        (d.name.clone(), std::iter::once(d.description.clone()).chain(d.examples.clone()).collect())
+                        (d.id.to_string(), std::iter::once(d.description.clone()).chain(d.examples.clone()).collect())
                     })
                     .collect();
                 let classifier = Arc::new(model::load(m, &descriptions)?);
                 let mut departments = HashMap::new();
                 let mut unmapped = Vec::new();
                 for label in classifier.department_labels() {
-                    match cfg.department_for_label(&label) {
+                    match cfg.catalog.for_label(&label) {
                         Some(d) => {
-                            departments.insert(label, d.to_string());
+                            departments.insert(label, d.clone());
                         }
                         None => unmapped.push(label),
                     }
@@ -264,8 +266,8 @@ impl Engine {
     }
 
     /// The configured department a head label stands for.
-    pub fn department_of_label(&self, label: &str) -> Option<&str> {
-        self.model.as_ref()?.departments.get(label).map(String::as_str)
+    pub fn department_of_label(&self, label: &str) -> Option<&DepartmentId> {
+        self.model.as_ref()?.departments.get(label)
     }
 
     /// `model:<id> (department=…, priority=…)`, or `none`.
@@ -411,7 +413,7 @@ impl Engine {
         let ModelVerdict { department, priority } = verdict;
         let id = if lexical { format!("{}/lexical", m.classifier.id) } else { m.classifier.id.clone() };
         let mut d = self.policy.decide_model(
-            &m.departments[&department.label],
+            m.departments[&department.label].as_str(),
             department.confidence,
             priority.as_ref().map(|p| p.label.as_str()),
             &id,

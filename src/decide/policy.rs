@@ -72,12 +72,13 @@ impl Policy {
     pub fn new(cfg: &Config) -> Self {
         Self {
             mode: cfg.server.mode,
-            default_department: DepartmentId::new(&cfg.defaults.department),
-            default_priority: PriorityId::new(&cfg.defaults.priority),
+            default_department: cfg.catalog.default_department().clone(),
+            default_priority: cfg.catalog.default_priority().clone(),
             departments: cfg
-                .departments
+                .catalog
+                .departments()
                 .iter()
-                .map(|d| (DepartmentId::new(&d.name), d.mailbox.clone(), d.action))
+                .map(|d| (d.id.clone(), d.mailbox.clone(), d.action))
                 .collect(),
             review_below: cfg.policy.review_below,
             review_mailbox: cfg.policy.review_mailbox.clone(),

@@ -528,6 +528,10 @@ pub struct Config {
     /// configuration in the audit trail and logs.
     #[serde(skip)]
     pub version: String,
+    /// The departments and priorities as typed ids, built once the file
+    /// is valid (the second stage of the settings).
+    #[serde(skip)]
+    pub catalog: super::Catalog,
 }
 
 /// Where the encoder runs.
@@ -691,9 +695,10 @@ impl Config {
         }
         // Re-serialising loses spans, so deserialise from the text when no
         // override applied: its errors point at the line and column.
-        let cfg: Config = if env.is_empty() { toml::from_str(text) } else { toml::Table::try_into(table) }
+        let mut cfg: Config = if env.is_empty() { toml::from_str(text) } else { toml::Table::try_into(table) }
             .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
         cfg.validate(origin)?;
+        cfg.catalog = super::Catalog::new(&cfg);
         Ok(cfg)
     }
 
@@ -942,21 +947,6 @@ impl Config {
             }
         }
     }
-
-    pub fn department(&self, name: &str) -> Option<&DepartmentConfig> {
-        self.departments.iter().find(|d| d.name == name)
-    }
-
-    /// The department a head label means: one that lists it in `labels`, or
-    /// one named like it, or the default department by name.
-    pub fn department_for_label(&self, label: &str) -> Option<&str> {
-        self.departments
-            .iter()
-            .find(|d| d.labels.iter().any(|l| l == label))
-            .or_else(|| self.departments.iter().find(|d| d.name == label))
-            .map(|d| d.name.as_str())
-            .or((label == self.defaults.department).then_some(self.defaults.department.as_str()))
-    }
 }
 
 /// Applies one `MAILTRIAGE__A__B=value` override to the TOML table. The value
@@ -1035,7 +1025,7 @@ priority = "high"
         assert_eq!(c.server.mode, Mode::Shadow);
         assert_eq!(c.server.decision_timeout, Duration::from_secs(5));
         assert_eq!(c.rules[0].priority.as_deref(), Some("high"));
-        assert_eq!(c.department("billing").unwrap().action, Action::Reroute);
+        assert_eq!(c.catalog.department("billing").unwrap().action, Action::Reroute);
     }
 
     #[test]

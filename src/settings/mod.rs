@@ -3,7 +3,9 @@
 //! so that every problem in a file is reported at once.
 
 mod address;
+mod catalog;
 mod file;
 
 pub use address::Cidr;
+pub use catalog::{Catalog, Department};
 pub use file::*;

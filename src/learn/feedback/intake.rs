@@ -12,7 +12,7 @@ use mail_parser::{MessageParser, PartType};
 use super::{FeedbackError, Labels};
 use crate::message::extract::{extract, ExtractLimits};
 use crate::model::model_text;
-use crate::settings::Config;
+use crate::settings::Catalog;
 
 /// The configured feedback address, split for matching.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +56,7 @@ impl FeedbackAddress {
 /// configured department (its first `labels` entry, else its name — a new
 /// department the next retraining will learn).
 pub fn resolve(
-    cfg: &Config,
+    catalog: &Catalog,
     department_labels: &[String],
     priority_labels: &[String],
     req: &Requested,
@@ -68,11 +68,11 @@ pub fn resolve(
             if let Some(l) = department_labels.iter().find(|l| l.eq_ignore_ascii_case(d)) {
                 return Ok(l.clone());
             }
-            match cfg.departments.iter().find(|c| c.name.eq_ignore_ascii_case(d)) {
-                Some(c) => Ok(c.labels.first().cloned().unwrap_or_else(|| c.name.clone())),
+            match catalog.department_ignoring_case(d) {
+                Some(c) => Ok(c.labels.first().cloned().unwrap_or_else(|| c.id.to_string())),
                 None => Err(FeedbackError::UnknownDepartment(
                     d.to_string(),
-                    cfg.departments.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+                    catalog.departments().iter().map(|c| c.id.as_str()).collect::<Vec<_>>().join(", "),
                 )),
             }
         })
@@ -189,6 +189,7 @@ fn strip_forward_prefix(subject: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::Config;
 
     fn cfg() -> Config {
         Config::from_toml(
@@ -223,7 +224,12 @@ name = "legal"
         let labels = vec!["Billing and Payments".to_string(), "Technical Support".to_string()];
         let prio = vec!["high".to_string(), "low".to_string()];
         let r = |d: &str, p: Option<&str>| {
-            resolve(&cfg(), &labels, &prio, &Requested { department: Some(d.into()), priority: p.map(Into::into) })
+            resolve(
+                &cfg().catalog,
+                &labels,
+                &prio,
+                &Requested { department: Some(d.into()), priority: p.map(Into::into) },
+            )
         };
         assert_eq!(r("billing", Some("HIGH")).unwrap().department.as_deref(), Some("Billing and Payments"));
         assert_eq!(r("billing", Some("HIGH")).unwrap().priority.as_deref(), Some("high"));
@@ -232,7 +238,7 @@ name = "legal"
         let e = r("hr", None).unwrap_err().to_string();
         assert!(e.contains("`hr`") && e.contains("billing, legal"), "{e}");
         assert!(r("billing", Some("urgent")).is_err());
-        assert!(resolve(&cfg(), &labels, &prio, &Requested::default()).is_err());
+        assert!(resolve(&cfg().catalog, &labels, &prio, &Requested::default()).is_err());
     }
 
     #[test]

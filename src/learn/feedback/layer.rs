@@ -19,7 +19,7 @@ use crate::model::lexical::{LexicalConfig, TermCounts};
 use crate::model::{encoder_text, ModelError};
 use crate::pipeline::{Filter, FilterError, MessageInput, Triage};
 use crate::record::audit::FeedbackHandling;
-use crate::settings::Config;
+use crate::settings::{Catalog, Config};
 
 /// What outlives a reload: the store connection and the recent decisions.
 #[derive(Clone)]
@@ -35,7 +35,7 @@ pub struct FeedbackLayer {
     address: Option<FeedbackAddress>,
     audit_copy: Option<String>,
     /// For resolving department names to head labels.
-    cfg: Config,
+    catalog: Catalog,
     link: Option<FeedbackLink>,
 }
 
@@ -48,7 +48,7 @@ impl FeedbackLayer {
             triage: Arc::new(triage),
             address: fb.and_then(|f| f.address.as_deref()).and_then(FeedbackAddress::parse),
             audit_copy: fb.and_then(|f| f.audit_copy.clone()),
-            cfg: cfg.clone(),
+            catalog: cfg.catalog.clone(),
             link: link.filter(|_| fb.is_some()),
         }
     }
@@ -157,7 +157,7 @@ impl FeedbackLayer {
             None => (Vec::new(), Vec::new()),
         };
         let recorder = self.triage.recorder();
-        let labels = match intake::resolve(&self.cfg, &department_labels, &priority_labels, requested) {
+        let labels = match intake::resolve(&self.catalog, &department_labels, &priority_labels, requested) {
             Ok(l) => l,
             Err(e) => {
                 recorder.refused(channel.as_str());
@@ -167,7 +167,7 @@ impl FeedbackLayer {
         let correction = features.correction(labels.clone(), channel, actor, message_hash);
         let id = link.store.insert(&correction)?;
         let label = labels.department.clone().unwrap_or_default();
-        let department = engine.department_of_label(&label).map(str::to_string).unwrap_or(label);
+        let department = engine.department_of_label(&label).map(|d| d.to_string()).unwrap_or(label);
         recorder.correction(&department, channel.as_str());
         tracing::info!(
             id,
