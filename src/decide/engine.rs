@@ -179,6 +179,15 @@ pub enum Message {
     Extracted(Features),
 }
 
+/// What the CPU-bound half hands back.
+struct Prepared {
+    features: Features,
+    extract_seconds: Option<f64>,
+    step: Step,
+    /// The language guess, when evidence was asked for.
+    language: Option<&'static str>,
+}
+
 /// Where the cascade stands after its CPU-bound half.
 enum Step {
     Done(Decision, Option<ModelPath>, Option<LexicalFeatures>),
@@ -304,7 +313,7 @@ impl Engine {
         Some((m.classifier.id.clone(), e))
     }
 
-    /// Decides on the calling thread (`classify`, `replay`, `eval`).
+    /// Decides on the calling thread (`classify`, `replay`).
     pub fn decide_now(self: &Arc<Self>, envelope: &Envelope, message: Message) -> Result<Decided, ModelError> {
         let direct = self.direct();
         let fut = self.decide(envelope.clone(), message, false, &direct);
@@ -327,7 +336,7 @@ impl Engine {
         embedder: &E,
     ) -> Result<Decided, ModelError> {
         let engine = Arc::clone(self);
-        let (features, extract_seconds, step, text) = embedder
+        let Prepared { features, extract_seconds, step, language } = embedder
             .run(move || {
                 let (features, extract_seconds) = match message {
                     Message::Raw(raw) => {
@@ -338,15 +347,16 @@ impl Engine {
                     Message::Extracted(f) => (f, None),
                 };
                 let (step, text) = engine.prepare(&envelope, &features);
-                // The text is kept only for the language guess of the evidence.
-                (features, extract_seconds, step, text.filter(|_| evidence))
+                let language = text.filter(|_| evidence).map(|t| language::detect(&t));
+                Prepared { features, extract_seconds, step, language }
             })
             .await?;
-        let language = |text: &Option<String>| text.as_deref().map_or("und", language::detect);
         let (decision, path, lex, embedding) = match step {
             Step::Done(d, path, lex) => (d, path, lex, None),
             Step::Encode { lex, text: for_encoder, key } => {
-                let m = self.model.as_ref().expect("Encode comes only from a model stage");
+                let Some(m) = self.model.as_ref() else {
+                    return Err(ModelError::Config("the encoder was asked for without a model".into()));
+                };
                 let (embedding, path) = match m.cache.get(&key) {
                     Some(e) => (Ok(e), ModelPath::Cache),
                     None => match embedder.embed(for_encoder).await {
@@ -372,7 +382,7 @@ impl Engine {
         let evidence = match (evidence, lex.and_then(|l| l.terms), &self.model) {
             (true, Some(terms), Some(m)) => Some(Evidence {
                 terms,
-                language: language(&text),
+                language: language.unwrap_or("und"),
                 embedding: embedding.map(|e| (m.classifier.id.clone(), e)),
             }),
             _ => None,
