@@ -98,11 +98,6 @@ impl Triage {
         self.recorder
     }
 
-    /// The configuration version this set was built from.
-    pub fn config_version(&self) -> &str {
-        &self.context.config_version
-    }
-
     pub fn rule_count(&self) -> usize {
         self.engine.rule_count()
     }

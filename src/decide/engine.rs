@@ -287,11 +287,6 @@ impl Engine {
         }
     }
 
-    /// Head versions (`department=v3 priority=none`), when a model is loaded.
-    pub fn head_versions(&self) -> Option<String> {
-        self.model.as_ref().map(|m| m.classifier.versions())
-    }
-
     /// Extraction under this configuration's limits.
     pub fn extract(&self, raw: &[u8]) -> Features {
         extract(raw, self.limits)
