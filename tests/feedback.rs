@@ -133,8 +133,12 @@ fn forward(t: &Ticket, department: &str) -> Mail<'static> {
     }
 }
 
+/// The complete lines of a JSONL file another process is appending to (a
+/// last line without its newline is still being written).
 fn lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool, log: impl Fn() -> String) {

@@ -175,7 +175,9 @@ impl Registry {
             .append(true)
             .open(&path)
             .map_err(|source| HeadsError::Io { path: path.clone(), source })?;
-        writeln!(f, "{entry}").map_err(|source| HeadsError::Io { path, source })
+        // One write of the whole line: `writeln!` on a File writes it in
+        // pieces, and a reader (a test, a tail) could see half a line.
+        f.write_all(format!("{entry}\n").as_bytes()).map_err(|source| HeadsError::Io { path, source })
     }
 }
 
