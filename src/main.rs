@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mailtriage::daemon;
-use mailtriage::settings::Config;
+use mailtriage::settings::{Config, ConfigError};
 
 use cli::{Cli, Command, ModelCommand};
 use cmd::{learn, offline};
@@ -19,11 +19,18 @@ fn main() -> ExitCode {
     let config_path = cli.config_path();
     let cfg = match Config::load(&config_path) {
         Ok(c) => c,
-        Err(e) => {
-            // One line per problem: validation reports all of them at once.
-            for line in e.to_string().lines() {
-                eprintln!("mailtriage: invalid configuration: {line}");
+        Err(ConfigError::Invalid { path, problems }) => {
+            // Validation reports every problem at once: one entry each, an
+            // explanation over several lines (a regex error) indented under it.
+            for p in problems {
+                let mut lines = p.message.lines();
+                eprintln!("mailtriage: invalid configuration: {path}: `{}`: {}", p.key, lines.next().unwrap_or(""));
+                lines.for_each(|l| eprintln!("    {l}"));
             }
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("mailtriage: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
