@@ -135,7 +135,7 @@ impl Triage {
         features: Features,
         header_names: &[String],
     ) -> Result<Outcome, ModelError> {
-        self.decide_message(envelope, Message::Extracted(features), header_names)
+        self.decide_message(envelope, Message::Extracted(Box::new(features)), header_names)
     }
 
     fn decide_message(&self, envelope: &Envelope, m: Message, header_names: &[String]) -> Result<Outcome, ModelError> {

@@ -176,7 +176,7 @@ pub struct Engine {
 /// envelope from them first).
 pub enum Message {
     Raw(Vec<u8>),
-    Extracted(Features),
+    Extracted(Box<Features>),
 }
 
 /// What the CPU-bound half hands back.
@@ -339,7 +339,7 @@ impl Engine {
                         let f = engine.extract(&raw);
                         (f, Some(t.elapsed().as_secs_f64()))
                     }
-                    Message::Extracted(f) => (f, None),
+                    Message::Extracted(f) => (*f, None),
                 };
                 let (step, text) = engine.prepare(&envelope, &features);
                 let language = text.filter(|_| evidence).map(|t| language::detect(&t));
