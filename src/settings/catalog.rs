@@ -2,7 +2,7 @@
 //! configuration as typed ids, built once when the file is loaded, so every
 //! stage reads the same catalog instead of re-reading the file's strings.
 
-use super::file::Config;
+use super::file::{Config, DefaultsConfig};
 use crate::domain::{Action, DepartmentId, PriorityId};
 
 /// One configured department.
@@ -19,7 +19,7 @@ pub struct Department {
 }
 
 /// The departments and priorities mail can be routed to.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Catalog {
     departments: Vec<Department>,
     default_department: DepartmentId,
@@ -27,15 +27,16 @@ pub struct Catalog {
     default_priority: PriorityId,
 }
 
-impl Default for DepartmentId {
+/// The catalog of a file with no departments and the default `[defaults]`.
+impl Default for Catalog {
     fn default() -> Self {
-        DepartmentId::new("general")
-    }
-}
-
-impl Default for PriorityId {
-    fn default() -> Self {
-        PriorityId::new("medium")
+        let d = DefaultsConfig::default();
+        Catalog {
+            departments: Vec::new(),
+            default_department: DepartmentId::new(d.department),
+            priorities: d.priorities.into_iter().map(PriorityId::new).collect(),
+            default_priority: PriorityId::new(d.priority),
+        }
     }
 }
 
@@ -118,5 +119,7 @@ mod tests {
         assert_eq!(c.for_label("Sales"), None);
         assert_eq!(c.department_ignoring_case("BILLING").map(|d| d.action), Some(Action::Reroute));
         assert_eq!(c.default_priority(), &PriorityId::new("medium"));
+        // A Config made in code (not loaded) has the catalog of the default [defaults].
+        assert_eq!(Config::default().catalog, Catalog::new(&Config::default()));
     }
 }
