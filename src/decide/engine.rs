@@ -9,10 +9,12 @@
 //! 6. the policy (department action, review threshold, mode).
 //!
 //! When the encoder cannot answer in time (queue full, deadline passed) the
-//! lexical heads decide rather than nobody. The daemon, `classify`, `replay`
-//! and `eval` all go through [`Engine::decide`]; they differ only in the
+//! lexical heads decide rather than nobody. The daemon, `classify` and
+//! `replay` all go through [`Engine::decide`]; they differ only in the
 //! [`Embedder`]: [`Direct`] embeds on the calling thread, [`Queued`] through
 //! the bounded inference queue, with the CPU-bound half off the reactor.
+//! (`eval` measures one head over a data set with bulk embeddings, not
+//! decisions; it shares the heads' own cascade test, `predict_lexical`.)
 //!
 //! The engine loads the heads named in the `[model]` settings it is given;
 //! which head version is current is the caller's business.
@@ -111,8 +113,8 @@ pub trait Embedder: Send + Sync {
     fn embed(&self, text: String) -> impl Future<Output = Result<Vec<f32>, ModelError>> + Send;
 }
 
-/// Everything on the calling thread: `classify`, `replay`, `eval`, the
-/// feedback pipe. Its futures never wait, so [`Engine::decide_now`] drives
+/// Everything on the calling thread: `classify` and `replay`. Its futures
+/// never wait, so [`Engine::decide_now`] drives
 /// them without a runtime.
 pub struct Direct(pub Option<Arc<Encoder>>);
 
@@ -301,11 +303,23 @@ impl Engine {
     pub async fn embedding<E: Embedder>(&self, text: String, embedder: &E) -> Option<(String, Vec<f32>)> {
         let m = self.model.as_ref()?;
         let key = EmbeddingCache::key(&text);
-        let e = match m.cache.get(&key) {
-            Some(e) => e.to_vec(),
-            None => embedder.embed(text).await.ok()?,
-        };
-        Some((m.classifier.id.clone(), e))
+        let (e, _) = Self::cached_or_embedded(m, key, text, embedder).await;
+        Some((m.classifier.id.clone(), e.ok()?.to_vec()))
+    }
+
+    /// The embedding of `text` (its cache `key`) from the cache, else from
+    /// the encoder, and which of the two answered. Only the decision path
+    /// fills the cache.
+    async fn cached_or_embedded<E: Embedder>(
+        m: &ModelStage,
+        key: [u8; 16],
+        text: String,
+        embedder: &E,
+    ) -> (Result<Arc<[f32]>, ModelError>, ModelPath) {
+        match m.cache.get(&key) {
+            Some(e) => (Ok(e), ModelPath::Cache),
+            None => (embedder.embed(text).await.map(Arc::from), ModelPath::Encoder),
+        }
     }
 
     /// Decides on the calling thread (`classify`, `replay`).
@@ -352,19 +366,14 @@ impl Engine {
                 let Some(m) = self.model.as_ref() else {
                     return Err(ModelError::Config("the encoder was asked for without a model".into()));
                 };
-                let (embedding, path) = match m.cache.get(&key) {
-                    Some(e) => (Ok(e), ModelPath::Cache),
-                    None => match embedder.embed(for_encoder).await {
-                        Ok(e) => {
-                            let e: Arc<[f32]> = Arc::from(e);
-                            m.cache.insert(key, e.clone());
-                            (Ok(e), ModelPath::Encoder)
-                        }
-                        Err(e) => (Err(e), ModelPath::Overload),
-                    },
-                };
+                let (embedding, path) = Self::cached_or_embedded(m, key, for_encoder, embedder).await;
                 match embedding {
-                    Ok(e) => (self.model_decision(m, &lex, Some(&e)), Some(path), Some(lex), Some(e)),
+                    Ok(e) => {
+                        if path == ModelPath::Encoder {
+                            m.cache.insert(key, e.clone());
+                        }
+                        (self.model_decision(m, &lex, Some(&e)), Some(path), Some(lex), Some(e))
+                    }
                     Err(e @ (ModelError::Overloaded(_) | ModelError::Timeout(_))) => {
                         let Some(d) = self.lexical_fallback(m, &lex) else { return Err(e) };
                         tracing::debug!(reason = %e, "encoder unavailable in time; the lexical heads decided");
