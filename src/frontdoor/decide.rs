@@ -107,29 +107,17 @@ pub async fn decide<F: Filter, K: KeepAlive>(
             metrics::counter!(name::FAILED_OPEN, "reason" => kind, "front" => caller.front).increment(1);
             // Error text may quote message content: mask personal data before logging it.
             let reason = redact(&reason).into_owned();
+            let (verdict, on_error, what) = match settings.on_error {
+                OnError::Accept => (
+                    Verdict::Deliver(Plan::strip_inbound(&header_names)),
+                    "accept",
+                    "decision failed; delivering unrouted",
+                ),
+                OnError::Tempfail => (Verdict::Tempfail, "tempfail", "decision failed; asking the client to retry"),
+            };
             let queue_id = caller.queue_id.unwrap_or("-");
-            match settings.on_error {
-                OnError::Accept => {
-                    tracing::warn!(
-                        front = caller.front,
-                        queue_id,
-                        reason,
-                        on_error = "accept",
-                        "decision failed; delivering unrouted"
-                    );
-                    Verdict::Deliver(Plan::strip_inbound(&header_names))
-                }
-                OnError::Tempfail => {
-                    tracing::warn!(
-                        front = caller.front,
-                        queue_id,
-                        reason,
-                        on_error = "tempfail",
-                        "decision failed; asking the client to retry"
-                    );
-                    Verdict::Tempfail
-                }
-            }
+            tracing::warn!(front = caller.front, queue_id, reason, on_error, "{what}");
+            verdict
         }
     })
 }
