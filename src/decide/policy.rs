@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::decide::rules::RuleMatch;
 pub use crate::domain::Action;
 use crate::domain::{DepartmentId, Mode, PriorityId};
-use crate::settings::Config;
+use crate::settings::{Catalog, Config};
 
 /// What decided the department.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +60,8 @@ pub struct Decision {
 #[derive(Debug, Clone)]
 pub struct Policy {
     mode: Mode,
-    default_department: DepartmentId,
-    default_priority: PriorityId,
-    /// Each configured department: its mailbox and action.
-    departments: Vec<(DepartmentId, Option<String>, Action)>,
+    /// The departments' mailboxes and actions, and the defaults.
+    catalog: Catalog,
     review_below: f32,
     review_mailbox: Option<String>,
 }
@@ -72,14 +70,7 @@ impl Policy {
     pub fn new(cfg: &Config) -> Self {
         Self {
             mode: cfg.server.mode,
-            default_department: cfg.catalog.default_department().clone(),
-            default_priority: cfg.catalog.default_priority().clone(),
-            departments: cfg
-                .catalog
-                .departments()
-                .iter()
-                .map(|d| (d.id.clone(), d.mailbox.clone(), d.action))
-                .collect(),
+            catalog: cfg.catalog.clone(),
             review_below: cfg.policy.review_below,
             review_mailbox: cfg.policy.review_mailbox.clone(),
         }
@@ -88,7 +79,7 @@ impl Policy {
     /// Decides from the classifier: `department` is already mapped to a
     /// configured department; an unsure one goes to human review.
     pub fn decide_model(&self, department: &str, confidence: f32, priority: Option<&str>, model_id: &str) -> Decision {
-        let priority = priority.unwrap_or(self.default_priority.as_str());
+        let priority = priority.unwrap_or(self.catalog.default_priority().as_str());
         let mut d = self.route(department, priority, confidence, Source::Model(model_id.into()));
         if let Some(mailbox) = self.review_mailbox.as_ref().filter(|_| confidence < self.review_below) {
             d.action = Action::Review;
@@ -101,22 +92,21 @@ impl Policy {
     pub fn decide(&self, rule: Option<RuleMatch<'_>>) -> Decision {
         match rule {
             Some(m) => {
-                let priority = m.priority.unwrap_or(self.default_priority.as_str());
+                let priority = m.priority.unwrap_or(self.catalog.default_priority().as_str());
                 self.route(m.department, priority, 1.0, Source::Rule(m.rule.into()))
             }
-            None => self.route(self.default_department.as_str(), self.default_priority.as_str(), 0.0, Source::Default),
+            None => {
+                let (department, priority) = (self.catalog.default_department(), self.catalog.default_priority());
+                self.route(department.as_str(), priority.as_str(), 0.0, Source::Default)
+            }
         }
     }
 
     /// The department's configured action and mailbox. A department that is
     /// only a label (the default one need not be listed) is tagged.
     fn route(&self, department: &str, priority: &str, confidence: f32, source: Source) -> Decision {
-        let (mailbox, action) = self
-            .departments
-            .iter()
-            .find(|(n, _, _)| n == department)
-            .map(|(_, m, a)| (m.clone(), *a))
-            .unwrap_or((None, Action::Tag));
+        let (mailbox, action) =
+            self.catalog.department(department).map_or((None, Action::Tag), |d| (d.mailbox.clone(), d.action));
         Decision {
             department: department.into(),
             priority: priority.into(),
