@@ -240,13 +240,15 @@ impl Filter for Arc<FeedbackLayer> {
         }
         let (plan, evidence) = self.triage.triage(msg, self.link.is_some()).await?;
         if let (Some((message_id, e)), Some(link)) = (evidence, &self.link) {
-            link.recent.insert(&message_id, features_of(e));
+            link.recent.insert(&message_id, e.into());
         }
         Ok(plan)
     }
 }
 
 /// A decision's evidence as a correction keeps it.
-fn features_of(e: Evidence) -> MessageFeatures {
-    MessageFeatures { terms: e.terms, language: e.language, embedding: e.embedding.map(|(id, v)| (id, v.to_vec())) }
+impl From<Evidence> for MessageFeatures {
+    fn from(e: Evidence) -> Self {
+        MessageFeatures { terms: e.terms, language: e.language, embedding: e.embedding.map(|(id, v)| (id, v.to_vec())) }
+    }
 }
