@@ -345,6 +345,26 @@ mod tests {
         }
     }
 
+    #[test]
+    fn serde_writes_the_typed_fields_as_the_audit_trail_always_spelled_them() {
+        let v = serde_json::to_value(record(1)).unwrap();
+        assert_eq!(
+            (&v["outcome"], &v["source"], &v["action"], &v["mode"], &v["department"]),
+            (&"decided".into(), &"rule:invoices".into(), &"reroute".into(), &"enforce".into(), &"billing".into())
+        );
+        for (handling, spelled) in [(FeedbackHandling::AuditCopy, "audit_copy"), (FeedbackHandling::Discard, "discard")]
+        {
+            let v = serde_json::to_value(record(1).feedback("recorded 7", handling)).unwrap();
+            assert_eq!(
+                (&v["outcome"], &v["source"], &v["action"]),
+                (&"feedback".into(), &"feedback".into(), &spelled.into())
+            );
+            assert_eq!(v["reason"], "recorded 7");
+        }
+        let v = serde_json::to_value(record(1).failed("timeout")).unwrap();
+        assert_eq!((&v["outcome"], &v["reason"]), (&"failed".into(), &"timeout".into()));
+    }
+
     fn cfg(dir: &Path, max_bytes: u64) -> AuditConfig {
         AuditConfig {
             path: dir.join("audit.jsonl"),
