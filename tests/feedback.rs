@@ -53,7 +53,7 @@ fn splits() -> (Vec<Ticket>, Vec<Ticket>, Vec<Ticket>, Vec<Ticket>) {
             continue;
         }
         all.push(t());
-        if (id / 5) % 5 == 0 {
+        if (id / 5).is_multiple_of(5) {
             initial.push(t());
         } else {
             rest.push(t());
