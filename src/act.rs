@@ -8,6 +8,8 @@ use serde::Serialize;
 
 use crate::decide::policy::{Action, Decision};
 use crate::message::envelope::Envelope;
+use crate::message::headers;
+use crate::scope::InScope;
 use crate::settings::Mode;
 
 /// Every header we add starts with this; inbound ones are removed first.
@@ -57,8 +59,10 @@ impl Plan {
         Plan { changes: inbound_removals(header_names) }
     }
 
-    /// The full plan for a decision.
-    pub fn for_decision(decision: &Decision, envelope: &Envelope, header_names: &[String]) -> Plan {
+    /// The full plan for a decision. A reroute or review replaces only the
+    /// recipients in `scope` (each named in an `X-Triage-Original-Recipient`
+    /// header); every other recipient keeps the message.
+    pub fn for_decision(decision: &Decision, envelope: &Envelope, scope: &InScope, header_names: &[String]) -> Plan {
         let mut changes = inbound_removals(header_names);
         let header = |name: &str, value: String| Change::AddHeader { name: format!("{HEADER_PREFIX}{name}"), value };
         changes.push(header("Department", decision.department.to_string()));
@@ -77,7 +81,12 @@ impl Plan {
         let has = |addr: &str| envelope.rcpts.iter().any(|r| r.eq_ignore_ascii_case(addr));
         match (decision.action, decision.mailbox.as_deref()) {
             (Action::Reroute | Action::Review, Some(mailbox)) => {
-                for r in envelope.rcpts.iter().filter(|r| !r.eq_ignore_ascii_case(mailbox)) {
+                let replaced: Vec<&String> =
+                    scope.recipients.iter().filter(|r| !r.eq_ignore_ascii_case(mailbox)).collect();
+                for r in &replaced {
+                    changes.push(header("Original-Recipient", r.to_string()));
+                }
+                for r in replaced {
                     changes.push(Change::DeleteRecipient { address: r.clone() });
                 }
                 if !has(mailbox) {
@@ -109,7 +118,7 @@ impl Plan {
     /// count occurrences per name as the MTA would; added headers go at the end
     /// of the header block, with the message's own line ending.
     pub fn apply_to_message(&self, raw: &[u8]) -> Vec<u8> {
-        let mut fields = header_fields(raw);
+        let mut fields = headers::fields(raw);
         let end = fields.last().map_or(0, |f| f.end);
         for change in &self.changes {
             if let Change::RemoveHeader { name, index } = change {
@@ -169,22 +178,6 @@ impl Plan {
     }
 }
 
-/// One header field in a raw message: its bytes `start..end`, continuation
-/// lines and line ending included.
-#[derive(Debug, Clone, Copy)]
-struct Field {
-    start: usize,
-    end: usize,
-}
-
-impl Field {
-    fn name<'a>(&self, raw: &'a [u8]) -> &'a [u8] {
-        let line = &raw[self.start..self.end];
-        let colon = line.iter().position(|&b| b == b':').unwrap_or(line.len());
-        trim_ascii(&line[..colon])
-    }
-}
-
 /// The message's own line ending: what its first line ends with (CRLF if none).
 fn line_ending(raw: &[u8]) -> &'static [u8] {
     match raw.iter().position(|&b| b == b'\n') {
@@ -193,43 +186,10 @@ fn line_ending(raw: &[u8]) -> &'static [u8] {
     }
 }
 
-fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
-    &b[start..end]
-}
-
-/// The header fields of a raw message, up to the empty line (or the first
-/// line that is neither a field nor a continuation: the body starts there).
-fn header_fields(raw: &[u8]) -> Vec<Field> {
-    let mut fields: Vec<Field> = Vec::new();
-    let mut pos = 0;
-    while pos < raw.len() {
-        let line_end = raw[pos..].iter().position(|&b| b == b'\n').map_or(raw.len(), |p| pos + p + 1);
-        let line = &raw[pos..line_end];
-        let content = line.strip_suffix(b"\n").map(|l| l.strip_suffix(b"\r").unwrap_or(l)).unwrap_or(line);
-        if content.is_empty() {
-            break;
-        }
-        if matches!(content[0], b' ' | b'\t') {
-            match fields.last_mut() {
-                Some(f) => f.end = line_end,
-                None => break,
-            }
-        } else if content.iter().position(|&b| b == b':').is_some_and(|c| c > 0) {
-            fields.push(Field { start: pos, end: line_end });
-        } else {
-            break;
-        }
-        pos = line_end;
-    }
-    fields
-}
-
 /// Names of a raw message's header fields, in order (what
 /// [`Plan::strip_inbound`] and [`Plan::for_decision`] count removals against).
 pub fn header_names(raw: &[u8]) -> Vec<String> {
-    header_fields(raw).iter().map(|f| String::from_utf8_lossy(f.name(raw)).into_owned()).collect()
+    headers::names(raw)
 }
 
 /// Removals for every inbound `X-Triage-*` header. Per name, the highest
@@ -272,8 +232,13 @@ mod tests {
         Envelope {
             mail_from: "s@x.example".into(),
             rcpts: rcpts.iter().map(|s| s.to_string()).collect(),
-            queue_id: None,
+            ..Default::default()
         }
+    }
+
+    /// The plan with every recipient in scope.
+    fn plan(d: &Decision, e: &Envelope, names: &[String]) -> Plan {
+        Plan::for_decision(d, e, &InScope { recipients: e.rcpts.clone(), auto: None }, names)
     }
 
     fn names(v: &[&str]) -> Vec<String> {
@@ -282,11 +247,14 @@ mod tests {
 
     #[test]
     fn reroute_replaces_recipients_after_headers() {
-        let p = Plan::for_decision(&decision(Action::Reroute, Mode::Enforce), &env(&["a@x", "b@x"]), &[]);
+        let p = plan(&decision(Action::Reroute, Mode::Enforce), &env(&["a@x", "b@x"]), &[]);
         let tail: Vec<_> = p.changes[5..].to_vec();
+        let original = |a: &str| Change::AddHeader { name: "X-Triage-Original-Recipient".into(), value: a.into() };
         assert_eq!(
             tail,
             vec![
+                original("a@x"),
+                original("b@x"),
                 Change::DeleteRecipient { address: "a@x".into() },
                 Change::DeleteRecipient { address: "b@x".into() },
                 Change::AddRecipient { address: "billing@example.com".into() },
@@ -299,17 +267,43 @@ mod tests {
     #[test]
     fn reroute_keeps_a_recipient_that_already_is_the_mailbox() {
         let p =
-            Plan::for_decision(&decision(Action::Reroute, Mode::Enforce), &env(&["Billing@example.com", "b@x"]), &[]);
+            plan(&decision(Action::Reroute, Mode::Enforce), &env(&["Billing@example.com", "b@x"]), &[]);
         assert!(!p.changes.iter().any(|c| matches!(c, Change::AddRecipient { .. })));
         assert_eq!(p.changes.iter().filter(|c| matches!(c, Change::DeleteRecipient { .. })).count(), 1);
     }
 
     #[test]
+    fn reroute_replaces_only_the_recipients_in_scope_and_reaches_the_mailbox_once() {
+        let e = env(&["info@example.com", "ceo@example.com", "contact@example.com"]);
+        let scope = InScope { recipients: vec!["info@example.com".into(), "contact@example.com".into()], auto: None };
+        for action in [Action::Reroute, Action::Review] {
+            let p = Plan::for_decision(&decision(action, Mode::Enforce), &e, &scope, &[]);
+            assert_eq!(p.apply_to_recipients(&e.rcpts), ["ceo@example.com", "billing@example.com"]);
+            let originals: Vec<&str> = p
+                .changes
+                .iter()
+                .filter_map(|c| match c {
+                    Change::AddHeader { name, value } if name == "X-Triage-Original-Recipient" => Some(value.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(originals, ["info@example.com", "contact@example.com"]);
+            assert_eq!(p.changes.iter().filter(|c| matches!(c, Change::AddRecipient { .. })).count(), 1);
+        }
+        // The mailbox itself in scope: kept, not named as replaced.
+        let scope = InScope { recipients: vec!["billing@example.com".into()], auto: None };
+        let e = env(&["billing@example.com", "ceo@example.com"]);
+        let p = Plan::for_decision(&decision(Action::Reroute, Mode::Enforce), &e, &scope, &[]);
+        assert!(!p.changes_recipients());
+        assert!(!p.changes.iter().any(|c| matches!(c, Change::AddHeader { name, .. } if name.ends_with("Original-Recipient"))));
+    }
+
+    #[test]
     fn copy_adds_and_quarantine_holds() {
-        let p = Plan::for_decision(&decision(Action::Copy, Mode::Enforce), &env(&["a@x"]), &[]);
+        let p = plan(&decision(Action::Copy, Mode::Enforce), &env(&["a@x"]), &[]);
         assert_eq!(p.changes.last(), Some(&Change::AddRecipient { address: "billing@example.com".into() }));
         assert!(!p.changes.iter().any(|c| matches!(c, Change::DeleteRecipient { .. })));
-        let p = Plan::for_decision(&decision(Action::Quarantine, Mode::Enforce), &env(&["a@x"]), &[]);
+        let p = plan(&decision(Action::Quarantine, Mode::Enforce), &env(&["a@x"]), &[]);
         assert!(matches!(p.changes.last(), Some(Change::Quarantine { .. })));
         assert!(!p.changes_recipients());
     }
@@ -317,7 +311,7 @@ mod tests {
     #[test]
     fn shadow_mode_never_touches_recipients() {
         for action in [Action::Reroute, Action::Copy, Action::Review, Action::Quarantine] {
-            let p = Plan::for_decision(&decision(action, Mode::Shadow), &env(&["a@x"]), &[]);
+            let p = plan(&decision(action, Mode::Shadow), &env(&["a@x"]), &[]);
             assert!(!p.changes_recipients());
             assert!(!p.changes.iter().any(|c| matches!(c, Change::Quarantine { .. })));
             assert!(p.changes.contains(&Change::AddHeader { name: "X-Triage-Mode".into(), value: "shadow".into() }));
@@ -329,15 +323,16 @@ mod tests {
         let raw = b"Received: a\r\nX-Triage-Department: ceo\r\nSubject: hi\r\n there\r\nx-triage-department: x\r\n\r\nbody\r\n";
         let names = header_names(raw);
         assert_eq!(names, ["Received", "X-Triage-Department", "Subject", "x-triage-department"]);
-        let p = Plan::for_decision(&decision(Action::Reroute, Mode::Enforce), &env(&["a@x", "b@x"]), &names);
+        let p = plan(&decision(Action::Reroute, Mode::Enforce), &env(&["a@x", "b@x"]), &names);
         let out = String::from_utf8(p.apply_to_message(raw)).unwrap();
         assert_eq!(
             out,
             "Received: a\r\nSubject: hi\r\n there\r\nX-Triage-Department: billing\r\nX-Triage-Priority: high\r\n\
-             X-Triage-Confidence: 1.00\r\nX-Triage-Source: rule:invoices\r\nX-Triage-Action: reroute\r\n\r\nbody\r\n"
+             X-Triage-Confidence: 1.00\r\nX-Triage-Source: rule:invoices\r\nX-Triage-Action: reroute\r\n\
+             X-Triage-Original-Recipient: a@x\r\nX-Triage-Original-Recipient: b@x\r\n\r\nbody\r\n"
         );
         assert_eq!(p.apply_to_recipients(&["a@x".into(), "b@x".into()]), ["billing@example.com"]);
-        let copy = Plan::for_decision(&decision(Action::Copy, Mode::Enforce), &env(&["a@x"]), &[]);
+        let copy = plan(&decision(Action::Copy, Mode::Enforce), &env(&["a@x"]), &[]);
         assert_eq!(copy.apply_to_recipients(&["a@x".into()]), ["a@x", "billing@example.com"]);
         // LF-only, headers without a body, and no headers at all.
         let tag = Plan { changes: vec![Change::AddHeader { name: "X-Triage-A".into(), value: "1".into() }] };
@@ -360,7 +355,7 @@ mod tests {
                 Change::RemoveHeader { name: "X-Triage-Department".into(), index: 1 },
             ]
         );
-        let full = Plan::for_decision(&decision(Action::Tag, Mode::Enforce), &env(&["a@x"]), &hdrs);
+        let full = plan(&decision(Action::Tag, Mode::Enforce), &env(&["a@x"]), &hdrs);
         assert_eq!(full.changes[..3], p.changes[..]);
     }
 }

@@ -38,13 +38,24 @@ pub enum Command {
     /// Decide message files offline and print, per file, one JSON object with
     /// the decision and the exact changes the milter would make.
     Classify {
-        /// Envelope sender to assume (default: none, the null sender).
-        #[arg(long, default_value = "")]
-        mail_from: String,
+        /// Envelope sender to assume (default: the From address; `""` for the
+        /// null sender of a bounce).
+        #[arg(long)]
+        mail_from: Option<String>,
         /// Envelope recipient to assume; repeat for several. Default: the
         /// addresses in To and Cc.
         #[arg(long = "rcpt")]
         rcpts: Vec<String>,
+        /// The SMTP client's address to assume (for `scope.skip_networks`
+        /// and `scope.trusted_relays`).
+        #[arg(long)]
+        client_addr: Option<std::net::IpAddr>,
+        /// Assume the sender authenticated (for `scope.skip_authenticated`).
+        #[arg(long)]
+        authenticated: bool,
+        /// The MTA listener to assume, its `{daemon_name}` (for `scope.skip_listeners`).
+        #[arg(long)]
+        listener: Option<String>,
         /// RFC 5322 message files (.eml; a leading mbox "From " line is skipped).
         #[arg(required = true)]
         files: Vec<PathBuf>,

@@ -10,20 +10,24 @@
 //!    [`Filter`] they call, the timed decision (deadline, keepalive,
 //!    `on_error`, one metric and one log line), the listeners and the
 //!    byte budget.
-//! 2. **Message**: [`message`] holds the envelope and extracts features
+//! 2. **Scope**: [`scope`] says whether a message is triaged at all
+//!    (recipients, authenticated senders, networks, listeners, automatic
+//!    mail, a trusted hop's own headers) and which recipients a reroute may
+//!    replace.
+//! 3. **Message**: [`message`] holds the envelope and extracts features
 //!    from MIME (text of every part, HTML → text, bounded, never panics).
-//! 3. **Decide**: [`decide`] runs one cascade, rules → lexical heads →
+//! 4. **Decide**: [`decide`] runs one cascade, rules → lexical heads →
 //!    embedding cache → encoder ([`model`]) → heads → policy, into a typed
 //!    decision.
-//! 4. **Act**: [`act`] turns the decision into a plan of header and
+//! 5. **Act**: [`act`] turns the decision into a plan of header and
 //!    recipient changes (plain data, so `classify` prints it).
-//! 5. **Record**: [`record`] writes the audit line (no content) and the
+//! 6. **Record**: [`record`] writes the audit line (no content) and the
 //!    metrics, and masks personal data in what must be logged.
 //!
 //! The words all stages share (department and priority ids, actions,
 //! mode) are in [`domain`].
 //!
-//! [`pipeline`] chains 2–5 behind the [`Filter`] trait. Around it,
+//! [`pipeline`] chains 2–6 behind the [`Filter`] trait. Around it,
 //! [`learn`] holds offline training and evaluation and the feedback layer
 //! (corrections in, gated retraining out). [`daemon`] builds all of it from
 //! the [`settings`], serves, reloads and drains.
@@ -42,5 +46,6 @@ pub mod milter;
 pub mod model;
 pub mod pipeline;
 pub mod record;
+pub mod scope;
 pub mod settings;
 pub mod smtp;

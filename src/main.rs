@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use mailtriage::daemon;
+use mailtriage::message::envelope::Client;
 use mailtriage::settings::{Config, ConfigError};
 
 use cli::{Cli, Command, ModelCommand};
@@ -48,7 +49,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        Command::Classify { mail_from, rcpts, files } => offline::classify(&cfg, &mail_from, &rcpts, &files),
+        Command::Classify { mail_from, rcpts, client_addr, authenticated, listener, files } => {
+            let client = Client { addr: client_addr, authenticated, listener };
+            offline::classify(&cfg, mail_from.as_deref(), &rcpts, &client, &files)
+        }
         Command::Train(args) => offline::train(&cfg, &args),
         Command::Eval(args) => offline::eval(&cfg, &args),
         Command::Replay { maildir } => offline::replay(&cfg, &maildir),

@@ -1,6 +1,8 @@
-//! The one-way path of a message once a front door has it: extract →
-//! decide (the [`Engine`]) → plan ([`act`](crate::act)) → record (audit
-//! line, metrics, one log line).
+//! The one-way path of a message once a front door has it: scope
+//! ([`Scope`]) → extract → decide (the [`Engine`]) → plan
+//! ([`act`](crate::act)) → record (audit line, metrics, one log line).
+//! Mail out of scope (or skipped by a rule) is only recorded; its plan
+//! strips inbound `X-Triage-*` headers.
 //!
 //! [`Triage`] is the [`Filter`] a front door calls. The feedback layer
 //! (`learn::feedback::layer`) wraps it; it knows nothing of feedback.
@@ -12,7 +14,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::act::Plan;
-use crate::decide::engine::{Decided, Embedder, Engine, EngineError, Evidence, Message, Queued};
+use crate::decide::engine::{Decided, Embedder, Engine, EngineError, Evidence, Message, Queued, Ruling};
 use crate::decide::policy::Decision;
 pub use crate::frontdoor::{Filter, FilterError, MessageInput};
 use crate::message::envelope::Envelope;
@@ -20,12 +22,16 @@ use crate::message::extract::Features;
 use crate::model::ModelError;
 use crate::record::audit::{self, AuditError, AuditLog};
 use crate::record::recorder::Recorder;
+use crate::scope::{InScope, Scope, Scoped, Skip};
 use crate::settings::{Config, ModelConfig};
 
-/// A decision with what led to it, for `classify` and for logs.
+/// A decision (or why there was none) with what led to it, for `classify`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
-    pub decision: Decision,
+    /// `None` when the message was skipped.
+    pub decision: Option<Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<Skip>,
     pub plan: Plan,
     #[serde(skip)]
     pub features: Features,
@@ -42,6 +48,7 @@ pub enum TriageError {
 
 /// The engine with what a decision leaves behind, built from one configuration.
 pub struct Triage {
+    scope: Scope,
     engine: Arc<Engine>,
     /// The inference queue, started on the first message that needs it (so
     /// `classify` and `replay` never start threads).
@@ -73,6 +80,7 @@ impl Triage {
             model_version: engine.model_summary(),
         };
         Ok(Self {
+            scope: Scope::from(&cfg.scope),
             engine,
             queued: OnceLock::new(),
             model_cfg: cfg.model.clone(),
@@ -139,9 +147,64 @@ impl Triage {
     }
 
     fn decide_message(&self, envelope: &Envelope, m: Message, header_names: &[String]) -> Result<Outcome, ModelError> {
-        let Decided { decision, features, .. } = self.engine.decide_now(envelope, m)?;
-        let plan = Plan::for_decision(&decision, envelope, header_names);
-        Ok(Outcome { decision, plan, features })
+        let skipped = |skip: Skip, features| Outcome {
+            decision: None,
+            plan: Self::skip_plan(&skip, header_names),
+            skipped: Some(skip),
+            features,
+        };
+        let raw_headers: Vec<u8>;
+        let scope = match &m {
+            Message::Raw(raw) => self.scope.check(envelope, header_names, raw),
+            Message::Extracted(f) => {
+                // The scope reads the header block only; rebuild it from the decoded headers.
+                raw_headers = f.headers.iter().flat_map(|(n, v)| format!("{n}: {v}\r\n").into_bytes()).collect();
+                self.scope.check(envelope, header_names, &raw_headers)
+            }
+        };
+        let in_scope = match scope {
+            Scoped::Triage(s) => s,
+            Scoped::Skip(skip) => {
+                let features = match m {
+                    Message::Raw(raw) => self.extract(&raw),
+                    Message::Extracted(f) => *f,
+                };
+                return Ok(skipped(skip, features));
+            }
+        };
+        let Decided { ruling, features, .. } = self.engine.decide_now(envelope, m)?;
+        match ruling {
+            Ruling::Skip(rule) => Ok(skipped(Skip::Rule(rule), features)),
+            Ruling::Decision(mut decision) => {
+                hold_back(&mut decision, &in_scope);
+                let plan = Plan::for_decision(&decision, envelope, &in_scope, header_names);
+                Ok(Outcome { decision: Some(decision), skipped: None, plan, features })
+            }
+        }
+    }
+
+    /// What a skipped message gets: inbound `X-Triage-*` headers removed,
+    /// unless they are a trusted hop's own.
+    fn skip_plan(skip: &Skip, header_names: &[String]) -> Plan {
+        if skip.keeps_headers() {
+            Plan::default()
+        } else {
+            Plan::strip_inbound(header_names)
+        }
+    }
+
+    /// Records a skipped message: the audit line, the metric, one log line.
+    fn skipped(&self, envelope: &Envelope, skip: Skip, header_names: &[String], pending: Option<audit::Pending<'_>>) -> Plan {
+        self.recorder.skipped(&skip);
+        if let Some(p) = pending {
+            p.finish(|r| r.skipped(&skip));
+        }
+        tracing::info!(
+            queue_id = envelope.queue_id.as_deref().unwrap_or("-"),
+            reason = %skip,
+            "skipped"
+        );
+        Self::skip_plan(&skip, header_names)
     }
 
     /// Extraction under this configuration's limits.
@@ -175,6 +238,10 @@ impl Triage {
         let MessageInput { envelope, raw, header_names } = msg;
         let started = Instant::now();
         let pending = self.audit.as_ref().map(|a| a.begin(&envelope, &self.context));
+        let in_scope = match self.scope.check(&envelope, &header_names, &raw) {
+            Scoped::Triage(s) => s,
+            Scoped::Skip(skip) => return Ok((self.skipped(&envelope, skip, &header_names, pending), None)),
+        };
         let result = self.engine.decide(envelope.clone(), Message::Raw(raw), evidence, self.queued()).await;
         let seconds = started.elapsed().as_secs_f64();
         let decided = match result {
@@ -188,13 +255,18 @@ impl Triage {
                 return Err(e);
             }
         };
-        let Decided { decision, features, evidence, path, extract_seconds } = decided;
+        let Decided { ruling, features, evidence, path, extract_seconds } = decided;
+        let mut decision = match ruling {
+            Ruling::Decision(d) => d,
+            Ruling::Skip(rule) => return Ok((self.skipped(&envelope, Skip::Rule(rule), &header_names, pending), None)),
+        };
+        hold_back(&mut decision, &in_scope);
         self.recorder.decided(&decision, path, extract_seconds, seconds);
         if let (Some(p), Some(a)) = (pending, &self.audit) {
             let hash = features.message_id.as_deref().map(|m| a.hash_message_id(m));
-            p.finish(|r| r.decided(&decision, hash));
+            p.finish(|r| r.decided(&decision, hash).auto(in_scope.auto));
         }
-        let plan = Plan::for_decision(&decision, &envelope, &header_names);
+        let plan = Plan::for_decision(&decision, &envelope, &in_scope, &header_names);
         // Names, scores and ids only: never subject, body or addresses.
         tracing::info!(
             queue_id = envelope.queue_id.as_deref().unwrap_or("-"),
@@ -211,6 +283,15 @@ impl Triage {
         );
         let evidence = evidence.and_then(|e| Some((features.message_id?, e)));
         Ok((plan, evidence))
+    }
+}
+
+/// Automatic mail that is triaged is only tagged: a rerouted bounce or
+/// vacation reply can loop between a department and the outside.
+fn hold_back(decision: &mut Decision, scope: &InScope) {
+    if scope.auto.is_some() && decision.action != crate::domain::Action::Tag {
+        decision.action = crate::domain::Action::Tag;
+        decision.mailbox = None;
     }
 }
 
@@ -248,6 +329,7 @@ department = "billing"
                 mail_from: "a@x.example".into(),
                 rcpts: vec!["u@y.example".into()],
                 queue_id: Some("Q1".into()),
+                ..Default::default()
             },
             raw: b"Subject: invoice 7\r\nX-Triage-Department: ceo\r\n\r\nhello\r\n".to_vec(),
             header_names: vec!["Subject".into(), "X-Triage-Department".into()],
@@ -272,7 +354,11 @@ department = "billing"
         .unwrap();
         let triage = Arc::new(Triage::new(&cfg).unwrap());
         let msg = || MessageInput {
-            envelope: Envelope { mail_from: "a@x.example".into(), rcpts: vec!["u@y.example".into()], queue_id: None },
+            envelope: Envelope {
+                mail_from: "a@x.example".into(),
+                rcpts: vec!["u@y.example".into()],
+                ..Default::default()
+            },
             raw: b"Subject: hi\r\n\r\nhello\r\n".to_vec(),
             header_names: vec!["Subject".into()],
         };

@@ -11,7 +11,7 @@ use mailtriage::learn::dataset::{self, Record};
 use mailtriage::learn::eval::{self, Metrics, Outcome};
 use mailtriage::learn::feedback::heads;
 use mailtriage::learn::train::{self, Example, Provenance, TrainOptions};
-use mailtriage::message::envelope::Envelope;
+use mailtriage::message::envelope::{Client, Envelope};
 use mailtriage::message::extract::ExtractLimits;
 use mailtriage::model::encoder::Encoder;
 use mailtriage::model::head::Head;
@@ -287,14 +287,20 @@ pub fn eval(cfg: &Config, args: &EvalArgs) -> Result<ExitCode> {
 }
 
 /// One JSON line per file: envelope, decision, plan, extraction summary.
-pub fn classify(cfg: &Config, mail_from: &str, rcpts: &[String], files: &[PathBuf]) -> Result<ExitCode> {
+pub fn classify(
+    cfg: &Config,
+    mail_from: Option<&str>,
+    rcpts: &[String],
+    client: &Client,
+    files: &[PathBuf],
+) -> Result<ExitCode> {
     let triage = Triage::new(&heads::current(cfg))?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut failed = 0;
     for file in files {
         let line = match std::fs::read(file) {
-            Ok(raw) => match decide_json(&triage, &raw, mail_from, rcpts) {
+            Ok(raw) => match decide_json(&triage, &raw, mail_from, rcpts, client) {
                 Ok(mut v) => {
                     v["file"] = file.display().to_string().into();
                     v
@@ -314,22 +320,32 @@ pub fn classify(cfg: &Config, mail_from: &str, rcpts: &[String], files: &[PathBu
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-fn decide_json(triage: &Triage, raw: &[u8], mail_from: &str, rcpts: &[String]) -> Result<serde_json::Value> {
+/// Decides one message file; the envelope not given is taken from the
+/// headers (From for the sender, To and Cc for the recipients).
+fn decide_json(
+    triage: &Triage,
+    raw: &[u8],
+    mail_from: Option<&str>,
+    rcpts: &[String],
+    client: &Client,
+) -> Result<serde_json::Value> {
     let features = triage.extract(raw);
     let envelope = Envelope {
-        mail_from: mail_from.to_string(),
+        mail_from: mail_from.map_or_else(|| features.from.first().cloned().unwrap_or_default(), str::to_string),
         rcpts: if rcpts.is_empty() {
             features.to.iter().chain(&features.cc).cloned().collect()
         } else {
             rcpts.to_vec()
         },
         queue_id: None,
+        client: client.clone(),
     };
     let header_names: Vec<String> = features.headers.iter().map(|(n, _)| n.clone()).collect();
     let o = triage.decide_extracted(&envelope, features, &header_names)?;
     Ok(serde_json::json!({
         "envelope": envelope,
         "decision": o.decision,
+        "skipped": o.skipped.as_ref().map(ToString::to_string),
         "plan": o.plan.changes,
         "extracted": {
             "bytes_read": o.features.bytes_read,
@@ -351,10 +367,14 @@ pub fn replay(cfg: &Config, dir: &Path) -> Result<ExitCode> {
     let mut by_department: BTreeMap<String, usize> = BTreeMap::new();
     for r in &records {
         let raw = r.raw.as_deref().unwrap_or_default();
-        let mut v = decide_json(&triage, raw, "", &[])?;
+        let mut v = decide_json(&triage, raw, None, &[], &Client::default())?;
         v["file"] = r.origin.clone().into();
         v["folder"] = r.label.clone().into();
-        *by_department.entry(v["decision"]["department"].as_str().unwrap_or("?").to_string()).or_default() += 1;
+        let department = match v["decision"]["department"].as_str() {
+            Some(d) => d.to_string(),
+            None => format!("(skipped: {})", v["skipped"].as_str().unwrap_or("?")),
+        };
+        *by_department.entry(department).or_default() += 1;
         writeln!(out, "{v}")?;
     }
     eprintln!("{} messages: {by_department:?}", records.len());

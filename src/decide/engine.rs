@@ -27,7 +27,7 @@ use std::time::Instant;
 use thiserror::Error;
 
 use super::policy::{Decision, Policy};
-use super::rules::{RuleError, RuleSet};
+use super::rules::{Hit, RuleError, RuleSet};
 use crate::domain::DepartmentId;
 use crate::message::envelope::Envelope;
 use crate::message::extract::{extract, ExtractLimits, Features};
@@ -90,10 +90,18 @@ pub struct Evidence {
     pub embedding: Option<(String, Arc<[f32]>)>,
 }
 
-/// A decision and how it came about.
+/// What the engine concluded.
+#[derive(Debug, Clone)]
+pub enum Ruling {
+    Decision(Decision),
+    /// An admin's `skip` rule matched, by name: the message is not triaged.
+    Skip(String),
+}
+
+/// A ruling and how it came about.
 #[derive(Debug, Clone)]
 pub struct Decided {
-    pub decision: Decision,
+    pub ruling: Ruling,
     pub path: Option<ModelPath>,
     /// Filled when asked for and the model decided.
     pub evidence: Option<Evidence>,
@@ -193,6 +201,8 @@ struct Prepared {
 /// Where the cascade stands after its CPU-bound half.
 enum Step {
     Done(Decision, Option<ModelPath>, Option<LexicalFeatures>),
+    /// A `skip` rule matched.
+    Skip(String),
     /// The encoder is needed for this text.
     Encode {
         lex: LexicalFeatures,
@@ -361,6 +371,9 @@ impl Engine {
             })
             .await?;
         let (decision, path, lex, embedding) = match step {
+            Step::Skip(rule) => {
+                return Ok(Decided { ruling: Ruling::Skip(rule), path: None, evidence: None, features, extract_seconds })
+            }
             Step::Done(d, path, lex) => (d, path, lex, None),
             Step::Encode { lex, text: for_encoder, key } => {
                 let Some(m) = self.model.as_ref() else {
@@ -391,15 +404,17 @@ impl Engine {
             }),
             _ => None,
         };
-        Ok(Decided { decision, path, evidence, features, extract_seconds })
+        Ok(Decided { ruling: Ruling::Decision(decision), path, evidence, features, extract_seconds })
     }
 
     /// The CPU-bound half: rules, then the lexical features and the
     /// cascade's lexical heads, then the encoder text and its cache key.
     /// Returns the model text too (for the language guess).
     fn prepare(&self, envelope: &Envelope, features: &Features) -> (Step, Option<String>) {
-        if let Some(m) = self.rules.first_match(envelope, features) {
-            return (Step::Done(self.policy.decide(Some(m)), None, None), None);
+        match self.rules.first_match(envelope, features) {
+            Some(Hit::Route(m)) => return (Step::Done(self.policy.decide(Some(m)), None, None), None),
+            Some(Hit::Skip(rule)) => return (Step::Skip(rule.to_string()), None),
+            None => {}
         }
         let Some(m) = &self.model else { return (Step::Done(self.policy.decide(None), None, None), None) };
         // Built once: the encoder and the lexical features read the same text.

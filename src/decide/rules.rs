@@ -5,7 +5,7 @@ use regex::Regex;
 
 use crate::message::envelope::Envelope;
 use crate::message::extract::Features;
-use crate::settings::RuleConfig;
+use crate::settings::{RuleAction, RuleConfig};
 
 /// What a rule's pattern is matched against.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,7 +22,8 @@ struct Rule {
     name: String,
     target: Target,
     regex: Regex,
-    department: String,
+    /// `None`: a `skip` rule.
+    department: Option<String>,
     priority: Option<String>,
 }
 
@@ -32,6 +33,24 @@ pub struct RuleMatch<'a> {
     pub rule: &'a str,
     pub department: &'a str,
     pub priority: Option<&'a str>,
+}
+
+/// What the first matching rule says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hit<'a> {
+    Route(RuleMatch<'a>),
+    /// A `skip` rule, by name: the message is not triaged.
+    Skip(&'a str),
+}
+
+#[cfg(test)]
+impl<'a> Hit<'a> {
+    pub fn rule(&self) -> &'a str {
+        match self {
+            Hit::Route(m) => m.rule,
+            Hit::Skip(r) => r,
+        }
+    }
 }
 
 /// A rule whose pattern does not compile. Config validation catches this
@@ -67,7 +86,7 @@ impl RuleSet {
                     name: c.name.clone(),
                     target,
                     regex,
-                    department: c.department.clone(),
+                    department: (c.action == RuleAction::Route).then(|| c.department.clone().unwrap_or_default()),
                     priority: c.priority.clone(),
                 })
             })
@@ -80,11 +99,10 @@ impl RuleSet {
     }
 
     /// The first rule, in configuration order, that matches.
-    pub fn first_match(&self, envelope: &Envelope, features: &Features) -> Option<RuleMatch<'_>> {
-        self.rules.iter().find(|r| r.matches(envelope, features)).map(|r| RuleMatch {
-            rule: &r.name,
-            department: &r.department,
-            priority: r.priority.as_deref(),
+    pub fn first_match(&self, envelope: &Envelope, features: &Features) -> Option<Hit<'_>> {
+        self.rules.iter().find(|r| r.matches(envelope, features)).map(|r| match &r.department {
+            Some(department) => Hit::Route(RuleMatch { rule: &r.name, department, priority: r.priority.as_deref() }),
+            None => Hit::Skip(&r.name),
         })
     }
 }
@@ -109,7 +127,8 @@ mod tests {
             name: name.into(),
             header: header.into(),
             pattern: pattern.into(),
-            department: dept.into(),
+            department: Some(dept.into()),
+            action: RuleAction::Route,
             priority: None,
             compiled: Default::default(),
         }
@@ -128,10 +147,12 @@ mod tests {
         ])
         .unwrap();
         let f = features("Subject: Your INVOICE 42\r\n\r\nx");
-        let env = Envelope { mail_from: "a@shop.example".into(), rcpts: vec!["u@corp.example".into()], queue_id: None };
-        assert_eq!(set.first_match(&env, &f).unwrap().rule, "invoices");
+        let env =
+            Envelope { mail_from: "a@shop.example".into(), rcpts: vec!["u@corp.example".into()], ..Default::default() };
+        assert_eq!(set.first_match(&env, &f).unwrap().rule(), "invoices");
         let env = Envelope { mail_from: "boss@ceo.example".into(), ..env };
-        assert_eq!(set.first_match(&env, &f).unwrap().department, "exec");
+        let Some(Hit::Route(m)) = set.first_match(&env, &f) else { panic!("a route") };
+        assert_eq!(m.department, "exec");
     }
 
     #[test]
@@ -141,12 +162,31 @@ mod tests {
         let env = Envelope {
             mail_from: String::new(),
             rcpts: vec!["x@c.example".into(), "jobs@c.example".into()],
-            queue_id: None,
+            ..Default::default()
         };
-        assert_eq!(set.first_match(&env, &features("Subject: s\r\n\r\n")).unwrap().rule, "hr");
+        assert_eq!(set.first_match(&env, &features("Subject: s\r\n\r\n")).unwrap().rule(), "hr");
         let f = features("X-Tag: a\r\nX-Tag: b\r\n\r\n");
-        assert_eq!(set.first_match(&Envelope::default(), &f).unwrap().rule, "list");
+        assert_eq!(set.first_match(&Envelope::default(), &f).unwrap().rule(), "list");
         assert!(set.first_match(&Envelope::default(), &features("Subject: s\r\n\r\n")).is_none());
+    }
+
+    #[test]
+    fn skip_rules_are_tried_in_order_with_the_others() {
+        let skip = |name: &str, header: &str, pattern: &str| RuleConfig {
+            department: None,
+            action: RuleAction::Skip,
+            ..rule(name, header, pattern, "")
+        };
+        let set = RuleSet::new(&[
+            rule("vip", "envelope-from", "@ceo\\.example$", "exec"),
+            skip("newsletters", "Subject", "(?i)newsletter"),
+            rule("news-billing", "Subject", "(?i)newsletter", "billing"),
+        ])
+        .unwrap();
+        let f = features("Subject: Our newsletter\r\n\r\n");
+        assert_eq!(set.first_match(&Envelope::default(), &f), Some(Hit::Skip("newsletters")));
+        let boss = Envelope { mail_from: "b@ceo.example".into(), ..Default::default() };
+        assert!(matches!(set.first_match(&boss, &f), Some(Hit::Route(m)) if m.department == "exec"));
     }
 
     #[test]

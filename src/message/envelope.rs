@@ -13,6 +13,24 @@ pub struct Envelope {
     pub rcpts: Vec<String>,
     /// The MTA's queue id, when it told us (milter macro `i`).
     pub queue_id: Option<String>,
+    /// Who handed the message to the MTA, as far as the front door knows.
+    pub client: Client,
+}
+
+/// The SMTP client the message came from: what scope decisions read
+/// (`[scope] skip_*`). Facts, not identities: the authenticated name itself
+/// is never kept.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Client {
+    /// The client's IP address (milter connect event; for a content filter,
+    /// XFORWARD ADDR from the MTA, else the peer). `None` for a local
+    /// submission or when the MTA did not say.
+    pub addr: Option<std::net::IpAddr>,
+    /// The client authenticated (SMTP AUTH) to the MTA.
+    pub authenticated: bool,
+    /// The MTA's name for the listener that took the message (milter macro
+    /// `{daemon_name}`; Postfix: `milter_macro_daemon_name`).
+    pub listener: Option<String>,
 }
 
 /// `<user@example.com>` → `user@example.com`; tolerates a missing bracket pair.

@@ -1,8 +1,10 @@
 //! One message as the decision sees it: the [`envelope`] a front door
-//! collected, and the features [`extract`] takes out of its raw bytes
-//! (MIME decoded, [`html`] turned into text, every stage bounded).
+//! collected, the [`headers`] read straight from the raw bytes (for scope
+//! and header edits), and the features [`extract`] takes out of them
+//! (MIME decoded, `html` turned into text, every stage bounded).
 
 pub mod envelope;
 pub mod extract;
+pub mod headers;
 mod html;
 pub mod language;

@@ -14,13 +14,13 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::watch;
 use tokio::time::timeout;
 
-use super::codec::{self, action, proto, CodecError, Command, MacroStage, Negotiation, Reply};
+use super::codec::{self, action, proto, CodecError, Command, ConnectAddress, MacroStage, Negotiation, Reply};
 use crate::act::{Change, Plan};
 pub use crate::frontdoor::budget::ByteBudget;
 use crate::frontdoor::budget::Reservation;
 use crate::frontdoor::decide::{decide, Caller, DecisionSettings, KeepAlive, Verdict};
 use crate::frontdoor::{Filter, MessageInput};
-use crate::message::envelope::strip_brackets;
+use crate::message::envelope::{strip_brackets, Client};
 use crate::settings::Config;
 
 /// Actions we may use at end-of-message. We never change the body or the
@@ -34,7 +34,9 @@ pub const WANTED_ACTIONS: u32 = action::ADD_HEADERS
 
 /// Stages we do not need, and commands we answer with "continue" anyway, so
 /// the MTA need not wait for the answer (one round trip per header saved).
-pub const WANTED_PROTOCOL: u32 = proto::NO_CONNECT
+/// The connect event is wanted (the client's address, for `[scope]`), its
+/// reply not.
+pub const WANTED_PROTOCOL: u32 = proto::NR_CONNECT
     | proto::NO_HELO
     | proto::NO_UNKNOWN
     | proto::NO_DATA
@@ -49,8 +51,19 @@ const PREFIX: &str = crate::act::HEADER_PREFIX;
 /// Inbound `X-Triage-*` headers tracked per message for removal.
 const MAX_TRACKED_TRIAGE_HEADERS: usize = 1000;
 
-/// Macros we ask for: only the queue id, for logs.
+/// Macros we ask for, per stage (milter v6 lets the filter choose; Postfix
+/// then sends exactly these for the stage, its `milter_*_macros` for the
+/// others). Connect: the listener's name and the client's address (also in
+/// the connect event; the macro covers MTAs that send it only there).
+/// MAIL: the SASL login, of which only its presence is kept. End of
+/// message: the queue id, for logs and the audit trail.
+const CONNECT_MACROS: &str = "{daemon_name} {client_addr}";
+const MAIL_MACROS: &str = "{auth_authen}";
 const EOM_MACROS: &str = "i";
+
+/// Said once per process: without macro negotiation the MTA sends only what
+/// its own configuration lists.
+static MACROS_NOT_NEGOTIATED: std::sync::Once = std::sync::Once::new();
 
 /// Per-connection settings, taken from the configuration once.
 #[derive(Debug, Clone)]
@@ -132,6 +145,8 @@ pub struct Session<'a, F> {
     negotiated: Option<(u32, u32)>,
     conn_macros: HashMap<String, String>,
     msg_macros: HashMap<String, String>,
+    /// The client's address from the connect event.
+    client_addr: Option<std::net::IpAddr>,
     msg: Option<MessageState>,
 }
 
@@ -142,7 +157,15 @@ enum Flow {
 
 impl<'a, F: Filter> Session<'a, F> {
     pub fn new(filter: &'a F, cfg: &'a SessionConfig) -> Self {
-        Self { filter, cfg, negotiated: None, conn_macros: HashMap::new(), msg_macros: HashMap::new(), msg: None }
+        Self {
+            filter,
+            cfg,
+            negotiated: None,
+            conn_macros: HashMap::new(),
+            msg_macros: HashMap::new(),
+            client_addr: None,
+            msg: None,
+        }
     }
 
     /// Serves the connection until QUIT, EOF, an error, or shutdown between messages.
@@ -203,7 +226,15 @@ impl<'a, F: Filter> Session<'a, F> {
                 None
             }
             // Its macros arrived just before it, in SMFIC_MACRO; keep them.
-            Command::Connect { .. } => self.ack(proto::NR_CONNECT),
+            Command::Connect { address, .. } => {
+                self.client_addr = match address {
+                    ConnectAddress::Inet { addr, .. } | ConnectAddress::Inet6 { addr, .. } => {
+                        addr.trim_matches(['[', ']']).trim_start_matches("IPv6:").parse().ok()
+                    }
+                    ConnectAddress::Unix { .. } | ConnectAddress::Unknown => None,
+                };
+                self.ack(proto::NR_CONNECT)
+            }
             Command::Helo(_) => self.ack(proto::NR_HELO),
             Command::Mail(args) => {
                 // A new transaction; anything unfinished was implicitly aborted.
@@ -231,8 +262,8 @@ impl<'a, F: Filter> Session<'a, F> {
                 msg.append(line.as_bytes(), max);
                 // Only our own header names are needed (to remove spoofed ones); keeping
                 // every name would let a hostile client grow this without bound.
-                if name.len() >= PREFIX.len()
-                    && name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX)
+                // Compared as bytes: a name may cut a UTF-8 character at the prefix length.
+                if name.as_bytes().get(..PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(PREFIX.as_bytes()))
                     && msg.input.header_names.len() < MAX_TRACKED_TRIAGE_HEADERS
                 {
                     msg.input.header_names.push(name);
@@ -278,6 +309,7 @@ impl<'a, F: Filter> Session<'a, F> {
                 self.msg = None;
                 self.msg_macros.clear();
                 self.conn_macros.clear();
+                self.client_addr = None;
                 None
             }
             Command::Unknown(_) => self.ack(proto::NR_UNKNOWN),
@@ -305,9 +337,22 @@ impl<'a, F: Filter> Session<'a, F> {
         let protocol = WANTED_PROTOCOL & offer.protocol;
         let mut macros = Default::default();
         if version >= 6 && actions & action::SET_SYMLIST != 0 {
-            macros = [(MacroStage::EndOfMessage, EOM_MACROS.to_string())].into();
+            macros = [
+                (MacroStage::Connect, CONNECT_MACROS.to_string()),
+                (MacroStage::Mail, MAIL_MACROS.to_string()),
+                (MacroStage::EndOfMessage, EOM_MACROS.to_string()),
+            ]
+            .into();
         } else {
             actions &= !action::SET_SYMLIST;
+            MACROS_NOT_NEGOTIATED.call_once(|| {
+                tracing::warn!(
+                    version,
+                    "the MTA cannot be asked for macros (milter protocol < 6): mail counts as unauthenticated and \
+                     from no named listener unless the MTA sends {{auth_authen}} and {{daemon_name}} by its own \
+                     configuration (Sendmail: confMILTER_MACROS_ENVFROM, confMILTER_MACROS_CONNECT)"
+                )
+            });
         }
         self.negotiated = Some((actions, protocol));
         tracing::debug!(
@@ -327,6 +372,7 @@ impl<'a, F: Filter> Session<'a, F> {
     ) -> Result<(), SessionError> {
         let queue_id = self.msg_macros.get("i").or_else(|| self.conn_macros.get("i")).cloned();
         msg.input.envelope.queue_id = queue_id.clone();
+        msg.input.envelope.client = self.client();
         let caller = Caller { front: "milter", queue_id: queue_id.as_deref() };
         let input = std::mem::take(&mut msg.input);
         let verdict = decide(self.filter, input, &self.cfg.decision, caller, &mut Progress(&mut *w)).await?;
@@ -381,6 +427,29 @@ impl<'a, F: Filter> Session<'a, F> {
             }
         }
         out
+    }
+}
+
+impl<F> Session<'_, F> {
+    /// What the MTA told us of the SMTP client: the connect event's address
+    /// (else `{client_addr}`), a non-empty `{auth_authen}` (Postfix sends it
+    /// only for a SASL login), `{daemon_name}`.
+    fn client(&self) -> Client {
+        let macro_value = |name: &str| {
+            let bare = name.trim_matches(['{', '}']);
+            [&self.msg_macros, &self.conn_macros]
+                .into_iter()
+                .find_map(|m| m.get(name).or_else(|| m.get(bare)))
+                .map(|v| v.trim())
+                .filter(|v| !v.is_empty())
+        };
+        Client {
+            addr: self.client_addr.or_else(|| {
+                macro_value("{client_addr}").and_then(|a| a.trim_start_matches("IPv6:").parse().ok())
+            }),
+            authenticated: macro_value("{auth_authen}").is_some(),
+            listener: macro_value("{daemon_name}").map(str::to_string),
+        }
     }
 }
 
@@ -554,6 +623,8 @@ mod tests {
         assert_eq!(n.actions, WANTED_ACTIONS);
         assert_eq!(n.protocol, WANTED_PROTOCOL);
         assert_eq!(n.macros.get(&MacroStage::EndOfMessage).map(String::as_str), Some("i"));
+        assert_eq!(n.macros.get(&MacroStage::Connect).map(String::as_str), Some("{daemon_name} {client_addr}"));
+        assert_eq!(n.macros.get(&MacroStage::Mail).map(String::as_str), Some("{auth_authen}"));
         // An older MTA that offers less gets only the intersection, and no macro list.
         let (mut old, _h, _t) = start(Arc::default(), cfg());
         old.send(Command::Negotiate(Negotiation {
@@ -647,6 +718,51 @@ mod tests {
         let seen = rec.seen.lock().unwrap();
         assert_eq!(seen[0].envelope.queue_id.as_deref(), Some("FROM-CONNECT"));
         assert_eq!(seen[0].raw, b"\r\ntail");
+    }
+
+    #[tokio::test]
+    async fn the_client_address_login_and_listener_reach_the_envelope() {
+        let rec = Arc::new(Recorder::default());
+        let (mut mta, _h, _tx) = start(rec.clone(), cfg());
+        let n = mta.negotiate(0x1ff, 0x1f_ffff).await;
+        assert_ne!(n.protocol & proto::NR_CONNECT, 0, "no reply to connect");
+        assert_eq!(n.protocol & proto::NO_CONNECT, 0, "the connect event is wanted");
+        mta.send(Command::Macros {
+            stage: b'C',
+            pairs: vec![("{daemon_name}".into(), "submission".into()), ("{client_addr}".into(), "192.0.2.9".into())],
+        })
+        .await;
+        let address = codec::ConnectAddress::Inet6 { port: 4000, addr: "2001:db8::7".into() };
+        mta.send(Command::Connect { hostname: "[2001:db8::7]".into(), address }).await;
+        mta.send(Command::Macros { stage: b'M', pairs: vec![("{auth_authen}".into(), "alice".into())] }).await;
+        mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await;
+        // Next message on the same connection: no login this time (Postfix sends an empty list).
+        mta.send(Command::Macros { stage: b'M', pairs: vec![] }).await;
+        mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await;
+        // A new SMTP session without a connect event: the macro's address.
+        mta.send(Command::QuitNewConnection).await;
+        mta.send(Command::Macros { stage: b'C', pairs: vec![("{client_addr}".into(), "192.0.2.9".into())] }).await;
+        mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await;
+        let seen = rec.seen.lock().unwrap();
+        let c = &seen[0].envelope.client;
+        assert_eq!((c.addr, c.authenticated, c.listener.as_deref()), (Some("2001:db8::7".parse().unwrap()), true, Some("submission")));
+        assert!(!seen[1].envelope.client.authenticated, "the login belongs to its own transaction");
+        assert_eq!(seen[1].envelope.client.listener.as_deref(), Some("submission"));
+        let c = &seen[2].envelope.client;
+        assert_eq!((c.addr, c.authenticated, c.listener.as_deref()), (Some("192.0.2.9".parse().unwrap()), false, None));
+    }
+
+    #[tokio::test]
+    async fn a_header_name_cut_inside_a_utf8_character_is_no_panic() {
+        let rec = Arc::new(Recorder::default());
+        let (mut mta, h, _tx) = start(rec.clone(), cfg());
+        mta.negotiate(0x1ff, 0x1f_ffff).await;
+        // The 9th byte (the prefix length) falls inside "é".
+        let r = mta.message(&["u@example.com"], &[("X-Triageé-x", "v"), ("X-Tri", "v")], b"b").await;
+        assert_eq!(r.last(), Some(&Reply::Accept));
+        mta.send(Command::Quit).await;
+        assert_eq!(h.await.unwrap().unwrap(), SessionEnd::Quit);
+        assert!(rec.seen.lock().unwrap()[0].header_names.is_empty());
     }
 
     #[tokio::test]

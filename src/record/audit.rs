@@ -25,6 +25,7 @@ use thiserror::Error;
 use crate::decide::policy::{Decision, Source};
 use crate::domain::{Action, DepartmentId, PriorityId};
 use crate::message::envelope::{domain_of, Envelope};
+use crate::scope::{Auto, Skip};
 use crate::settings::{AuditConfig, Mode};
 
 #[derive(Debug, Error)]
@@ -44,6 +45,8 @@ pub enum Outcome {
     Failed,
     /// A correction mail; `reason` says whether it was recorded.
     Feedback,
+    /// Not triaged (`[scope]`, or a `skip` rule); `reason` says why.
+    Skipped,
 }
 
 /// What decided the department, or `feedback` for a correction mail.
@@ -95,6 +98,9 @@ pub struct Record {
     pub confidence: Option<f32>,
     pub source: Option<RecordSource>,
     pub action: Option<Handling>,
+    /// Automatic mail triaged but only tagged (`scope.skip_auto = false`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto: Option<Auto>,
     pub mode: Mode,
     pub config_version: String,
     pub model_version: String,
@@ -131,6 +137,7 @@ impl Record {
             confidence: None,
             source: None,
             action: None,
+            auto: None,
             mode: ctx.mode,
             config_version: ctx.config_version.clone(),
             model_version: ctx.model_version.clone(),
@@ -148,6 +155,20 @@ impl Record {
         self.confidence = Some(d.confidence);
         self.source = Some(RecordSource::Decision(d.source.clone()));
         self.action = Some(Handling::Action(d.action));
+        self
+    }
+
+    /// Marks automatic mail that was only tagged.
+    pub fn auto(mut self, auto: Option<Auto>) -> Record {
+        self.auto = auto;
+        self
+    }
+
+    /// Not triaged: `reason` is the scope's label (`authenticated`,
+    /// `null_sender`, `rule:<name>`…).
+    pub fn skipped(mut self, skip: &Skip) -> Record {
+        self.outcome = Outcome::Skipped;
+        self.reason = Some(skip.to_string());
         self
     }
 
@@ -338,6 +359,7 @@ mod tests {
             confidence: Some(1.0),
             source: Some(RecordSource::Decision(Source::Rule("invoices".into()))),
             action: Some(Handling::Action(Action::Reroute)),
+            auto: None,
             mode: Mode::Enforce,
             config_version: "abc".into(),
             model_version: "none".into(),
@@ -363,6 +385,11 @@ mod tests {
         }
         let v = serde_json::to_value(record(1).failed("timeout")).unwrap();
         assert_eq!((&v["outcome"], &v["reason"]), (&"failed".into(), &"timeout".into()));
+        assert!(v.get("auto").is_none(), "written only for automatic mail");
+        let v = serde_json::to_value(record(1).skipped(&Skip::Rule("lists".into()))).unwrap();
+        assert_eq!((&v["outcome"], &v["reason"]), (&"skipped".into(), &"rule:lists".into()));
+        let v = serde_json::to_value(record(1).auto(Some(Auto::NullSender))).unwrap();
+        assert_eq!(v["auto"], "null_sender");
     }
 
     fn cfg(dir: &Path, max_bytes: u64) -> AuditConfig {

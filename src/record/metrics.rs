@@ -9,6 +9,10 @@ use thiserror::Error;
 /// Names of every metric, in one place.
 pub mod name {
     pub const MESSAGES: &str = "mailtriage_messages_total";
+    /// Messages not triaged, by reason: `recipients`, `authenticated`,
+    /// `network`, `listener`, `null_sender`, `auto_submitted`,
+    /// `mailing_list`, `bulk`, `triaged` (a trusted hop did), `rule`.
+    pub const SKIPPED: &str = "mailtriage_skipped_total";
     pub const FAILED_OPEN: &str = "mailtriage_decisions_failed_total";
     pub const EXTRACT_SECONDS: &str = "mailtriage_extract_seconds";
     pub const QUEUE_WAIT_SECONDS: &str = "mailtriage_inference_queue_wait_seconds";

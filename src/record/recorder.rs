@@ -35,6 +35,11 @@ impl Recorder {
         }
     }
 
+    /// A message not triaged (`mailtriage_skipped_total{reason}`).
+    pub fn skipped(&self, skip: &crate::scope::Skip) {
+        metrics::counter!(name::SKIPPED, "reason" => skip.reason()).increment(1);
+    }
+
     /// A decision that failed after `seconds` (the front door counts it in
     /// `mailtriage_decisions_failed_total`, with the verdict it gave).
     pub fn failed(&self, seconds: f64) {

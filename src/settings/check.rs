@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use regex::Regex;
 
-use super::file::{Config, ConfigError, Problem, RelayTls};
+use super::file::{Config, ConfigError, Problem, RelayTls, RuleAction};
 use crate::domain::Action;
 
 impl Config {
@@ -92,6 +92,22 @@ impl Config {
                 _ => {}
             }
         }
+        for (i, r) in self.scope.recipients.iter().enumerate() {
+            if !valid_scope_recipient(r) {
+                problems.push(invalid(
+                    format!("scope.recipients[{i}]"),
+                    format!("`{r}` is neither an address (info@example.com) nor a domain (@example.com)"),
+                ));
+            }
+        }
+        for (i, l) in self.scope.skip_listeners.iter().enumerate() {
+            if l.is_empty() || l.contains(char::is_whitespace) {
+                problems.push(invalid(
+                    format!("scope.skip_listeners[{i}]"),
+                    format!("`{l}` is not a listener name (the MTA's {{daemon_name}}, e.g. `submission`)"),
+                ));
+            }
+        }
         for (i, rule) in self.rules.iter().enumerate() {
             let key = |field: &str| format!("rules[{i}] ({}).{field}", rule.name);
             if rule.name.trim().is_empty() || !valid_label(&rule.name) {
@@ -109,9 +125,18 @@ impl Config {
                 }
                 Err(e) => problems.push(invalid(key("pattern"), format!("invalid regular expression: {e}"))),
             }
-            if !names.contains(rule.department.as_str()) && rule.department != d.department {
-                problems
-                    .push(invalid(key("department"), format!("`{}` is not a configured department", rule.department)));
+            match (rule.action, &rule.department) {
+                (RuleAction::Route, None) => {
+                    problems.push(invalid(key("department"), "a rule needs a department (or action = \"skip\")".into()))
+                }
+                (RuleAction::Skip, Some(_)) => problems.push(invalid(
+                    key("department"),
+                    "a `skip` rule leaves the message untriaged: remove its department".into(),
+                )),
+                (RuleAction::Route, Some(dep)) if !names.contains(dep.as_str()) && *dep != d.department => {
+                    problems.push(invalid(key("department"), format!("`{dep}` is not a configured department")))
+                }
+                _ => {}
             }
             if let Some(p) = &rule.priority {
                 if !d.priorities.contains(p) {
@@ -263,6 +288,20 @@ fn valid_label(s: &str) -> bool {
 }
 
 /// A plain `local@domain` address (no display name, no brackets).
+/// `local@domain` or `@domain`. Local parts may be UTF-8 (RFC 6531); they
+/// are compared as given, never re-encoded.
+fn valid_scope_recipient(s: &str) -> bool {
+    match s.rsplit_once('@') {
+        Some((local, domain)) => {
+            !domain.is_empty()
+                && !domain.contains('@')
+                && !local.contains('@')
+                && !s.chars().any(|c| c.is_whitespace() || c.is_control() || "<>,;\"".contains(c))
+        }
+        None => false,
+    }
+}
+
 fn valid_mailbox(s: &str) -> bool {
     match s.rsplit_once('@') {
         Some((local, domain)) => {

@@ -468,6 +468,55 @@ impl Default for KpiConfig {
     }
 }
 
+/// Which mail is triaged at all (`[scope]`). Out-of-scope mail passes
+/// unchanged but for the removal of inbound `X-Triage-*` headers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScopeConfig {
+    /// Recipients whose mail is triaged: `info@example.com`, or `@example.com`
+    /// for a whole domain. Empty: every recipient. Only these recipients are
+    /// replaced by a reroute; the others keep the message.
+    pub recipients: Vec<String>,
+    /// Skip mail from SASL-authenticated senders (staff sending out).
+    pub skip_authenticated: bool,
+    /// Skip mail from these client networks.
+    pub skip_networks: Vec<crate::settings::Cidr>,
+    /// Skip mail taken by these MTA listeners (milter `{daemon_name}`).
+    pub skip_listeners: Vec<String>,
+    /// Skip automatic mail: the null sender, `Auto-Submitted` other than
+    /// `no`, `List-Id`, `Precedence: bulk|list|junk`. When off, such mail is
+    /// tagged but never rerouted.
+    pub skip_auto: bool,
+    /// Relays whose `X-Triage-*` headers are ours (a mailtriage hop before
+    /// this one): mail from them that carries our headers was triaged
+    /// already and passes unchanged, headers kept.
+    pub trusted_relays: Vec<crate::settings::Cidr>,
+}
+
+impl Default for ScopeConfig {
+    fn default() -> Self {
+        Self {
+            recipients: Vec::new(),
+            skip_authenticated: true,
+            skip_networks: Vec::new(),
+            skip_listeners: Vec::new(),
+            skip_auto: true,
+            trusted_relays: Vec::new(),
+        }
+    }
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    /// Route to the rule's `department`.
+    #[default]
+    Route,
+    /// Leave the message untriaged (out of scope).
+    Skip,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
@@ -475,7 +524,11 @@ pub struct RuleConfig {
     /// A header name (case-insensitive), or `envelope-from` / `envelope-to`.
     pub header: String,
     pub pattern: String,
-    pub department: String,
+    /// Required unless `action = "skip"`.
+    #[serde(default)]
+    pub department: Option<String>,
+    #[serde(default)]
+    pub action: RuleAction,
     #[serde(default)]
     pub priority: Option<String>,
     /// `pattern` compiled by validation, so the rule set reuses it rather
@@ -513,6 +566,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub defaults: DefaultsConfig,
     pub departments: Vec<DepartmentConfig>,
+    pub scope: ScopeConfig,
     pub rules: Vec<RuleConfig>,
     pub model: Option<ModelConfig>,
     pub policy: PolicyConfig,

@@ -28,7 +28,7 @@ use crate::act::{header_names, Change, HEADER_PREFIX};
 use crate::frontdoor::budget::{ByteBudget, Reservation};
 use crate::frontdoor::decide::{decide, Caller, DecisionSettings, Silent, Verdict};
 use crate::frontdoor::{Filter, MessageInput};
-use crate::message::envelope::Envelope;
+use crate::message::envelope::{Client, Envelope};
 use crate::record::metrics::name;
 use crate::settings::Config;
 
@@ -628,7 +628,12 @@ impl<'a, F: Filter> Session<'a, F> {
         let triage_headers: Vec<String> =
             header_names(&msg).into_iter().filter(|h| h.to_ascii_lowercase().starts_with(&prefix)).collect();
         let input = MessageInput {
-            envelope: Envelope { mail_from: tx.from.clone(), rcpts: tx.rcpts.clone(), queue_id: None },
+            envelope: Envelope {
+                mail_from: tx.from.clone(),
+                rcpts: tx.rcpts.clone(),
+                queue_id: None,
+                client: self.client(tx, &msg),
+            },
             raw: msg[..msg.len().min(self.cfg.max_decide_bytes)].to_vec(),
             header_names: triage_headers.clone(),
         };
@@ -702,6 +707,23 @@ impl<'a, F: Filter> Session<'a, F> {
         metrics::counter!(name::RELAY, "result" => result).increment(1);
         tracing::debug!(front = self.cfg.front(), recipients = n, relayed_to = rcpts.len(), result, "relayed");
         per_client
+    }
+
+    /// Who the message came from. From the trusted MTA (a content filter's
+    /// usual client): XFORWARD's original client, and its `Received:` line
+    /// for authentication. From anyone else: the peer itself, never
+    /// authenticated (we offer no AUTH).
+    fn client(&self, tx: &Transaction, msg: &[u8]) -> Client {
+        let peer = self.peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        if self.xforward_trusted {
+            Client {
+                addr: tx.xforward.client_addr().or(peer),
+                authenticated: xforward::authenticated_per_mta(msg),
+                listener: None,
+            }
+        } else {
+            Client { addr: peer, authenticated: false, listener: None }
+        }
     }
 
     async fn reset_hop(&mut self) {

@@ -9,6 +9,15 @@
 //! clients (`server.xforward_hosts`)
 //! and repeat the attributes to the next hop before each MAIL, as far as the
 //! hop announces them. Reference: Postfix's XFORWARD_README.
+//!
+//! The scope reads two facts from here: the original client's address
+//! (`ADDR`), and whether it authenticated, which XFORWARD does not carry:
+//! that comes from the `Received:` line the trusted MTA put on top
+//! ([`authenticated_per_mta`]).
+
+use std::net::IpAddr;
+
+use crate::message::headers;
 
 use super::reply::Reply;
 
@@ -32,6 +41,14 @@ impl Xforward {
     /// The value of one attribute, xtext as received.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.attrs.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The original client's address (`ADDR`; Postfix writes IPv6 as
+    /// `IPv6:…` and an unknown one as `[UNAVAILABLE]`, which gives `None`).
+    pub fn client_addr(&self) -> Option<IpAddr> {
+        let v = self.get("ADDR")?;
+        let v = v.strip_prefix("IPv6:").or_else(|| v.strip_prefix("ipv6:")).unwrap_or(v);
+        v.parse().ok()
     }
 
     /// Takes the arguments of one `XFORWARD` command. All or nothing: a bad
@@ -90,6 +107,26 @@ impl Xforward {
     }
 }
 
+/// Whether the MTA that handed us this message says its client
+/// authenticated: the topmost `Received:` (the MTA's own) names an RFC 3848
+/// protocol with `A` (`ESMTPA`, `ESMTPSA`, `UTF8SMTPSA`, `LMTPA`…), as
+/// Postfix writes for SASL-authenticated mail. Only meaningful when the
+/// peer is the trusted MTA (`server.xforward_hosts`).
+pub fn authenticated_per_mta(raw: &[u8]) -> bool {
+    const AUTHENTICATED: [&str; 8] =
+        ["ESMTPA", "ESMTPSA", "LMTPA", "LMTPSA", "UTF8SMTPA", "UTF8SMTPSA", "UTF8LMTPA", "UTF8LMTPSA"];
+    let Some(top) = headers::values(raw, "Received").into_iter().next() else { return false };
+    let text = String::from_utf8_lossy(&top);
+    let mut words = text.split_ascii_whitespace();
+    while let Some(w) = words.next() {
+        if w.eq_ignore_ascii_case("with") {
+            let protocol = words.next().unwrap_or_default().trim_end_matches(';');
+            return AUTHENTICATED.iter().any(|p| p.eq_ignore_ascii_case(protocol));
+        }
+    }
+    false
+}
+
 /// The attribute names a server announced in its `XFORWARD` EHLO line.
 pub fn offered_by(ehlo_lines: &str) -> Vec<String> {
     ehlo_lines
@@ -141,6 +178,32 @@ mod tests {
         assert_eq!(x.get("IDENT"), None);
         x.update("NAME=[UNAVAILABLE] SOURCE=REMOTE").unwrap();
         assert_eq!(x.get("NAME"), Some("[UNAVAILABLE]"));
+    }
+
+    #[test]
+    fn client_address_and_authentication() {
+        let mut x = Xforward::default();
+        assert_eq!(x.client_addr(), None);
+        x.update("ADDR=192.0.2.7").unwrap();
+        assert_eq!(x.client_addr(), Some("192.0.2.7".parse().unwrap()));
+        x.update("ADDR=IPv6:2001:db8::7").unwrap();
+        assert_eq!(x.client_addr(), Some("2001:db8::7".parse().unwrap()));
+        x.update("ADDR=[UNAVAILABLE]").unwrap();
+        assert_eq!(x.client_addr(), None);
+
+        let by = |with: &str| {
+            format!(
+                "Received: from c.example (c.example [192.0.2.7])\r\n\tby mx.example (Postfix) with {with} id 4Q;\r\n\t\
+                 Mon, 30 Nov 2026 10:00:00 +0000 (UTC)\r\nReceived: from x by y with ESMTPSA;\r\nSubject: s\r\n\r\n"
+            )
+        };
+        assert!(authenticated_per_mta(by("ESMTPSA").as_bytes()));
+        assert!(authenticated_per_mta(by("esmtpa").as_bytes()));
+        assert!(authenticated_per_mta(by("UTF8SMTPSA").as_bytes()));
+        assert!(!authenticated_per_mta(by("ESMTPS").as_bytes()));
+        assert!(!authenticated_per_mta(by("ESMTP").as_bytes()), "only the topmost line counts");
+        assert!(!authenticated_per_mta(b"Subject: with ESMTPA\r\n\r\n"));
+        assert!(!authenticated_per_mta(b"Received: from x by y; date\r\n\r\n"));
     }
 
     #[test]
