@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{config, header_values, mail, send, Daemon, Mail, Postfix, DOMAIN};
+use support::{config, header_values, mail, send, wait_for_port, Daemon, Dovecot, Mail, Postfix, DOMAIN};
 
 fn one(values: Vec<String>, what: &str) -> String {
     assert_eq!(values.len(), 1, "{what}: expected exactly one, got {values:?}");
@@ -451,4 +451,157 @@ fn a_drain_reports_not_ready_at_once_while_messages_finish() {
     let status = daemon.child.wait().unwrap();
     assert!(status.success(), "clean exit after the drain: {status:?}\n{}", daemon.log());
     drop(milter);
+}
+
+/// `mailtriage_skipped_total{reason}` from a scrape, 0 when absent.
+fn skipped(scrape: &str, reason: &str) -> u64 {
+    scrape
+        .lines()
+        .find(|l| l.starts_with("mailtriage_skipped_total{") && l.contains(&format!("reason=\"{reason}\"")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A message from `from` to `rcpts` (all at the test domain).
+fn mail_to<'a>(from: &'a str, rcpts: &[&str], subject: &str, extra_headers: &str) -> Mail<'a> {
+    let mut m = mail(subject, extra_headers, "Please see below.");
+    m.from = from;
+    m.rcpts = rcpts.iter().map(|r| format!("{r}@{DOMAIN}")).collect();
+    m
+}
+
+/// `[scope] recipients`: a reroute replaces only the recipients the scope
+/// owns (each named in X-Triage-Original-Recipient), the others keep the
+/// message, the department gets it once; mail to nobody in scope, bounces,
+/// auto-replies and list mail are skipped (spoofed headers still removed),
+/// and with `skip_auto = false` (a reload) automatic mail is tagged, never
+/// rerouted.
+#[test]
+fn scope_reroutes_only_the_recipients_it_owns_and_never_automatic_mail() {
+    let metrics_port = support::free_port();
+    let scoped = |skip_auto: bool| {
+        format!(
+            "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[scope]\nrecipients = [\"info@{DOMAIN}\", \"User@{DOMAIN}\"]\n\
+             skip_auto = {skip_auto}\n",
+            config("enforce")
+        )
+    };
+    let daemon = Daemon::start(&scoped(true), false);
+    let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+    let sender = "customer@test.example";
+    let spoof = "X-Triage-Action: reroute\nX-Triage-Department: ceo";
+    let codes = send(
+        pf.smtp_port,
+        &[
+            mail_to(sender, &["info", "user", "ceo"], "Your invoice 1", ""),
+            mail_to(sender, &["ceo"], "Your invoice 2", spoof),
+            mail_to("", &["info"], "Undelivered Mail: invoice 3", ""),
+            mail_to(sender, &["info"], "Out of office: invoice 4", "Auto-Submitted: auto-replied"),
+            mail_to(sender, &["info"], "[list] invoice 5", "List-Id: <billing-news.lists.example>"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(codes, vec![250; 5]);
+    let delivered = pf.wait_delivered(6, Duration::from_secs(60));
+    let ctx = || format!("postfix log:\n{}\ndaemon log:\n{}", pf.log(), daemon.log());
+    assert_eq!(delivered.len(), 6, "{delivered:#?}\n{}", ctx());
+
+    // The in-scope recipients were replaced by billing, once; the CEO kept it.
+    let billing = pf.mailbox("billing");
+    assert_eq!(billing.len(), 1, "{}", ctx());
+    assert_eq!(
+        header_values(&billing[0], "X-Triage-Original-Recipient"),
+        [format!("info@{DOMAIN}"), format!("user@{DOMAIN}")]
+    );
+    assert!(pf.mailbox("user").is_empty(), "{}", ctx());
+    let ceo = pf.mailbox("ceo");
+    assert_eq!(ceo.len(), 2, "{}", ctx());
+    let first = ceo.iter().find(|m| m.contains("invoice 1")).unwrap();
+    assert_eq!(one(header_values(first, "X-Triage-Action"), "action"), "reroute");
+    // Out of scope: passed unchanged, and the sender's fake verdict is gone.
+    let second = ceo.iter().find(|m| m.contains("invoice 2")).unwrap();
+    assert!(!second.to_ascii_lowercase().contains("x-triage-"), "{second}");
+    // Bounce, auto-reply, list mail: left with their recipient, untouched.
+    let info = pf.mailbox("info");
+    assert_eq!(info.len(), 3, "{}", ctx());
+    assert!(info.iter().all(|m| !m.contains("X-Triage-")), "{info:#?}");
+
+    let scrape = support::http_get(metrics_port, "/metrics");
+    for reason in ["recipients", "null_sender", "auto_submitted", "mailing_list"] {
+        assert_eq!(skipped(&scrape, reason), 1, "{reason}: {scrape}");
+    }
+
+    // skip_auto = false: triaged and tagged, still never rerouted.
+    daemon.rewrite_config(&scoped(false));
+    daemon.signal("HUP");
+    assert!(daemon.wait_log("reloaded", 1), "{}", daemon.log());
+    send(pf.smtp_port, &[mail_to(sender, &["info"], "Auto: invoice 6", "Auto-Submitted: auto-generated")]).unwrap();
+    pf.wait_delivered(7, Duration::from_secs(60));
+    let info = pf.mailbox("info");
+    let sixth = info.iter().find(|m| m.contains("invoice 6")).expect("kept by info@");
+    assert_eq!(one(header_values(sixth, "X-Triage-Department"), "department"), "billing");
+    assert_eq!(one(header_values(sixth, "X-Triage-Action"), "action"), "tag");
+    assert_eq!(pf.mailbox("billing").len(), 1, "not rerouted");
+}
+
+/// Sends one message with swaks, optionally authenticated and from another
+/// loopback source address; panics with swaks' transcript on failure.
+fn swaks(port: u16, subject: &str, auth: bool, source: &str) {
+    support::require("swaks", "swaks");
+    let mut cmd = std::process::Command::new("swaks");
+    cmd.args(["--server", &format!("127.0.0.1:{port}"), "--local-interface", source])
+        .args(["--from", &format!("staff@{DOMAIN}"), "--to", &format!("user@{DOMAIN}")])
+        .args(["--header", &format!("Subject: {subject}"), "--body", "Please find it attached."]);
+    if auth {
+        cmd.args(["--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "secret"]);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "swaks failed:\n{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// The facts the milter asks Postfix for: `{auth_authen}` (a real SASL
+/// login through Dovecot on a `submission` listener), `{daemon_name}`
+/// (`milter_macro_daemon_name`), the client address of the connect event.
+/// Each skips what the scope says, and a reload switches which.
+#[test]
+fn authenticated_senders_office_networks_and_submission_listener_are_skipped() {
+    let dovecot = Dovecot::start_sasl(&["alice"]); // dropped after Postfix
+    let metrics_port = support::free_port();
+    let with_scope = |scope: &str| format!("{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[scope]\n{scope}\n", config("enforce"));
+    let daemon = Daemon::start(&with_scope("skip_networks = [\"127.0.0.2\"]"), false);
+    let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+    let submission = support::free_port();
+    pf.add_submission_listener(submission, &dovecot.sasl_path());
+    pf.reload();
+    assert!(wait_for_port(submission, Duration::from_secs(30)), "submission listener not up:\n{}", pf.log());
+    let ctx = || format!("postfix log:\n{}\ndaemon log:\n{}\ndovecot log:\n{}", pf.log(), daemon.log(), dovecot.log());
+
+    swaks(submission, "Your invoice A (staff, authenticated)", true, "127.0.0.1");
+    swaks(pf.smtp_port, "Your invoice B (customer)", false, "127.0.0.1");
+    swaks(pf.smtp_port, "Your invoice C (office network)", false, "127.0.0.2");
+    pf.wait_delivered(3, Duration::from_secs(60));
+    let subjects = |mailbox: &str| -> Vec<String> {
+        let mut s: Vec<String> = pf.mailbox(mailbox).iter().flat_map(|m| header_values(m, "Subject")).collect();
+        s.sort();
+        s
+    };
+    assert_eq!(subjects("billing"), ["Your invoice B (customer)"], "{}", ctx());
+    assert_eq!(subjects("user"), ["Your invoice A (staff, authenticated)", "Your invoice C (office network)"]);
+    assert!(pf.mailbox("user").iter().all(|m| !m.contains("X-Triage-")));
+    assert!(pf.mailbox("user").iter().any(|m| m.contains("with ESMTPA")), "the login really happened\n{}", ctx());
+
+    // Authenticated mail is triaged again, but not from the submission listener.
+    daemon.rewrite_config(&with_scope("skip_authenticated = false\nskip_listeners = [\"submission\"]"));
+    daemon.signal("HUP");
+    assert!(daemon.wait_log("reloaded", 1), "{}", daemon.log());
+    swaks(submission, "Your invoice D (staff, submission)", true, "127.0.0.1");
+    swaks(pf.smtp_port, "Your invoice E (former office network)", false, "127.0.0.2");
+    pf.wait_delivered(5, Duration::from_secs(60));
+    assert_eq!(subjects("billing"), ["Your invoice B (customer)", "Your invoice E (former office network)"]);
+    assert_eq!(subjects("user").len(), 3, "{}", ctx());
+
+    let scrape = support::http_get(metrics_port, "/metrics");
+    for reason in ["authenticated", "network", "listener"] {
+        assert_eq!(skipped(&scrape, reason), 1, "{reason}: {scrape}");
+    }
 }

@@ -50,6 +50,7 @@ pub const LIVE: &[&str] = &[
     "limits.max_smtp_message_bytes",
     "defaults.*",
     "departments.*",
+    "scope.*",
     "rules.*",
     "model.*",
     "policy.*",

@@ -17,7 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const DOMAIN: &str = "test.example";
-const MAILBOXES: &[&str] = &["user", "billing", "support", "sales", "security", "hr", "general", "postmaster", "bench"];
+const MAILBOXES: &[&str] =
+    &["user", "billing", "support", "sales", "security", "hr", "general", "postmaster", "bench", "info", "ceo"];
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -176,6 +177,28 @@ milter_content_timeout = 30s
         ]);
     }
 
+    /// Adds a second smtpd listener on `port` that Postfix names `submission`
+    /// to milters (`{daemon_name}`), offering SMTP AUTH through Dovecot's
+    /// SASL socket at `sasl_path` (plaintext: loopback only) and relaying only
+    /// for authenticated clients.
+    pub fn add_submission_listener(&self, port: u16, sasl_path: &Path) {
+        let svc = format!("127.0.0.1:{port}/inet");
+        self.postconf(&["-M", &format!("{svc} = 127.0.0.1:{port} inet n - n - - smtpd")]);
+        self.postconf(&[
+            "-P",
+            &format!("{svc}/syslog_name=postfix/submission"),
+            &format!("{svc}/smtpd_tls_security_level=none"),
+            &format!("{svc}/smtpd_sasl_auth_enable=yes"),
+            &format!("{svc}/smtpd_sasl_type=dovecot"),
+            &format!("{svc}/smtpd_sasl_path={}", sasl_path.display()),
+            &format!("{svc}/smtpd_sasl_security_options=noanonymous"),
+            &format!("{svc}/smtpd_client_restrictions=permit_sasl_authenticated,reject"),
+            &format!("{svc}/smtpd_recipient_restrictions=permit_sasl_authenticated,reject"),
+            &format!("{svc}/smtpd_relay_restrictions=permit_sasl_authenticated,reject"),
+            &format!("{svc}/milter_macro_daemon_name=submission"),
+        ]);
+    }
+
     /// Adds the `scan` transport (an smtp client) that `content_filter = scan:[127.0.0.1]:PORT` uses.
     pub fn add_scan_transport(&self) {
         self.postconf(&["-M", "scan/unix = scan unix - - n - 10 smtp"]);
@@ -292,8 +315,22 @@ impl Dovecot {
         Dovecot::start_with(users, "lmtp", "", |_| {})
     }
 
-    /// Dovecot with `protocol` (`lmtp` or `imap`) on the port, `extra`
-    /// appended to its config, and `prepare(config file)` run before it starts.
+    /// Dovecot as Postfix's SASL server only: `users` log in with the
+    /// password `secret` through the socket at [`Dovecot::sasl_path`]. Drop
+    /// it after the Postfix that uses it (declare it first): smtpd holds the
+    /// auth process open.
+    pub fn start_sasl(users: &[&str]) -> Dovecot {
+        Dovecot::start_with(users, "sasl", "", |_| {})
+    }
+
+    /// The SASL socket of a [`Dovecot::start_sasl`] instance.
+    pub fn sasl_path(&self) -> PathBuf {
+        self.dir.path().join("auth-postfix")
+    }
+
+    /// Dovecot with `protocol` (`lmtp`, `imap`, or `sasl` for authentication
+    /// only) on the port, `extra` appended to its config, and
+    /// `prepare(config file)` run before it starts.
     pub fn start_with(users: &[&str], protocol: &str, extra: &str, prepare: impl FnOnce(&Path)) -> Dovecot {
         require("dovecot", "dovecot-core and dovecot-lmtpd");
         let dir = tempfile::Builder::new().prefix("mt-dovecot.").tempdir_in("/tmp").unwrap();
@@ -306,7 +343,11 @@ impl Dovecot {
         let mail = root.join("mail");
         let passwd: String = users.iter().map(|u| format!("{u}::65534:65534::{}/{u}\n", mail.display())).collect();
         std::fs::write(root.join("users"), passwd).unwrap();
+        let secrets: String = users.iter().map(|u| format!("{u}:{{PLAIN}}secret::::::\n")).collect();
+        std::fs::write(root.join("passwords"), secrets).unwrap();
         let port = free_port();
+        let mut passdb = "driver = static\n  args = nopassword=y".to_string();
+        let mut protocols = protocol;
         let service = match protocol {
             "lmtp" => format!(
                 "service lmtp {{\n  inet_listener lmtp {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n\
@@ -316,13 +357,21 @@ impl Dovecot {
                 "disable_plaintext_auth = no\n\
                  service imap-login {{\n  inet_listener imap {{\n    address = 127.0.0.1\n    port = {port}\n  }}\n}}\n"
             ),
+            "sasl" => {
+                protocols = "none";
+                passdb = format!("driver = passwd-file\n  args = scheme=PLAIN {}/passwords", root.display());
+                format!(
+                    "service auth {{\n  unix_listener {}/auth-postfix {{\n    mode = 0666\n  }}\n}}\n",
+                    root.display()
+                )
+            }
             other => panic!("no test setup for Dovecot protocol {other}"),
         };
         let conf = format!(
             "base_dir = {root}/run
 state_dir = {root}/state
 instance_name = mt-dovecot-{port}
-protocols = {protocol}
+protocols = {protocols}
 listen = 127.0.0.1
 log_path = {root}/dovecot.log
 ssl = no
@@ -336,8 +385,7 @@ userdb {{
   args = {root}/users
 }}
 passdb {{
-  driver = static
-  args = nopassword=y
+  {passdb}
 }}
 {service}{extra}
 ",
@@ -361,7 +409,15 @@ passdb {{
             std::fs::read_to_string(root.join("dovecot.log")).unwrap_or_default()
         );
         let d = Dovecot { dir, port };
-        assert!(wait_for_port(port, Duration::from_secs(30)), "dovecot {protocol} not listening; log:\n{}", d.log());
+        if protocol == "sasl" {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !d.sasl_path().exists() {
+                assert!(Instant::now() < deadline, "dovecot auth socket missing; log:\n{}", d.log());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        } else {
+            assert!(wait_for_port(port, Duration::from_secs(30)), "dovecot {protocol} not listening; log:\n{}", d.log());
+        }
         d
     }
 
