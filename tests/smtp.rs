@@ -134,6 +134,83 @@ fn dovecot_lmtp_next_hop_answers_each_recipient() {
     assert!(dovecot.mailbox("sales").is_empty());
 }
 
+/// Through Postfix's content_filter and back: the per-recipient reroute of
+/// `[scope] recipients`, and an authenticated submission (recognised by the
+/// `with ESMTPA` Postfix writes, since XFORWARD does not carry it) skipped.
+#[test]
+fn content_filter_reroutes_per_recipient_and_skips_authenticated_submissions() {
+    let dovecot = Dovecot::start_sasl(&["alice"]); // dropped after Postfix
+    let (port, reinject) = (free_port(), free_port());
+    let cfg = filter_config("smtp", port, &format!("smtp://127.0.0.1:{reinject}"), "")
+        + &format!("\n[scope]\nrecipients = [\"info@{DOMAIN}\", \"user@{DOMAIN}\"]\n");
+    let daemon = start_filter(&cfg, port);
+    let pf = postfix_with_content_filter(port, reinject, true);
+    let submission = free_port();
+    pf.add_submission_listener(submission, &dovecot.sasl_path());
+    pf.reload();
+    assert!(wait_for_port(submission, Duration::from_secs(30)), "submission listener not up:\n{}", pf.log());
+    let ctx = || format!("postfix log:\n{}\ndaemon log:\n{}", pf.log(), daemon.log());
+
+    let mut invoice = mail("Your invoice 2024-18", "", "Please pay.");
+    invoice.rcpts = ["info", "user", "ceo"].iter().map(|r| format!("{r}@{DOMAIN}")).collect();
+    assert_eq!(send(pf.smtp_port, &[invoice]).unwrap(), [250]);
+    let out = Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{submission}"), "--from", &format!("staff@{DOMAIN}")])
+        .args(["--to", &format!("user@{DOMAIN}"), "--header", "Subject: Your invoice, as promised"])
+        .args(["--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "secret"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    let delivered = pf.wait_delivered(3, Duration::from_secs(60));
+    assert_eq!(delivered.len(), 3, "{delivered:#?}\n{}", ctx());
+    let billing = pf.mailbox("billing");
+    assert_eq!(billing.len(), 1, "the department gets it once\n{}", ctx());
+    assert_eq!(
+        header_values(&billing[0], "X-Triage-Original-Recipient"),
+        [format!("info@{DOMAIN}"), format!("user@{DOMAIN}")]
+    );
+    assert_eq!(pf.mailbox("ceo").len(), 1, "the recipient out of scope keeps it\n{}", ctx());
+    assert!(pf.mailbox("info").is_empty());
+    let user = pf.mailbox("user");
+    assert_eq!(user.len(), 1, "{}", ctx());
+    assert!(user[0].contains("as promised") && user[0].contains("with ESMTPA"), "{}", user[0]);
+    assert!(!user[0].contains("X-Triage-"), "authenticated mail is not triaged:\n{}", user[0]);
+}
+
+/// LMTP into Dovecot: a reroute replaces only the in-scope recipient, and
+/// each client recipient hears the reply Dovecot gave for the mailbox its
+/// message went to.
+#[test]
+fn lmtp_reroute_of_one_recipient_gets_each_recipient_dovecots_own_reply() {
+    let dovecot = Dovecot::start(&["alice", "bob", "billing"]);
+    let port = free_port();
+    let cfg = filter_config("lmtp", port, &format!("lmtp://127.0.0.1:{}", dovecot.port), "")
+        + &format!("\n[scope]\nrecipients = [\"alice@{DOMAIN}\"]\n");
+    let daemon = start_filter(&cfg, port);
+    let ctx = || format!("dovecot log:\n{}\ndaemon log:\n{}", dovecot.log(), daemon.log());
+
+    let (mut c, _) = Client::connect(port);
+    assert_eq!(c.cmd(&format!("LHLO client.{DOMAIN}")).0, 250);
+    assert_eq!(c.cmd(&format!("MAIL FROM:<customer@{DOMAIN}>")).0, 250);
+    assert_eq!(c.cmd(&format!("RCPT TO:<alice@{DOMAIN}>")).0, 250, "{}", ctx());
+    assert_eq!(c.cmd(&format!("RCPT TO:<bob@{DOMAIN}>")).0, 250, "{}", ctx());
+    assert_eq!(c.cmd("DATA").0, 354);
+    c.send_data("Subject: Your invoice 7\nMessage-ID: <i7@test.example>\n\nplease pay\n");
+    let (alice, bob) = (c.reply(), c.reply());
+    assert_eq!(c.cmd("QUIT").0, 221);
+    // Dovecot names the mailbox it saved to: alice's message went to billing.
+    assert_eq!(alice.0, 250, "{alice:?}\n{}", ctx());
+    assert!(alice.1.contains(&format!("<billing@{DOMAIN}>")), "{alice:?}");
+    assert_eq!(bob.0, 250, "{bob:?}");
+    assert!(bob.1.contains(&format!("<bob@{DOMAIN}>")), "{bob:?}");
+    let billing = dovecot.mailbox("billing");
+    assert_eq!(billing.len(), 1, "{}", ctx());
+    assert_eq!(header_values(&billing[0], "X-Triage-Original-Recipient"), [format!("alice@{DOMAIN}")]);
+    assert_eq!(dovecot.mailbox("bob").len(), 1);
+    assert!(dovecot.mailbox("alice").is_empty());
+}
+
 #[test]
 fn swaks_through_starttls_relayed_over_starttls_and_plaintext_refused_when_tls_is_required() {
     let dir = tempfile::tempdir().unwrap();
