@@ -24,8 +24,11 @@ fn bench(c: &mut Criterion) {
     let mut cfg = shipped.clone();
     cfg.model = None;
     let triage = Triage::new(&cfg).unwrap();
-    let env =
-        Envelope { mail_from: "billing@shop.example".into(), rcpts: vec!["user@corp.example".into()], queue_id: None };
+    let env = Envelope {
+        mail_from: "billing@shop.example".into(),
+        rcpts: vec!["user@corp.example".into()],
+        ..Default::default()
+    };
     let names = vec!["X-Triage-Department".to_string()];
     let mut g = c.benchmark_group("decision");
     g.throughput(Throughput::Elements(1));

@@ -266,8 +266,7 @@ mod tests {
 
     #[test]
     fn reroute_keeps_a_recipient_that_already_is_the_mailbox() {
-        let p =
-            plan(&decision(Action::Reroute, Mode::Enforce), &env(&["Billing@example.com", "b@x"]), &[]);
+        let p = plan(&decision(Action::Reroute, Mode::Enforce), &env(&["Billing@example.com", "b@x"]), &[]);
         assert!(!p.changes.iter().any(|c| matches!(c, Change::AddRecipient { .. })));
         assert_eq!(p.changes.iter().filter(|c| matches!(c, Change::DeleteRecipient { .. })).count(), 1);
     }
@@ -295,7 +294,10 @@ mod tests {
         let e = env(&["billing@example.com", "ceo@example.com"]);
         let p = Plan::for_decision(&decision(Action::Reroute, Mode::Enforce), &e, &scope, &[]);
         assert!(!p.changes_recipients());
-        assert!(!p.changes.iter().any(|c| matches!(c, Change::AddHeader { name, .. } if name.ends_with("Original-Recipient"))));
+        assert!(!p
+            .changes
+            .iter()
+            .any(|c| matches!(c, Change::AddHeader { name, .. } if name.ends_with("Original-Recipient"))));
     }
 
     #[test]

@@ -194,7 +194,13 @@ impl Triage {
     }
 
     /// Records a skipped message: the audit line, the metric, one log line.
-    fn skipped(&self, envelope: &Envelope, skip: Skip, header_names: &[String], pending: Option<audit::Pending<'_>>) -> Plan {
+    fn skipped(
+        &self,
+        envelope: &Envelope,
+        skip: Skip,
+        header_names: &[String],
+        pending: Option<audit::Pending<'_>>,
+    ) -> Plan {
         self.recorder.skipped(&skip);
         if let Some(p) = pending {
             p.finish(|r| r.skipped(&skip));

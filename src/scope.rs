@@ -211,7 +211,9 @@ impl Scope {
         let client = &envelope.client;
         let from_trusted = client.addr.is_some_and(|a| self.trusted_relays.iter().any(|n| n.contains(a)));
         let prefix = HEADER_PREFIX.as_bytes();
-        let ours = triage_headers.iter().any(|h| h.len() >= prefix.len() && h.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix));
+        let ours = triage_headers
+            .iter()
+            .any(|h| h.len() >= prefix.len() && h.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix));
         if from_trusted && ours {
             return Scoped::Skip(Skip::Triaged);
         }
@@ -225,7 +227,9 @@ impl Scope {
             return Scoped::Skip(Skip::Listener);
         }
         let recipients: Vec<String> = envelope.rcpts.iter().filter(|r| self.owns(r)).cloned().collect();
-        if recipients.is_empty() {
+        // No recipient at all happens only offline (`classify` of a file
+        // without To or Cc): decided when the scope covers everyone.
+        if recipients.is_empty() && !(envelope.rcpts.is_empty() && self.recipients.is_empty()) {
             return Scoped::Skip(Skip::Recipients);
         }
         let auto = Auto::of(envelope, raw);
@@ -247,11 +251,7 @@ mod tests {
     }
 
     fn env(from: &str, rcpts: &[&str]) -> Envelope {
-        Envelope {
-            mail_from: from.into(),
-            rcpts: rcpts.iter().map(|r| r.to_string()).collect(),
-            ..Default::default()
-        }
+        Envelope { mail_from: from.into(), rcpts: rcpts.iter().map(|r| r.to_string()).collect(), ..Default::default() }
     }
 
     fn check(s: &Scope, e: &Envelope, raw: &str) -> Scoped {
@@ -274,7 +274,10 @@ mod tests {
         let e = env("a@outside.example", &["info@example.com", "ceo@example.com", "x@support.example.com"]);
         assert_eq!(
             check(&s, &e, "Subject: hi\r\n\r\n"),
-            Scoped::Triage(InScope { recipients: vec!["info@example.com".into(), "x@support.example.com".into()], auto: None })
+            Scoped::Triage(InScope {
+                recipients: vec!["info@example.com".into(), "x@support.example.com".into()],
+                auto: None
+            })
         );
         assert_eq!(check(&s, &env("a@o.example", &["ceo@example.com"]), ""), Scoped::Skip(Skip::Recipients));
         // No recipients listed: all are in scope.
@@ -301,7 +304,11 @@ skip_listeners = ["submission"]"#,
         assert_eq!(check(&s, &e, ""), Scoped::Skip(Skip::Network), "IPv4-mapped counts as IPv4");
         e.client = Client { addr: Some("2001:db8::25".parse().unwrap()), ..Default::default() };
         assert_eq!(check(&s, &e, ""), Scoped::Skip(Skip::Network));
-        e.client = Client { addr: Some("192.0.2.1".parse().unwrap()), listener: Some("Submission".into()), ..Default::default() };
+        e.client = Client {
+            addr: Some("192.0.2.1".parse().unwrap()),
+            listener: Some("Submission".into()),
+            ..Default::default()
+        };
         assert_eq!(check(&s, &e, ""), Scoped::Skip(Skip::Listener));
         e.client.listener = Some("mx.example.com".into());
         assert!(matches!(check(&s, &e, ""), Scoped::Triage(_)));
@@ -318,7 +325,10 @@ skip_listeners = ["submission"]"#,
         let skip = |raw: &str| check(&s, &e, raw);
         assert_eq!(check(&s, &env("", &["info@example.com"]), ""), Scoped::Skip(Skip::Auto(Auto::NullSender)));
         assert_eq!(skip("Auto-Submitted: auto-replied\r\n\r\n"), Scoped::Skip(Skip::Auto(Auto::AutoSubmitted)));
-        assert_eq!(skip("auto-submitted: Auto-Generated (vacation)\r\n\r\n"), Scoped::Skip(Skip::Auto(Auto::AutoSubmitted)));
+        assert_eq!(
+            skip("auto-submitted: Auto-Generated (vacation)\r\n\r\n"),
+            Scoped::Skip(Skip::Auto(Auto::AutoSubmitted))
+        );
         assert!(matches!(skip("Auto-Submitted: no\r\n\r\n"), Scoped::Triage(_)));
         assert!(matches!(skip("Auto-Submitted: No (comment)\r\n\r\n"), Scoped::Triage(_)));
         assert_eq!(skip("List-Id: <l.example.com>\r\n\r\n"), Scoped::Skip(Skip::Auto(Auto::MailingList)));

@@ -23,3 +23,75 @@ fn check_config_names_every_problem_of_a_broken_file_and_exits_2() {
     // The regex's own explanation is indented under its entry, not a problem of its own.
     assert!(stderr.lines().any(|l| l.starts_with("    ") && l.contains("unclosed group")), "{stderr}");
 }
+
+/// `classify` dry-runs the scope with the facts the MTA would give: the
+/// same message is rerouted for a customer, skipped for an authenticated
+/// sender, a client in an office network or the submission listener, and
+/// a bad scope entry is named by `check-config`.
+#[test]
+fn classify_dry_runs_the_scope_with_the_client_facts_as_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("scope.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nmode = \"enforce\"\n\
+         [scope]\nrecipients = [\"info@example.com\"]\nskip_networks = [\"10.0.0.0/8\"]\nskip_listeners = [\"submission\"]\n\
+         [[departments]]\nname = \"billing\"\nmailbox = \"billing@example.com\"\naction = \"reroute\"\n\
+         [[rules]]\nname = \"newsletters\"\nheader = \"List-Unsubscribe\"\npattern = \".\"\naction = \"skip\"\n\
+         [[rules]]\nname = \"invoices\"\nheader = \"Subject\"\npattern = \"(?i)invoice\"\ndepartment = \"billing\"\n",
+    )
+    .unwrap();
+    let msg = dir.path().join("m.eml");
+    std::fs::write(
+        &msg,
+        "From: customer@outside.example\r\nTo: info@example.com\r\nCc: ceo@example.com\r\nSubject: Invoice 7\r\n\r\nx\r\n",
+    )
+    .unwrap();
+    let newsletter = dir.path().join("n.eml");
+    std::fs::write(&newsletter, "From: news@shop.example\r\nTo: info@example.com\r\nList-Unsubscribe: <https://u>\r\nSubject: Invoice news\r\n\r\nx\r\n").unwrap();
+    let classify = |extra: &[&str], file: &std::path::Path| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailtriage"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("classify")
+            .args(extra)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = classify(&[], &msg);
+    assert_eq!(v["envelope"]["mail_from"], "customer@outside.example", "the sender defaults to From");
+    assert_eq!(v["decision"]["department"], "billing");
+    let plan = v["plan"].as_array().unwrap();
+    let ops = |op: &str| -> Vec<String> {
+        plan.iter().filter(|c| c["op"] == op).map(|c| c["address"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(ops("delete_recipient"), ["info@example.com"], "ceo@ (out of scope) keeps it: {v}");
+    assert_eq!(ops("add_recipient"), ["billing@example.com"]);
+    assert!(plan.iter().any(|c| c["name"] == "X-Triage-Original-Recipient" && c["value"] == "info@example.com"));
+
+    for (flags, reason) in [
+        (&["--authenticated"][..], "authenticated"),
+        (&["--client-addr", "10.1.2.3"][..], "network"),
+        (&["--listener", "submission"][..], "listener"),
+        (&["--mail-from", ""][..], "null_sender"),
+        (&["--rcpt", "ceo@example.com"][..], "recipients"),
+    ] {
+        let v = classify(flags, &msg);
+        assert_eq!(v["skipped"], reason, "{flags:?}: {v}");
+        assert!(v["decision"].is_null() && v["plan"].as_array().unwrap().is_empty(), "{v}");
+    }
+    assert_eq!(classify(&["--client-addr", "192.0.2.1"], &msg)["decision"]["department"], "billing");
+    assert_eq!(classify(&[], &newsletter)["skipped"], "rule:newsletters");
+
+    std::fs::write(&cfg, "[scope]\nrecipients = [\"info\"]\nskip_listeners = [\"sub mission\"]\n[[rules]]\nname = \"s\"\nheader = \"Subject\"\npattern = \"x\"\naction = \"skip\"\ndepartment = \"billing\"\n").unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_mailtriage")).arg("--config").arg(&cfg).arg("check-config").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in ["scope.recipients[0]", "scope.skip_listeners[0]", "rules[0] (s).department"] {
+        assert!(stderr.contains(&format!("`{key}`")), "{key} not named:\n{stderr}");
+    }
+}

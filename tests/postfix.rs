@@ -567,7 +567,9 @@ fn swaks(port: u16, subject: &str, auth: bool, source: &str) {
 fn authenticated_senders_office_networks_and_submission_listener_are_skipped() {
     let dovecot = Dovecot::start_sasl(&["alice"]); // dropped after Postfix
     let metrics_port = support::free_port();
-    let with_scope = |scope: &str| format!("{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[scope]\n{scope}\n", config("enforce"));
+    let with_scope = |scope: &str| {
+        format!("{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[scope]\n{scope}\n", config("enforce"))
+    };
     let daemon = Daemon::start(&with_scope("skip_networks = [\"127.0.0.2\"]"), false);
     let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
     let submission = support::free_port();

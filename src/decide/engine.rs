@@ -372,7 +372,13 @@ impl Engine {
             .await?;
         let (decision, path, lex, embedding) = match step {
             Step::Skip(rule) => {
-                return Ok(Decided { ruling: Ruling::Skip(rule), path: None, evidence: None, features, extract_seconds })
+                return Ok(Decided {
+                    ruling: Ruling::Skip(rule),
+                    path: None,
+                    evidence: None,
+                    features,
+                    extract_seconds,
+                })
             }
             Step::Done(d, path, lex) => (d, path, lex, None),
             Step::Encode { lex, text: for_encoder, key } => {

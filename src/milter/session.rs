@@ -444,9 +444,9 @@ impl<F> Session<'_, F> {
                 .filter(|v| !v.is_empty())
         };
         Client {
-            addr: self.client_addr.or_else(|| {
-                macro_value("{client_addr}").and_then(|a| a.trim_start_matches("IPv6:").parse().ok())
-            }),
+            addr: self
+                .client_addr
+                .or_else(|| macro_value("{client_addr}").and_then(|a| a.trim_start_matches("IPv6:").parse().ok())),
             authenticated: macro_value("{auth_authen}").is_some(),
             listener: macro_value("{daemon_name}").map(str::to_string),
         }
@@ -745,7 +745,10 @@ mod tests {
         mta.message(&["u@example.com"], &[("Subject", "s")], b"b").await;
         let seen = rec.seen.lock().unwrap();
         let c = &seen[0].envelope.client;
-        assert_eq!((c.addr, c.authenticated, c.listener.as_deref()), (Some("2001:db8::7".parse().unwrap()), true, Some("submission")));
+        assert_eq!(
+            (c.addr, c.authenticated, c.listener.as_deref()),
+            (Some("2001:db8::7".parse().unwrap()), true, Some("submission"))
+        );
         assert!(!seen[1].envelope.client.authenticated, "the login belongs to its own transaction");
         assert_eq!(seen[1].envelope.client.listener.as_deref(), Some("submission"));
         let c = &seen[2].envelope.client;

@@ -416,7 +416,11 @@ passdb {{
                 std::thread::sleep(Duration::from_millis(50));
             }
         } else {
-            assert!(wait_for_port(port, Duration::from_secs(30)), "dovecot {protocol} not listening; log:\n{}", d.log());
+            assert!(
+                wait_for_port(port, Duration::from_secs(30)),
+                "dovecot {protocol} not listening; log:\n{}",
+                d.log()
+            );
         }
         d
     }
