@@ -39,8 +39,11 @@ fn miltertest_reroute_with_spoofed_headers_removed() {
     run_script(
         &daemon,
         r#"
--- We ask the MTA to skip CONNECT and HELO (we do not use them), and miltertest honours that.
-check(mt.test_option(conn, SMFIP_NOCONNECT), "NOCONNECT negotiated")
+-- We want the connect event (the client's address, for [scope]) but no reply to it, and skip HELO.
+check(not mt.test_option(conn, SMFIP_NOCONNECT), "connect event wanted")
+check(mt.test_option(conn, SMFIP_NR_CONN), "no reply to connect")
+check(mt.test_option(conn, SMFIP_NOHELO), "NOHELO negotiated")
+check(mt.conninfo(conn, "client.example.net", "192.0.2.7") == nil, "connect")
 check(not mt.test_action(conn, SMFIF_CHGBODY), "body changes not requested")
 check(mt.test_action(conn, SMFIF_ADDRCPT) and mt.test_action(conn, SMFIF_DELRCPT), "recipient actions requested")
 check(mt.macro(conn, SMFIC_MAIL, "i", "4A1B2C3D") == nil, "macro")

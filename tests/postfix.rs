@@ -547,11 +547,18 @@ fn scope_reroutes_only_the_recipients_it_owns_and_never_automatic_mail() {
 /// Sends one message with swaks, optionally authenticated and from another
 /// loopback source address; panics with swaks' transcript on failure.
 fn swaks(port: u16, subject: &str, auth: bool, source: &str) {
+    swaks_with(port, subject, auth, source, &[]);
+}
+
+fn swaks_with(port: u16, subject: &str, auth: bool, source: &str, headers: &[&str]) {
     support::require("swaks", "swaks");
     let mut cmd = std::process::Command::new("swaks");
     cmd.args(["--server", &format!("127.0.0.1:{port}"), "--local-interface", source])
         .args(["--from", &format!("staff@{DOMAIN}"), "--to", &format!("user@{DOMAIN}")])
         .args(["--header", &format!("Subject: {subject}"), "--body", "Please find it attached."]);
+    for h in headers {
+        cmd.args(["--add-header", h]);
+    }
     if auth {
         cmd.args(["--auth", "PLAIN", "--auth-user", "alice", "--auth-password", "secret"]);
     }
@@ -592,18 +599,31 @@ fn authenticated_senders_office_networks_and_submission_listener_are_skipped() {
     assert!(pf.mailbox("user").iter().all(|m| !m.contains("X-Triage-")));
     assert!(pf.mailbox("user").iter().any(|m| m.contains("with ESMTPA")), "the login really happened\n{}", ctx());
 
-    // Authenticated mail is triaged again, but not from the submission listener.
-    daemon.rewrite_config(&with_scope("skip_authenticated = false\nskip_listeners = [\"submission\"]"));
+    // Authenticated mail is triaged again, but not from the submission listener;
+    // 127.0.0.3 is an earlier mailtriage hop whose headers are trusted.
+    daemon.rewrite_config(&with_scope(
+        "skip_authenticated = false\nskip_listeners = [\"submission\"]\ntrusted_relays = [\"127.0.0.3\"]",
+    ));
     daemon.signal("HUP");
     assert!(daemon.wait_log("reloaded", 1), "{}", daemon.log());
     swaks(submission, "Your invoice D (staff, submission)", true, "127.0.0.1");
     swaks(pf.smtp_port, "Your invoice E (former office network)", false, "127.0.0.2");
-    pf.wait_delivered(5, Duration::from_secs(60));
-    assert_eq!(subjects("billing"), ["Your invoice B (customer)", "Your invoice E (former office network)"]);
-    assert_eq!(subjects("user").len(), 3, "{}", ctx());
+    let triaged = ["X-Triage-Department: general", "X-Triage-Action: tag"];
+    swaks_with(pf.smtp_port, "Your invoice F (triaged by the MX)", false, "127.0.0.3", &triaged);
+    swaks_with(pf.smtp_port, "Your invoice G (forged headers)", false, "127.0.0.2", &triaged);
+    pf.wait_delivered(7, Duration::from_secs(60));
+    assert_eq!(
+        subjects("billing"),
+        ["Your invoice B (customer)", "Your invoice E (former office network)", "Your invoice G (forged headers)"]
+    );
+    assert_eq!(subjects("user").len(), 4, "{}", ctx());
+    let from_mx = pf.mailbox("user").into_iter().find(|m| m.contains("invoice F")).unwrap();
+    assert_eq!(one(header_values(&from_mx, "X-Triage-Action"), "the MX's own verdict, kept"), "tag");
+    let forged = pf.mailbox("billing").into_iter().find(|m| m.contains("invoice G")).unwrap();
+    assert_eq!(one(header_values(&forged, "X-Triage-Department"), "ours, not the forgery"), "billing");
 
     let scrape = support::http_get(metrics_port, "/metrics");
-    for reason in ["authenticated", "network", "listener"] {
+    for reason in ["authenticated", "network", "listener", "triaged"] {
         assert_eq!(skipped(&scrape, reason), 1, "{reason}: {scrape}");
     }
 }
