@@ -1,6 +1,7 @@
 //! The whole decision for a realistic multipart message: MIME extraction,
 //! rules, policy and plan; then the same with the model deciding (the
-//! shipped config's cold start: the encoder runs for every message).
+//! shipped config's cold start: the encoder runs for every message); the
+//! scope check alone.
 //! `cargo bench --bench decision` (the model part needs scripts/fetch-model.sh).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -45,6 +46,21 @@ fn bench(c: &mut Criterion) {
     g.bench_function("model_cold_start_multipart", |b| {
         b.iter(|| with_model.decide(&env, unruled.as_bytes(), &names).unwrap())
     });
+    g.finish();
+
+    // The scope stage alone (before any parse): recipients, client facts and
+    // the header scan for automatic mail, on the reactor for every message.
+    let scope_cfg = Config::from_toml(
+        "[scope]\nrecipients = [\"info@corp.example\", \"@support.corp.example\"]\nskip_networks = [\"10.0.0.0/8\"]\n\
+         trusted_relays = [\"192.0.2.1\"]\n",
+        "bench",
+    )
+    .unwrap();
+    let scope = mailtriage::scope::Scope::from(&scope_cfg.scope);
+    let mut g = c.benchmark_group("scope");
+    g.throughput(Throughput::Elements(1));
+    let to_info = Envelope { rcpts: vec!["ceo@corp.example".into(), "info@corp.example".into()], ..env.clone() };
+    g.bench_function("check_multipart", |b| b.iter(|| scope.check(&to_info, &names, MESSAGE.as_bytes())));
     g.finish();
 
     // The lexical features one head computes per message (hashed word and

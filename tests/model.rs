@@ -318,6 +318,11 @@ fn the_cascade_decides_lexically_when_sure_and_under_overload() {
     let triage = std::sync::Arc::new(mailtriage::pipeline::Triage::new(&cfg).unwrap());
     let long = "Bitte korrigieren Sie den Betrag auf der Rechnung. ".repeat(40);
     let input = mailtriage::pipeline::MessageInput {
+        envelope: mailtriage::message::envelope::Envelope {
+            mail_from: "a@x.example".into(),
+            rcpts: vec!["user@test.example".into()],
+            ..Default::default()
+        },
         raw: format!("Subject: Rechnung 4711 ist falsch\r\n\r\n{long}\r\n").into_bytes(),
         ..Default::default()
     };
