@@ -348,7 +348,8 @@ impl<'a, F: Filter> Session<'a, F> {
             MACROS_NOT_NEGOTIATED.call_once(|| {
                 tracing::warn!(
                     version,
-                    "the MTA cannot be asked for macros (milter protocol < 6): mail counts as unauthenticated and \
+                    "the MTA cannot be asked for macros (it offers no SMFIF_SETSYMLIST, or protocol < 6): mail counts \
+                     as unauthenticated and \
                      from no named listener unless the MTA sends {{auth_authen}} and {{daemon_name}} by its own \
                      configuration (Sendmail: confMILTER_MACROS_ENVFROM, confMILTER_MACROS_CONNECT)"
                 )
