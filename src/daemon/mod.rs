@@ -4,14 +4,16 @@
 //! decision engine (with the feedback link, which outlives reloads), then
 //! the front doors' shared setup ([`FrontDoors`]: byte budget, STARTTLS
 //! certificate, next hop), then the HTTP endpoints that read the engine,
-//! then the listeners. Once all are bound it reports ready. A reload
-//! ([`reload`]) swaps the engine and the session settings while mail flows;
-//! SIGTERM starts a drain: `/readyz` answers 503 at once, listeners stop
-//! accepting, messages in flight finish within `shutdown_grace`.
+//! then the listeners. Once all are bound it reports ready (`/readyz`, and
+//! `READY=1` to systemd through `notify`). A reload ([`reload`]) swaps the
+//! engine and the session settings while mail flows; SIGTERM starts a
+//! drain: `/readyz` answers 503 and systemd hears `STOPPING=1` at once,
+//! listeners stop accepting, messages in flight finish within `shutdown_grace`.
 
 pub mod feedback;
 mod http;
 mod logging;
+mod notify;
 pub mod reload;
 
 use std::path::PathBuf;
@@ -218,6 +220,9 @@ pub fn run(cfg: Config, path: PathBuf) -> Result<(), DaemonError> {
         let lmtp = bind(&cfg.server.lmtp).await?;
         metrics::set_info(&cfg.version, &model, None);
         ready.store(true, Ordering::Relaxed);
+        let notifier = Arc::new(notify::Notifier::from_env());
+        notifier.ready(&format!("{}; mode {:?}; model {model}", describe_front_doors(&cfg), cfg.server.mode));
+        notifier.spawn_watchdog();
         let bound = |l: &Option<Listener>| l.as_ref().map(|l| l.local_addr()).unwrap_or_else(|| "-".into());
         tracing::info!(
             milter = %bound(&milter),
@@ -254,11 +259,12 @@ pub fn run(cfg: Config, path: PathBuf) -> Result<(), DaemonError> {
         tokio::spawn(reloader.run(reload_requested));
         let (stop_tx, stop_rx) = watch::channel(false);
         tokio::spawn({
-            let ready = ready.clone();
+            let (ready, notifier) = (ready.clone(), notifier.clone());
             async move {
                 wait_for_stop_signal().await;
-                // Load balancers and probes stop sending first.
+                // Load balancers, probes and systemd hear it first.
                 ready.store(false, Ordering::Relaxed);
+                notifier.stopping();
                 tracing::info!("stopping: no new connections, finishing messages in flight");
                 let _ = stop_tx.send(true);
             }
