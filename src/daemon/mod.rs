@@ -249,10 +249,11 @@ pub fn run(cfg: Config, path: PathBuf) -> Result<(), DaemonError> {
             engine: shared.clone(),
             link: link.clone(),
             apply: Box::new({
-                let (sessions, doors) = (sessions.clone(), doors.clone());
+                let (sessions, doors, notifier) = (sessions.clone(), doors.clone(), notifier.clone());
                 move |cfg: &Config| {
                     sessions.replace(&doors, cfg);
                     log_level.set(&cfg.logging.level);
+                    notifier.status(&format!("reloaded config {}; mode {:?}", cfg.version, cfg.server.mode));
                 }
             }),
         };

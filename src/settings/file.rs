@@ -758,6 +758,74 @@ impl Config {
     }
 }
 
+/// The settings as the daemon reads them, as TOML: the file with the
+/// environment overrides applied and secrets masked (`config show`). The
+/// file is validated first, so what is shown is what would run. Keys left
+/// at their defaults are not listed, as with `postconf -n`.
+pub fn effective_toml(path: &Path) -> Result<String, ConfigError> {
+    Config::load(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    env.sort();
+    for (var, value) in &env {
+        apply_env(&mut table, var, value)?;
+    }
+    mask_secrets(&mut table);
+    let mut out = format!("# {} (mailtriage config show)\n", path.display());
+    for (var, _) in &env {
+        out.push_str(&format!("# overridden by the environment: {var}\n"));
+    }
+    out.push_str(&toml::to_string_pretty(&table).unwrap_or_default());
+    Ok(out)
+}
+
+/// Replaces credentials with `****`: the password in a store URL
+/// (`postgres://user:****@host/db`), and any string value whose key names a
+/// password, token or secret (files holding them are paths, and shown).
+fn mask_secrets(table: &mut toml::Table) {
+    for (key, value) in table.iter_mut() {
+        match value {
+            toml::Value::Table(t) => mask_secrets(t),
+            toml::Value::Array(items) => {
+                for t in items.iter_mut().filter_map(toml::Value::as_table_mut) {
+                    mask_secrets(t);
+                }
+            }
+            toml::Value::String(s) => {
+                let k = key.to_ascii_lowercase();
+                if (k.contains("password") || k.contains("token") || k.contains("secret")) && !k.ends_with("_file") {
+                    *s = "****".into();
+                } else if let Some(masked) = mask_url_password(s) {
+                    *s = masked;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `scheme://user:password@rest` → `scheme://user:****@rest`; also a
+/// `password=` parameter of a key/value connection string.
+fn mask_url_password(s: &str) -> Option<String> {
+    if let Some((scheme, rest)) = s.split_once("://") {
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return Some(format!("{scheme}://{user}:****@{host}{tail}"));
+            }
+        }
+    }
+    let lower = s.to_ascii_lowercase();
+    lower.find("password=").map(|i| {
+        let end = s[i..].find(|c: char| c == ' ' || c == '&').map_or(s.len(), |e| i + e);
+        format!("{}password=****{}", &s[..i], &s[end..])
+    })
+}
+
 /// Applies one `MAILTRIAGE__A__B=value` override to the TOML table. The value
 /// is read as a TOML value when it parses as one (`true`, `5`, `["a"]`), and
 /// as a string otherwise.
@@ -785,6 +853,28 @@ fn apply_env(table: &mut toml::Table, var: &str, value: &str) -> Result<(), Conf
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_are_masked_in_what_config_show_prints() {
+        assert_eq!(
+            mask_url_password("postgres://triage:s3cret@db.example:5432/mail?sslmode=verify-full").as_deref(),
+            Some("postgres://triage:****@db.example:5432/mail?sslmode=verify-full")
+        );
+        assert_eq!(mask_url_password("postgres://triage@db/mail"), None, "no password, nothing to mask");
+        assert_eq!(mask_url_password("/var/lib/mailtriage/feedback.sqlite"), None);
+        assert_eq!(
+            mask_url_password("host=db user=t password=s3cret dbname=m").as_deref(),
+            Some("host=db user=t password=**** dbname=m")
+        );
+        let mut t: toml::Table =
+            "[feedback]\nstore = \"postgres://u:pw@h/d\"\nhttp_token_file = \"/etc/t\"\n[x]\napi_token = \"abc\"\n"
+                .parse()
+                .unwrap();
+        mask_secrets(&mut t);
+        assert_eq!(t["feedback"]["store"].as_str(), Some("postgres://u:****@h/d"));
+        assert_eq!(t["feedback"]["http_token_file"].as_str(), Some("/etc/t"), "a path is not a secret");
+        assert_eq!(t["x"]["api_token"].as_str(), Some("****"));
+    }
 
     const GOOD: &str = r#"
 [server]
