@@ -821,7 +821,7 @@ fn mask_url_password(s: &str) -> Option<String> {
     }
     let lower = s.to_ascii_lowercase();
     lower.find("password=").map(|i| {
-        let end = s[i..].find(|c: char| c == ' ' || c == '&').map_or(s.len(), |e| i + e);
+        let end = s[i..].find([' ', '&']).map_or(s.len(), |e| i + e);
         format!("{}password=****{}", &s[..i], &s[end..])
     })
 }
