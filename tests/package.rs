@@ -122,3 +122,162 @@ fn debian_package_builds_lints_installs_checks_and_purges() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// The container image, built without a registry (`deploy/container/build.sh`:
+/// a Debian minbase from mmdebstrap, the Containerfile on top) around the
+/// binary under test, run read-only as its non-root user with the model as
+/// a read-only volume, asked for readiness, fed mail by a real Postfix
+/// through its milter port, and stopped with SIGTERM.
+///
+/// These machines are Firecracker VMs with hybrid cgroups, which crun
+/// refuses ("cgroups in hybrid mode not supported"), and a raised
+/// RLIMIT_NPROC is refused too: the run uses runc with explicit ulimits, and
+/// host networking on loopback ports (no CNI plugins; traffic stays local).
+#[test]
+fn container_image_runs_read_only_and_serves_postfix() {
+    support::require("podman", "podman");
+    support::require("mmdebstrap", "mmdebstrap");
+    support::require("runc", "runc");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let tag = format!("localhost/mailtriage-test:{}", std::process::id());
+    let built = run(Command::new("bash")
+        .arg(root.join("deploy/container/build.sh"))
+        .arg(env!("CARGO_BIN_EXE_mailtriage"))
+        .arg(&tag));
+    assert!(text(&built).contains(&tag), "{}", text(&built));
+    let inspect = text(&run(Command::new("podman").args(["image", "inspect", "--format", "{{.Config.User}}", &tag])));
+    assert_eq!(inspect.trim(), "10001:10001", "the image runs as its own user, not root");
+
+    let (milter, metrics) = (support::free_port(), support::free_port());
+    let name = format!("mailtriage-test-{}", std::process::id());
+    let model = root.join("models/all-MiniLM-L6-v2");
+    let started = run(Command::new("podman")
+        .args(["--runtime", "runc", "run", "-d", "--name", &name, "--read-only", "--network=host"])
+        .args(["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"])
+        .arg("-v")
+        .arg(format!("{}:/var/lib/mailtriage/models/all-MiniLM-L6-v2:ro", model.display()))
+        .args(["-e", &format!("MAILTRIAGE__SERVER__MILTER=inet:127.0.0.1:{milter}")])
+        .args(["-e", &format!("MAILTRIAGE__METRICS__LISTEN=127.0.0.1:{metrics}")])
+        .arg(&tag));
+    let cleanup = || {
+        let _ = Command::new("podman").args(["rm", "-f", &name]).output();
+        let _ = Command::new("podman").args(["rmi", "-f", &tag]).output();
+    };
+    let logs = || text(&Command::new("podman").args(["logs", &name]).output().unwrap());
+    let result = std::panic::catch_unwind(|| {
+        assert!(!text(&started).trim().is_empty());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !support::wait_for_port(metrics, std::time::Duration::from_millis(200))
+            || !support::http_get(metrics, "/readyz").starts_with("HTTP/1.1 200")
+        {
+            assert!(std::time::Instant::now() < deadline, "not ready within 60 s:\n{}", logs());
+        }
+        let pf = support::Postfix::start(Some(&format!("inet:127.0.0.1:{milter}")), "tempfail", &[]);
+        let codes = support::send(pf.smtp_port, &[support::mail("Your invoice 2024-99", "", "Please pay.")]).unwrap();
+        assert_eq!(codes, [250]);
+        let delivered = pf.wait_delivered(1, std::time::Duration::from_secs(60));
+        assert_eq!(delivered.len(), 1, "postfix log:\n{}\ncontainer log:\n{}", pf.log(), logs());
+        // The shipped default config's rule, decided inside the container (shadow mode: headers only).
+        assert_eq!(support::header_values(&delivered[0].1, "X-Triage-Mode"), ["shadow"]);
+        assert_eq!(support::header_values(&delivered[0].1, "X-Triage-Department"), ["billing"]);
+        assert_eq!(support::header_values(&delivered[0].1, "X-Triage-Source"), ["rule:invoices"]);
+        // SIGTERM: the drain ends well inside a pod's grace period, exit status 0.
+        let t = std::time::Instant::now();
+        run(Command::new("podman").args(["stop", "-t", "30", &name]));
+        assert!(t.elapsed() < std::time::Duration::from_secs(25), "stop took {:?}", t.elapsed());
+        let status = text(&run(Command::new("podman").args(["inspect", "--format", "{{.State.ExitCode}}", &name])));
+        assert_eq!(status.trim(), "0", "{}", logs());
+        assert!(logs().contains("stopped"), "{}", logs());
+    });
+    cleanup();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The Kubernetes manifests validate offline against the current Kubernetes
+/// API (`kubernetes-validate --strict`, PyPI; scripts/test.sh installs it in
+/// a venv), a broken one is refused, and they agree with the image and the
+/// product: the ConfigMap's file is a valid configuration under the image's
+/// environment, the probes are the daemon's endpoints, the pod's grace period
+/// outlasts the drain.
+#[test]
+fn kubernetes_manifests_validate_and_agree_with_the_image() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let k8s = root.join("deploy/kubernetes");
+    let validator = std::env::var("MAILTRIAGE_KUBERNETES_VALIDATE").unwrap_or_else(|_| "kubernetes-validate".into());
+    let manifests: Vec<PathBuf> = std::fs::read_dir(&k8s)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
+        .collect();
+    assert!(manifests.len() >= 6, "{manifests:?}");
+    let validate = |files: &[PathBuf]| {
+        Command::new(&validator).arg("--strict").args(files).output().unwrap_or_else(|e| {
+            panic!("{validator}: {e} (pip install kubernetes-validate; scripts/test.sh does, in target/tools)")
+        })
+    };
+    let checked = validate(&manifests);
+    assert!(checked.status.success(), "{}", text(&checked));
+    assert_eq!(text(&checked).matches(" passed for resource ").count(), manifests.len(), "{}", text(&checked));
+    // The validator can fail: a port that is not a number.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("deployment.yaml");
+    let deployment = std::fs::read_to_string(k8s.join("deployment.yaml")).unwrap();
+    std::fs::write(&broken, deployment.replacen("containerPort: 8890", "containerPort: milter-port", 1)).unwrap();
+    assert!(!validate(&[broken]).status.success(), "a broken manifest passed");
+
+    let kustomization = std::fs::read_to_string(k8s.join("kustomization.yaml")).unwrap();
+    for line in kustomization.lines().filter_map(|l| l.trim().strip_prefix("- ")) {
+        let file = line.rsplit('=').next().unwrap();
+        if file.ends_with(".yaml") || file.ends_with(".toml") || file.ends_with(".example") {
+            assert!(k8s.join(file).exists(), "kustomization names a missing file: {file}");
+        }
+    }
+    // The image's environment, as the Containerfile sets it, over the ConfigMap's file.
+    let containerfile = std::fs::read_to_string(root.join("deploy/container/Containerfile")).unwrap();
+    let env: Vec<(String, String)> = containerfile
+        .split("ENV ")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().trim_end_matches('\\').trim())
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect();
+    assert!(env.iter().any(|(k, _)| k == "MAILTRIAGE__SERVER__MILTER"), "{env:?}");
+    let shown = run(Command::new(env!("CARGO_BIN_EXE_mailtriage"))
+        .args(["--config"])
+        .arg(k8s.join("mailtriage.toml"))
+        .args(["config", "show"])
+        .env_remove("MAILTRIAGE_CONFIG")
+        .envs(env.iter().filter(|(k, _)| k.starts_with("MAILTRIAGE__")).cloned()));
+    let shown = text(&shown);
+    assert!(shown.contains("milter = \"inet:0.0.0.0:8890\"") && shown.contains("listen = \"0.0.0.0:9090\""), "{shown}");
+    let grace: u64 = env
+        .iter()
+        .find(|(k, _)| k == "MAILTRIAGE__SERVER__SHUTDOWN_GRACE")
+        .unwrap()
+        .1
+        .trim_end_matches('s')
+        .parse()
+        .unwrap();
+    let pod_grace: u64 = deployment
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("terminationGracePeriodSeconds:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(grace + 10 <= pod_grace, "drain {grace}s vs pod grace {pod_grace}s");
+    for probe in [
+        "path: /readyz",
+        "path: /healthz",
+        "containerPort: 8890",
+        "containerPort: 9090",
+        "readOnlyRootFilesystem: true",
+    ] {
+        assert!(deployment.contains(probe), "{probe} missing from deployment.yaml");
+    }
+}
