@@ -281,3 +281,34 @@ fn kubernetes_manifests_validate_and_agree_with_the_image() {
         assert!(deployment.contains(probe), "{probe} missing from deployment.yaml");
     }
 }
+
+/// The minimum Rust version the package states (Cargo.toml `rust-version`,
+/// the README) is the highest any locked dependency built for this platform
+/// declares: not lower (the build would fail there), not higher (a claim
+/// nobody checked).
+#[test]
+fn stated_rust_version_is_what_the_locked_dependencies_need() {
+    let host = text(&run(Command::new("rustc").arg("-vV")));
+    let host = host.lines().find_map(|l| l.strip_prefix("host: ")).unwrap().trim().to_string();
+    let meta = run(Command::new("cargo")
+        .args(["metadata", "--locked", "--format-version", "1", "--filter-platform", &host])
+        .current_dir(env!("CARGO_MANIFEST_DIR")));
+    let meta: serde_json::Value = serde_json::from_slice(&meta.stdout).unwrap();
+    let in_build: std::collections::HashSet<&str> =
+        meta["resolve"]["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap()).collect();
+    let version = |v: &str| -> Vec<u32> { v.split('.').map(|x| x.parse().unwrap()).collect() };
+    let mut ours = None;
+    let mut needed: (Vec<u32>, String) = (vec![0], String::new());
+    for p in meta["packages"].as_array().unwrap() {
+        let Some(rv) = p["rust_version"].as_str() else { continue };
+        if p["name"] == "mailtriage" {
+            ours = Some(rv.to_string());
+        } else if in_build.contains(p["id"].as_str().unwrap()) && version(rv) > needed.0 {
+            needed = (version(rv), format!("{} {}", p["name"], p["version"]));
+        }
+    }
+    let ours = ours.expect("Cargo.toml states a rust-version");
+    assert_eq!(version(&ours), needed.0, "Cargo.toml says {ours}, {} needs {:?}", needed.1, needed.0);
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    assert!(readme.contains(&format!("Rust toolchain ({ours} or newer")), "README states another minimum");
+}
