@@ -25,12 +25,18 @@ fn text(o: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-/// Processes running the installed binary.
+/// Processes running the installed binary: the same file (device and
+/// inode), so a container's own `/usr/bin/mailtriage` does not count.
 fn installed_daemons() -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(installed) = std::fs::metadata("/usr/bin/mailtriage") else { return Vec::new() };
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| std::fs::read_link(e.path().join("exe")).is_ok_and(|x| x == Path::new("/usr/bin/mailtriage")))
+        .filter(|e| {
+            std::fs::metadata(e.path().join("exe"))
+                .is_ok_and(|m| (m.dev(), m.ino()) == (installed.dev(), installed.ino()))
+        })
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect()
 }
