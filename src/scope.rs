@@ -16,8 +16,9 @@ use crate::message::headers;
 use crate::settings::{Cidr, ScopeConfig};
 
 /// Why a message is not triaged. Its `reason` labels the metric and the
-/// audit line.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// audit line; serde writes what `Display` does (`authenticated`,
+/// `rule:newsletters`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Skip {
     /// No recipient is in `scope.recipients`.
     Recipients,
@@ -53,6 +54,12 @@ impl Skip {
     /// trusted hop's own.
     pub fn keeps_headers(&self) -> bool {
         matches!(self, Skip::Triaged)
+    }
+}
+
+impl Serialize for Skip {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -365,5 +372,7 @@ skip_listeners = ["submission"]"#,
         assert!(matches!(check(&s, &e, "Subject: s\r\n\r\n"), Scoped::Triage(_)));
         assert_eq!(Skip::Rule("lists".into()).to_string(), "rule:lists");
         assert_eq!(Skip::Auto(Auto::NullSender).reason(), "null_sender");
+        assert_eq!(serde_json::to_value(Skip::Rule("lists".into())).unwrap(), "rule:lists");
+        assert_eq!(serde_json::to_value(Skip::Auto(Auto::Bulk)).unwrap(), "bulk");
     }
 }
