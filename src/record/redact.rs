@@ -20,6 +20,28 @@ static NINO: LazyLock<Regex> =
 static PHONE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?:\+|\b00|\b0|\(0)[\d\s()./\-]{6,20}\d").expect("valid"));
 
+/// A connection string without its password: `scheme://user:password@host/…`
+/// → `scheme://user:****@host/…` (only the authority's password: an `@` in
+/// the path or query is left alone), and `password=…` of a key/value string
+/// (`host=db password=… dbname=m`). Borrowed when there is nothing to mask.
+pub fn credentials(s: &str) -> Cow<'_, str> {
+    if let Some((scheme, rest)) = s.split_once("://") {
+        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return Cow::Owned(format!("{scheme}://{user}:****@{host}{tail}"));
+            }
+        }
+    }
+    match s.to_ascii_lowercase().find("password=") {
+        Some(i) => {
+            let end = s[i..].find([' ', '&']).map_or(s.len(), |e| i + e);
+            Cow::Owned(format!("{}password=****{}", &s[..i], &s[end..]))
+        }
+        None => Cow::Borrowed(s),
+    }
+}
+
 /// The text with personal data replaced by `[email]`, `[iban]`, `[card]`,
 /// `[national-id]` and `[phone]`.
 pub fn redact(text: &str) -> Cow<'_, str> {
@@ -86,6 +108,21 @@ pub fn iban_valid(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_strings_lose_their_password_only() {
+        assert_eq!(
+            credentials("postgres://triage:s3cret@db.example:5432/mail?sslmode=verify-full"),
+            "postgres://triage:****@db.example:5432/mail?sslmode=verify-full"
+        );
+        assert_eq!(
+            credentials("postgres://u:p@h/db?application_name=a@b"),
+            "postgres://u:****@h/db?application_name=a@b"
+        );
+        assert!(matches!(credentials("postgres://triage@db/mail"), Cow::Borrowed(_)), "no password, nothing to mask");
+        assert!(matches!(credentials("/var/lib/mailtriage/feedback.sqlite"), Cow::Borrowed(_)));
+        assert_eq!(credentials("host=db user=t password=s3cret dbname=m"), "host=db user=t password=**** dbname=m");
+    }
 
     #[test]
     fn masks_each_kind_and_keeps_the_rest() {

@@ -799,31 +799,13 @@ fn mask_secrets(table: &mut toml::Table) {
                 let k = key.to_ascii_lowercase();
                 if (k.contains("password") || k.contains("token") || k.contains("secret")) && !k.ends_with("_file") {
                     *s = "****".into();
-                } else if let Some(masked) = mask_url_password(s) {
+                } else if let std::borrow::Cow::Owned(masked) = crate::record::redact::credentials(s) {
                     *s = masked;
                 }
             }
             _ => {}
         }
     }
-}
-
-/// `scheme://user:password@rest` → `scheme://user:****@rest`; also a
-/// `password=` parameter of a key/value connection string.
-fn mask_url_password(s: &str) -> Option<String> {
-    if let Some((scheme, rest)) = s.split_once("://") {
-        let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-        if let Some((userinfo, host)) = authority.rsplit_once('@') {
-            if let Some((user, _)) = userinfo.split_once(':') {
-                return Some(format!("{scheme}://{user}:****@{host}{tail}"));
-            }
-        }
-    }
-    let lower = s.to_ascii_lowercase();
-    lower.find("password=").map(|i| {
-        let end = s[i..].find([' ', '&']).map_or(s.len(), |e| i + e);
-        format!("{}password=****{}", &s[..i], &s[end..])
-    })
 }
 
 /// Applies one `MAILTRIAGE__A__B=value` override to the TOML table. The value
@@ -856,16 +838,6 @@ mod tests {
 
     #[test]
     fn secrets_are_masked_in_what_config_show_prints() {
-        assert_eq!(
-            mask_url_password("postgres://triage:s3cret@db.example:5432/mail?sslmode=verify-full").as_deref(),
-            Some("postgres://triage:****@db.example:5432/mail?sslmode=verify-full")
-        );
-        assert_eq!(mask_url_password("postgres://triage@db/mail"), None, "no password, nothing to mask");
-        assert_eq!(mask_url_password("/var/lib/mailtriage/feedback.sqlite"), None);
-        assert_eq!(
-            mask_url_password("host=db user=t password=s3cret dbname=m").as_deref(),
-            Some("host=db user=t password=**** dbname=m")
-        );
         let mut t: toml::Table =
             "[feedback]\nstore = \"postgres://u:pw@h/d\"\nhttp_token_file = \"/etc/t\"\n[x]\napi_token = \"abc\"\n"
                 .parse()

@@ -101,7 +101,8 @@ impl Store {
     /// Opens (and creates the table in) `sqlite:///path/file.db` or
     /// `postgres://user:pass@host/db` (also `postgresql://`).
     pub fn open(url: &str) -> Result<Store, StoreError> {
-        let fail = |reason: String| StoreError::Open { url: redact_url(url), reason };
+        let fail =
+            |reason: String| StoreError::Open { url: crate::record::redact::credentials(url).into_owned(), reason };
         let backend = if let Some(path) = url.strip_prefix("sqlite://") {
             let path = PathBuf::from(path);
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -121,7 +122,7 @@ impl Store {
         } else {
             return Err(fail("expected sqlite:///path/to/feedback.db or postgres://…".into()));
         };
-        Ok(Store { url: redact_url(url), db: Mutex::new(backend) })
+        Ok(Store { url: crate::record::redact::credentials(url).into_owned(), db: Mutex::new(backend) })
     }
 
     /// The store's address without its password, for messages.
@@ -291,20 +292,6 @@ fn decode(row: RawRow) -> Result<Correction, StoreError> {
     })
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,7 +334,7 @@ mod tests {
     #[test]
     fn bad_urls_are_named_without_the_password() {
         let e = Store::open("mysql://u:hunter2@h/db").err().unwrap().to_string();
-        assert!(e.contains("mysql://u:***@h/db") && e.contains("expected sqlite"), "{e}");
+        assert!(e.contains("mysql://u:****@h/db") && e.contains("expected sqlite"), "{e}");
         assert!(!e.contains("hunter2"));
         let e = Store::open("sqlite:///proc/no/such/dir/f.db").err().unwrap().to_string();
         assert!(e.contains("/proc/no/such/dir"), "{e}");
