@@ -46,6 +46,7 @@ fn grafana_dashboard_is_valid_json_over_metrics_we_export() {
     let d: serde_json::Value = serde_json::from_str(&text).unwrap();
     let exported = [
         mailtriage::record::metrics::name::MESSAGES,
+        mailtriage::record::metrics::name::SKIPPED,
         mailtriage::record::metrics::name::FAILED_OPEN,
         mailtriage::record::metrics::name::DECISION_SECONDS,
         mailtriage::record::metrics::name::INFERENCE_SECONDS,
