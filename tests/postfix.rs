@@ -258,6 +258,21 @@ department = "billing"
     assert!((0.0..=1.0).contains(&confidence));
     let billing = pf.mailbox("billing");
     assert_eq!(one(header_values(&billing[0], "X-Triage-Source"), "source"), "rule:invoices");
+
+    // Fault: the head file is replaced by a half-written one under the running
+    // daemon. A reload refuses it, naming the file, and the old head keeps serving.
+    let bytes = std::fs::read(&head).unwrap();
+    std::fs::write(&head, &bytes[..bytes.len() / 2]).unwrap();
+    daemon.signal("HUP");
+    assert!(daemon.wait_log("reload failed", 1), "{}", daemon.log());
+    let failed = daemon.log().lines().find(|l| l.contains("reload failed")).unwrap().to_string();
+    assert!(failed.contains("department.safetensors"), "the error names the file: {failed}");
+    send(pf.smtp_port, &[mail("Server liefert seit heute Fehler 500", "", "Bitte dringend helfen, nichts geht mehr.")])
+        .unwrap();
+    pf.wait_delivered(3, Duration::from_secs(60));
+    let support = pf.mailbox("support");
+    assert_eq!(support.len(), 2, "the old head still routes: {}", daemon.log());
+    assert!(support.iter().all(|m| one(header_values(m, "X-Triage-Source"), "source").starts_with("model:")));
 }
 
 /// Mail full of personal data goes through the daemon at debug log level;
