@@ -192,6 +192,12 @@ pub fn header_names(raw: &[u8]) -> Vec<String> {
     headers::names(raw)
 }
 
+/// Whether a header name is one of ours (`X-Triage-*`, any case). Compared
+/// as bytes: a peer's name may cut a UTF-8 character at the prefix length.
+pub fn is_triage_header(name: &str) -> bool {
+    name.as_bytes().get(..HEADER_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(HEADER_PREFIX.as_bytes()))
+}
+
 /// Removals for every inbound `X-Triage-*` header. Per name, the highest
 /// index goes first, so each removal leaves the lower indices valid whether or
 /// not the MTA renumbers after a delete.
@@ -202,7 +208,7 @@ fn inbound_removals(header_names: &[String]) -> Vec<Change> {
         let lower = name.to_ascii_lowercase();
         let count = seen.entry(lower.clone()).or_default();
         *count += 1;
-        if lower.starts_with(&HEADER_PREFIX.to_ascii_lowercase()) {
+        if is_triage_header(name) {
             found.push(Change::RemoveHeader { name: name.clone(), index: *count });
         }
     }

@@ -10,7 +10,7 @@
 
 use serde::Serialize;
 
-use crate::act::HEADER_PREFIX;
+use crate::act::is_triage_header;
 use crate::message::envelope::Envelope;
 use crate::message::headers;
 use crate::settings::{Cidr, ScopeConfig};
@@ -217,11 +217,7 @@ impl Scope {
     pub fn check(&self, envelope: &Envelope, triage_headers: &[String], raw: &[u8]) -> Scoped {
         let client = &envelope.client;
         let from_trusted = client.addr.is_some_and(|a| self.trusted_relays.iter().any(|n| n.contains(a)));
-        let prefix = HEADER_PREFIX.as_bytes();
-        let ours = triage_headers
-            .iter()
-            .any(|h| h.len() >= prefix.len() && h.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix));
-        if from_trusted && ours {
+        if from_trusted && triage_headers.iter().any(|h| is_triage_header(h)) {
             return Scoped::Skip(Skip::Triaged);
         }
         if self.skip_authenticated && client.authenticated {

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use super::codec::{self, action, proto, CodecError, Command, ConnectAddress, MacroStage, Negotiation, Reply};
-use crate::act::{Change, Plan};
+use crate::act::{is_triage_header, Change, Plan};
 pub use crate::frontdoor::budget::ByteBudget;
 use crate::frontdoor::budget::Reservation;
 use crate::frontdoor::decide::{decide, Caller, DecisionSettings, KeepAlive, Verdict};
@@ -45,8 +45,6 @@ pub const WANTED_PROTOCOL: u32 = proto::NR_CONNECT
     | proto::NR_HEADER
     | proto::NR_EOH
     | proto::SKIP;
-
-const PREFIX: &str = crate::act::HEADER_PREFIX;
 
 /// Inbound `X-Triage-*` headers tracked per message for removal.
 const MAX_TRACKED_TRIAGE_HEADERS: usize = 1000;
@@ -262,10 +260,7 @@ impl<'a, F: Filter> Session<'a, F> {
                 msg.append(line.as_bytes(), max);
                 // Only our own header names are needed (to remove spoofed ones); keeping
                 // every name would let a hostile client grow this without bound.
-                // Compared as bytes: a name may cut a UTF-8 character at the prefix length.
-                if name.as_bytes().get(..PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(PREFIX.as_bytes()))
-                    && msg.input.header_names.len() < MAX_TRACKED_TRIAGE_HEADERS
-                {
+                if is_triage_header(&name) && msg.input.header_names.len() < MAX_TRACKED_TRIAGE_HEADERS {
                     msg.input.header_names.push(name);
                 }
                 self.ack(proto::NR_HEADER)
