@@ -725,10 +725,8 @@ pub const ENV_PREFIX: &str = "MAILTRIAGE__";
 impl Config {
     /// Reads, overrides from the environment, and validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
-        let mut cfg = Self::from_toml_with_env(&text, &path.display().to_string(), &env)?;
+        let text = read_file(path)?;
+        let mut cfg = Self::from_toml_with_env(&text, &path.display().to_string(), &env_overrides())?;
         cfg.source = Some(path.to_owned());
         let digest = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes());
         cfg.version = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
@@ -742,12 +740,7 @@ impl Config {
     }
 
     fn from_toml_with_env(text: &str, origin: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
-        for (var, value) in env {
-            apply_env(&mut table, var, value)?;
-        }
+        let table = overlaid(text, origin, env)?;
         // Re-serialising loses spans, so deserialise from the text when no
         // override applied: its errors point at the line and column.
         let mut cfg: Config = if env.is_empty() { toml::from_str(text) } else { toml::Table::try_into(table) }
@@ -763,17 +756,9 @@ impl Config {
 /// file is validated first, so what is shown is what would run. Keys left
 /// at their defaults are not listed, as with `postconf -n`.
 pub fn effective_toml(path: &Path) -> Result<String, ConfigError> {
-    Config::load(path)?;
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-        path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
-    env.sort();
-    for (var, value) in &env {
-        apply_env(&mut table, var, value)?;
-    }
+    let (text, origin, env) = (read_file(path)?, path.display().to_string(), env_overrides());
+    Config::from_toml_with_env(&text, &origin, &env)?;
+    let mut table = overlaid(&text, &origin, &env)?;
     mask_secrets(&mut table);
     let mut out = format!("# {} (mailtriage config show)\n", path.display());
     for (var, _) in &env {
@@ -781,6 +766,29 @@ pub fn effective_toml(path: &Path) -> Result<String, ConfigError> {
     }
     out.push_str(&toml::to_string_pretty(&table).unwrap_or_default());
     Ok(out)
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })
+}
+
+/// The `MAILTRIAGE__…` variables of this process, sorted by name (so the
+/// order they apply in is stable).
+fn env_overrides() -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    env.sort();
+    env
+}
+
+/// The file's TOML table with the environment overrides applied.
+fn overlaid(text: &str, origin: &str, env: &[(String, String)]) -> Result<toml::Table, ConfigError> {
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
+    for (var, value) in env {
+        apply_env(&mut table, var, value)?;
+    }
+    Ok(table)
 }
 
 /// Replaces credentials with `****`: the password in a store URL
