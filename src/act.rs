@@ -186,12 +186,6 @@ fn line_ending(raw: &[u8]) -> &'static [u8] {
     }
 }
 
-/// Names of a raw message's header fields, in order (what
-/// [`Plan::strip_inbound`] and [`Plan::for_decision`] count removals against).
-pub fn header_names(raw: &[u8]) -> Vec<String> {
-    headers::names(raw)
-}
-
 /// Whether a header name is one of ours (`X-Triage-*`, any case). Compared
 /// as bytes: a peer's name may cut a UTF-8 character at the prefix length.
 pub fn is_triage_header(name: &str) -> bool {
@@ -329,7 +323,7 @@ mod tests {
     #[test]
     fn plans_apply_to_raw_messages() {
         let raw = b"Received: a\r\nX-Triage-Department: ceo\r\nSubject: hi\r\n there\r\nx-triage-department: x\r\n\r\nbody\r\n";
-        let names = header_names(raw);
+        let names = headers::names(raw);
         assert_eq!(names, ["Received", "X-Triage-Department", "Subject", "x-triage-department"]);
         let p = plan(&decision(Action::Reroute, Mode::Enforce), &env(&["a@x", "b@x"]), &names);
         let out = String::from_utf8(p.apply_to_message(raw)).unwrap();

@@ -67,7 +67,8 @@ pub fn values(raw: &[u8], name: &str) -> Vec<Vec<u8>> {
     fields(raw).iter().filter(|f| f.name(raw).eq_ignore_ascii_case(name.as_bytes())).map(|f| f.value(raw)).collect()
 }
 
-/// Names of a raw message's header fields, in order.
+/// Names of a raw message's header fields, in order (what
+/// `Plan::strip_inbound` and `Plan::for_decision` count removals against).
 pub fn names(raw: &[u8]) -> Vec<String> {
     fields(raw).iter().map(|f| String::from_utf8_lossy(f.name(raw)).into_owned()).collect()
 }

@@ -24,7 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use super::relay::{Hop, Io, RelayError, RelaySettings};
 use super::reply::Reply;
 use super::xforward::{self, Xforward};
-use crate::act::{header_names, is_triage_header, Change};
+use crate::act::{is_triage_header, Change};
 use crate::frontdoor::budget::{ByteBudget, Reservation};
 use crate::frontdoor::decide::{decide, Caller, DecisionSettings, Silent, Verdict};
 use crate::frontdoor::{Filter, MessageInput};
@@ -624,7 +624,8 @@ impl<'a, F: Filter> Session<'a, F> {
     /// Decides the message and relays it; one reply per client recipient.
     async fn deliver(&mut self, tx: &Transaction, msg: Vec<u8>) -> Vec<Reply> {
         let n = tx.rcpts.len();
-        let triage_headers: Vec<String> = header_names(&msg).into_iter().filter(|h| is_triage_header(h)).collect();
+        let triage_headers: Vec<String> =
+            crate::message::headers::names(&msg).into_iter().filter(|h| is_triage_header(h)).collect();
         let input = MessageInput {
             envelope: Envelope {
                 mail_from: tx.from.clone(),
