@@ -101,6 +101,9 @@ pub enum Command {
     /// Promoted head versions.
     #[command(subcommand)]
     Heads(HeadsCommand),
+    /// Erase every trace of one message (corrections, recent decision, audit
+    /// lines) or of one sender's corrections: erasure on request (GDPR Art. 17).
+    Forget(ForgetArgs),
     /// Figures for the people paying for it: auto-routed share, review share,
     /// corrections per department per day, estimated staff minutes saved.
     Report {
@@ -111,6 +114,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ForgetArgs {
+    /// The message's Message-ID (angle brackets optional).
+    #[arg(long, required_unless_present = "sender", conflicts_with = "sender")]
+    pub message_id: Option<String>,
+    /// The address a person sent corrections from.
+    #[arg(long)]
+    pub sender: Option<String>,
+    /// Print what was erased as one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

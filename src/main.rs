@@ -76,6 +76,7 @@ fn main() -> ExitCode {
         Command::Retrain { head, json } => learn::retrain(&cfg, head, json),
         Command::Heads(cmd) => learn::heads(&cfg, &cmd),
         Command::Report { days, json } => learn::report(&cfg, days, json),
+        Command::Forget(args) => cmd::forget::forget(&cfg, &args),
     };
     match result {
         Ok(code) => code,

@@ -269,7 +269,7 @@ impl Triage {
         hold_back(&mut decision, &in_scope);
         self.recorder.decided(&decision, path, extract_seconds, seconds);
         if let (Some(p), Some(a)) = (pending, &self.audit) {
-            let hash = features.message_id.as_deref().map(|m| a.hash_message_id(m));
+            let hash = features.message_id.as_deref().map(|m| a.pseudonyms().message_id(m));
             p.finish(|r| r.decided(&decision, hash).auto(in_scope.auto));
         }
         let plan = Plan::for_decision(&decision, &envelope, &in_scope, &header_names);

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::time::Duration;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mailtriage::daemon;
@@ -16,7 +16,7 @@ use mailtriage::learn::feedback::layer::FeedbackLink;
 use mailtriage::learn::feedback::recent::RecentDecisions;
 use mailtriage::learn::feedback::retrain::{self, RetrainOutcome};
 use mailtriage::learn::feedback::store::Store;
-use mailtriage::learn::feedback::Channel;
+use mailtriage::learn::feedback::{Channel, FeedbackError};
 use mailtriage::pipeline::Triage;
 use mailtriage::settings::Config;
 
@@ -55,20 +55,30 @@ pub fn feedback(cfg: &Config, args: &FeedbackArgs) -> Result<ExitCode> {
         bail!("no message given (pipe one into stdin, or name a file)");
     }
     // The pipe reads the message itself, so it keeps no recent decisions (0 bytes).
-    let link = FeedbackLink { store: Arc::new(open_store(cfg)?), recent: Arc::new(RecentDecisions::new(0)) };
+    // A PostgreSQL store that is down answers EX_TEMPFAIL below, not a failure here.
+    let fb = cfg.feedback.as_ref().context("no [feedback] section in the configuration")?;
+    let link = FeedbackLink { store: Arc::new(Store::open_later(&fb.store)?), recent: Arc::new(RecentDecisions::new(0)) };
     let triage = daemon::build(cfg, Some(link)).context("loading rules and model")?;
     let (features, message_id) = triage.features_of(&raw)?;
     let actor = format!("user:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
     let hash = message_id.as_deref().map(|m| triage.message_hash(m));
-    let id = triage.record(&features, &requested, Channel::Pipe, actor, hash)?;
-    println!("recorded correction {id}");
-    Ok(ExitCode::SUCCESS)
+    match triage.record(&features, &requested, Channel::Pipe, actor, hash) {
+        Ok(id) => {
+            println!("recorded correction {id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        // Dovecot's pipe and scripts retry on EX_TEMPFAIL.
+        Err(FeedbackError::Store(e)) if e.is_retryable() => {
+            eprintln!("mailtriage: not recorded, retry later: {e}");
+            Ok(ExitCode::from(super::EX_TEMPFAIL))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Asks the running daemon (its metrics listener) to record a correction
 /// for a recent decision: only it holds the recent decisions' features.
 fn feedback_by_message_id(cfg: &Config, message_id: &str, requested: &Requested) -> Result<ExitCode> {
-    use std::io::Write;
     let listen = &cfg.metrics.as_ref().context("--message-id needs [metrics] listen (the daemon's HTTP side)")?.listen;
     let token = token(cfg)?.context("--message-id needs [feedback] http_token_file")?;
     let body = serde_json::json!({
@@ -76,29 +86,23 @@ fn feedback_by_message_id(cfg: &Config, message_id: &str, requested: &Requested)
         "department": requested.department,
         "priority": requested.priority,
         "channel": "cli",
-    })
-    .to_string();
-    let mut s =
-        std::net::TcpStream::connect(listen).with_context(|| format!("connecting to the daemon at {listen}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "POST /feedback HTTP/1.1\r\nHost: {listen}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)?;
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    if head.starts_with("HTTP/1.1 200") {
-        println!("{}", body.trim());
-        Ok(ExitCode::SUCCESS)
-    } else {
-        bail!("the daemon refused: {} {}", head.lines().next().unwrap_or(""), body.trim())
+    });
+    let (status, answer) = super::post_to_daemon(listen, &token, "/feedback", &body)
+        .with_context(|| format!("asking the daemon at {listen}"))?;
+    match status {
+        200 => {
+            println!("{}", answer.trim());
+            Ok(ExitCode::SUCCESS)
+        }
+        503 => {
+            eprintln!("mailtriage: the daemon cannot record it now (retry later): {}", answer.trim());
+            Ok(ExitCode::from(super::EX_TEMPFAIL))
+        }
+        _ => bail!("the daemon refused: {status} {}", answer.trim()),
     }
 }
 
-fn token(cfg: &Config) -> Result<Option<String>> {
+pub(crate) fn token(cfg: &Config) -> Result<Option<String>> {
     Ok(mailtriage::daemon::feedback::http_token(cfg)?)
 }
 

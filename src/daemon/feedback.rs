@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use super::http::FeedbackEndpoint;
+use super::http::Handler;
 use super::Running;
 use crate::learn::feedback::heads::{self, Registry, Role};
 use crate::learn::feedback::intake::Requested;
@@ -43,13 +43,18 @@ pub fn http_token(cfg: &Config) -> Result<Option<String>, TokenError> {
     Ok(Some(t))
 }
 
-/// Opens the store. A store that is down does not stop mail: the feedback
-/// channels are off until a restart, and that is logged.
+/// Opens the store. A store that is down does not stop mail: a PostgreSQL
+/// server is connected again on each use (corrections meanwhile get "retry
+/// later"); a store that cannot work at all (a bad URL, an unwritable SQLite
+/// file) turns the feedback channels off until a restart, and that is logged.
 pub fn open_link(cfg: &Config) -> Option<FeedbackLink> {
     let fb = cfg.feedback.as_ref()?;
-    match Store::open(&fb.store) {
+    match Store::open_later(&fb.store) {
         Ok(store) => {
-            Some(FeedbackLink { store: Arc::new(store), recent: Arc::new(RecentDecisions::new(fb.recent_bytes)) })
+            // Only a correction over HTTP (or the CLI, through it) reads the recent
+            // decisions: without the token the daemon keeps none.
+            let recent_bytes = if fb.http_token_file.is_some() { fb.recent_bytes } else { 0 };
+            Some(FeedbackLink { store: Arc::new(store), recent: Arc::new(RecentDecisions::new(recent_bytes)) })
         }
         Err(e) => {
             tracing::error!(error = %e, "feedback store unavailable; corrections are not recorded until a restart");
@@ -59,29 +64,27 @@ pub fn open_link(cfg: &Config) -> Option<FeedbackLink> {
 }
 
 /// `POST /feedback` over the running engine: a correction by Message-ID.
-pub fn endpoint(token: String, shared: Running) -> FeedbackEndpoint {
-    FeedbackEndpoint {
-        token,
-        handler: Arc::new(move |v: serde_json::Value| {
-            let str_of = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-            let message_id = str_of("message_id").ok_or((400, "`message_id` is required".to_string()))?;
-            let requested = Requested { department: str_of("department"), priority: str_of("priority") };
-            let channel = if str_of("channel").as_deref() == Some("cli") { Channel::Cli } else { Channel::Http };
-            shared
-                .current()
-                .correct_by_message_id(&message_id, &requested, channel, channel.as_str().to_string())
-                .map_err(|e| {
-                    let code = match e {
-                        FeedbackError::NotRecent => 404,
-                        FeedbackError::UnknownDepartment(..)
-                        | FeedbackError::UnknownPriority(..)
-                        | FeedbackError::NoLabel => 422,
-                        _ => 503,
-                    };
-                    (code, e.to_string())
-                })
-        }),
-    }
+pub fn endpoint(shared: Running) -> Handler {
+    Arc::new(move |v: serde_json::Value| {
+        let str_of = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let message_id = str_of("message_id").ok_or((400, "`message_id` is required".to_string()))?;
+        let requested = Requested { department: str_of("department"), priority: str_of("priority") };
+        let channel = if str_of("channel").as_deref() == Some("cli") { Channel::Cli } else { Channel::Http };
+        shared
+            .current()
+            .correct_by_message_id(&message_id, &requested, channel, channel.as_str().to_string())
+            .map(|id| serde_json::json!({ "recorded": id }))
+            .map_err(|e| {
+                let code = match e {
+                    FeedbackError::NotRecent => 404,
+                    FeedbackError::UnknownDepartment(..) | FeedbackError::UnknownPriority(..) | FeedbackError::NoLabel => {
+                        422
+                    }
+                    _ => 503,
+                };
+                (code, e.to_string())
+            })
+    })
 }
 
 /// Retrains in the background: when `retrain_after` corrections arrived or

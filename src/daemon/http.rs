@@ -1,7 +1,8 @@
 //! The daemon's HTTP side on `[metrics] listen`: `GET /metrics` (Prometheus
 //! text), `/healthz` (the process is alive), `/readyz` (config and model
-//! loaded, listeners up, not draining) and `POST /feedback` (a correction by
-//! Message-ID, when configured).
+//! loaded, listeners up, not draining), and when a token is configured
+//! `POST /feedback` (a correction by Message-ID) and `POST /forget`
+//! (erasure on request).
 //!
 //! Deliberately tiny: one request per connection, a bounded request head, a
 //! read timeout and a connection cap, so a scraper gone wild cannot hurt mail
@@ -32,26 +33,37 @@ pub async fn bind(addr: &str) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr).await.map_err(|source| BindError { addr: addr.to_string(), source })
 }
 
-/// `POST /feedback`: a bearer token and what to do with the JSON body. The
-/// handler (run off the reactor) returns the stored correction's id, or an
-/// HTTP status and a message.
+/// What a `POST` endpoint does with the JSON body (run off the reactor): a
+/// JSON answer, or an HTTP status and a message.
+pub type Handler = Arc<dyn Fn(serde_json::Value) -> Result<serde_json::Value, (u16, String)> + Send + Sync>;
+
+/// The token-protected `POST` endpoints: one bearer token, and per path
+/// (`/feedback`, `/forget`) its handler.
 #[derive(Clone)]
-pub struct FeedbackEndpoint {
+pub struct PostEndpoints {
     pub token: String,
-    #[allow(clippy::type_complexity)]
-    pub handler: Arc<dyn Fn(serde_json::Value) -> Result<i64, (u16, String)> + Send + Sync>,
+    pub routes: Vec<(&'static str, Handler)>,
 }
 
-/// The largest `POST /feedback` body accepted.
+impl PostEndpoints {
+    fn route(&self, path: &str) -> Option<&Handler> {
+        self.routes.iter().find(|(p, _)| *p == path).map(|(_, h)| h)
+    }
+}
+
+/// The paths [`PostEndpoints`] may serve: any other method on them is a 405.
+const POST_PATHS: [&str; 2] = ["/feedback", "/forget"];
+
+/// The largest `POST` body accepted.
 const MAX_BODY: usize = 8 * 1024;
 
-/// Serves /metrics, /healthz, /readyz (and `POST /feedback` when given)
+/// Serves /metrics, /healthz, /readyz (and the `POST` endpoints when given)
 /// until the task is dropped.
 pub async fn serve(
     listener: TcpListener,
     handle: PrometheusHandle,
     ready: Arc<AtomicBool>,
-    feedback: Option<FeedbackEndpoint>,
+    posts: Option<PostEndpoints>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
     loop {
@@ -63,7 +75,7 @@ pub async fn serve(
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             continue; // over the cap: drop the connection
         };
-        let (handle, ready, feedback) = (handle.clone(), ready.clone(), feedback.clone());
+        let (handle, ready, posts) = (handle.clone(), ready.clone(), posts.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let Ok(Some(req)) = tokio::time::timeout(Duration::from_secs(5), read_request(&mut stream)).await else {
@@ -78,15 +90,19 @@ pub async fn serve(
                 ("GET", "/healthz") => text("200 OK", "ok\n"),
                 ("GET", "/readyz") if ready.load(Ordering::Relaxed) => text("200 OK", "ready\n"),
                 ("GET", "/readyz") => text("503 Service Unavailable", "not ready\n"),
-                ("POST", "/feedback") => match feedback {
-                    Some(f) => post_feedback(&f, &req).await,
-                    None => text("404 Not Found", "feedback over HTTP is not configured\n"),
-                },
-                (_, "/feedback") => text("405 Method Not Allowed", "use POST\n"),
+                ("POST", path) if POST_PATHS.contains(&path) => {
+                    match posts.as_ref().and_then(|p| Some((p, p.route(path)?.clone()))) {
+                        Some((p, handler)) => post(&p.token, handler, &req).await,
+                        None => text("404 Not Found", "not configured: set [feedback] http_token_file\n"),
+                    }
+                }
+                (_, path) if POST_PATHS.contains(&path) => text("405 Method Not Allowed", "use POST\n"),
                 _ => text("404 Not Found", "not found\n"),
             };
+            // A 503 is temporary (the store is down, the daemon not ready yet).
+            let retry = if status.starts_with("503") { "Retry-After: 30\r\n" } else { "" };
             let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n{retry}Connection: close\r\n\r\n",
                 body.len()
             );
             let _ = stream.write_all(head.as_bytes()).await;
@@ -96,19 +112,18 @@ pub async fn serve(
     }
 }
 
-async fn post_feedback(f: &FeedbackEndpoint, req: &Request) -> (&'static str, String, &'static str) {
+async fn post(token: &str, handler: Handler, req: &Request) -> (&'static str, String, &'static str) {
     let json = "application/json";
     let err = |status: &'static str, msg: &str| (status, serde_json::json!({ "error": msg }).to_string() + "\n", json);
     let presented = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-    if !constant_time_eq(presented.trim().as_bytes(), f.token.as_bytes()) {
+    if !constant_time_eq(presented.trim().as_bytes(), token.as_bytes()) {
         return err("401 Unauthorized", "missing or wrong bearer token");
     }
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
         return err("400 Bad Request", "the body must be a JSON object");
     };
-    let handler = f.handler.clone();
     match tokio::task::spawn_blocking(move || handler(value)).await {
-        Ok(Ok(id)) => ("200 OK", serde_json::json!({ "recorded": id }).to_string() + "\n", json),
+        Ok(Ok(answer)) => ("200 OK", answer.to_string() + "\n", json),
         Ok(Err((code, msg))) => {
             let status = match code {
                 400 => "400 Bad Request",
@@ -118,7 +133,7 @@ async fn post_feedback(f: &FeedbackEndpoint, req: &Request) -> (&'static str, St
             };
             err(status, &msg)
         }
-        Err(_) => err("500 Internal Server Error", "feedback handler failed"),
+        Err(_) => err("500 Internal Server Error", "handler failed"),
     }
 }
 
@@ -199,14 +214,13 @@ mod tests {
         let listener = bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let ready = Arc::new(AtomicBool::new(false));
-        let feedback = FeedbackEndpoint {
-            token: "s3cret".into(),
-            handler: Arc::new(|v: serde_json::Value| match v.get("message_id").and_then(|m| m.as_str()) {
-                Some("known@x") => Ok(7),
-                _ => Err((404, "no recent decision".into())),
-            }),
-        };
-        tokio::spawn(serve(listener, handle, ready.clone(), Some(feedback)));
+        let feedback: Handler = Arc::new(|v: serde_json::Value| match v.get("message_id").and_then(|m| m.as_str()) {
+            Some("known@x") => Ok(serde_json::json!({ "recorded": 7 })),
+            Some("down@x") => Err((503, "store down".into())),
+            _ => Err((404, "no recent decision".into())),
+        });
+        let posts = PostEndpoints { token: "s3cret".into(), routes: vec![("/feedback", feedback)] };
+        tokio::spawn(serve(listener, handle, ready.clone(), Some(posts)));
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
         ready.store(true, Ordering::Relaxed);
@@ -214,6 +228,7 @@ mod tests {
         assert!(get(addr, "/metrics").await.starts_with("HTTP/1.1 200"));
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
         assert!(get(addr, "/feedback").await.starts_with("HTTP/1.1 405"));
+        assert!(get(addr, "/forget").await.starts_with("HTTP/1.1 405"));
         let post = |token: &'static str, body: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             let req = format!(
@@ -230,6 +245,8 @@ mod tests {
         assert!(post("wrong!", r#"{"message_id":"known@x"}"#).await.starts_with("HTTP/1.1 401"));
         assert!(post("s3cret", r#"{"message_id":"other@x"}"#).await.starts_with("HTTP/1.1 404"));
         assert!(post("s3cret", "not json").await.starts_with("HTTP/1.1 400"));
+        let down = post("s3cret", r#"{"message_id":"down@x"}"#).await;
+        assert!(down.starts_with("HTTP/1.1 503") && down.contains("Retry-After: 30\r\n"), "{down}");
         // A client that never finishes its request is dropped, not served.
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         s.write_all(&vec![b'a'; MAX_REQUEST_HEAD + 10]).await.unwrap();

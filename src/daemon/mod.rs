@@ -11,6 +11,7 @@
 //! listeners stop accepting, messages in flight finish within `shutdown_grace`.
 
 pub mod feedback;
+pub mod forget;
 mod http;
 mod logging;
 mod notify;
@@ -198,12 +199,15 @@ pub fn run(cfg: Config, path: PathBuf) -> Result<(), DaemonError> {
         let ready = Arc::new(AtomicBool::new(false));
         if let (Some(m), Some(handle)) = (&cfg.metrics, prometheus) {
             let listener = http::bind(&m.listen).await?;
-            let endpoint = match (token, &link) {
-                (Some(t), Some(_)) => Some(feedback::endpoint(t, shared.clone())),
-                _ => None,
-            };
-            tracing::info!(listen = %m.listen, feedback = endpoint.is_some(), "metrics on /metrics, /healthz, /readyz");
-            tokio::spawn(http::serve(listener, handle, ready.clone(), endpoint));
+            let posts = token.map(|token| http::PostEndpoints {
+                token,
+                routes: vec![
+                    ("/feedback", feedback::endpoint(shared.clone())),
+                    ("/forget", forget::endpoint(shared.clone())),
+                ],
+            });
+            tracing::info!(listen = %m.listen, post = posts.is_some(), "metrics on /metrics, /healthz, /readyz");
+            tokio::spawn(http::serve(listener, handle, ready.clone(), posts));
         }
         let mode = cfg.server.milter_socket_mode;
         let bind = |a: &Option<crate::settings::ListenAddress>| {

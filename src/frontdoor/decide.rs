@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::time::{interval_at, sleep, Instant};
 
-use super::{Filter, MessageInput};
+use super::{Filter, FilterError, MessageInput};
 use crate::act::Plan;
 use crate::record::metrics::name;
 use crate::record::redact::redact;
@@ -93,8 +93,8 @@ pub async fn decide<F: Filter, K: KeepAlive>(
         let mut tick = interval_at(Instant::now() + period, period);
         loop {
             tokio::select! {
-                r = &mut fut => break r.map_err(|e| (e.reason(), e.to_string())),
-                _ = &mut deadline => break Err(("timeout", format!("no decision within {:?}", settings.timeout))),
+                r = &mut fut => break r.map_err(|e| (e.reason(), e.to_string(), matches!(e, FilterError::Retry(_)))),
+                _ = &mut deadline => break Err(("timeout", format!("no decision within {:?}", settings.timeout), false)),
                 _ = tick.tick() => keepalive.alive().await?,
             }
         }
@@ -103,11 +103,12 @@ pub async fn decide<F: Filter, K: KeepAlive>(
         // Nothing to change in a message nobody will get.
         Ok(plan) if plan.discards() => Verdict::Discard,
         Ok(plan) => Verdict::Deliver(plan),
-        Err((kind, reason)) => {
+        Err((kind, reason, retry)) => {
             metrics::counter!(name::FAILED_OPEN, "reason" => kind, "front" => caller.front).increment(1);
             // Error text may quote message content: mask personal data before logging it.
             let reason = redact(&reason).into_owned();
             let (verdict, on_error, what) = match settings.on_error {
+                _ if retry => (Verdict::Tempfail, "tempfail", "message cannot be handled now; asking the client to retry"),
                 OnError::Accept => (
                     Verdict::Deliver(Plan::strip_inbound(&header_names)),
                     "accept",
@@ -126,7 +127,6 @@ pub async fn decide<F: Filter, K: KeepAlive>(
 mod tests {
     use super::*;
     use crate::act::Change;
-    use crate::frontdoor::FilterError;
 
     struct Slow(Duration);
     impl Filter for Slow {
@@ -140,6 +140,13 @@ mod tests {
     impl Filter for Failing {
         async fn filter(&self, _msg: MessageInput) -> Result<Plan, FilterError> {
             Err(FilterError::Failed("mail from jane.doe@example.com broke it".into()))
+        }
+    }
+
+    struct Unavailable;
+    impl Filter for Unavailable {
+        async fn filter(&self, _msg: MessageInput) -> Result<Plan, FilterError> {
+            Err(FilterError::Retry("feedback store down".into()))
         }
     }
 
@@ -187,5 +194,11 @@ mod tests {
         );
         let v = decide(&Slow(Duration::ZERO), input(), &settings(OnError::Tempfail), CALLER, &mut Silent).await;
         assert_eq!(v, Ok(Verdict::Deliver(Plan::default())));
+    }
+
+    #[tokio::test]
+    async fn a_message_that_must_wait_is_tempfailed_even_when_errors_accept() {
+        let v = decide(&Unavailable, input(), &settings(OnError::Accept), CALLER, &mut Silent).await;
+        assert_eq!(v, Ok(Verdict::Tempfail));
     }
 }

@@ -42,6 +42,11 @@ pub enum FilterError {
     /// Anything else (a failed task, a model error).
     #[error("{0}")]
     Failed(String),
+    /// The message cannot be handled now and must not be delivered as it is
+    /// (a correction mail while the feedback store is down): the client is
+    /// asked to retry whatever `on_error` says.
+    #[error("retry later: {0}")]
+    Retry(String),
 }
 
 impl FilterError {
@@ -52,6 +57,7 @@ impl FilterError {
             FilterError::Overload(_) => "overload",
             FilterError::Timeout(_) => "timeout",
             FilterError::Failed(_) => "error",
+            FilterError::Retry(_) => "retry",
         }
     }
 }

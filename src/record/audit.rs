@@ -11,16 +11,17 @@
 //! than `retention_days` are deleted.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use hmac::{Hmac, Mac};
 use serde::Serialize;
-use sha2::Sha256;
 use thiserror::Error;
+
+use super::pseudonym::Pseudonyms;
 
 use crate::decide::policy::{Decision, Source};
 use crate::domain::{Action, DepartmentId, PriorityId};
@@ -210,7 +211,7 @@ impl Pending<'_> {
         record.latency_ms = self.started.elapsed().as_secs_f64() * 1e3;
         record.time = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         if let Err(e) = self.log.write(&record) {
-            tracing::error!(error = %e, "audit record not written");
+            self.log.failed(&e);
         }
     }
 }
@@ -227,8 +228,29 @@ pub struct AuditLog {
     path: PathBuf,
     max_bytes: u64,
     retention: Duration,
-    key: Vec<u8>,
-    file: Mutex<(BufWriter<File>, u64)>,
+    pseudonyms: Pseudonyms,
+    file: Mutex<Current>,
+    /// When a failure was last logged, and how many since went unlogged.
+    last_failure_log: Mutex<Option<Instant>>,
+    unlogged_failures: AtomicU64,
+}
+
+/// How often a failing audit trail (a full disk) is logged.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The open audit file: its handle, size and identity (device, inode).
+struct Current {
+    file: File,
+    size: u64,
+    id: (u64, u64),
+}
+
+impl Current {
+    fn open(path: &Path) -> std::io::Result<Current> {
+        let file = open_append(path)?;
+        let m = file.metadata()?;
+        Ok(Current { size: m.len(), id: (m.dev(), m.ino()), file })
+    }
 }
 
 impl AuditLog {
@@ -243,14 +265,14 @@ impl AuditLog {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
         let key = load_or_create_key(&cfg.key_file)?;
-        let file = open_append(&cfg.path).map_err(io(&cfg.path))?;
-        let size = file.metadata().map_err(io(&cfg.path))?.len();
         let log = AuditLog {
             path: cfg.path.clone(),
             max_bytes: cfg.max_bytes,
             retention: Duration::from_secs(cfg.retention_days * 86_400),
-            key,
-            file: Mutex::new((BufWriter::new(file), size)),
+            pseudonyms: Pseudonyms::keyed(key),
+            file: Mutex::new(Current::open(&cfg.path).map_err(io(&cfg.path))?),
+            last_failure_log: Mutex::new(None),
+            unlogged_failures: AtomicU64::new(0),
         };
         log.expire_rotated();
         Ok(log)
@@ -261,73 +283,209 @@ impl AuditLog {
         Pending { log: self, record: Some(Record::begin(envelope, ctx)), started: std::time::Instant::now() }
     }
 
-    /// HMAC-SHA256 of a Message-ID (angle brackets and case of the domain ignored), hex.
-    pub fn hash_message_id(&self, message_id: &str) -> String {
-        let id = message_id.trim().trim_start_matches('<').trim_end_matches('>');
-        let normal = match id.rsplit_once('@') {
-            Some((local, domain)) => format!("{local}@{}", domain.to_ascii_lowercase()),
-            None => id.to_string(),
-        };
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        mac.update(normal.as_bytes());
-        mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect()
+    /// The audit file (rotated files lie beside it).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pseudonyms keyed with this trail's key (Message-ID hashes, actors).
+    pub fn pseudonyms(&self) -> &Pseudonyms {
+        &self.pseudonyms
     }
 
     /// Appends one record. A write error is returned, never a panic: the
-    /// caller logs it and mail keeps flowing.
+    /// caller counts it and mail keeps flowing. A failed write (a full disk)
+    /// is cut back off the file, so the trail never holds half a line.
+    ///
+    /// Each write holds an exclusive `flock` on the file and first checks that
+    /// the path still names the file it holds: [`erase`] (another process)
+    /// replaces the file under that lock, and the next write follows it.
     pub fn write(&self, record: &Record) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(record).expect("records serialise");
         line.push(b'\n');
         let io = |source| AuditError::Io { path: self.path.clone(), source };
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.1 > 0 && guard.1 + line.len() as u64 > self.max_bytes {
-            guard.0.flush().map_err(io)?;
-            let stamp = humantime::format_rfc3339_micros(SystemTime::now()).to_string().replace([':', '-'], "");
-            let rotated = PathBuf::from(format!("{}.{}", self.path.display(), stamp.trim_end_matches('Z')));
-            std::fs::rename(&self.path, &rotated).map_err(io)?;
-            *guard = (BufWriter::new(open_append(&self.path).map_err(io)?), 0);
-            drop(guard);
-            self.expire_rotated();
-            guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            g.file.lock().map_err(io)?;
+            match std::fs::metadata(&self.path) {
+                Ok(m) if (m.dev(), m.ino()) == g.id => {
+                    g.size = m.len();
+                    break;
+                }
+                _ => *g = Current::open(&self.path).map_err(io)?,
+            }
         }
-        guard.0.write_all(&line).map_err(io)?;
-        guard.0.flush().map_err(io)?;
-        guard.1 += line.len() as u64;
-        Ok(())
+        let mut rotated = false;
+        if g.size > 0 && g.size + line.len() as u64 > self.max_bytes {
+            let stamp = humantime::format_rfc3339_micros(SystemTime::now()).to_string().replace([':', '-'], "");
+            let to = PathBuf::from(format!("{}.{}", self.path.display(), stamp.trim_end_matches('Z')));
+            std::fs::rename(&self.path, &to).map_err(io)?;
+            let next = Current::open(&self.path).map_err(io)?;
+            next.file.lock().map_err(io)?;
+            *g = next; // dropping the old handle releases its lock
+            rotated = true;
+        }
+        let written = (&g.file).write_all(&line);
+        if written.is_err() {
+            let _ = g.file.set_len(g.size);
+        } else {
+            g.size += line.len() as u64;
+        }
+        let _ = g.file.unlock();
+        drop(g);
+        if rotated {
+            self.expire_rotated();
+        }
+        written.map_err(io)
+    }
+
+    /// Counts a write that failed, and logs it at most once a minute (with
+    /// how many went unlogged): a full disk must not flood the journal.
+    pub fn failed(&self, e: &AuditError) {
+        metrics::counter!(crate::record::metrics::name::AUDIT_FAILURES).increment(1);
+        let mut last = self.last_failure_log.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed() < FAILURE_LOG_INTERVAL) {
+            self.unlogged_failures.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(Instant::now());
+        let unlogged = self.unlogged_failures.swap(0, Ordering::Relaxed);
+        tracing::error!(error = %e, unlogged_since_last = unlogged, "audit records not written (mail keeps flowing)");
     }
 
     /// Deletes rotated files (`<name>.<stamp>`) older than the retention.
     fn expire_rotated(&self) {
-        let (Some(dir), Some(name)) = (self.path.parent(), self.path.file_name()) else { return };
-        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-        let prefix = format!("{}.", name.to_string_lossy());
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for e in entries.flatten() {
-            let old = e
-                .metadata()
+        for file in files_of(&self.path).into_iter().skip(1) {
+            let old = std::fs::metadata(&file)
                 .and_then(|m| m.modified())
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|age| age > self.retention);
-            if old && e.file_name().to_string_lossy().starts_with(&prefix) {
-                if let Err(err) = std::fs::remove_file(e.path()) {
-                    tracing::warn!(file = %e.path().display(), error = %err, "cannot delete expired audit file");
+            if old {
+                if let Err(err) = std::fs::remove_file(&file) {
+                    tracing::warn!(file = %file.display(), error = %err, "cannot delete expired audit file");
                 }
             }
         }
     }
 }
 
+/// The audit file and its rotated siblings (`<name>.<stamp>`), current first.
+pub fn files_of(path: &Path) -> Vec<PathBuf> {
+    let mut files = vec![path.to_owned()];
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return files };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let prefix = format!("{}.", name.to_string_lossy());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        let mut rotated: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect();
+        rotated.sort();
+        files.extend(rotated);
+    }
+    files
+}
+
+/// Lines one [`erase`] removed from one file.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ErasedLines {
+    pub file: PathBuf,
+    pub lines: usize,
+}
+
+/// Removes every line whose `message_id_hash` is `hash` from the audit file
+/// and its rotated siblings; returns what went from where.
+///
+/// A file with such lines is rewritten beside itself (same owner and mode),
+/// synced, and renamed over the original while its `flock` is held, so a
+/// daemon writing to it (in this process or another) waits, then follows
+/// the new file; a crash leaves either the old file or the new one.
+pub fn erase(path: &Path, hash: &str) -> Result<Vec<ErasedLines>, AuditError> {
+    let mut erased = Vec::new();
+    for file in files_of(path) {
+        let n = erase_in(&file, hash).map_err(|source| AuditError::Io { path: file.clone(), source })?;
+        if n > 0 {
+            erased.push(ErasedLines { file, lines: n });
+        }
+    }
+    Ok(erased)
+}
+
+fn erase_in(file: &Path, hash: &str) -> std::io::Result<usize> {
+    use std::os::unix::fs::PermissionsExt;
+    loop {
+        let f = match File::open(file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0), // expired meanwhile
+            Err(e) => return Err(e),
+        };
+        f.lock()?;
+        let held = f.metadata()?;
+        match std::fs::metadata(file) {
+            Ok(m) if (m.dev(), m.ino()) == (held.dev(), held.ino()) => {}
+            _ => continue, // rotated or replaced while we waited: take the file there now
+        }
+        let mut text = Vec::with_capacity(held.len() as usize);
+        std::io::Read::read_to_end(&mut &f, &mut text)?;
+        let (mut kept, mut removed) = (Vec::with_capacity(text.len()), 0);
+        for line in text.split_inclusive(|&b| b == b'\n') {
+            if carries(line, hash) {
+                removed += 1;
+            } else {
+                kept.extend_from_slice(line);
+            }
+        }
+        if removed == 0 {
+            return Ok(0);
+        }
+        let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.erase-{}", std::process::id()));
+        let mut out = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        let result = (|| {
+            std::os::unix::fs::fchown(&out, Some(held.uid()), Some(held.gid()))?;
+            out.set_permissions(std::fs::Permissions::from_mode(held.mode() & 0o7777))?;
+            out.write_all(&kept)?;
+            out.sync_all()?;
+            std::fs::rename(&tmp, file)?;
+            File::open(dir)?.sync_all()
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return result.map(|()| removed);
+    }
+}
+
+/// Whether an audit line is about the message with this hash (parsed, so a
+/// hash that merely appears elsewhere in a line never removes it).
+fn carries(line: &[u8], hash: &str) -> bool {
+    if !line.windows(hash.len()).any(|w| w == hash.as_bytes()) {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(line)
+        .is_ok_and(|v| v.get("message_id_hash").and_then(|h| h.as_str()) == Some(hash))
+}
+
 fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().create(true).append(true).mode(0o640).open(path)
 }
 
-fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
-    let io = |source| AuditError::Io { path: path.to_owned(), source };
+/// The audit key, for tools that read the trail (`forget`): never created here.
+pub fn read_key(path: &Path) -> Result<Vec<u8>, AuditError> {
     match std::fs::read(path) {
         Ok(k) if k.len() >= 16 => Ok(k),
         Ok(_) => Err(AuditError::ShortKey(path.to_owned())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        Err(source) => Err(AuditError::Io { path: path.to_owned(), source }),
+    }
+}
+
+fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
+    let io = |source| AuditError::Io { path: path.to_owned(), source };
+    match read_key(path) {
+        Err(AuditError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             let mut key = vec![0u8; 32];
             File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key)).map_err(io)?;
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -337,7 +495,7 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
             f.write_all(&key).map_err(io)?;
             Ok(key)
         }
-        Err(e) => Err(io(e)),
+        other => other,
     }
 }
 
@@ -418,14 +576,45 @@ mod tests {
         assert!(current.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
         assert!(current.len() <= 600);
         // The key persists: the same Message-ID hashes the same after a restart.
-        let h1 = log.hash_message_id("<abc@Example.COM>");
+        let h1 = log.pseudonyms().message_id("<abc@Example.COM>");
         drop(log);
         let log = AuditLog::open(&cfg(dir.path(), 600)).unwrap();
-        assert_eq!(h1, log.hash_message_id("abc@example.com"));
-        assert_eq!(h1.len(), 64);
-        assert_ne!(h1, log.hash_message_id("abd@example.com"));
+        assert_eq!(h1, log.pseudonyms().message_id("abc@example.com"));
+        assert_ne!(h1, log.pseudonyms().message_id("abd@example.com"));
         let mode = std::fs::metadata(dir.path().join("keys/audit.key")).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+    }
+
+    #[test]
+    fn erase_removes_one_message_from_every_file_and_the_writer_follows_the_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(&cfg(dir.path(), 900)).unwrap();
+        let with_hash = |i: usize, h: &str| Record { message_id_hash: Some(h.into()), ..record(i) };
+        for i in 0..8 {
+            log.write(&with_hash(i, if i % 2 == 0 { "aa11" } else { "bb22" })).unwrap();
+        }
+        // Another message whose text mentions the hash is not about it.
+        log.write(&Record { reason: Some("aa11".into()), ..with_hash(8, "bb22") }).unwrap();
+        let path = dir.path().join("audit.jsonl");
+        assert!(files_of(&path).len() > 1, "no rotation at 900 bytes");
+        let all = |h: &str| -> usize {
+            files_of(&path)
+                .iter()
+                .flat_map(|f| std::fs::read_to_string(f).unwrap().lines().map(String::from).collect::<Vec<_>>())
+                .filter(|l| l.contains(&format!("\"message_id_hash\":\"{h}\"")))
+                .count()
+        };
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions();
+        let before = mode(&path);
+        let erased = erase(&path, "aa11").unwrap();
+        assert_eq!(erased.iter().map(|e| e.lines).sum::<usize>(), 4, "{erased:?}");
+        assert_eq!((all("aa11"), all("bb22")), (0, 5));
+        assert_eq!(mode(&path), before, "the rewritten file keeps its mode");
+        assert!(erase(&path, "aa11").unwrap().is_empty(), "nothing left the second time");
+        // The open log writes into the file now at the path, not the replaced one.
+        log.write(&with_hash(9, "cc33")).unwrap();
+        assert_eq!(all("cc33"), 1);
+        assert!(files_of(&path).iter().all(|f| !f.file_name().unwrap().to_string_lossy().starts_with('.')));
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod name {
     /// `network`, `listener`, `null_sender`, `auto_submitted`,
     /// `mailing_list`, `bulk`, `triaged` (a trusted hop did), `rule`.
     pub const SKIPPED: &str = "mailtriage_skipped_total";
+    /// Audit lines that could not be written (a full disk, a read-only mount).
+    pub const AUDIT_FAILURES: &str = "mailtriage_audit_failures_total";
     pub const FAILED_OPEN: &str = "mailtriage_decisions_failed_total";
     pub const EXTRACT_SECONDS: &str = "mailtriage_extract_seconds";
     pub const QUEUE_WAIT_SECONDS: &str = "mailtriage_inference_queue_wait_seconds";

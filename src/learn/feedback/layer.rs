@@ -13,12 +13,12 @@ use super::store::Store;
 use super::{Channel, FeedbackError, MessageFeatures};
 use crate::act::{Change, Plan};
 use crate::decide::engine::Evidence;
-use crate::message::envelope::domain_of;
 use crate::message::language;
 use crate::model::lexical::{LexicalConfig, TermCounts};
 use crate::model::{encoder_text, ModelError};
 use crate::pipeline::{Filter, FilterError, MessageInput, Triage};
 use crate::record::audit::FeedbackHandling;
+use crate::record::pseudonym::Pseudonyms;
 use crate::settings::{Catalog, Config};
 
 /// What outlives a reload: the store connection and the recent decisions.
@@ -37,6 +37,7 @@ pub struct FeedbackLayer {
     /// For resolving department names to head labels.
     catalog: Catalog,
     link: Option<FeedbackLink>,
+    pseudonyms: Pseudonyms,
 }
 
 impl FeedbackLayer {
@@ -45,6 +46,7 @@ impl FeedbackLayer {
     pub fn new(triage: Triage, cfg: &Config, link: Option<FeedbackLink>) -> Self {
         let fb = cfg.feedback.as_ref();
         FeedbackLayer {
+            pseudonyms: triage.audit().map_or_else(Pseudonyms::unkeyed, |a| a.pseudonyms().clone()),
             triage: Arc::new(triage),
             address: fb.and_then(|f| f.address.as_deref()).and_then(FeedbackAddress::parse),
             audit_copy: fb.and_then(|f| f.audit_copy.clone()),
@@ -86,10 +88,17 @@ impl FeedbackLayer {
             Ok(features) => {
                 let hash = forwarded_id.as_deref().map(|id| self.message_hash(id));
                 let layer = Arc::clone(self);
-                self.triage
-                    .run(move || layer.record(&features, &requested, Channel::Mail, actor, hash))
-                    .await?
-                    .map_err(|e| e.to_string())
+                match self.triage.run(move || layer.record(&features, &requested, Channel::Mail, actor, hash)).await? {
+                    // The store is down: Postfix keeps the correction and retries, rather than
+                    // it being discarded unrecorded.
+                    Err(FeedbackError::Store(e)) if e.is_retryable() => {
+                        if let Some(p) = pending {
+                            p.finish(|r| r.failed("feedback store unavailable"));
+                        }
+                        return Err(FilterError::Retry(e.to_string()));
+                    }
+                    other => other.map_err(|e| e.to_string()),
+                }
             }
             Err(e) => Err(e.to_string()),
         };
@@ -213,23 +222,22 @@ impl FeedbackLayer {
 
     /// A pseudonym for a sender: HMAC with the audit key, else only the domain.
     pub fn actor(&self, address: &str) -> String {
-        match self.triage.audit() {
-            Some(a) => format!("hmac:{}", a.hash_message_id(&address.to_lowercase())),
-            None => format!("domain:{}", domain_of(address)),
-        }
+        self.pseudonyms.actor(address)
     }
 
     /// The Message-ID as the audit trail names it (HMAC with the audit key, else SHA-256).
     pub fn message_hash(&self, message_id: &str) -> String {
-        let id = message_id.trim().trim_matches(['<', '>']);
-        match self.triage.audit() {
-            Some(a) => a.hash_message_id(id),
-            None => {
-                use sha2::Digest;
-                let d = sha2::Sha256::digest(id.as_bytes());
-                d[..16].iter().map(|b| format!("{b:02x}")).collect()
-            }
-        }
+        self.pseudonyms.message_id(message_id)
+    }
+
+    /// How Message-IDs and senders are stored (keyed with the audit key).
+    pub fn pseudonyms(&self) -> &Pseudonyms {
+        &self.pseudonyms
+    }
+
+    /// The store and the recent decisions, when feedback is configured.
+    pub fn link(&self) -> Option<&FeedbackLink> {
+        self.link.as_ref()
     }
 }
 

@@ -67,6 +67,16 @@ impl RecentDecisions {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).entries.get(&key(message_id)).cloned()
     }
 
+    /// Forgets a message's features (erasure on request); whether they were here.
+    pub fn remove(&self, message_id: &str) -> bool {
+        let k = key(message_id);
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(old) = g.entries.remove(&k) else { return false };
+        g.bytes -= size(&old);
+        g.order.retain(|o| *o != k);
+        true
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap_or_else(|p| p.into_inner()).entries.len()
     }
@@ -97,5 +107,7 @@ mod tests {
         assert!(r.get("b@x.example").is_some() && r.get("c@x.example").is_some());
         r.insert("c@x.example", f("invoice overdue"));
         assert_eq!(r.len(), 2);
+        assert!(r.remove("<C@x.example>") && !r.remove("c@x.example"));
+        assert!(r.get("c@x.example").is_none() && r.len() == 1);
     }
 }

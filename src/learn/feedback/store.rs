@@ -14,6 +14,10 @@ use crate::model::lexical::TermCounts;
 pub enum StoreError {
     #[error("feedback store `{url}`: {reason}")]
     Open { url: String, reason: String },
+    /// The server cannot be reached now; the next call reconnects. Callers
+    /// answer "retry later" (HTTP 503, SMTP 4xx, exit code 75).
+    #[error("feedback store `{url}` unavailable (retry later): {reason}")]
+    Unavailable { url: String, reason: String },
     #[error("feedback store: {0}")]
     Query(String),
     #[error("feedback store row {id}: {reason}")]
@@ -29,6 +33,13 @@ impl From<rusqlite::Error> for StoreError {
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
         StoreError::Query(e.to_string())
+    }
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later (the server was away).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable { .. })
     }
 }
 
@@ -62,6 +73,8 @@ const SUMMARY: &str = "SELECT created_at, department, priority, channel FROM mai
 const EXPIRE: &str = "DELETE FROM mailtriage_corrections WHERE created_at < $1";
 const COUNT_AFTER: &str = "SELECT COUNT(*) FROM mailtriage_corrections WHERE id > $1";
 const MAX_ID: &str = "SELECT COALESCE(MAX(id), 0) FROM mailtriage_corrections";
+const FORGET_MESSAGE: &str = "DELETE FROM mailtriage_corrections WHERE message_hash = $1";
+const FORGET_ACTOR: &str = "DELETE FROM mailtriage_corrections WHERE actor = $1";
 
 /// One row of [`Store::summary`]: when, which labels, which channel.
 #[derive(Debug, Clone, PartialEq)]
@@ -74,14 +87,22 @@ pub struct SummaryRow {
 
 enum Backend {
     Sqlite(rusqlite::Connection),
-    Postgres(Box<postgres::Client>),
+    /// `None` after the server went away: the next call reconnects.
+    Postgres(Option<Box<postgres::Client>>),
 }
 
 /// A connection to the store. Calls block: run them off the async reactor.
 pub struct Store {
+    /// Without the password, for messages.
     url: String,
+    /// With it, to reconnect; never shown.
+    connect_url: String,
     db: Mutex<Backend>,
 }
+
+/// How long a (re)connection to PostgreSQL may take before the call fails
+/// as unavailable, unless the URL sets `connect_timeout` itself.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type RawRow = (
     i64,
@@ -116,13 +137,55 @@ impl Store {
                 .map_err(|e| fail(e.to_string()))?;
             Backend::Sqlite(conn)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let mut client = postgres::Client::connect(url, postgres::NoTls).map_err(|e| fail(e.to_string()))?;
-            client.batch_execute(&schema("BIGSERIAL PRIMARY KEY", "BYTEA")).map_err(|e| fail(e.to_string()))?;
-            Backend::Postgres(Box::new(client))
+            Backend::Postgres(Some(Box::new(pg_connect(url).map_err(|e| fail(e.to_string()))?)))
         } else {
             return Err(fail("expected sqlite:///path/to/feedback.db or postgres://…".into()));
         };
-        Ok(Store { url: crate::record::redact::credentials(url).into_owned(), db: Mutex::new(backend) })
+        Ok(Store {
+            url: crate::record::redact::credentials(url).into_owned(),
+            connect_url: url.to_string(),
+            db: Mutex::new(backend),
+        })
+    }
+
+    /// A PostgreSQL store whose server may be down now (the daemon starting
+    /// before its database): every call tries to connect until one succeeds.
+    pub fn open_later(url: &str) -> Result<Store, StoreError> {
+        match Store::open(url) {
+            Err(StoreError::Open { reason, .. }) if url.starts_with("postgres") && url.contains("://") => {
+                tracing::warn!(store = %crate::record::redact::credentials(url), error = %reason,
+                    "feedback store unavailable; connecting again on each correction");
+                Ok(Store {
+                    url: crate::record::redact::credentials(url).into_owned(),
+                    connect_url: url.to_string(),
+                    db: Mutex::new(Backend::Postgres(None)),
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// Runs `f` on the PostgreSQL connection, connecting first when there is
+    /// none; a connection that broke is dropped so the next call reconnects.
+    fn pg<T>(
+        &self,
+        slot: &mut Option<Box<postgres::Client>>,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        let unavailable = |reason: String| StoreError::Unavailable { url: self.url.clone(), reason };
+        if slot.as_ref().is_none_or(|c| c.is_closed()) {
+            *slot = None;
+            *slot = Some(Box::new(pg_connect(&self.connect_url).map_err(|e| unavailable(e.to_string()))?));
+        }
+        let client = slot.as_mut().expect("connected above");
+        match f(client) {
+            Ok(v) => Ok(v),
+            Err(e) if e.is_closed() || client.is_closed() || e.code().is_none() && e.as_db_error().is_none() => {
+                *slot = None;
+                Err(unavailable(e.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// The store's address without its password, for messages.
@@ -157,7 +220,7 @@ impl Store {
                 )?;
                 Ok(conn.last_insert_rowid())
             }
-            Backend::Postgres(client) => {
+            Backend::Postgres(slot) => self.pg(slot, |client| {
                 let row = client.query_one(
                     &format!("{INSERT} RETURNING id"),
                     &[
@@ -174,7 +237,7 @@ impl Store {
                     ],
                 )?;
                 Ok(row.get(0))
-            }
+            }),
         }
     }
 
@@ -200,8 +263,8 @@ impl Store {
                 })?;
                 rows.collect::<Result<_, _>>()?
             }
-            Backend::Postgres(client) => client
-                .query(SELECT, &[&since])?
+            Backend::Postgres(slot) => self
+                .pg(slot, |client| client.query(SELECT, &[&since]))?
                 .into_iter()
                 .map(|r| {
                     (
@@ -232,8 +295,8 @@ impl Store {
                 let rows = stmt.query_map([since], |r| Ok(row(r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
                 rows.collect::<Result<_, _>>()?
             }
-            Backend::Postgres(client) => client
-                .query(SUMMARY, &[&since])?
+            Backend::Postgres(slot) => self
+                .pg(slot, |client| client.query(SUMMARY, &[&since]))?
                 .into_iter()
                 .map(|r| row(r.get(0), r.get(1), r.get(2), r.get(3)))
                 .collect(),
@@ -244,7 +307,7 @@ impl Store {
     pub fn expire(&self, before: i64) -> Result<u64, StoreError> {
         Ok(match &mut *self.db() {
             Backend::Sqlite(conn) => conn.execute(EXPIRE, [before])? as u64,
-            Backend::Postgres(client) => client.execute(EXPIRE, &[&before])?,
+            Backend::Postgres(slot) => self.pg(slot, |client| client.execute(EXPIRE, &[&before]))?,
         })
     }
 
@@ -252,7 +315,7 @@ impl Store {
     pub fn max_id(&self) -> Result<i64, StoreError> {
         Ok(match &mut *self.db() {
             Backend::Sqlite(conn) => conn.query_row(MAX_ID, [], |r| r.get(0))?,
-            Backend::Postgres(client) => client.query_one(MAX_ID, &[])?.get(0),
+            Backend::Postgres(slot) => self.pg(slot, |client| client.query_one(MAX_ID, &[]))?.get(0),
         })
     }
 
@@ -260,10 +323,40 @@ impl Store {
     pub fn count_after(&self, id: i64) -> Result<u64, StoreError> {
         let n: i64 = match &mut *self.db() {
             Backend::Sqlite(conn) => conn.query_row(COUNT_AFTER, [id], |r| r.get(0))?,
-            Backend::Postgres(client) => client.query_one(COUNT_AFTER, &[&id])?.get(0),
+            Backend::Postgres(slot) => self.pg(slot, |client| client.query_one(COUNT_AFTER, &[&id]))?.get(0),
         };
         Ok(n as u64)
     }
+
+    /// Deletes every correction of the message with this hash
+    /// ([`Correction::message_hash`]); returns how many.
+    pub fn forget_message(&self, message_hash: &str) -> Result<u64, StoreError> {
+        self.delete(FORGET_MESSAGE, message_hash)
+    }
+
+    /// Deletes every correction made by this actor ([`Correction::actor`]); returns how many.
+    pub fn forget_actor(&self, actor: &str) -> Result<u64, StoreError> {
+        self.delete(FORGET_ACTOR, actor)
+    }
+
+    fn delete(&self, sql: &str, value: &str) -> Result<u64, StoreError> {
+        Ok(match &mut *self.db() {
+            Backend::Sqlite(conn) => conn.execute(sql, [value])? as u64,
+            Backend::Postgres(slot) => self.pg(slot, |client| client.execute(sql, &[&value]))?,
+        })
+    }
+}
+
+/// Connects (with [`CONNECT_TIMEOUT`] unless the URL says otherwise) and
+/// creates the table if needed.
+fn pg_connect(url: &str) -> Result<postgres::Client, postgres::Error> {
+    let mut config: postgres::Config = url.parse()?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let mut client = config.connect(postgres::NoTls)?;
+    client.batch_execute(&schema("BIGSERIAL PRIMARY KEY", "BYTEA"))?;
+    Ok(client)
 }
 
 fn decode(row: RawRow) -> Result<Correction, StoreError> {
