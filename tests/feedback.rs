@@ -319,6 +319,21 @@ http_token_file = "{token}"
     assert_eq!(report["messages"], 1, "{report}");
     assert_eq!(report["corrections"], rest.len() + 1, "{report}");
     assert_eq!(report["by_model"].as_u64().unwrap() + report["review"].as_u64().unwrap(), 1, "{report}");
+
+    // Erasure on request (SQLite): the corrected message leaves no trace.
+    let erased: Value = serde_json::from_str(&mailtriage(
+        &config_path,
+        &["forget", "--message-id", "<recent-1@client.example>", "--json"],
+    ))
+    .unwrap();
+    assert_eq!(
+        (&erased["corrections"], &erased["recent_decision"], &erased["audit"][0]["lines"]),
+        (&Value::from(1), &Value::from(true), &Value::from(1)),
+        "{erased}"
+    );
+    assert_eq!(store.load(0).unwrap().len(), rest.len());
+    let report: Value = serde_json::from_str(&mailtriage(&config_path, &["report", "--days", "1", "--json"])).unwrap();
+    assert_eq!(report["messages"], 0, "{report}");
 }
 
 fn correction(t: &Ticket, label: &str, created_at: i64) -> Correction {
@@ -420,6 +435,11 @@ struct Postgres {
     port: u16,
 }
 
+fn as_postgres(args: &[&str]) {
+    let out = Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
 impl Postgres {
     fn start() -> Postgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
@@ -430,15 +450,6 @@ impl Postgres {
         let data = dir.path().join("data");
         let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
         assert!(chown.success());
-        let as_postgres = |args: &[&str]| {
-            let out = Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{args:?}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
         as_postgres(&[
             bin.join("initdb").to_str().unwrap(),
             "-D",
@@ -447,20 +458,37 @@ impl Postgres {
             "postgres",
             "--auth=trust",
         ]);
-        let port = support::free_port();
-        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1", dir.path().display());
+        let pg = Postgres { dir, bin, port: support::free_port() };
+        pg.up();
+        pg
+    }
+
+    /// Starts the server (again) on its port.
+    fn up(&self) {
+        let opts = format!("-p {} -k {} -c listen_addresses=127.0.0.1", self.port, self.dir.path().display());
         as_postgres(&[
-            bin.join("pg_ctl").to_str().unwrap(),
+            self.bin.join("pg_ctl").to_str().unwrap(),
             "-D",
-            data.to_str().unwrap(),
+            self.dir.path().join("data").to_str().unwrap(),
             "-o",
             &opts,
             "-l",
-            dir.path().join("log").to_str().unwrap(),
+            self.dir.path().join("log").to_str().unwrap(),
             "-w",
             "start",
         ]);
-        Postgres { dir, bin, port }
+    }
+
+    /// Stops the server at once, as a crash or a failover would.
+    fn down(&self) {
+        as_postgres(&[
+            self.bin.join("pg_ctl").to_str().unwrap(),
+            "-D",
+            self.dir.path().join("data").to_str().unwrap(),
+            "-m",
+            "immediate",
+            "stop",
+        ]);
     }
 
     fn url(&self) -> String {
@@ -634,4 +662,180 @@ fn the_documented_dovecot_imapsieve_recipe_records_a_moved_message() {
     let c = &store.load(0).unwrap()[0];
     assert_eq!((c.channel, c.department.as_deref()), (Channel::Pipe, Some(t.queue())));
     assert!(c.actor.starts_with("user:"), "{}", c.actor);
+}
+
+/// `mailtriage` with a message on stdin: (exit code, stdout + stderr).
+fn mailtriage_status(config: &Path, args: &[&str], stdin: &str) -> (i32, String) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mailtriage"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// `POST path` with the bearer token: the whole answer.
+fn post(port: u16, token: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "POST {path} HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Lines of every audit file (current and rotated) that carry `hash`.
+fn audit_lines_with(dir: &Path, hash: &str) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("audit.jsonl"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap().lines().filter(|l| l.contains(hash)).count())
+        .sum()
+}
+
+/// Fault injection and erasure on the shared store: PostgreSQL dies while
+/// corrections arrive by mail, HTTP, the CLI and the pipe. Each channel
+/// answers "retry later" (SMTP 4xx from Postfix, HTTP 503 with Retry-After,
+/// exit code 75), mail keeps being decided, nothing is half-written, and once
+/// the server is back every retried correction is stored exactly once. Then
+/// `forget` erases a message's every trace (store, recent window, audit
+/// lines) through the daemon, a sender's corrections, and, with the daemon
+/// stopped, a message on its own.
+#[test]
+fn postgresql_going_away_loses_no_correction_and_forget_erases_every_trace() {
+    support::require("postfix", "postfix");
+    let (initial, _rest, all, dev) = splits();
+    let work = tempfile::Builder::new().prefix("mt-pgfault.").tempdir_in("/tmp").unwrap();
+    let w = work.path();
+    std::fs::set_permissions(w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    write_jsonl(&w.join("initial.jsonl"), &initial);
+    write_jsonl(&w.join("dev.jsonl"), &dev);
+    let pg = Postgres::start();
+    let metrics_port = support::free_port();
+    let token = "0123456789abcdef-token";
+    std::fs::write(w.join("token"), token).unwrap();
+    let config = format!(
+        r#"
+[server]
+milter_socket_mode = "0666"
+
+[defaults]
+department = "general"
+
+{departments}
+[model]
+department_head = "{w}/initial.safetensors"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[audit]
+path = "{w}/audit/audit.jsonl"
+key_file = "{w}/audit.key"
+
+[feedback]
+store = "{store}"
+address = "triage-feedback@{DOMAIN}"
+heads_dir = "{w}/heads"
+training_data = "{w}/initial.jsonl"
+dev_data = "{w}/dev.jsonl"
+retrain = false
+http_token_file = "{w}/token"
+"#,
+        departments = departments(&all),
+        w = w.display(),
+        store = pg.url(),
+    );
+    let config_path = w.join("mailtriage.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    train(&config_path, &w.join("initial.jsonl"), &w.join("initial.safetensors"));
+    let daemon = Daemon::start(&config, false);
+    let postfix = Postfix::start(Some(&daemon.postfix_address()), "accept", &["in_flow_delay = 0s"]);
+    let store = Store::open(&pg.url()).unwrap();
+    let ordinary = |n: usize| Mail {
+        from: "customer@client.example",
+        rcpts: vec![format!("user@{DOMAIN}")],
+        data: format!(
+            "From: c@client.example\nTo: user@{DOMAIN}\nSubject: {}\nMessage-ID: <pg-{n}@client.example>\n\n{}\n",
+            dev[n].subject(),
+            dev[n].body()
+        ),
+    };
+    assert_eq!(support::send(postfix.smtp_port, &[ordinary(0)]).unwrap(), [250]);
+    postfix.wait_delivered(1, Duration::from_secs(30));
+    let label = slug(dev[0].queue());
+    let by_id = format!(r#"{{"message_id":"<pg-0@client.example>","department":"{label}"}}"#);
+    let piped = format!(
+        "From: a@{DOMAIN}\nSubject: {}\nMessage-ID: <piped@{DOMAIN}>\n\n{}\n",
+        dev[1].subject(),
+        dev[1].body()
+    );
+    let pipe_args = ["feedback", "--department", label.as_str()];
+    let cli_args = ["feedback", "--message-id", "<pg-0@client.example>", "--department", label.as_str()];
+
+    pg.down();
+    let tempfailed = support::send(postfix.smtp_port, &[forward(&dev[2], dev[2].queue())]).unwrap();
+    assert!(tempfailed[0] / 100 == 4, "feedback mail while the store is down: {tempfailed:?}");
+    let http = post(metrics_port, token, "/feedback", &by_id);
+    assert!(http.starts_with("HTTP/1.1 503") && http.contains("Retry-After: 30"), "{http}");
+    let (code, out) = mailtriage_status(&config_path, &cli_args, "");
+    assert_eq!(code, 75, "{out}");
+    let (code, out) = mailtriage_status(&config_path, &pipe_args, &piped);
+    assert_eq!(code, 75, "{out}");
+    assert!(out.contains("retry later"), "{out}");
+    let (code, out) = mailtriage_status(&config_path, &["forget", "--message-id", "<pg-0@client.example>"], "");
+    assert_eq!(code, 75, "{out}");
+    // Mail that is not a correction is still decided and delivered.
+    assert_eq!(support::send(postfix.smtp_port, &[ordinary(3)]).unwrap(), [250]);
+    let delivered = postfix.wait_delivered(2, Duration::from_secs(30));
+    assert!(delivered.iter().all(|(_, m)| !support::header_values(m, "X-Triage-Department").is_empty()));
+    assert!(daemon.wait_log("feedback store", 1), "{}", daemon.log());
+
+    pg.up();
+    assert_eq!(support::send(postfix.smtp_port, &[forward(&dev[2], dev[2].queue())]).unwrap(), [250]);
+    assert!(post(metrics_port, token, "/feedback", &by_id).starts_with("HTTP/1.1 200"));
+    let (code, out) = mailtriage_status(&config_path, &pipe_args, &piped);
+    assert_eq!(code, 0, "{out}");
+    let stored = store.load(0).unwrap();
+    let mut channels: Vec<Channel> = stored.iter().map(|c| c.channel).collect();
+    channels.sort_by_key(|c| c.as_str());
+    assert_eq!(channels, [Channel::Http, Channel::Mail, Channel::Pipe], "each retried correction exactly once");
+
+    // Erasure of one message through the daemon: its correction, its recent decision, its audit lines.
+    let key = std::fs::read(w.join("audit.key")).unwrap();
+    let pseudonyms = mailtriage::record::pseudonym::Pseudonyms::keyed(key);
+    let hash = pseudonyms.message_id("<pg-0@client.example>");
+    assert_eq!(audit_lines_with(&w.join("audit"), &hash), 1);
+    let out = mailtriage(&config_path, &["forget", "--message-id", "<pg-0@client.example>", "--json"]);
+    let erased: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(erased["corrections"], 1, "{out}");
+    assert_eq!(erased["recent_decision"], true, "{out}");
+    assert_eq!(erased["audit"][0]["lines"], 1, "{out}");
+    assert_eq!(audit_lines_with(&w.join("audit"), &hash), 0);
+    assert!(store.load(0).unwrap().iter().all(|c| c.message_hash.as_deref() != Some(hash.as_str())));
+    assert!(post(metrics_port, token, "/feedback", &by_id).starts_with("HTTP/1.1 404"), "the recent decision is gone");
+    // The daemon still audits into the rewritten file.
+    assert_eq!(support::send(postfix.smtp_port, &[ordinary(4)]).unwrap(), [250]);
+    postfix.wait_delivered(3, Duration::from_secs(30));
+    assert_eq!(audit_lines_with(&w.join("audit"), &pseudonyms.message_id("<pg-4@client.example>")), 1);
+    // A sender's corrections (the forwarded mail's agent).
+    let out = mailtriage(&config_path, &["forget", "--sender", "Agent@test.example"]);
+    assert!(out.contains("1 correction(s) deleted"), "{out}");
+    assert!(store.load(0).unwrap().iter().all(|c| c.channel != Channel::Mail));
+    // With the daemon stopped, forget does it alone.
+    drop(postfix);
+    drop(daemon);
+    let out = mailtriage(&config_path, &["forget", "--message-id", format!("<piped@{DOMAIN}>").as_str()]);
+    assert!(out.contains("1 correction(s) deleted") && out.contains("no daemon listens"), "{out}");
+    assert!(store.load(0).unwrap().is_empty());
 }

@@ -642,3 +642,72 @@ fn authenticated_senders_office_networks_and_submission_listener_are_skipped() {
         assert_eq!(skipped(&scrape, reason), 1, "{reason}: {scrape}");
     }
 }
+
+/// Fault injection: the audit file system fills up. Mail keeps flowing (an
+/// audit line is a record, not a gate), each lost line is counted, the
+/// error is logged once per interval rather than per message, no half line
+/// is left in the file, and auditing resumes by itself when space returns.
+#[test]
+fn a_full_audit_disk_stops_no_mail_and_auditing_resumes_when_space_returns() {
+    let dir = tempfile::Builder::new().prefix("mt-auditfull.").tempdir_in("/tmp").unwrap();
+    let mount = dir.path().join("audit");
+    std::fs::create_dir(&mount).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k,mode=0755", "tmpfs"])
+        .arg(&mount)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mounting a 64 KiB tmpfs for the audit trail needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let metrics_port = support::free_port();
+    let audit = mount.join("audit.jsonl");
+    let config = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[audit]\npath = \"{}\"\nkey_file = \"{}\"\n",
+        config("enforce"),
+        audit.display(),
+        dir.path().join("audit.key").display()
+    );
+    let daemon = Daemon::start(&config, false);
+    let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
+    let batch = |subject: &str| -> Vec<Mail> { (0..10).map(|i| mail(&format!("{subject} {i}"), "", "hello")).collect() };
+    assert!(send(pf.smtp_port, &batch("before")).unwrap().iter().all(|&c| c == 250));
+    pf.wait_delivered(10, Duration::from_secs(60));
+    let count = || std::fs::read_to_string(&audit).unwrap().lines().count();
+    assert_eq!(count(), 10);
+
+    // Fill the rest of the file system.
+    let filler = mount.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut f, &[0u8; 4096]).is_ok() {}
+    drop(f);
+    assert!(send(pf.smtp_port, &batch("full")).unwrap().iter().all(|&c| c == 250));
+    assert!(send(pf.smtp_port, &batch("still full")).unwrap().iter().all(|&c| c == 250));
+    let delivered = pf.wait_delivered(30, Duration::from_secs(60));
+    assert_eq!(delivered.len(), 30, "every message is delivered with a full audit disk");
+    assert!(delivered.iter().all(|(_, m)| !header_values(m, "X-Triage-Department").is_empty()));
+    let trail = std::fs::read_to_string(&audit).unwrap();
+    assert!(trail.is_empty() || trail.ends_with('\n'), "a half line was left: {:?}", &trail[trail.len().saturating_sub(80)..]);
+    assert!(trail.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
+    let lost = 30 - trail.lines().count() as u64;
+    assert!(lost > 0, "the disk never filled");
+    let scrape = support::http_get(metrics_port, "/metrics");
+    let counted: u64 = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("mailtriage_audit_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no audit failure counter:\n{scrape}"));
+    assert_eq!(counted, lost, "every lost line is counted");
+    assert_eq!(daemon.log().matches("audit records not written").count(), 1, "logged once per interval");
+
+    std::fs::remove_file(&filler).unwrap();
+    let before = count();
+    assert!(send(pf.smtp_port, &batch("after")).unwrap().iter().all(|&c| c == 250));
+    pf.wait_delivered(40, Duration::from_secs(60));
+    assert_eq!(count(), before + 10, "auditing resumed");
+}

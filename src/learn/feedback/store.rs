@@ -173,6 +173,12 @@ impl Store {
         f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error>,
     ) -> Result<T, StoreError> {
         let unavailable = |reason: String| StoreError::Unavailable { url: self.url.clone(), reason };
+        // A server restarted since the last call leaves a connection that looks
+        // open: a round trip finds out before the statement is sent, so an
+        // insert is never retried blind (calls are corrections and polls, not per message).
+        if slot.as_mut().is_some_and(|c| c.is_valid(CONNECT_TIMEOUT).is_err()) {
+            *slot = None;
+        }
         if slot.as_ref().is_none_or(|c| c.is_closed()) {
             *slot = None;
             *slot = Some(Box::new(pg_connect(&self.connect_url).map_err(|e| unavailable(e.to_string()))?));
