@@ -40,6 +40,8 @@ pub mod daemon;
 pub(crate) mod decide;
 pub mod domain;
 pub mod frontdoor;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod learn;
 pub mod message;
 pub mod milter;

@@ -120,3 +120,84 @@ fn unreadable_file_is_reported_per_file_and_others_still_classified() {
     assert!(lines[0]["error"].as_str().unwrap().contains("cannot read"));
     assert!(lines[1]["decision"].is_object());
 }
+
+/// The fuzz smoke: every fuzz target (src/fuzz.rs; `scripts/fuzz.sh` runs
+/// them for hours under AFL++) on its seeds from the corpus, on every input
+/// that once broke it (fuzz/regressions/<target>/), and on a few thousand
+/// deterministic mutations of the seeds. A panic fails with the input saved
+/// for `fuzz-target <name> < file`; so does an input that takes over 10 s
+/// (a hang, not a speed goal).
+#[test]
+fn fuzz_targets_survive_their_seeds_regressions_and_mutations() {
+    let corpus = corpus_dir();
+    let regressions = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut report = Vec::new();
+    for target in mailtriage::fuzz::TARGETS {
+        let seeds = mailtriage::fuzz::seeds(target, &corpus, 24);
+        assert!(!seeds.is_empty(), "{target}: no seeds");
+        let mut inputs: Vec<Vec<u8>> = seeds.clone();
+        if let Ok(rd) = std::fs::read_dir(regressions.join(target)) {
+            inputs.extend(rd.flatten().map(|e| std::fs::read(e.path()).unwrap()));
+        }
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ target.len() as u64;
+        for seed in &seeds {
+            for _ in 0..60 {
+                inputs.push(mutate(seed, &seeds, &mut rng));
+            }
+        }
+        let started = std::time::Instant::now();
+        let mut slowest = std::time::Duration::ZERO;
+        for input in &inputs {
+            let t = std::time::Instant::now();
+            let ok = std::panic::catch_unwind(|| mailtriage::fuzz::run(target, input));
+            let took = t.elapsed();
+            if ok.is_err() || took > std::time::Duration::from_secs(10) {
+                let path = std::env::temp_dir().join(format!("mailtriage-fuzz-{target}-failure"));
+                std::fs::write(&path, input).unwrap();
+                panic!("fuzz target {target} {} on the input saved at {}", if ok.is_err() { "panicked" } else { "hung" }, path.display());
+            }
+            slowest = slowest.max(took);
+        }
+        report.push(format!("{target}: {} inputs in {:.1?} (slowest {slowest:.1?})", inputs.len(), started.elapsed()));
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// One AFL-like mutation: flip, set to an interesting value, insert, delete,
+/// duplicate a block, truncate, or splice in part of another seed.
+fn mutate(seed: &[u8], others: &[Vec<u8>], rng: &mut u64) -> Vec<u8> {
+    let mut next = move || {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        *rng
+    };
+    let mut out = seed.to_vec();
+    for _ in 0..1 + next() % 4 {
+        let at = if out.is_empty() { 0 } else { (next() as usize) % out.len() };
+        match next() % 7 {
+            0 if !out.is_empty() => out[at] ^= 1 << (next() % 8),
+            1 if !out.is_empty() => out[at] = [0, 0xFF, 0x7F, 0x80, b'\n', b'\r', b':', b'.', b'<', b'='][next() as usize % 10],
+            2 => out.insert(at, next() as u8),
+            3 if !out.is_empty() => {
+                let n = (next() as usize % 64).min(out.len() - at);
+                out.drain(at..at + n);
+            }
+            4 if !out.is_empty() => {
+                let n = (next() as usize % 256).min(out.len() - at);
+                let block = out[at..at + n].to_vec();
+                out.splice(at..at, block);
+            }
+            5 => out.truncate(at),
+            _ => {
+                let other = &others[next() as usize % others.len()];
+                if !other.is_empty() {
+                    let from = next() as usize % other.len();
+                    let n = (next() as usize % 512).min(other.len() - from);
+                    out.splice(at..at, other[from..from + n].iter().copied());
+                }
+            }
+        }
+    }
+    out
+}

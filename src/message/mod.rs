@@ -6,5 +6,5 @@
 pub mod envelope;
 pub mod extract;
 pub mod headers;
-mod html;
+pub mod html;
 pub mod language;

@@ -190,11 +190,16 @@ impl Head {
 
     /// Reads and checks a head file; any problem names the file and what is wrong.
     pub fn load(path: &Path) -> Result<Head, ModelError> {
-        let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
         let data = std::fs::read(path).map_err(|e| open_error(path, e))?;
-        let (_, header) = SafeTensors::read_metadata(&data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        Head::from_bytes(path, &data)
+    }
+
+    /// Checks and reads a head file's bytes; `path` names it in errors.
+    pub fn from_bytes(path: &Path, data: &[u8]) -> Result<Head, ModelError> {
+        let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
+        let (_, header) = SafeTensors::read_metadata(data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let meta = meta_of(path, &header.metadata().clone().unwrap_or_default())?;
-        let st = SafeTensors::deserialize(&data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(data).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
         let c = meta.labels.len();
         if c < 2 {
             return Err(bad("a head needs at least two labels".into()));

@@ -7,6 +7,8 @@
 //! one (what "forward as attachment" makes), else the inline forward below a
 //! "Forwarded message" line, else the whole mail without its `Fwd:`.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
 use mail_parser::{MessageParser, PartType};
 
 use super::{FeedbackError, Labels};
@@ -107,12 +109,22 @@ pub struct Forwarded {
 
 /// Finds the corrected message in a feedback message, parsing it once.
 pub fn forwarded(raw: &[u8], limits: ExtractLimits) -> Forwarded {
-    let attached = MessageParser::new().parse(raw).and_then(|outer| {
-        outer.parts.iter().find_map(|p| match &p.body {
-            PartType::Message(inner) => Some((inner.raw_message().to_vec(), outer.message_id().map(str::to_owned))),
-            _ => None,
+    // Bounded and guarded as `extract` is: a parser bug costs this one
+    // correction its attachment, never the session (found by fuzzing:
+    // fuzz/regressions/intake/).
+    let bounded = &raw[..raw.len().min(limits.max_bytes)];
+    let attached = catch_unwind(AssertUnwindSafe(|| {
+        MessageParser::new().parse(bounded).and_then(|outer| {
+            outer.parts.iter().find_map(|p| match &p.body {
+                PartType::Message(inner) => {
+                    Some((inner.raw_message().to_vec(), outer.message_id().map(str::to_owned)))
+                }
+                _ => None,
+            })
         })
-    });
+    }))
+    .ok()
+    .flatten();
     if let Some((inner, outer_id)) = attached {
         let f = extract(&inner, limits);
         return Forwarded { text: model_text(&f.subject, &f.text), attached_id: f.message_id, outer_id };
