@@ -212,18 +212,28 @@ pub fn milter_stream(data: &[u8]) -> Vec<u8> {
 
 /// The milter session: decoding and the state machine, fed any sequence of frames.
 pub fn milter(data: &[u8]) {
+    milter_answers(data);
+}
+
+/// [`milter`], returning what the session answered.
+fn milter_answers(data: &[u8]) -> Vec<u8> {
     let b = bench();
     let stream = milter_stream(data);
     b.rt.block_on(async {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (_keep, shutdown) = tokio::sync::watch::channel(false);
-        converse(client, &stream, MilterSession::new(&b.filter, &b.milter).run(server, shutdown)).await;
-    });
+        converse(client, &stream, MilterSession::new(&b.filter, &b.milter).run(server, shutdown)).await
+    })
 }
 
 /// The SMTP or LMTP session (first byte odd: LMTP) fed any command and DATA
 /// bytes, relaying to the fake hop.
 pub fn smtp(data: &[u8]) {
+    smtp_answers(data);
+}
+
+/// [`smtp`], returning what the session answered.
+fn smtp_answers(data: &[u8]) -> Vec<u8> {
     let b = bench();
     let (settings, input) = match data.split_first() {
         Some((first, rest)) if first & 1 == 1 => (&b.lmtp, rest),
@@ -234,22 +244,33 @@ pub fn smtp(data: &[u8]) {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let (_keep, shutdown) = tokio::sync::watch::channel(false);
         let session = SmtpSession::new(&b.filter, settings, Box::new(server), "127.0.0.1:25".into());
-        converse(client, input, session.run(shutdown)).await;
-    });
+        converse(client, input, session.run(shutdown)).await
+    })
 }
 
-/// Writes `input` to the session and drains its answers until it ends.
-async fn converse<T>(client: tokio::io::DuplexStream, input: &[u8], session: impl std::future::Future<Output = T>) {
+/// Writes `input` to the session and reads its answers until it ends; keeps
+/// the first 64 KiB of them.
+async fn converse<T>(
+    client: tokio::io::DuplexStream,
+    input: &[u8],
+    session: impl std::future::Future<Output = T>,
+) -> Vec<u8> {
     let (mut from_session, mut to_session) = tokio::io::split(client);
     let feed = async move {
         let _ = to_session.write_all(input).await;
         let _ = to_session.shutdown().await;
     };
     let drain = async move {
-        let mut sink = [0u8; 4096];
-        while matches!(from_session.read(&mut sink).await, Ok(n) if n > 0) {}
+        let (mut kept, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = from_session.read(&mut buf).await {
+            if kept.len() < 64 * 1024 {
+                kept.extend_from_slice(&buf[..n]);
+            }
+        }
+        kept
     };
-    let _ = tokio::join!(session, feed, drain);
+    let (_, (), answers) = tokio::join!(session, feed, drain);
+    answers
 }
 
 /// Starting inputs for `target`, made from real mail (`corpus`: a directory
@@ -390,4 +411,28 @@ fn tiny_head_file() -> Vec<u8> {
     let bytes = head.save(&path).ok().and_then(|()| std::fs::read(&path).ok()).unwrap_or_default();
     let _ = std::fs::remove_dir_all(&dir);
     bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESSAGE: &[u8] = b"From: Jo <jo@client.example>\r\nTo: user@corp.example\r\nSubject: Invoice 42\r\n\
+Message-ID: <s1@client.example>\r\n\r\nPlease pay.\r\n.leading dot\r\n";
+
+    /// The seeds reach the end of a conversation, so mutations start deep.
+    #[test]
+    fn seed_conversations_reach_a_decision() {
+        let answers = milter_answers(&milter_conversation(MESSAGE));
+        let text = String::from_utf8_lossy(&answers);
+        assert!(text.contains("billing@corp.example"), "no reroute in the milter answers: {text:?}");
+        let answers = smtp_answers(&smtp_conversation(false, MESSAGE));
+        let text = String::from_utf8_lossy(&answers);
+        assert!(text.contains("354 ") && text.contains("250 queued"), "not relayed to the hop: {text}");
+        assert!(text.contains("221"), "the session ended with QUIT: {text}");
+        for t in TARGETS {
+            assert!(run(t, b"") && run(t, &[0xFF; 7]));
+        }
+        assert!(!run("nope", b""));
+    }
 }
