@@ -41,9 +41,11 @@ one() {
     >"$dir/afl.log" 2>&1 &
   local pid=$! peak=0
   while kill -0 "$pid" 2>/dev/null; do
-    for p in $(pgrep -f "fuzz-target $t\$" || true); do
+    # Only the target processes (named fuzz-target, this target's argument): not afl-fuzz itself.
+    for p in $(pgrep -x fuzz-target || true); do
+      [[ $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null) == *" $t " ]] || continue
       local rss; rss=$(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-      (( rss > peak )) && peak=$rss
+      (( ${rss:-0} > peak )) && peak=$rss
     done
     sleep 2
   done
