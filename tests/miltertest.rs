@@ -106,3 +106,133 @@ check(mt.eom_check(conn, MT_HDRADD, "X-Triage-Action", "quarantine"), "action he
 "#,
     );
 }
+
+/// A milter client of our own (the library's codec), for what miltertest
+/// cannot do: send one byte at a time, stop mid-frame, run 100 at once.
+mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use mailtriage::milter::codec::{self, Command, ConnectAddress, Negotiation, Reply};
+
+    pub fn conversation(subject: &str) -> Vec<Command> {
+        vec![
+            // No protocol flags: every command but MACRO gets a reply.
+            Command::Negotiate(Negotiation { version: 6, actions: 0x1ff, protocol: 0, macros: Default::default() }),
+            Command::Connect { hostname: "client.example".into(), address: ConnectAddress::Unknown },
+            Command::Helo("client.example".into()),
+            Command::Mail(vec!["<jo@client.example>".into()]),
+            Command::Rcpt(vec!["<user@test.example>".into()]),
+            Command::Header { name: "From".into(), value: "jo@client.example".into() },
+            Command::Header { name: "Subject".into(), value: subject.into() },
+            Command::EndOfHeaders,
+            Command::Body(b"Please pay.\r\n".to_vec()),
+            Command::EndOfMessage(Vec::new()),
+        ]
+    }
+
+    fn read_reply(s: &mut TcpStream) -> std::io::Result<Reply> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len)?;
+        let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut frame)?;
+        let (code, payload) = frame.split_first().ok_or_else(|| std::io::Error::other("empty frame"))?;
+        codec::decode_reply(*code, payload).map_err(|e| std::io::Error::other(e.to_string()))
+    }
+
+    /// Sends each command (byte by byte with `pause` when given) and reads
+    /// its replies; returns the replies to end-of-message.
+    pub fn run(port: u16, commands: &[Command], pause: Option<Duration>) -> std::io::Result<Vec<Reply>> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut last = Vec::new();
+        for c in commands {
+            let frame = codec::encode_command(c);
+            match pause {
+                Some(p) => {
+                    for b in &frame {
+                        s.write_all(std::slice::from_ref(b))?;
+                        std::thread::sleep(p);
+                    }
+                }
+                None => s.write_all(&frame)?,
+            }
+            last.clear();
+            loop {
+                let r = read_reply(&mut s)?;
+                // Modifications and progress come before the final answer.
+                let done = matches!(
+                    r,
+                    Reply::Negotiate(_)
+                        | Reply::Continue
+                        | Reply::Accept
+                        | Reply::Reject
+                        | Reply::Tempfail
+                        | Reply::Discard
+                        | Reply::Skip
+                        | Reply::ReplyCode(_)
+                );
+                last.push(r);
+                if done {
+                    break;
+                }
+            }
+        }
+        s.write_all(&codec::encode_command(&Command::Quit))?;
+        Ok(last)
+    }
+}
+
+/// Fault injection on the milter port: one client sends its frames a byte
+/// at a time, another stops in the middle of a frame, while 100 others run
+/// whole conversations at once. Every conversation gets its right answer,
+/// the slow one too; the stalled one is closed at `idle_timeout`, holding
+/// nothing up meanwhile; the daemon serves on.
+#[test]
+fn byte_by_byte_and_stalled_clients_hold_up_no_one() {
+    use std::io::{Read, Write};
+    let config = config("enforce").replacen("[server]", "[server]\nidle_timeout = \"4s\"", 1);
+    let daemon = Daemon::start(&config, false);
+    let port = daemon.port.unwrap();
+    let rerouted = |replies: &[mailtriage::milter::codec::Reply]| {
+        use mailtriage::milter::codec::Reply;
+        replies.iter().any(|r| matches!(r, Reply::AddRcpt(a) if a.contains("billing@")))
+            && matches!(replies.last(), Some(Reply::Accept | Reply::Continue))
+    };
+
+    // Stalled: negotiated, then half of the CONNECT frame, then nothing.
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let frames = raw::conversation("Invoice");
+    stalled.write_all(&mailtriage::milter::codec::encode_command(&frames[0])).unwrap();
+    let mut optneg = [0u8; 4];
+    stalled.read_exact(&mut optneg).unwrap();
+    let mut rest = vec![0u8; u32::from_be_bytes(optneg) as usize];
+    stalled.read_exact(&mut rest).unwrap();
+    let connect = mailtriage::milter::codec::encode_command(&frames[1]);
+    stalled.write_all(&connect[..connect.len() / 2]).unwrap();
+    let stalled_at = std::time::Instant::now();
+
+    let slow = std::thread::spawn(move || {
+        raw::run(port, &raw::conversation("Invoice slow"), Some(std::time::Duration::from_millis(2)))
+    });
+    let many: Vec<_> = (0..100)
+        .map(|i| std::thread::spawn(move || raw::run(port, &raw::conversation(&format!("Invoice {i}")), None)))
+        .collect();
+    for (i, t) in many.into_iter().enumerate() {
+        let replies = t.join().unwrap().unwrap_or_else(|e| panic!("conversation {i}: {e}\n{}", daemon.log()));
+        assert!(rerouted(&replies), "conversation {i}: {replies:?}");
+    }
+    let slow = slow.join().unwrap().unwrap();
+    assert!(rerouted(&slow), "byte by byte: {slow:?}");
+
+    // The stalled connection is closed by the daemon, not before idle_timeout.
+    stalled.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let mut buf = [0u8; 16];
+    let n = stalled.read(&mut buf).unwrap_or(0);
+    let waited = stalled_at.elapsed();
+    assert_eq!(n, 0, "the stalled client got an answer instead of a close");
+    assert!(waited >= std::time::Duration::from_secs(3), "closed after {waited:?}, before idle_timeout");
+    assert!(raw::run(port, &raw::conversation("Invoice after"), None).is_ok_and(|r| rerouted(&r)));
+}

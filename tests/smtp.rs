@@ -291,3 +291,118 @@ fn next_hop_down_keeps_mail_queued_until_it_returns() {
     assert_eq!(pf.queue_count("deferred"), 0);
     assert_eq!(one(header_values(&delivered[0].1, "X-Triage-Department"), "department"), "general");
 }
+
+/// A next hop between mailtriage and Postfix's reinjection listener that
+/// passes connections through, refuses them (421), or accepts and says
+/// nothing (the relay times out), as the test switches it.
+struct FlakyHop {
+    port: u16,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+}
+
+const PASS: u8 = 0;
+const REFUSE: u8 = 1;
+const HANG: u8 = 2;
+
+impl FlakyHop {
+    fn start(upstream: u16) -> FlakyHop {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let m = mode.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                match m.load(Ordering::SeqCst) {
+                    PASS => {
+                        let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                        let (mut a, mut b) = (conn.try_clone().unwrap(), up.try_clone().unwrap());
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut a, &mut b.try_clone().unwrap());
+                            let _ = b.shutdown(std::net::Shutdown::Write);
+                        });
+                        let (mut up, mut conn) = (up, conn);
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut up, &mut conn);
+                            let _ = conn.shutdown(std::net::Shutdown::Both);
+                        });
+                    }
+                    REFUSE => {
+                        let mut conn = conn;
+                        let _ = std::io::Write::write_all(&mut conn, b"421 4.3.2 hop busy, try later\r\n");
+                    }
+                    _ => {
+                        std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_secs(30));
+                            drop(conn);
+                        });
+                    }
+                }
+            }
+        });
+        FlakyHop { port, mode }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Fault injection: 1,000 messages through Postfix's content filter while
+/// the next hop refuses, then hangs, then comes back. Postfix hears a 4xx
+/// for each message that could not be relayed, keeps it queued, and every
+/// message is delivered exactly once in the end.
+#[test]
+fn a_flapping_next_hop_during_a_thousand_messages_loses_and_duplicates_none() {
+    let (port, reinject) = (free_port(), free_port());
+    let metrics = free_port();
+    let pf = postfix_with_content_filter(port, reinject, true);
+    let hop = FlakyHop::start(reinject);
+    let config = filter_config("smtp", port, &format!("smtp://127.0.0.1:{}", hop.port), "")
+        .replace("[relay]\n", "[relay]\ntimeout = \"2s\"\n")
+        + &format!("\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n");
+    let daemon = start_filter(&config, port);
+    let started = Instant::now();
+    let sender = std::thread::spawn({
+        let smtp = pf.smtp_port;
+        move || {
+            let mut sent = 0;
+            for batch in 0..10 {
+                let mails: Vec<_> =
+                    (0..100).map(|i| mail(&format!("Message {batch}-{i}"), "", "flapping hop")).collect();
+                let codes = send(smtp, &mails).unwrap();
+                assert!(codes.iter().all(|&c| c == 250), "{codes:?}");
+                sent += mails.len();
+            }
+            sent
+        }
+    });
+    for (mode, secs) in [(PASS, 2), (REFUSE, 3), (PASS, 2), (HANG, 5), (PASS, 0)] {
+        hop.set(mode);
+        std::thread::sleep(Duration::from_secs(secs));
+    }
+    assert_eq!(sender.join().unwrap(), 1000);
+    // Deferred mail is retried at once rather than after Postfix's backoff.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let ids = || -> Vec<String> {
+        pf.all_delivered().iter().flat_map(|(_, m)| header_values(m, "Message-ID")).collect()
+    };
+    while ids().len() < 1000 {
+        assert!(Instant::now() < deadline, "{} of 1000 delivered:\n{}", ids().len(), daemon.log());
+        pf.flush();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let ids = ids();
+    let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (1000, 1000), "each message exactly once");
+    let deferred = pf.log().matches("status=deferred").count();
+    let scrape = support::http_get(metrics, "/metrics");
+    let relay: Vec<&str> = scrape.lines().filter(|l| l.starts_with("mailtriage_relay_total")).collect();
+    eprintln!(
+        "1000 messages delivered once each in {:.1?}; Postfix deferred {deferred} deliveries to the filter; {relay:?}",
+        started.elapsed()
+    );
+    assert!(deferred > 0, "the hop never failed a delivery:\n{}", pf.log());
+    assert!(relay.iter().any(|l| l.contains("hop_error")), "{relay:?}");
+}
