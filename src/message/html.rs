@@ -25,7 +25,9 @@ pub fn to_text(html: &str) -> String {
             continue;
         }
         let end = tag_end(rest);
-        let tag = &rest[1..end.saturating_sub(1).max(1)];
+        // An unterminated tag runs to the end of the text, which may end in a
+        // multi-byte character: only a closing '>' is cut (found by fuzzing).
+        let tag = rest[1..end].strip_suffix('>').unwrap_or(&rest[1..end]);
         rest = &rest[end..];
         let name: String = tag
             .trim_start_matches('/')
@@ -239,6 +241,12 @@ mod tests {
     fn script_style_and_comments_are_skipped() {
         assert_eq!(to_text("<style>p{x:1}</style>a<script>if (a<b) x()</script>b<!-- hidden -->c"), "abc");
         assert_eq!(to_text("a<SCRIPT>never closed"), "a");
+    }
+
+    #[test]
+    fn an_unterminated_tag_ending_in_a_multibyte_character() {
+        assert_eq!(to_text("<s\u{FFFD}"), "");
+        assert_eq!(to_text("x<a href=\"é"), "x");
     }
 
     #[test]
