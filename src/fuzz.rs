@@ -349,7 +349,10 @@ fn milter_conversation(message: &[u8]) -> Vec<u8> {
     };
     let mut commands = vec![
         Command::Negotiate(Negotiation { version: 6, actions: 0x1ff, protocol: 0x1fffff, macros: Default::default() }),
-        Command::Macros { stage: b'C', pairs: vec![("{daemon_name}".into(), "mx".into()), ("{client_addr}".into(), "192.0.2.7".into())] },
+        Command::Macros {
+            stage: b'C',
+            pairs: vec![("{daemon_name}".into(), "mx".into()), ("{client_addr}".into(), "192.0.2.7".into())],
+        },
         Command::Connect { hostname: "client.example".into(), address: ConnectAddress::Unknown },
         Command::Helo("client.example".into()),
         Command::Mail(vec!["<a@client.example>".into()]),

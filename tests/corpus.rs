@@ -154,7 +154,11 @@ fn fuzz_targets_survive_their_seeds_regressions_and_mutations() {
             if ok.is_err() || took > std::time::Duration::from_secs(10) {
                 let path = std::env::temp_dir().join(format!("mailtriage-fuzz-{target}-failure"));
                 std::fs::write(&path, input).unwrap();
-                panic!("fuzz target {target} {} on the input saved at {}", if ok.is_err() { "panicked" } else { "hung" }, path.display());
+                panic!(
+                    "fuzz target {target} {} on the input saved at {}",
+                    if ok.is_err() { "panicked" } else { "hung" },
+                    path.display()
+                );
             }
             slowest = slowest.max(took);
         }
@@ -177,7 +181,9 @@ fn mutate(seed: &[u8], others: &[Vec<u8>], rng: &mut u64) -> Vec<u8> {
         let at = if out.is_empty() { 0 } else { (next() as usize) % out.len() };
         match next() % 7 {
             0 if !out.is_empty() => out[at] ^= 1 << (next() % 8),
-            1 if !out.is_empty() => out[at] = [0, 0xFF, 0x7F, 0x80, b'\n', b'\r', b':', b'.', b'<', b'='][next() as usize % 10],
+            1 if !out.is_empty() => {
+                out[at] = [0, 0xFF, 0x7F, 0x80, b'\n', b'\r', b':', b'.', b'<', b'='][next() as usize % 10]
+            }
             2 => out.insert(at, next() as u8),
             3 if !out.is_empty() => {
                 let n = (next() as usize % 64).min(out.len() - at);

@@ -437,7 +437,12 @@ struct Postgres {
 
 fn as_postgres(args: &[&str]) {
     let out = Command::new("runuser").args(["-u", "postgres", "--"]).args(args).output().unwrap();
-    assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Postgres {
@@ -775,11 +780,8 @@ http_token_file = "{w}/token"
     postfix.wait_delivered(1, Duration::from_secs(30));
     let label = slug(dev[0].queue());
     let by_id = format!(r#"{{"message_id":"<pg-0@client.example>","department":"{label}"}}"#);
-    let piped = format!(
-        "From: a@{DOMAIN}\nSubject: {}\nMessage-ID: <piped@{DOMAIN}>\n\n{}\n",
-        dev[1].subject(),
-        dev[1].body()
-    );
+    let piped =
+        format!("From: a@{DOMAIN}\nSubject: {}\nMessage-ID: <piped@{DOMAIN}>\n\n{}\n", dev[1].subject(), dev[1].body());
     let pipe_args = ["feedback", "--department", label.as_str()];
     let cli_args = ["feedback", "--message-id", "<pg-0@client.example>", "--department", label.as_str()];
 

@@ -675,7 +675,8 @@ fn a_full_audit_disk_stops_no_mail_and_auditing_resumes_when_space_returns() {
     );
     let daemon = Daemon::start(&config, false);
     let pf = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &[]);
-    let batch = |subject: &str| -> Vec<Mail> { (0..10).map(|i| mail(&format!("{subject} {i}"), "", "hello")).collect() };
+    let batch =
+        |subject: &str| -> Vec<Mail> { (0..10).map(|i| mail(&format!("{subject} {i}"), "", "hello")).collect() };
     assert!(send(pf.smtp_port, &batch("before")).unwrap().iter().all(|&c| c == 250));
     pf.wait_delivered(10, Duration::from_secs(60));
     let count = || std::fs::read_to_string(&audit).unwrap().lines().count();
@@ -692,7 +693,11 @@ fn a_full_audit_disk_stops_no_mail_and_auditing_resumes_when_space_returns() {
     assert_eq!(delivered.len(), 30, "every message is delivered with a full audit disk");
     assert!(delivered.iter().all(|(_, m)| !header_values(m, "X-Triage-Department").is_empty()));
     let trail = std::fs::read_to_string(&audit).unwrap();
-    assert!(trail.is_empty() || trail.ends_with('\n'), "a half line was left: {:?}", &trail[trail.len().saturating_sub(80)..]);
+    assert!(
+        trail.is_empty() || trail.ends_with('\n'),
+        "a half line was left: {:?}",
+        &trail[trail.len().saturating_sub(80)..]
+    );
     assert!(trail.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()));
     let lost = 30 - trail.lines().count() as u64;
     assert!(lost > 0, "the disk never filled");

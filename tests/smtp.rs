@@ -316,9 +316,9 @@ impl FlakyHop {
                 match m.load(Ordering::SeqCst) {
                     PASS => {
                         let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { continue };
-                        let (mut a, mut b) = (conn.try_clone().unwrap(), up.try_clone().unwrap());
+                        let (mut a, b) = (conn.try_clone().unwrap(), up.try_clone().unwrap());
                         std::thread::spawn(move || {
-                            let _ = std::io::copy(&mut a, &mut b.try_clone().unwrap());
+                            let _ = std::io::copy(&mut a, &mut &b);
                             let _ = b.shutdown(std::net::Shutdown::Write);
                         });
                         let (mut up, mut conn) = (up, conn);
@@ -384,9 +384,8 @@ fn a_flapping_next_hop_during_a_thousand_messages_loses_and_duplicates_none() {
     assert_eq!(sender.join().unwrap(), 1000);
     // Deferred mail is retried at once rather than after Postfix's backoff.
     let deadline = Instant::now() + Duration::from_secs(300);
-    let ids = || -> Vec<String> {
-        pf.all_delivered().iter().flat_map(|(_, m)| header_values(m, "Message-ID")).collect()
-    };
+    let ids =
+        || -> Vec<String> { pf.all_delivered().iter().flat_map(|(_, m)| header_values(m, "Message-ID")).collect() };
     while ids().len() < 1000 {
         assert!(Instant::now() < deadline, "{} of 1000 delivered:\n{}", ids().len(), daemon.log());
         pf.flush();

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::time::Duration;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mailtriage::daemon;
@@ -57,7 +57,8 @@ pub fn feedback(cfg: &Config, args: &FeedbackArgs) -> Result<ExitCode> {
     // The pipe reads the message itself, so it keeps no recent decisions (0 bytes).
     // A PostgreSQL store that is down answers EX_TEMPFAIL below, not a failure here.
     let fb = cfg.feedback.as_ref().context("no [feedback] section in the configuration")?;
-    let link = FeedbackLink { store: Arc::new(Store::open_later(&fb.store)?), recent: Arc::new(RecentDecisions::new(0)) };
+    let link =
+        FeedbackLink { store: Arc::new(Store::open_later(&fb.store)?), recent: Arc::new(RecentDecisions::new(0)) };
     let triage = daemon::build(cfg, Some(link)).context("loading rules and model")?;
     let (features, message_id) = triage.features_of(&raw)?;
     let actor = format!("user:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));

@@ -77,9 +77,9 @@ pub fn endpoint(shared: Running) -> Handler {
             .map_err(|e| {
                 let code = match e {
                     FeedbackError::NotRecent => 404,
-                    FeedbackError::UnknownDepartment(..) | FeedbackError::UnknownPriority(..) | FeedbackError::NoLabel => {
-                        422
-                    }
+                    FeedbackError::UnknownDepartment(..)
+                    | FeedbackError::UnknownPriority(..)
+                    | FeedbackError::NoLabel => 422,
                     _ => 503,
                 };
                 (code, e.to_string())

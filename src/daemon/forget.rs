@@ -132,8 +132,8 @@ pub fn erase(subject: &Subject, places: &Places<'_>) -> Result<Erased, ForgetErr
 /// this host's audit trail.
 pub fn endpoint(shared: Running) -> Handler {
     std::sync::Arc::new(move |v: serde_json::Value| {
-        let subject = Subject::from_json(&v)
-            .ok_or((400, "give exactly one of `message_id` and `sender`".to_string()))?;
+        let subject =
+            Subject::from_json(&v).ok_or((400, "give exactly one of `message_id` and `sender`".to_string()))?;
         let layer = shared.current();
         let link = layer.link().ok_or((503, "the feedback store is not open (see the daemon's log)".to_string()))?;
         let audit = layer.triage().audit();

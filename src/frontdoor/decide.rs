@@ -108,7 +108,9 @@ pub async fn decide<F: Filter, K: KeepAlive>(
             // Error text may quote message content: mask personal data before logging it.
             let reason = redact(&reason).into_owned();
             let (verdict, on_error, what) = match settings.on_error {
-                _ if retry => (Verdict::Tempfail, "tempfail", "message cannot be handled now; asking the client to retry"),
+                _ if retry => {
+                    (Verdict::Tempfail, "tempfail", "message cannot be handled now; asking the client to retry")
+                }
                 OnError::Accept => (
                     Verdict::Deliver(Plan::strip_inbound(&header_names)),
                     "accept",

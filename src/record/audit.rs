@@ -312,31 +312,42 @@ impl AuditLog {
                     g.size = m.len();
                     break;
                 }
-                _ => *g = Current::open(&self.path).map_err(io)?,
+                _ => {
+                    let _ = g.file.unlock();
+                    *g = Current::open(&self.path).map_err(io)?;
+                }
             }
         }
+        // Whatever happens below, the lock is released before returning.
+        let appended = self.append_locked(&mut g, &line);
+        let _ = g.file.unlock();
+        drop(g);
+        if appended.as_ref().is_ok_and(|&rotated| rotated) {
+            self.expire_rotated();
+        }
+        appended.map(drop).map_err(io)
+    }
+
+    /// Rotates if the line would overflow `max_bytes`, then appends it, under
+    /// the file's lock; returns whether it rotated.
+    fn append_locked(&self, g: &mut Current, line: &[u8]) -> std::io::Result<bool> {
         let mut rotated = false;
         if g.size > 0 && g.size + line.len() as u64 > self.max_bytes {
             let stamp = humantime::format_rfc3339_micros(SystemTime::now()).to_string().replace([':', '-'], "");
             let to = PathBuf::from(format!("{}.{}", self.path.display(), stamp.trim_end_matches('Z')));
-            std::fs::rename(&self.path, &to).map_err(io)?;
-            let next = Current::open(&self.path).map_err(io)?;
-            next.file.lock().map_err(io)?;
-            *g = next; // dropping the old handle releases its lock
+            std::fs::rename(&self.path, &to)?;
+            let next = Current::open(&self.path)?;
+            next.file.lock()?;
+            let _ = g.file.unlock();
+            *g = next;
             rotated = true;
         }
-        let written = (&g.file).write_all(&line);
-        if written.is_err() {
+        if let Err(e) = (&g.file).write_all(line) {
             let _ = g.file.set_len(g.size);
-        } else {
-            g.size += line.len() as u64;
+            return Err(e);
         }
-        let _ = g.file.unlock();
-        drop(g);
-        if rotated {
-            self.expire_rotated();
-        }
-        written.map_err(io)
+        g.size += line.len() as u64;
+        Ok(rotated)
     }
 
     /// Counts a write that failed, and logs it at most once a minute (with

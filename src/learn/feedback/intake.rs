@@ -116,9 +116,7 @@ pub fn forwarded(raw: &[u8], limits: ExtractLimits) -> Forwarded {
     let attached = catch_unwind(AssertUnwindSafe(|| {
         MessageParser::new().parse(bounded).and_then(|outer| {
             outer.parts.iter().find_map(|p| match &p.body {
-                PartType::Message(inner) => {
-                    Some((inner.raw_message().to_vec(), outer.message_id().map(str::to_owned)))
-                }
+                PartType::Message(inner) => Some((inner.raw_message().to_vec(), outer.message_id().map(str::to_owned))),
                 _ => None,
             })
         })
