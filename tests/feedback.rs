@@ -168,42 +168,24 @@ fn corrections_by_mail_retrain_the_head_in_five_batches_up_to_the_full_data_figu
     let token_file = w.join("token");
     std::fs::write(&token_file, "0123456789abcdef-token\n").unwrap();
     let batch_len = rest.len().div_ceil(BATCHES);
-    let config = format!(
-        r#"
-[server]
-milter_socket_mode = "0666"
-progress_interval = "1s"
-
-[defaults]
-department = "general"
-
-{departments}
-[model]
-department_head = "{w}/initial.safetensors"
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[audit]
-path = "{w}/audit.jsonl"
-key_file = "{w}/audit.key"
-
-[feedback]
-store = "sqlite://{w}/feedback.db"
-address = "triage-feedback@{DOMAIN}"
+    let config = daemon_config(
+        w,
+        &all,
+        metrics_port,
+        &format!(
+            r#"store = "sqlite://{w}/feedback.db"
 heads_dir = "{heads}"
 training_data = "{initial}"
 dev_data = "{dev}"
 retrain_after = {batch_len}
 retrain_every = "1h"
-http_token_file = "{token}"
-"#,
-        departments = departments(&all),
-        w = w.display(),
-        heads = heads.display(),
-        initial = initial_path.display(),
-        dev = dev_path.display(),
-        token = token_file.display(),
+http_token_file = "{token}""#,
+            w = w.display(),
+            heads = heads.display(),
+            initial = initial_path.display(),
+            dev = dev_path.display(),
+            token = token_file.display(),
+        ),
     );
     let config_path = w.join("mailtriage.toml");
     std::fs::write(&config_path, &config).unwrap();
@@ -351,6 +333,39 @@ fn correction(t: &Ticket, label: &str, created_at: i64) -> Correction {
         encoder: None,
         embedding: None,
     }
+}
+
+/// The daemon's config in `w`: the tickets' departments, the initial head,
+/// metrics, an audit trail in `w/audit/`, and `[feedback]` with the feedback
+/// address plus `feedback` (store, heads, data, retraining, token).
+fn daemon_config(w: &Path, all: &[Ticket], metrics_port: u16, feedback: &str) -> String {
+    format!(
+        r#"
+[server]
+milter_socket_mode = "0666"
+progress_interval = "1s"
+
+[defaults]
+department = "general"
+
+{departments}
+[model]
+department_head = "{w}/initial.safetensors"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[audit]
+path = "{w}/audit/audit.jsonl"
+key_file = "{w}/audit.key"
+
+[feedback]
+address = "triage-feedback@{DOMAIN}"
+{feedback}
+"#,
+        departments = departments(all),
+        w = w.display(),
+    )
 }
 
 /// A config for offline retraining against `store`.
@@ -729,37 +744,20 @@ fn postgresql_going_away_loses_no_correction_and_forget_erases_every_trace() {
     let metrics_port = support::free_port();
     let token = "0123456789abcdef-token";
     std::fs::write(w.join("token"), token).unwrap();
-    let config = format!(
-        r#"
-[server]
-milter_socket_mode = "0666"
-
-[defaults]
-department = "general"
-
-{departments}
-[model]
-department_head = "{w}/initial.safetensors"
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[audit]
-path = "{w}/audit/audit.jsonl"
-key_file = "{w}/audit.key"
-
-[feedback]
-store = "{store}"
-address = "triage-feedback@{DOMAIN}"
+    let config = daemon_config(
+        w,
+        &all,
+        metrics_port,
+        &format!(
+            r#"store = "{store}"
 heads_dir = "{w}/heads"
 training_data = "{w}/initial.jsonl"
 dev_data = "{w}/dev.jsonl"
 retrain = false
-http_token_file = "{w}/token"
-"#,
-        departments = departments(&all),
-        w = w.display(),
-        store = pg.url(),
+http_token_file = "{w}/token""#,
+            w = w.display(),
+            store = pg.url(),
+        ),
     );
     let config_path = w.join("mailtriage.toml");
     std::fs::write(&config_path, &config).unwrap();
