@@ -244,8 +244,8 @@ pub struct TrainArgs {
     /// Weight of the embedding relative to the lexical features.
     #[arg(long, default_value_t = 1.0)]
     pub embedding_weight: f32,
-    /// Hashed feature space: 2^bits buckets.
-    #[arg(long, default_value_t = 18)]
+    /// Hashed feature space: 2^bits buckets (1–30).
+    #[arg(long, default_value_t = 18, value_parser = clap::value_parser!(u8).range(1..=30))]
     pub bits: u8,
     /// Weight of the character 3–5-gram block (0 = words only).
     #[arg(long, default_value_t = 1.0)]

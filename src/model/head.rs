@@ -287,8 +287,14 @@ fn meta_of(path: &Path, info: &HashMap<String, String>) -> Result<HeadMeta, Mode
     if info.get("format").map(String::as_str) != Some(FORMAT) {
         return Err(bad(format!("not a mailtriage head (format {:?}, expected {FORMAT})", info.get("format"))));
     }
-    serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
-        .map_err(|e| bad(format!("bad metadata: {e}")))
+    let meta: HeadMeta = serde_json::from_str(info.get("meta").map(String::as_str).unwrap_or(""))
+        .map_err(|e| bad(format!("bad metadata: {e}")))?;
+    // Checked before anything is sized by it (a shift past 63 bits panics).
+    if !lexical::BITS.contains(&meta.lexical.bits) {
+        let (lo, hi) = (lexical::BITS.start(), lexical::BITS.end());
+        return Err(bad(format!("lexical.bits {} is outside {lo}–{hi}", meta.lexical.bits)));
+    }
+    Ok(meta)
 }
 
 /// Softmax of `z / t`, numerically stable.
@@ -346,6 +352,16 @@ pub(crate) mod tests {
         assert!((lp.confidence - softmax(&[2.0, 0.0], 1.0)[0]).abs() < 1e-6 && confident);
         let (_, confident) = h.predict_lexical(&vec![(3, 0.1)]).unwrap();
         assert!(!confident, "a weak lexical signal leaves it to the full head");
+    }
+
+    #[test]
+    fn a_feature_width_out_of_range_is_refused_before_use() {
+        let mut meta = serde_json::to_value(&tiny_head().meta).unwrap();
+        meta["lexical"]["bits"] = 64.into();
+        let info = HashMap::from([("format".to_string(), FORMAT.to_string()), ("meta".to_string(), meta.to_string())]);
+        let data = safetensors::tensor::serialize(Vec::<(&str, TensorView<'_>)>::new(), Some(info)).unwrap();
+        let err = Head::from_bytes(Path::new("wide.safetensors"), &data).unwrap_err().to_string();
+        assert!(err.contains("wide.safetensors") && err.contains("lexical.bits 64"), "{err}");
     }
 
     #[test]

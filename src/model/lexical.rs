@@ -27,6 +27,10 @@ impl Default for LexicalConfig {
     }
 }
 
+/// Feature-space widths a head or a stored correction may have: 2^30 buckets
+/// is already 4 GiB of weights per class.
+pub const BITS: std::ops::RangeInclusive<u8> = 1..=30;
+
 impl LexicalConfig {
     pub fn dim(&self) -> usize {
         1usize << self.bits
@@ -150,7 +154,7 @@ impl TermCounts {
     /// Inverse of [`to_bytes`](Self::to_bytes); `None` for bytes it did not write.
     pub fn from_bytes(bytes: &[u8]) -> Option<TermCounts> {
         let (&bits, mut rest) = bytes.split_first()?;
-        if !(1..=30).contains(&bits) {
+        if !BITS.contains(&bits) {
             return None;
         }
         let mut take_u32 = || -> Option<u32> {
