@@ -6,7 +6,7 @@
 //! - its features in the daemon's recent-decisions window (memory only);
 //! - its audit lines, in the current file and every rotated one (by the
 //!   `message_id_hash` field; the file is rewritten, see
-//!   [`audit::erase`](crate::record::audit::erase)).
+//!   [`audit::erase`]).
 //!
 //! What a sender leaves behind: the corrections they made (their actor is
 //! an HMAC of their address). Audit lines hold only domains and decisions
