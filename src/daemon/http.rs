@@ -129,6 +129,7 @@ async fn post(token: &str, handler: Handler, req: &Request) -> (&'static str, St
                 400 => "400 Bad Request",
                 404 => "404 Not Found",
                 422 => "422 Unprocessable Entity",
+                500 => "500 Internal Server Error",
                 _ => "503 Service Unavailable",
             };
             err(status, &msg)

@@ -150,19 +150,25 @@ impl Store {
 
     /// A PostgreSQL store whose server may be down now (the daemon starting
     /// before its database): every call tries to connect until one succeeds.
+    /// What cannot get better by waiting is still an error now: a URL that
+    /// does not parse, a server that answered with an error (a wrong
+    /// password, no such database). Other URLs open as [`Store::open`].
     pub fn open_later(url: &str) -> Result<Store, StoreError> {
-        match Store::open(url) {
-            Err(StoreError::Open { reason, .. }) if url.starts_with("postgres") && url.contains("://") => {
-                tracing::warn!(store = %crate::record::redact::credentials(url), error = %reason,
-                    "feedback store unavailable; connecting again on each correction");
-                Ok(Store {
-                    url: crate::record::redact::credentials(url).into_owned(),
-                    connect_url: url.to_string(),
-                    db: Mutex::new(Backend::Postgres(None)),
-                })
-            }
-            other => other,
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Store::open(url);
         }
+        let shown = crate::record::redact::credentials(url).into_owned();
+        let fail = |reason: String| StoreError::Open { url: shown.clone(), reason };
+        url.parse::<postgres::Config>().map_err(|e| fail(e.to_string()))?;
+        let client = match pg_connect(url) {
+            Ok(c) => Some(Box::new(c)),
+            Err(e) if e.as_db_error().is_some() => return Err(fail(e.to_string())),
+            Err(e) => {
+                tracing::warn!(store = %shown, error = %e, "feedback store unavailable; connecting again on each use");
+                None
+            }
+        };
+        Ok(Store { url: shown.clone(), connect_url: url.to_string(), db: Mutex::new(Backend::Postgres(client)) })
     }
 
     /// Runs `f` on the PostgreSQL connection, connecting first when there is
@@ -428,6 +434,17 @@ mod tests {
         assert_eq!(store.summary(150).unwrap()[0].department.as_deref(), Some("support"));
         assert_eq!(store.expire(150).unwrap(), 1);
         assert_eq!(store.load(0).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_postgresql_server_that_is_down_is_retried_a_broken_url_is_not() {
+        // Nothing listens on port 1: refused at once, so the store waits for it.
+        let store = Store::open_later("postgres://u:hunter2@127.0.0.1:1/db").unwrap();
+        let e = store.insert(&sample(1, "billing")).unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        assert!(e.to_string().contains("u:****@127.0.0.1:1") && !e.to_string().contains("hunter2"), "{e}");
+        let e = Store::open_later("postgres://u@127.0.0.1:notaport/db").err().unwrap();
+        assert!(!e.is_retryable() && e.to_string().contains("notaport"), "{e}");
     }
 
     #[test]
