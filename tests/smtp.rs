@@ -298,6 +298,9 @@ fn next_hop_down_keeps_mail_queued_until_it_returns() {
 struct FlakyHop {
     port: u16,
     mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    /// The passed-through connections (mailtriage keeps its hop connection
+    /// between messages): cut when the hop stops passing.
+    live: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
 }
 
 const PASS: u8 = 0;
@@ -310,12 +313,14 @@ impl FlakyHop {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(PASS));
-        let m = mode.clone();
+        let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (m, l) = (mode.clone(), live.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 match m.load(Ordering::SeqCst) {
                     PASS => {
                         let Ok(up) = std::net::TcpStream::connect(("127.0.0.1", upstream)) else { continue };
+                        l.lock().unwrap().push(conn.try_clone().unwrap());
                         let (mut a, b) = (conn.try_clone().unwrap(), up.try_clone().unwrap());
                         std::thread::spawn(move || {
                             let _ = std::io::copy(&mut a, &mut &b);
@@ -340,18 +345,26 @@ impl FlakyHop {
                 }
             }
         });
-        FlakyHop { port, mode }
+        FlakyHop { port, mode, live }
     }
 
     fn set(&self, mode: u8) {
         self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+        if mode != PASS {
+            for c in self.live.lock().unwrap().drain(..) {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 }
 
 /// Fault injection: 1,000 messages through Postfix's content filter while
 /// the next hop refuses, then hangs, then comes back. Postfix hears a 4xx
 /// for each message that could not be relayed, keeps it queued, and every
-/// message is delivered exactly once in the end.
+/// message is delivered exactly once in the end. The hop changes only while
+/// no message is in flight (Postfix's active queue empty): cutting a relay
+/// between the hop's 250 and our reading it would be SMTP's own duplicate
+/// window (RFC 1047), not a defect.
 #[test]
 fn a_flapping_next_hop_during_a_thousand_messages_loses_and_duplicates_none() {
     let (port, reinject) = (free_port(), free_port());
@@ -363,29 +376,34 @@ fn a_flapping_next_hop_during_a_thousand_messages_loses_and_duplicates_none() {
         + &format!("\n[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n");
     let daemon = start_filter(&config, port);
     let started = Instant::now();
-    let sender = std::thread::spawn({
-        let smtp = pf.smtp_port;
-        move || {
-            let mut sent = 0;
-            for batch in 0..10 {
-                let mails: Vec<_> =
-                    (0..100).map(|i| mail(&format!("Message {batch}-{i}"), "", "flapping hop")).collect();
-                let codes = send(smtp, &mails).unwrap();
-                assert!(codes.iter().all(|&c| c == 250), "{codes:?}");
-                sent += mails.len();
-            }
-            sent
+    let idle = || {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while pf.queue_count("active") + pf.queue_count("incoming") > 0 {
+            assert!(Instant::now() < deadline, "Postfix never went idle:\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(200));
         }
-    });
-    for (mode, secs) in [(PASS, 2), (REFUSE, 3), (PASS, 2), (HANG, 5), (PASS, 0)] {
+    };
+    let mut batch = 0;
+    let mut send_batches = |n: usize| {
+        for _ in 0..n {
+            let mails: Vec<_> = (0..100).map(|i| mail(&format!("Message {batch}-{i}"), "", "flapping hop")).collect();
+            let codes = send(pf.smtp_port, &mails).unwrap();
+            assert!(codes.iter().all(|&c| c == 250), "{codes:?}");
+            batch += 1;
+        }
+    };
+    // Pass, refuse (421), pass, hang (accept, say nothing: the relay times out), pass.
+    for (mode, batches) in [(PASS, 3), (REFUSE, 2), (PASS, 2), (HANG, 1), (PASS, 2)] {
+        idle();
         hop.set(mode);
-        std::thread::sleep(Duration::from_secs(secs));
+        send_batches(batches);
     }
-    assert_eq!(sender.join().unwrap(), 1000);
+    assert_eq!(batch, 10);
     // Deferred mail is retried at once rather than after Postfix's backoff.
     let deadline = Instant::now() + Duration::from_secs(300);
-    let ids =
-        || -> Vec<String> { pf.all_delivered().iter().flat_map(|(_, m)| header_values(m, "Message-ID")).collect() };
+    let ids = || -> Vec<String> {
+        pf.all_delivered().iter().flat_map(|(_, m)| header_values(m, "Message-ID")).collect()
+    };
     while ids().len() < 1000 {
         assert!(Instant::now() < deadline, "{} of 1000 delivered:\n{}", ids().len(), daemon.log());
         pf.flush();
@@ -402,6 +420,6 @@ fn a_flapping_next_hop_during_a_thousand_messages_loses_and_duplicates_none() {
         "1000 messages delivered once each in {:.1?}; Postfix deferred {deferred} deliveries to the filter; {relay:?}",
         started.elapsed()
     );
-    assert!(deferred > 0, "the hop never failed a delivery:\n{}", pf.log());
+    assert!(deferred >= 300, "the refused and hung batches were not all deferred ({deferred}):\n{}", pf.log());
     assert!(relay.iter().any(|l| l.contains("hop_error")), "{relay:?}");
 }
