@@ -401,9 +401,8 @@ fn a_flapping_next_hop_during_a_thousand_messages_loses_and_duplicates_none() {
     assert_eq!(batch, 10);
     // Deferred mail is retried at once rather than after Postfix's backoff.
     let deadline = Instant::now() + Duration::from_secs(300);
-    let ids = || -> Vec<String> {
-        pf.all_delivered().iter().flat_map(|(_, m)| header_values(m, "Message-ID")).collect()
-    };
+    let ids =
+        || -> Vec<String> { pf.all_delivered().iter().flat_map(|(_, m)| header_values(m, "Message-ID")).collect() };
     while ids().len() < 1000 {
         assert!(Instant::now() < deadline, "{} of 1000 delivered:\n{}", ids().len(), daemon.log());
         pf.flush();
