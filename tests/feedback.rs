@@ -335,6 +335,16 @@ fn correction(t: &Ticket, label: &str, created_at: i64) -> Correction {
     }
 }
 
+/// A work directory the PostgreSQL server's user can read (0755), holding
+/// initial.jsonl and dev.jsonl.
+fn shared_workdir(prefix: &str, initial: &[Ticket], dev: &[Ticket]) -> tempfile::TempDir {
+    let work = tempfile::Builder::new().prefix(prefix).tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(work.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    write_jsonl(&work.path().join("initial.jsonl"), initial);
+    write_jsonl(&work.path().join("dev.jsonl"), dev);
+    work
+}
+
 /// The daemon's config in `w`: the tickets' departments, the initial head,
 /// metrics, an audit trail in `w/audit/`, and `[feedback]` with the feedback
 /// address plus `feedback` (store, heads, data, retraining, token).
@@ -532,11 +542,8 @@ impl Drop for Postgres {
 fn postgresql_store_gives_the_same_retraining_as_sqlite() {
     support::require("postfix", "postfix"); // root, as the server switches users
     let (initial, rest, all, dev) = splits();
-    let work = tempfile::Builder::new().prefix("mt-pgsq.").tempdir_in("/tmp").unwrap();
+    let work = shared_workdir("mt-pgsq.", &initial, &dev);
     let w = work.path();
-    std::fs::set_permissions(w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    write_jsonl(&w.join("initial.jsonl"), &initial);
-    write_jsonl(&w.join("dev.jsonl"), &dev);
     let pg = Postgres::start();
     let sqlite_url = format!("sqlite://{}/feedback.db", w.display());
     let sqlite_cfg = offline_config(w, &all, &sqlite_url, &w.join("heads-sqlite"));
@@ -735,11 +742,8 @@ fn audit_lines_with(dir: &Path, hash: &str) -> usize {
 fn postgresql_going_away_loses_no_correction_and_forget_erases_every_trace() {
     support::require("postfix", "postfix");
     let (initial, _rest, all, dev) = splits();
-    let work = tempfile::Builder::new().prefix("mt-pgfault.").tempdir_in("/tmp").unwrap();
+    let work = shared_workdir("mt-pgfault.", &initial, &dev);
     let w = work.path();
-    std::fs::set_permissions(w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    write_jsonl(&w.join("initial.jsonl"), &initial);
-    write_jsonl(&w.join("dev.jsonl"), &dev);
     let pg = Postgres::start();
     let metrics_port = support::free_port();
     let token = "0123456789abcdef-token";
