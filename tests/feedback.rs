@@ -11,9 +11,10 @@ mod support;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailtriage::learn::feedback::store::Store;
+use mailtriage::learn::feedback::store::{RecentRow, Store};
 use mailtriage::learn::feedback::{Channel, Correction};
 use mailtriage::model::lexical::TermCounts;
 use serde_json::Value;
@@ -470,8 +471,101 @@ fn as_postgres(args: &[&str]) {
     );
 }
 
+/// What [`Postgres::start_tls`] made: the CA that signed the server's
+/// certificate (for `localhost` only), a second CA that signed nothing of
+/// it, and the password file of the `postgres` role.
+struct Tls {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    other_ca: PathBuf,
+    password_file: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl (Debian package openssl)");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 impl Postgres {
     fn start() -> Postgres {
+        Self::start_with(None)
+    }
+
+    /// A server that speaks TLS only (pg_hba rejects plain TCP), with
+    /// SCRAM passwords; its certificate names `localhost`, not 127.0.0.1.
+    fn start_tls() -> (Postgres, Tls) {
+        let certs = tempfile::Builder::new().prefix("mt-pgtls.").tempdir_in("/tmp").unwrap();
+        let c = certs.path();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        for ca in ["ca", "other-ca"] {
+            let (key, pem, subj) = (format!("{ca}.key"), format!("{ca}.pem"), format!("/CN=mailtriage test {ca}"));
+            openssl(
+                c,
+                &[&["req", "-x509"][..], &ec, &["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]].concat(),
+            );
+        }
+        openssl(
+            c,
+            &[&["req"][..], &ec, &["-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]].concat(),
+        );
+        std::fs::write(c.join("san.ext"), "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n").unwrap();
+        openssl(
+            c,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        );
+        let (ca, other_ca, password_file) = (c.join("ca.pem"), c.join("other-ca.pem"), c.join("pgpass"));
+        std::fs::write(&password_file, "s3cret-for-the-cluster\n").unwrap();
+        let pg = Self::start_with(Some(&|data: &Path| {
+            for f in ["server.crt", "server.key"] {
+                std::fs::copy(c.join(f), data.join(f)).unwrap();
+            }
+            let conf = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
+            std::fs::write(
+                data.join("postgresql.conf"),
+                format!("{conf}\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\npassword_encryption = 'scram-sha-256'\n"),
+            )
+            .unwrap();
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\nhostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .unwrap();
+        }));
+        let socket = pg.dir.path().display().to_string();
+        let port = pg.port.to_string();
+        as_postgres(&[
+            pg.bin.join("psql").to_str().unwrap(),
+            "-h",
+            &socket,
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-c",
+            "ALTER ROLE postgres PASSWORD 's3cret-for-the-cluster'",
+        ]);
+        (pg, Tls { _dir: certs, ca, other_ca, password_file })
+    }
+
+    /// initdb, then `setup(data_dir)` (as root, before the files go to the
+    /// server's user), then start.
+    fn start_with(setup: Option<&dyn Fn(&Path)>) -> Postgres {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|rd| rd.flatten().map(|e| e.path().join("bin")).find(|b| b.join("initdb").exists()))
@@ -488,6 +582,15 @@ impl Postgres {
             "postgres",
             "--auth=trust",
         ]);
+        if let Some(setup) = setup {
+            setup(&data);
+            let chown = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&data).status().unwrap();
+            assert!(chown.success());
+            let key = data.join("server.key");
+            if key.exists() {
+                std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            }
+        }
         let pg = Postgres { dir, bin, port: support::free_port() };
         pg.up();
         pg
@@ -842,4 +945,290 @@ http_token_file = "{w}/token""#,
     let out = mailtriage(&config_path, &["forget", "--message-id", format!("<piped@{DOMAIN}>").as_str()]);
     assert!(out.contains("1 correction(s) deleted") && out.contains("no daemon listens"), "{out}");
     assert!(store.load(0).unwrap().is_empty());
+}
+
+/// The store's rows as the test reads them (psql over the server's socket).
+fn psql(pg: &Postgres, sql: &str) -> String {
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pg.bin.join("psql"))
+        .args(["-h", &pg.dir.path().display().to_string(), "-p", &pg.port.to_string(), "-U", "postgres"])
+        .args(["-XAtq", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A fake PostgreSQL server without TLS: it answers the client's SSLRequest with `N`.
+fn plain_only_server() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut s = s;
+            let mut request = [0u8; 8];
+            if s.read_exact(&mut request).is_ok() {
+                let _ = s.write_all(b"N");
+                let _ = s.read(&mut [0u8; 512]);
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn three_instances_share_one_postgresql_over_tls_one_retrains_all_follow_and_a_killed_leader_is_replaced() {
+    support::require("postfix", "postfix");
+    let (initial, rest, all, dev) = splits();
+    let work = shared_workdir("mt-cluster.", &initial, &dev);
+    let w = work.path();
+    let (pg, tls) = Postgres::start_tls();
+    let url = |host: &str, mode: &str, ca: &Path| {
+        format!("postgres://postgres@{host}:{}/postgres?sslmode={mode}&sslrootcert={}", pg.port, ca.display())
+    };
+    let good = url("localhost", "verify-full", &tls.ca);
+    let token = "0123456789abcdef-token";
+    std::fs::write(w.join("token"), token).unwrap();
+    // One audit key for all: pseudonyms (and so lookups by Message-ID) must agree.
+    std::fs::write(w.join("audit.key"), [7u8; 32]).unwrap();
+    let batch = rest.len() / 4;
+    let config_of = |i: usize, metrics_port: u16, store: &str| {
+        daemon_config(
+            w,
+            &all,
+            metrics_port,
+            &format!(
+                r#"store = "{store}"
+store_password_file = "{pw}"
+heads_dir = "{w}/heads-{i}"
+training_data = "{w}/initial.jsonl"
+dev_data = "{w}/dev.jsonl"
+retrain_after = {batch}
+retrain_every = "1h"
+http_token_file = "{w}/token""#,
+                w = w.display(),
+                pw = tls.password_file.display(),
+            ),
+        )
+        .replace("/audit/audit.jsonl", &format!("/audit-{i}/audit.jsonl"))
+    };
+    let check = |config: &str| {
+        let path = w.join("check.toml");
+        std::fs::write(&path, config).unwrap();
+        mailtriage_status(&path, &["check-config"], "")
+    };
+
+    let config_path = w.join("mailtriage.toml");
+    std::fs::write(&config_path, config_of(0, support::free_port(), &good)).unwrap();
+    train(&config_path, &w.join("initial.jsonl"), &w.join("initial.safetensors"));
+
+    // TLS as configured: verified for the name the certificate carries, and nothing less.
+    let (code, out) = check(&config_of(9, support::free_port(), &good));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("PostgreSQL") && out.contains("certificate verified for `localhost`"), "{out}");
+    assert!(out.contains("TLSv1.3") || out.contains("TLSv1.2"), "{out}");
+    for (store, why) in [
+        (url("127.0.0.1", "verify-full", &tls.ca), "invalid peer certificate"),
+        (url("localhost", "verify-full", &tls.other_ca), "UnknownIssuer"),
+        (format!("postgres://postgres@localhost:{}/postgres?sslmode=disable", pg.port), "no encryption"),
+        (
+            url("localhost", "verify-full", &tls.ca).replace(&pg.port.to_string(), &plain_only_server().to_string()),
+            "TLS",
+        ),
+    ] {
+        let (code, out) = check(&config_of(9, support::free_port(), &store));
+        assert_ne!(code, 0, "{store} was accepted: {out}");
+        assert!(out.contains(why), "{store}: {out}");
+    }
+    // verify-ca checks the chain only: the IP address is acceptable there.
+    let (code, out) = check(&config_of(9, support::free_port(), &url("127.0.0.1", "verify-ca", &tls.ca)));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("name not checked"), "{out}");
+
+    struct Instance {
+        daemon: Option<Daemon>,
+        postfix: Postfix,
+        metrics: u16,
+        config: PathBuf,
+    }
+    let mut cluster: Vec<Instance> = (0..3)
+        .map(|i| {
+            let metrics = support::free_port();
+            let config = config_of(i, metrics, &good);
+            let config_path = w.join(format!("instance-{i}.toml"));
+            std::fs::write(&config_path, &config).unwrap();
+            let daemon = Daemon::start(&config, false);
+            let postfix = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &["in_flow_delay = 0s"]);
+            Instance { daemon: Some(daemon), postfix, metrics, config: config_path }
+        })
+        .collect();
+    let logs = |cluster: &[Instance]| -> String {
+        cluster.iter().filter_map(|c| c.daemon.as_ref()).map(|d| tail(&d.log())).collect::<Vec<_>>().join("\n----\n")
+    };
+    let leader_of = |cluster: &[Instance]| -> Vec<usize> {
+        (0..cluster.len())
+            .filter(|&i| cluster[i].daemon.as_ref().is_some_and(|d| d.log().contains("retraining leader")))
+            .collect()
+    };
+    wait_until(
+        "a leader and two followers",
+        Duration::from_secs(30),
+        || {
+            leader_of(&cluster).len() == 1
+                && cluster.iter().filter(|c| c.daemon.as_ref().unwrap().log().contains("retraining follower")).count()
+                    == 2
+        },
+        || logs(&cluster),
+    );
+
+    // Decided by A, corrected by Message-ID through B's HTTP endpoint and C's CLI.
+    let ordinary = |n: usize| Mail {
+        from: "customer@client.example",
+        rcpts: vec![format!("user@{DOMAIN}")],
+        data: format!(
+            "From: c@client.example\nTo: user@{DOMAIN}\nSubject: {}\nMessage-ID: <cl-{n}@client.example>\n\n{}\n",
+            dev[n].subject(),
+            dev[n].body()
+        ),
+    };
+    assert_eq!(support::send(cluster[0].postfix.smtp_port, &[ordinary(0), ordinary(1)]).unwrap(), [250, 250]);
+    cluster[0].postfix.wait_delivered(2, Duration::from_secs(30));
+    let label = slug(dev[0].queue());
+    let by_id = format!(r#"{{"message_id":"<cl-0@client.example>","department":"{label}"}}"#);
+    let answer = std::cell::RefCell::new(String::new());
+    wait_until(
+        "B to find A's decision",
+        Duration::from_secs(10),
+        || {
+            *answer.borrow_mut() = post(cluster[1].metrics, token, "/feedback", &by_id);
+            answer.borrow().starts_with("HTTP/1.1 200")
+        },
+        || answer.borrow().clone(),
+    );
+    let out = mailtriage(
+        &cluster[2].config,
+        &["feedback", "--message-id", "<cl-1@client.example>", "--department", &slug(dev[1].queue())],
+    );
+    assert!(out.contains("recorded"), "{out}");
+    assert_eq!(psql(&pg, "SELECT string_agg(channel, ',' ORDER BY id) FROM mailtriage_corrections"), "http,cli");
+
+    // A batch of corrections: exactly one instance retrains, all serve the promotion.
+    let store = Arc::new(Store::open_with(&good, Some(&tls.password_file)).unwrap());
+    for t in &rest[..batch] {
+        store.insert(&correction(t, t.queue(), mailtriage::learn::feedback::now())).unwrap();
+    }
+    wait_until(
+        "the first retraining",
+        Duration::from_secs(300),
+        || psql(&pg, "SELECT COUNT(*) FROM mailtriage_retrain_history") == "1",
+        || logs(&cluster),
+    );
+    let promoted_at = Instant::now();
+    assert_eq!(psql(&pg, "SELECT promoted_number FROM mailtriage_retrain_history"), "1", "{}", logs(&cluster));
+    let retrained: Vec<usize> =
+        (0..3).filter(|&i| cluster[i].daemon.as_ref().unwrap().log().contains("retraining started")).collect();
+    assert_eq!(retrained, leader_of(&cluster), "only the leader retrains");
+    let serving = |c: &Instance, v: u32| {
+        support::http_get(c.metrics, "/metrics")
+            .contains(&format!("mailtriage_head_version{{head=\"department\"}} {v}"))
+    };
+    wait_until(
+        "all three to serve v1",
+        Duration::from_secs(20),
+        || cluster.iter().all(|c| serving(c, 1)),
+        || logs(&cluster),
+    );
+    eprintln!("promotion to all three serving it: {:.1} s", promoted_at.elapsed().as_secs_f64());
+    for (i, c) in cluster.iter().enumerate() {
+        assert_eq!(support::send(c.postfix.smtp_port, &[ordinary(2 + i)]).unwrap(), [250]);
+        let delivered = c.postfix.wait_delivered(if i == 0 { 3 } else { 1 }, Duration::from_secs(30));
+        let last = delivered.iter().find(|(_, m)| m.contains(&format!("<cl-{}@client.example>", 2 + i))).unwrap();
+        assert_eq!(support::header_values(&last.1, "X-Triage-Model-Version"), ["department=v1 priority=none"]);
+    }
+
+    // The leader is killed mid-retraining: another takes over, loses no correction, promotes at most once.
+    let first = leader_of(&cluster)[0];
+    for t in &rest[batch..2 * batch] {
+        store.insert(&correction(t, t.queue(), mailtriage::learn::feedback::now())).unwrap();
+    }
+    let newest = store.max_id().unwrap();
+    wait_until(
+        "the leader to start retraining",
+        Duration::from_secs(60),
+        || cluster[first].daemon.as_ref().unwrap().log().matches("retraining started").count() >= 2,
+        || logs(&cluster),
+    );
+    cluster[first].daemon.as_mut().unwrap().kill();
+    let killed_log = cluster[first].daemon.take().unwrap().log();
+    wait_until("a new leader", Duration::from_secs(30), || !leader_of(&cluster).is_empty(), || logs(&cluster));
+    wait_until(
+        "the retraining of the second batch",
+        Duration::from_secs(300),
+        || psql(&pg, &format!("SELECT COUNT(*) FROM mailtriage_retrain_history WHERE through_id >= {newest}")) == "1",
+        || format!("{}\nkilled leader:\n{}", logs(&cluster), tail(&killed_log)),
+    );
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        psql(&pg, &format!("SELECT COUNT(*) FROM mailtriage_retrain_history WHERE through_id >= {newest}")),
+        "1"
+    );
+    assert_eq!(psql(&pg, "SELECT COUNT(*) FROM mailtriage_corrections"), (2 * batch + 2).to_string());
+    let versions: u32 = psql(&pg, "SELECT COUNT(*) FROM mailtriage_heads").parse().unwrap();
+    assert!(versions == 1 || versions == 2, "{versions} versions");
+
+    // A version promoted from anywhere reaches the survivors; `heads rollback` on C brings back v1 everywhere.
+    let survivors: Vec<usize> = (0..3).filter(|&i| cluster[i].daemon.is_some()).collect();
+    let mut head = mailtriage::model::head::Head::load(&w.join("initial.safetensors")).unwrap();
+    let registry = mailtriage::learn::feedback::heads::Registry::with_store(w.join("heads-test"), store.clone());
+    let v = registry.promote(mailtriage::learn::feedback::heads::Role::Department, &mut head).unwrap();
+    let n: u32 = v.trim_start_matches('v').parse().unwrap();
+    assert_eq!(n, versions + 1);
+    wait_until(
+        "the survivors to serve the new version",
+        Duration::from_secs(20),
+        || survivors.iter().all(|&i| serving(&cluster[i], n)),
+        || logs(&cluster),
+    );
+    let rolled = Instant::now();
+    let out = mailtriage(&cluster[2].config, &["heads", "rollback", "v1", "--head", "department"]);
+    assert!(out.contains("every instance sharing the store"), "{out}");
+    wait_until(
+        "the survivors to serve v1 again",
+        Duration::from_secs(20),
+        || survivors.iter().all(|&i| serving(&cluster[i], 1)),
+        || logs(&cluster),
+    );
+    eprintln!("rollback to all survivors serving it: {:.1} s", rolled.elapsed().as_secs_f64());
+
+    // The daemons shared what they decided; the store's size per 10,000
+    // decisions (lexical features of real tickets; with a 384-float embedding).
+    assert!(store.recent_size().unwrap().0 >= 5);
+    for dim in [0usize, 384] {
+        psql(&pg, "TRUNCATE mailtriage_recent");
+        let rows: Vec<RecentRow> = (0..10_000)
+            .map(|i| {
+                let t = &all[i % all.len()];
+                RecentRow {
+                    hash: format!("{i:032x}"),
+                    decided_at: mailtriage::learn::feedback::now(),
+                    language: "en".into(),
+                    terms: TermCounts::of(&format!("{}\n{}", t.subject(), t.body()), 18).to_bytes(),
+                    encoder: (dim > 0).then(|| "sentence-transformers/all-MiniLM-L6-v2".into()),
+                    embedding: (dim > 0).then(|| (0..dim).flat_map(|k| ((k * i) as f32).sin().to_le_bytes()).collect()),
+                }
+            })
+            .collect();
+        for chunk in rows.chunks(500) {
+            store.put_recent(chunk).unwrap();
+        }
+        psql(&pg, "VACUUM ANALYZE mailtriage_recent");
+        let (n, bytes) = store.recent_size().unwrap();
+        assert_eq!(n, 10_000);
+        eprintln!(
+            "shared recent decisions, embedding dim {dim}: {n} rows, {:.1} MB (table + TOAST + indexes)",
+            bytes as f64 / 1e6
+        );
+    }
 }

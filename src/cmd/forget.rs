@@ -51,7 +51,7 @@ pub fn forget(cfg: &Config, args: &ForgetArgs) -> Result<ExitCode> {
         },
         None => Pseudonyms::unkeyed(),
     };
-    let store = cfg.feedback.as_ref().map(|f| Store::open_later(&f.store)).transpose()?;
+    let store = cfg.feedback.as_ref().map(|f| Store::for_config(f, true)).transpose()?;
     let places = Places {
         pseudonyms: &pseudonyms,
         store: store.as_ref(),

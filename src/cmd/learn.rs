@@ -13,6 +13,7 @@ use mailtriage::learn::feedback::heads;
 use mailtriage::learn::feedback::heads::{Registry, Role};
 use mailtriage::learn::feedback::intake::Requested;
 use mailtriage::learn::feedback::layer::FeedbackLink;
+use mailtriage::learn::feedback::leader::{self, Leadership};
 use mailtriage::learn::feedback::recent::RecentDecisions;
 use mailtriage::learn::feedback::retrain::{self, RetrainOutcome};
 use mailtriage::learn::feedback::store::Store;
@@ -31,7 +32,7 @@ fn role(h: HeadArg) -> Role {
 
 fn open_store(cfg: &Config) -> Result<Store> {
     let fb = cfg.feedback.as_ref().context("no [feedback] section in the configuration")?;
-    Ok(Store::open(&fb.store)?)
+    Ok(Store::for_config(fb, false)?)
 }
 
 /// `mailtriage feedback`: a message from a person (stdin or a file), or a
@@ -58,7 +59,8 @@ pub fn feedback(cfg: &Config, args: &FeedbackArgs) -> Result<ExitCode> {
     // A PostgreSQL store that is down answers EX_TEMPFAIL below, not a failure here.
     let fb = cfg.feedback.as_ref().context("no [feedback] section in the configuration")?;
     let link =
-        FeedbackLink { store: Arc::new(Store::open_later(&fb.store)?), recent: Arc::new(RecentDecisions::new(0)) };
+        FeedbackLink { store: Arc::new(Store::for_config(fb, true)?), recent: Arc::new(RecentDecisions::new(0)) };
+    heads::refresh(cfg);
     let triage = daemon::build(cfg, Some(link)).context("loading rules and model")?;
     let (features, message_id) = triage.features_of(&raw)?;
     let actor = format!("user:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
@@ -142,9 +144,22 @@ fn print_outcome(o: &RetrainOutcome, json: bool) {
     );
 }
 
-/// `mailtriage retrain`.
+/// `mailtriage retrain`. With a PostgreSQL store it takes the retraining
+/// lock first, so it never runs beside a daemon that leads.
 pub fn retrain(cfg: &Config, head: Option<HeadArg>, json: bool) -> Result<ExitCode> {
-    let store = open_store(cfg)?;
+    let store = Arc::new(open_store(cfg)?);
+    let fb = cfg.feedback.as_ref().context("no [feedback] section in the configuration")?;
+    Registry::with_store(&fb.heads_dir, store.clone()).sync()?;
+    let mut leadership = store.second_connection().map(Leadership::new);
+    let fence = match leadership.as_mut().map(|l| l.ensure()).transpose()? {
+        None => None,
+        Some(leader::Role::Leading { fence, .. }) => Some(fence),
+        Some(leader::Role::Following(who)) => bail!(
+            "{} holds the retraining lock: it retrains with these corrections on its own schedule \
+             (stop it, or wait for it to finish, to retrain by hand)",
+            who.unwrap_or_else(|| "another instance".into())
+        ),
+    };
     let triage = Triage::new(&heads::current(cfg)).context("loading rules and model")?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let roles = roles(cfg, head);
@@ -152,7 +167,7 @@ pub fn retrain(cfg: &Config, head: Option<HeadArg>, json: bool) -> Result<ExitCo
         bail!("no trained head to retrain: set [model] department_head (train one with `mailtriage train`)");
     }
     for r in roles {
-        let o = retrain::retrain(cfg, &store, r, triage.encoder().as_deref(), threads)?;
+        let o = retrain::retrain(cfg, &store, r, triage.encoder().as_deref(), threads, fence)?;
         print_outcome(&o, json);
     }
     Ok(ExitCode::SUCCESS)
@@ -161,7 +176,7 @@ pub fn retrain(cfg: &Config, head: Option<HeadArg>, json: bool) -> Result<ExitCo
 /// `mailtriage heads list|rollback`.
 pub fn heads(cfg: &Config, cmd: &HeadsCommand) -> Result<ExitCode> {
     let fb = cfg.feedback.as_ref().context("no [feedback] section (heads_dir) in the configuration")?;
-    let registry = Registry::new(&fb.heads_dir);
+    let registry = Registry::with_store(&fb.heads_dir, Arc::new(open_store(cfg)?));
     match cmd {
         HeadsCommand::List { json } => {
             for r in Role::ALL {
@@ -196,10 +211,11 @@ pub fn heads(cfg: &Config, cmd: &HeadsCommand) -> Result<ExitCode> {
         HeadsCommand::Rollback { version, head } => {
             let path = registry.rollback(role(*head), version)?;
             println!(
-                "{} head is now {} ({}); a running daemon swaps it in within seconds",
+                "{} head is now {} ({}); running daemons swap it in within seconds{}",
                 role(*head).as_str(),
                 version,
-                path.display()
+                path.display(),
+                if registry.is_shared() { " (every instance sharing the store)" } else { "" }
             );
         }
     }

@@ -294,6 +294,7 @@ pub fn classify(
     client: &Client,
     files: &[PathBuf],
 ) -> Result<ExitCode> {
+    heads::refresh(cfg);
     let triage = Triage::new(&heads::current(cfg))?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -360,6 +361,7 @@ fn decide_json(
 
 /// What the daemon would do with each message of a Maildir tree.
 pub fn replay(cfg: &Config, dir: &Path) -> Result<ExitCode> {
+    heads::refresh(cfg);
     let triage = Triage::new(&heads::current(cfg))?;
     let records = dataset::read_maildir(dir, ExtractLimits::from(&cfg.limits))?;
     let stdout = std::io::stdout();

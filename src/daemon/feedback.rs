@@ -16,9 +16,10 @@ use super::Running;
 use crate::learn::feedback::heads::{self, Registry, Role};
 use crate::learn::feedback::intake::Requested;
 use crate::learn::feedback::layer::FeedbackLink;
-use crate::learn::feedback::recent::RecentDecisions;
+use crate::learn::feedback::leader::{self, Leadership};
+use crate::learn::feedback::recent::{Bounds, RecentDecisions, SharedWindow};
 use crate::learn::feedback::retrain;
-use crate::learn::feedback::store::Store;
+use crate::learn::feedback::store::{instance_name, Store};
 use crate::learn::feedback::{Channel, FeedbackError};
 use crate::record::metrics::name;
 use crate::settings::Config;
@@ -49,12 +50,23 @@ pub fn http_token(cfg: &Config) -> Result<Option<String>, TokenError> {
 /// file) turns the feedback channels off until a restart, and that is logged.
 pub fn open_link(cfg: &Config) -> Option<FeedbackLink> {
     let fb = cfg.feedback.as_ref()?;
-    match Store::open_later(&fb.store) {
+    match Store::for_config(fb, true) {
         Ok(store) => {
+            let store = Arc::new(store);
             // Only a correction over HTTP (or the CLI, through it) reads the recent
             // decisions: without the token the daemon keeps none.
             let recent_bytes = if fb.http_token_file.is_some() { fb.recent_bytes } else { 0 };
-            Some(FeedbackLink { store: Arc::new(store), recent: Arc::new(RecentDecisions::new(recent_bytes)) })
+            let shared = store.second_connection().filter(|_| fb.http_token_file.is_some()).and_then(|writer| {
+                let bounds = Bounds { max_age: fb.recent_max_age, max_rows: fb.recent_max_rows };
+                SharedWindow::start(store.clone(), writer, bounds)
+                    .map_err(|e| tracing::error!(error = %e, "cannot start the recent-decisions writer"))
+                    .ok()
+            });
+            let recent = match shared {
+                Some(s) => RecentDecisions::shared(recent_bytes, s),
+                None => RecentDecisions::new(recent_bytes),
+            };
+            Some(FeedbackLink { store, recent: Arc::new(recent) })
         }
         Err(e) => {
             tracing::error!(error = %e, "feedback store unavailable; corrections are not recorded until a restart");
@@ -90,15 +102,68 @@ pub fn endpoint(shared: Running) -> Handler {
 /// Retrains in the background: when `retrain_after` corrections arrived or
 /// `retrain_every` passed with new ones. A promotion asks for a reload.
 /// Runs on its own thread with one embedding thread, beside mail.
+///
+/// With a PostgreSQL store, only the instance holding the retraining lock
+/// runs (see [`leader`]); the others log that they follow, and take over
+/// when the leader's session ends. The cursor of what was trained is the
+/// store's history, so a successor starts where the last recorded run did.
 pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared: Running, reload: Arc<Notify>) {
     let Some(fb) = cfg.feedback.clone().filter(|f| f.retrain) else { return };
     let store = link.store.clone();
+    let mut leadership = store.second_connection().map(Leadership::new);
     let spawned = std::thread::Builder::new().name("retrain".into()).spawn(move || {
-        let mut last_id = store.max_id().unwrap_or(0);
+        let registry = Registry::with_store(&fb.heads_dir, store.clone());
+        let mut cursor: Option<i64> = None;
         let mut last_run = Instant::now();
+        let mut failed_at: Option<Instant> = None;
+        let mut said: Option<String> = None;
+        let mut say = |what: String, log: &dyn Fn(&str)| {
+            if said.as_deref() != Some(what.as_str()) {
+                log(&what);
+                said = Some(what);
+            }
+        };
         let check = fb.retrain_every.min(Duration::from_secs(5));
         loop {
             std::thread::sleep(check);
+            let fence = match leadership.as_mut().map(|l| l.ensure()) {
+                None => None,
+                Some(Ok(leader::Role::Leading { fence, newly })) => {
+                    if newly {
+                        cursor = None;
+                        say("leading".into(), &|_| {
+                            tracing::info!(instance = %instance_name(), "retraining leader: this instance retrains for all sharing the store")
+                        });
+                    }
+                    Some(fence)
+                }
+                Some(Ok(leader::Role::Following(who))) => {
+                    let who = who.unwrap_or_else(|| "another instance".into());
+                    say(format!("following {who}"), &|_| {
+                        tracing::info!(leader = %who, "retraining follower: another instance retrains; this one follows its promotions")
+                    });
+                    continue;
+                }
+                Some(Err(e)) => {
+                    say(format!("no lock: {e}"), &|_| tracing::warn!(error = %e, "retraining paused: the store does not answer"));
+                    continue;
+                }
+            };
+            if failed_at.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+                continue;
+            }
+            let last_id = match cursor {
+                Some(c) => c,
+                None => match registry.trained_through() {
+                    Ok(Some(c)) => *cursor.insert(c),
+                    // Files: what is new is what arrives from now on.
+                    Ok(None) => *cursor.insert(store.max_id().unwrap_or(0)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "feedback store: cannot read the retraining history");
+                        continue;
+                    }
+                },
+            };
             let new = match store.count_after(last_id) {
                 Ok(n) => n,
                 Err(e) => {
@@ -109,7 +174,8 @@ pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared:
             if new == 0 || (new < fb.retrain_after && last_run.elapsed() < fb.retrain_every) {
                 continue;
             }
-            last_id = store.max_id().unwrap_or(last_id);
+            // Files: the cursor moves now. PostgreSQL: it is re-read from the history the run records.
+            cursor = if registry.is_shared() { None } else { Some(store.max_id().unwrap_or(last_id)) };
             last_run = Instant::now();
             // The configuration as it is now (reloads may have changed it).
             let cfg = match Config::load(&path) {
@@ -119,10 +185,16 @@ pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared:
                     continue;
                 }
             };
+            if let Err(e) = registry.sync() {
+                tracing::warn!(error = %e, "retraining skipped: the head versions could not be read");
+                continue;
+            }
             let encoder = shared.current().triage().encoder();
+            failed_at = None;
             for role in Role::ALL.into_iter().filter(|&r| heads::in_use(&cfg, r).is_some()) {
                 let started = Instant::now();
-                match retrain::retrain(&cfg, &store, role, encoder.as_deref(), 1) {
+                tracing::info!(head = role.as_str(), new_corrections = new, "retraining started");
+                match retrain::retrain(&cfg, &store, role, encoder.as_deref(), 1, fence) {
                     Ok(o) => {
                         let result = if o.promoted { "promoted" } else { "refused" };
                         metrics::counter!(name::RETRAIN, "head" => role.as_str(), "result" => result).increment(1);
@@ -140,6 +212,7 @@ pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared:
                         }
                     }
                     Err(e) => {
+                        failed_at = Some(Instant::now());
                         metrics::counter!(name::RETRAIN, "head" => role.as_str(), "result" => "failed").increment(1);
                         tracing::error!(head = role.as_str(), error = %e, "retraining failed");
                     }
@@ -149,6 +222,49 @@ pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared:
     });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the retraining thread");
+    }
+}
+
+/// PostgreSQL: listens for promotions and rollbacks (`NOTIFY
+/// mailtriage_heads`) on a connection of its own and copies them into this
+/// host's cache ([`Registry::sync`]), which [`watch_heads`] then reloads
+/// from. It also syncs every 30 s, so a notification missed while the
+/// connection was down is caught up.
+pub fn spawn_head_listener(heads_dir: PathBuf, link: &FeedbackLink) {
+    let Some(listen) = link.store.second_connection() else { return };
+    let listen = Arc::new(listen);
+    let registry = Registry::with_store(heads_dir, listen.clone());
+    let spawned = std::thread::Builder::new().name("heads-listen".into()).spawn(move || {
+        let mut failing = false;
+        loop {
+            match registry.sync() {
+                Ok(moved) => {
+                    if moved {
+                        tracing::info!("new head version from the store; swapping it in");
+                    }
+                    failing = false;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "head versions not synced from the store (retrying)");
+                    }
+                    failing = true;
+                }
+            }
+            let waited = listen.with_pg(|c| {
+                c.batch_execute(&format!("LISTEN {}", heads::CHANNEL))?;
+                let mut n = c.notifications();
+                let got =
+                    postgres::fallible_iterator::FallibleIterator::next(&mut n.timeout_iter(Duration::from_secs(30)))?;
+                Ok(got.is_some())
+            });
+            if waited.is_err() {
+                std::thread::sleep(Duration::from_secs(5));
+            }
+        }
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the head-version listener");
     }
 }
 

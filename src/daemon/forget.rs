@@ -3,7 +3,8 @@
 //!
 //! What a message leaves behind, and where it is erased:
 //! - corrections of it in the feedback store (by the Message-ID hash);
-//! - its features in the daemon's recent-decisions window (memory only);
+//! - its features in the daemon's recent-decisions window (memory, and the
+//!   shared table with a PostgreSQL store);
 //! - its audit lines, in the current file and every rotated one (by the
 //!   `message_id_hash` field; the file is rewritten, see
 //!   [`audit::erase`]).
@@ -101,7 +102,7 @@ pub fn erase(subject: &Subject, places: &Places<'_>) -> Result<Erased, ForgetErr
         Subject::MessageId(id) => {
             let hash = places.pseudonyms.message_id(id);
             erased.corrections = places.store.map(|s| s.forget_message(&hash)).transpose()?;
-            erased.recent_decision = places.recent.map(|r| r.remove(id));
+            erased.recent_decision = places.recent.map(|r| r.forget(id, &hash)).transpose()?;
             erased.audit = places.audit.map(|path| audit::erase(path, &hash)).transpose()?;
         }
         Subject::Sender(address) => {

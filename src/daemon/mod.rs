@@ -27,7 +27,7 @@ use tokio::sync::{watch, Notify};
 use crate::frontdoor::budget::ByteBudget;
 use crate::frontdoor::net::{Listener, ServerError};
 use crate::frontdoor::Live;
-use crate::learn::feedback::heads;
+use crate::learn::feedback::heads::{self, Registry};
 use crate::learn::feedback::layer::{FeedbackLayer, FeedbackLink};
 use crate::milter::session::SessionConfig;
 use crate::pipeline::{Triage, TriageError};
@@ -122,9 +122,11 @@ pub fn check(cfg: &Config) -> Result<String, Vec<String>> {
     if let Err(e) = FrontDoors::new(cfg) {
         problems.push(e.to_string());
     }
+    let mut store = None;
     if let Some(f) = &cfg.feedback {
-        if let Err(e) = crate::learn::feedback::store::Store::open(&f.store) {
-            problems.push(e.to_string());
+        match crate::learn::feedback::store::Store::for_config(f, false).and_then(|s| s.describe()) {
+            Ok(d) => store = Some(d),
+            Err(e) => problems.push(e.to_string()),
         }
     }
     if let Err(e) = feedback::http_token(cfg) {
@@ -132,12 +134,13 @@ pub fn check(cfg: &Config) -> Result<String, Vec<String>> {
     }
     match engine {
         Ok(t) if problems.is_empty() => Ok(format!(
-            "{} departments, {} rules, model {}, mode {:?}, {}",
+            "{} departments, {} rules, model {}, mode {:?}, {}{}",
             cfg.departments.len(),
             cfg.rules.len(),
             t.model_summary(),
             cfg.server.mode,
-            describe_front_doors(cfg)
+            describe_front_doors(cfg),
+            store.map(|s| format!("; feedback store: {s}")).unwrap_or_default()
         )),
         _ => Err(problems),
     }
@@ -187,6 +190,13 @@ pub fn run(cfg: Config, path: PathBuf) -> Result<(), DaemonError> {
     let prometheus = cfg.metrics.as_ref().map(|_| metrics::install()).transpose()?;
     // Build order: engine (with its feedback link) → front doors → endpoints.
     let link = feedback::open_link(&cfg);
+    // Shared heads: start on the version the store has in use (with the
+    // cache as it is if the store does not answer now; the listener catches up).
+    if let (Some(l), Some(fb)) = (&link, &cfg.feedback) {
+        if let Err(e) = Registry::with_store(&fb.heads_dir, l.store.clone()).sync() {
+            tracing::warn!(error = %e, "head versions not synced from the store at start; using the local cache");
+        }
+    }
     let engine = build(&cfg, link.clone())?;
     engine.triage().publish_head_versions();
     let token = feedback::http_token(&cfg)?;
@@ -245,6 +255,7 @@ pub fn run(cfg: Config, path: PathBuf) -> Result<(), DaemonError> {
         let reload_requested = Arc::new(Notify::new());
         if let (Some(l), Some(fb)) = (&link, &cfg.feedback) {
             feedback::spawn_retrainer(path.clone(), &cfg, l, shared.clone(), reload_requested.clone());
+            feedback::spawn_head_listener(fb.heads_dir.clone(), l);
             tokio::spawn(feedback::watch_heads(fb.heads_dir.clone(), reload_requested.clone()));
         }
         let reloader = reload::Reloader {

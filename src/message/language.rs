@@ -54,6 +54,11 @@ pub fn detect(text: &str) -> &'static str {
     }
 }
 
+/// The code a stored guess names, as [`detect`] returns it (`und` for any other).
+pub fn code(stored: &str) -> &'static str {
+    STOPWORDS.iter().map(|(c, _)| *c).find(|c| *c == stored).unwrap_or("und")
+}
+
 #[cfg(test)]
 mod tests {
     use super::detect;

@@ -154,6 +154,17 @@ impl Head {
     /// Writes the head atomically (temp file, then rename).
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
         let io = |e: std::io::Error| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() };
+        let data = self.to_bytes().map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e })?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let tmp = PathBuf::from(format!("{}.tmp", path.display()));
+        std::fs::write(&tmp, data).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// The head as a safetensors file's bytes (what [`Head::from_bytes`] reads).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
         let c = self.classes();
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let (we, wl, b, idf) = (bytes(&self.w_emb), bytes(&self.w_lex), bytes(&self.bias), bytes(&self.idf));
@@ -170,22 +181,12 @@ impl Head {
             views.push(("lexical_only.w_lex", TensorView::new(Dtype::F32, vec![self.idf.len(), c], &lw)));
             views.push(("lexical_only.bias", TensorView::new(Dtype::F32, vec![c], &lb)));
         }
-        let views: Vec<(&str, TensorView<'_>)> = views
-            .into_iter()
-            .map(|(n, v)| v.map(|v| (n, v)))
-            .collect::<Result<_, _>>()
-            .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
+        let views: Vec<(&str, TensorView<'_>)> =
+            views.into_iter().map(|(n, v)| v.map(|v| (n, v))).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
         let mut info = HashMap::new();
         info.insert("format".to_string(), FORMAT.to_string());
         info.insert("meta".to_string(), serde_json::to_string(&self.meta).expect("meta serialises"));
-        let data = safetensors::tensor::serialize(views, Some(info))
-            .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-        std::fs::write(&tmp, data).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        safetensors::tensor::serialize(views, Some(info)).map_err(|e| e.to_string())
     }
 
     /// Reads and checks a head file; any problem names the file and what is wrong.

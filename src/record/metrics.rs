@@ -33,6 +33,9 @@ pub mod name {
     pub const FEEDBACK: &str = "mailtriage_feedback_corrections_total";
     /// Corrections refused (unknown department or priority), by channel.
     pub const FEEDBACK_REFUSED: &str = "mailtriage_feedback_refused_total";
+    /// Recent decisions not written to the shared PostgreSQL window (its
+    /// queue full or the store away); this instance's memory still has them.
+    pub const RECENT_DROPPED: &str = "mailtriage_recent_shared_dropped_total";
     /// Retrainings by head and result (`promoted`, `refused`, `failed`).
     pub const RETRAIN: &str = "mailtriage_retrain_total";
     /// The version number of the head in use, per head (0: the configured file).

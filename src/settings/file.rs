@@ -392,6 +392,9 @@ pub struct PolicyConfig {
 pub struct FeedbackConfig {
     /// Where corrections are kept: `sqlite:///path.db` or `postgres://…`.
     pub store: String,
+    /// File holding the PostgreSQL password (first line), so it is not in
+    /// this file or the URL; wins over a password in the URL.
+    pub store_password_file: Option<PathBuf>,
     /// Mail to `local+department[+priority]@domain` of this address is a correction.
     pub address: Option<String>,
     /// Feedback mail is delivered to nobody but this mailbox (none: discarded once recorded).
@@ -402,6 +405,12 @@ pub struct FeedbackConfig {
     pub http_token_file: Option<PathBuf>,
     /// Memory for recent decisions' features (corrections by Message-ID).
     pub recent_bytes: usize,
+    /// With a PostgreSQL store, recent decisions are shared in the database
+    /// for this long…
+    #[serde(deserialize_with = "de_duration")]
+    pub recent_max_age: Duration,
+    /// …and at most this many rows (the newest kept).
+    pub recent_max_rows: u64,
     /// This instance retrains (set false on all but one instance sharing a store).
     pub retrain: bool,
     /// Retrain this often…
@@ -433,11 +442,14 @@ impl Default for FeedbackConfig {
     fn default() -> Self {
         Self {
             store: "sqlite:///var/lib/mailtriage/feedback.db".into(),
+            store_password_file: None,
             address: None,
             audit_copy: None,
             retention_days: 180,
             http_token_file: None,
             recent_bytes: 256 << 20,
+            recent_max_age: Duration::from_secs(3 * 86_400),
+            recent_max_rows: 1_000_000,
             retrain: true,
             retrain_every: Duration::from_secs(6 * 3600),
             retrain_after: 500,

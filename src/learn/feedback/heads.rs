@@ -1,15 +1,28 @@
-//! Versioned heads. Every promoted head is a new file in `[feedback]
-//! heads_dir` (`department-v3.safetensors`), never overwritten; a small
-//! pointer file (`department.current`) names the one in use. Promotion and
-//! rollback only rewrite the pointer (atomically, by rename), and the daemon
-//! notices the pointer change and swaps the head in without a restart.
-//! Without a pointer, the head configured in `[model]` is in use.
+//! Versioned heads. Every promoted head is a new version, never
+//! overwritten (`department-v3.safetensors`); a pointer names the one in
+//! use. Promotion and rollback only move the pointer, and every daemon
+//! notices and swaps the head in without a restart. Without a pointer, the
+//! head configured in `[model]` is in use.
+//!
+//! Where versions live depends on the feedback store:
+//! - SQLite (one host): files in `[feedback] heads_dir`, the pointer a small
+//!   file (`department.current`) rewritten by rename.
+//! - PostgreSQL (several instances): the database holds every version's
+//!   bytes, the pointer and the retraining history; `heads_dir` is each
+//!   host's cache of it, in the same layout, so the engine loads heads
+//!   from files either way. A promotion or rollback commits the pointer and
+//!   `NOTIFY mailtriage_heads` in one transaction; each daemon's listener
+//!   ([`Registry::sync`]) then copies the new version into its cache and
+//!   moves its local pointer, which its reload watch picks up.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use super::store::{Store, StoreError};
 use crate::model::head::Head;
 use crate::model::ModelError;
 use crate::settings::Config;
@@ -39,7 +52,22 @@ pub enum HeadsError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("no {role} head version `{version}` in {dir} (have: {have})")]
-    UnknownVersion { role: &'static str, version: String, dir: PathBuf, have: String },
+    UnknownVersion { role: &'static str, version: String, dir: String, have: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the {role} head v{number} in the store is damaged ({reason}); roll back to another version")]
+    Damaged { role: &'static str, number: u32, reason: String },
+    /// The promotion's fence failed: this process no longer holds the
+    /// retraining lock (its connection broke and another instance may lead).
+    #[error("not promoted: this instance lost the retraining leadership while training")]
+    NotLeader,
+}
+
+impl HeadsError {
+    /// Whether the same call may succeed later (the store was away).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, HeadsError::Store(e) if e.is_retryable())
+    }
 }
 
 /// One version on disk.
@@ -56,15 +84,76 @@ pub struct VersionInfo {
     pub promotion: serde_json::Value,
 }
 
-/// The folder of versioned heads.
-#[derive(Debug, Clone)]
+/// The versioned heads: a folder, or the PostgreSQL store with the folder as its cache.
+#[derive(Clone)]
 pub struct Registry {
     dir: PathBuf,
+    db: Option<Arc<Store>>,
 }
 
+/// Who may promote: the backend pid of the connection holding the
+/// retraining lock (see [`super::leader`]). The promotion's transaction
+/// checks that this session still holds it, so a leader that lost its
+/// connection mid-training cannot promote beside its successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub pid: i32,
+}
+
+/// What one retraining leaves in the registry.
+pub struct Attempt<'a> {
+    pub role: Role,
+    /// The newest correction id it read: the next run starts after it.
+    pub through_id: i64,
+    /// The outcome, as `history.jsonl` (or the history table) keeps it.
+    pub entry: serde_json::Value,
+    /// The head to promote, if the gate passed it.
+    pub promote: Option<&'a mut Head>,
+}
+
+const HEADS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mailtriage_heads (
+    role TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    created_at BIGINT NOT NULL,
+    created_by TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    bytes BYTEA NOT NULL,
+    PRIMARY KEY (role, number)
+);
+CREATE TABLE IF NOT EXISTS mailtriage_heads_current (
+    role TEXT PRIMARY KEY,
+    number INTEGER NOT NULL,
+    changed_at BIGINT NOT NULL,
+    changed_by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mailtriage_retrain_history (
+    id BIGSERIAL PRIMARY KEY,
+    at BIGINT NOT NULL,
+    role TEXT NOT NULL,
+    through_id BIGINT NOT NULL,
+    promoted_number INTEGER,
+    instance TEXT NOT NULL,
+    entry TEXT NOT NULL
+);";
+
+/// The channel promotions and rollbacks are announced on.
+pub const CHANNEL: &str = "mailtriage_heads";
+
 impl Registry {
+    /// Versions as files in `dir` (the single-host mode).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Registry { dir: dir.into() }
+        Registry { dir: dir.into(), db: None }
+    }
+
+    /// Versions in `store` when it is PostgreSQL, `dir` its local cache;
+    /// as [`Registry::new`] for SQLite.
+    pub fn with_store(dir: impl Into<PathBuf>, store: Arc<Store>) -> Self {
+        Registry { dir: dir.into(), db: Some(store).filter(|s| s.is_shared()) }
+    }
+
+    /// Whether versions live in PostgreSQL.
+    pub fn is_shared(&self) -> bool {
+        self.db.is_some()
     }
 
     pub fn dir(&self) -> &Path {
@@ -108,6 +197,20 @@ impl Registry {
 
     /// Every stored version, oldest first.
     pub fn versions(&self, role: Role) -> Result<Vec<VersionInfo>, HeadsError> {
+        if let Some(db) = &self.db {
+            // Copy every version into the cache, and the pointer, then list the cache.
+            let numbers: Vec<i32> = db.with_pg(|c| {
+                c.batch_execute(HEADS_SCHEMA)?;
+                Ok(c.query("SELECT number FROM mailtriage_heads WHERE role = $1 ORDER BY number", &[&role.as_str()])?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect())
+            })?;
+            for n in numbers {
+                self.cached(db, role, n as u32)?;
+            }
+            self.sync()?;
+        }
         let current = self.current(role);
         self.numbers(role)
             .into_iter()
@@ -130,31 +233,203 @@ impl Registry {
 
     /// Writes `head` as the next version and makes it current. Returns its version.
     pub fn promote(&self, role: Role, head: &mut Head) -> Result<String, HeadsError> {
-        std::fs::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), source })?;
-        let n = self.numbers(role).last().map_or(1, |n| n + 1);
-        head.meta.version = format!("v{n}");
-        let path = self.file(role, n);
-        head.save(&path)?;
-        self.point(role, &path)?;
-        Ok(head.meta.version.clone())
+        let entry = serde_json::Value::Null;
+        self.record(Attempt { role, through_id: 0, entry, promote: Some(head) }, None)
+            .map(|v| v.expect("a promotion has a version"))
+    }
+
+    /// Records one retraining: the history entry and, if it passed the gate,
+    /// the new version made current, all or nothing with PostgreSQL (a
+    /// leader killed mid-way leaves no version without its history line, so
+    /// its successor neither loses those corrections nor promotes twice).
+    /// `fence`: the promoting leader (PostgreSQL). Returns the new version.
+    pub fn record(&self, attempt: Attempt<'_>, fence: Option<Fence>) -> Result<Option<String>, HeadsError> {
+        let Attempt { role, through_id, mut entry, promote } = attempt;
+        let Some(db) = &self.db else {
+            let mut version = None;
+            if let Some(head) = promote {
+                std::fs::create_dir_all(&self.dir)
+                    .map_err(|source| HeadsError::Io { path: self.dir.clone(), source })?;
+                let n = self.numbers(role).last().map_or(1, |n| n + 1);
+                head.meta.version = format!("v{n}");
+                let path = self.file(role, n);
+                head.save(&path)?;
+                self.point(role, &path)?;
+                version = Some(head.meta.version.clone());
+            }
+            if !entry.is_null() {
+                if let (serde_json::Value::Object(m), Some(v)) = (&mut entry, &version) {
+                    m.insert("version".into(), v.clone().into());
+                }
+                self.log(&entry)?;
+            }
+            return Ok(version);
+        };
+        let instance = super::store::instance_name();
+        let now = super::now();
+        let version = db.with_pg(|c| {
+            c.batch_execute(HEADS_SCHEMA)?;
+            let mut tx = c.transaction()?;
+            // One promotion at a time, whoever asks (a leader, `heads rollback`, `retrain`).
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::leader::PROMOTE_LOCK])?;
+            if let Some(f) = fence {
+                if !super::leader::holds(&mut tx, f)? {
+                    return Ok(Err(HeadsError::NotLeader));
+                }
+            }
+            let mut number: Option<i32> = None;
+            if let Some(head) = promote {
+                let n: i32 = tx
+                    .query_one(
+                        "SELECT COALESCE(MAX(number), 0) + 1 FROM mailtriage_heads WHERE role = $1",
+                        &[&role.as_str()],
+                    )?
+                    .get(0);
+                head.meta.version = format!("v{n}");
+                let bytes = match head.to_bytes() {
+                    Ok(b) => b,
+                    Err(reason) => {
+                        return Ok(Err(ModelError::BadFile { path: self.file(role, n as u32), reason }.into()))
+                    }
+                };
+                let sha = hex(&Sha256::digest(&bytes));
+                tx.execute(
+                    "INSERT INTO mailtriage_heads (role, number, created_at, created_by, sha256, bytes) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&role.as_str(), &n, &now, &instance, &sha, &bytes],
+                )?;
+                point_in(&mut tx, role, n, now, &instance)?;
+                number = Some(n);
+            }
+            if !entry.is_null() {
+                if let (serde_json::Value::Object(m), Some(n)) = (&mut entry, number) {
+                    m.insert("version".into(), format!("v{n}").into());
+                }
+                tx.execute(
+                    "INSERT INTO mailtriage_retrain_history (at, role, through_id, promoted_number, instance, entry) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&now, &role.as_str(), &through_id, &number, &instance, &entry.to_string()],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Ok(number))
+        })??;
+        self.sync()?;
+        Ok(version.map(|n| format!("v{n}")))
     }
 
     /// Makes an earlier version current again (`v3` or `3`).
     pub fn rollback(&self, role: Role, version: &str) -> Result<PathBuf, HeadsError> {
-        let numbers = self.numbers(role);
+        let numbers: Vec<u32> = match &self.db {
+            Some(db) => db.with_pg(|c| {
+                c.batch_execute(HEADS_SCHEMA)?;
+                Ok(c.query("SELECT number FROM mailtriage_heads WHERE role = $1 ORDER BY number", &[&role.as_str()])?
+                    .iter()
+                    .map(|r| r.get::<_, i32>(0) as u32)
+                    .collect())
+            })?,
+            None => self.numbers(role),
+        };
         let wanted = version.trim_start_matches('v').parse::<u32>().ok().filter(|n| numbers.contains(n));
         let Some(n) = wanted else {
             return Err(HeadsError::UnknownVersion {
                 role: role.as_str(),
                 version: version.to_string(),
-                dir: self.dir.clone(),
+                dir: match &self.db {
+                    Some(db) => db.url().to_string(),
+                    None => self.dir.display().to_string(),
+                },
                 have: numbers.iter().map(|n| format!("v{n}")).collect::<Vec<_>>().join(", "),
             });
         };
-        let path = self.file(role, n);
-        Head::load(&path)?;
-        self.point(role, &path)?;
+        let Some(db) = &self.db else {
+            let path = self.file(role, n);
+            Head::load(&path)?;
+            self.point(role, &path)?;
+            return Ok(path);
+        };
+        // The version must load before every instance is told to use it.
+        let path = self.cached(db, role, n)?;
+        let instance = super::store::instance_name();
+        db.with_pg(|c| {
+            let mut tx = c.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::leader::PROMOTE_LOCK])?;
+            point_in(&mut tx, role, n as i32, super::now(), &instance)?;
+            tx.commit()
+        })?;
+        self.sync()?;
         Ok(path)
+    }
+
+    /// Copies the store's current versions into the cache and moves the
+    /// cache's pointers to match (PostgreSQL; nothing to do with files).
+    /// Returns whether a pointer moved. A version whose bytes do not match
+    /// their checksum, or do not load, is refused and the pointer stays.
+    pub fn sync(&self) -> Result<bool, HeadsError> {
+        let Some(db) = &self.db else { return Ok(false) };
+        let current: Vec<(String, i32)> = db.with_pg(|c| {
+            c.batch_execute(HEADS_SCHEMA)?;
+            Ok(c.query("SELECT role, number FROM mailtriage_heads_current", &[])?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect())
+        })?;
+        let mut moved = false;
+        for role in Role::ALL {
+            let pointer = self.pointer(role);
+            match current.iter().find(|(r, _)| r == role.as_str()) {
+                Some(&(_, n)) => {
+                    let path = self.cached(db, role, n as u32)?;
+                    if self.current(role).as_deref() != Some(path.as_path()) {
+                        self.point(role, &path)?;
+                        moved = true;
+                    }
+                }
+                // The store has no promoted version: the configured head is in use.
+                None if pointer.exists() => {
+                    std::fs::remove_file(&pointer).map_err(|source| HeadsError::Io { path: pointer, source })?;
+                    moved = true;
+                }
+                None => {}
+            }
+        }
+        Ok(moved)
+    }
+
+    /// The cache file of version `n`, fetched from the store if missing.
+    fn cached(&self, db: &Store, role: Role, n: u32) -> Result<PathBuf, HeadsError> {
+        let path = self.file(role, n);
+        if path.is_file() {
+            return Ok(path);
+        }
+        let row = db.with_pg(|c| {
+            c.query_opt(
+                "SELECT sha256, bytes FROM mailtriage_heads WHERE role = $1 AND number = $2",
+                &[&role.as_str(), &(n as i32)],
+            )
+        })?;
+        let damaged = |reason: String| HeadsError::Damaged { role: role.as_str(), number: n, reason };
+        let Some(row) = row else { return Err(damaged("no such version".into())) };
+        let (sha, bytes): (String, Vec<u8>) = (row.get(0), row.get(1));
+        if hex(&Sha256::digest(&bytes)) != sha {
+            return Err(damaged("its bytes do not match their SHA-256".into()));
+        }
+        Head::from_bytes(&path, &bytes).map_err(|e| damaged(e.to_string()))?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), source })?;
+        let tmp = path.with_extension("safetensors.tmp");
+        std::fs::write(&tmp, &bytes).map_err(|source| HeadsError::Io { path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| HeadsError::Io { path: path.clone(), source })?;
+        Ok(path)
+    }
+
+    /// The correction id the last recorded retraining read up to (0: none yet);
+    /// PostgreSQL only, `None` with files.
+    pub fn trained_through(&self) -> Result<Option<i64>, HeadsError> {
+        let Some(db) = &self.db else { return Ok(None) };
+        Ok(Some(db.with_pg(|c| {
+            c.batch_execute(HEADS_SCHEMA)?;
+            Ok(c.query_one("SELECT COALESCE(MAX(through_id), 0) FROM mailtriage_retrain_history", &[])?.get(0))
+        })?))
     }
 
     fn point(&self, role: Role, path: &Path) -> Result<(), HeadsError> {
@@ -181,6 +456,29 @@ impl Registry {
     }
 }
 
+/// Moves the store's pointer to version `n` and announces it (in the
+/// caller's transaction: the announcement goes out only if it commits).
+fn point_in(
+    tx: &mut postgres::Transaction<'_>,
+    role: Role,
+    n: i32,
+    now: i64,
+    instance: &str,
+) -> Result<(), postgres::Error> {
+    tx.execute(
+        "INSERT INTO mailtriage_heads_current (role, number, changed_at, changed_by) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (role) DO UPDATE SET number = EXCLUDED.number, changed_at = EXCLUDED.changed_at, \
+         changed_by = EXCLUDED.changed_by",
+        &[&role.as_str(), &n, &now, &instance],
+    )?;
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("{} v{n}", role.as_str())])?;
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The head files in use under this configuration: the registry's current
 /// version where there is one, else `[model] department_head`/`priority_head`.
 pub fn in_use(cfg: &Config, role: Role) -> Option<PathBuf> {
@@ -190,6 +488,20 @@ pub fn in_use(cfg: &Config, role: Role) -> Option<PathBuf> {
         Role::Priority => m.priority_head.clone(),
     });
     registry.and_then(|r| r.current(role)).or(configured)
+}
+
+/// For a command run beside the daemons (`classify`, `replay`, the
+/// feedback pipe): brings this host's cache up to the store's versions when
+/// they live in PostgreSQL. A store that does not answer leaves the cache
+/// as it is, with a warning: those commands still work.
+pub fn refresh(cfg: &Config) {
+    let Some(fb) = cfg.feedback.as_ref().filter(|f| f.store.starts_with("postgres")) else { return };
+    let synced = Store::for_config(fb, false)
+        .map_err(HeadsError::from)
+        .and_then(|s| Registry::with_store(&fb.heads_dir, Arc::new(s)).sync());
+    if let Err(e) = synced {
+        tracing::warn!(error = %e, "head versions not refreshed from the store; using {}", fb.heads_dir.display());
+    }
 }
 
 /// `cfg` with `[model]`'s head paths pointing at the versions in use: what

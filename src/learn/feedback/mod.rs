@@ -14,6 +14,8 @@
 pub mod heads;
 pub mod intake;
 pub mod layer;
+pub mod leader;
+pub mod pg;
 pub mod recent;
 pub mod retrain;
 pub mod store;

@@ -9,11 +9,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 use thiserror::Error;
 
-use super::heads::{self, HeadsError, Registry, Role};
+use super::heads::{self, Attempt, Fence, HeadsError, Registry, Role};
 use super::store::{Store, StoreError};
 use super::{now, Correction};
 use crate::learn::dataset::{self, DataError};
@@ -104,12 +105,15 @@ pub fn held_back(id: i64, percent: u8) -> bool {
 /// Retrains the `role` head once and promotes it if it passes the gate.
 /// `encoder` is needed when the head reads embeddings; `threads` embed the
 /// original data (once: `embedding_cache` keeps them).
+/// With a PostgreSQL store, `fence` is the retraining leader's (see
+/// [`super::leader`]): the promotion happens only while it still leads.
 pub fn retrain(
     cfg: &Config,
-    store: &Store,
+    store: &Arc<Store>,
     role: Role,
     encoder: Option<&Encoder>,
     threads: usize,
+    fence: Option<Fence>,
 ) -> Result<RetrainOutcome, RetrainError> {
     let fb = cfg.feedback.as_ref().ok_or(RetrainError::NotConfigured)?;
     let path = heads::in_use(cfg, role).ok_or(RetrainError::NoHead(role.as_str()))?;
@@ -130,6 +134,7 @@ pub fn retrain(
     // Corrections for this head; a later correction of the same message wins.
     let mut latest: HashMap<String, usize> = HashMap::new();
     let all = store.load(oldest)?;
+    let through_id = all.iter().map(|c| c.id).max().unwrap_or(0);
     let mut usable: Vec<(Correction, String)> = Vec::new();
     let mut skipped = 0;
     for c in all {
@@ -246,7 +251,7 @@ pub fn retrain(
     let candidate_figures = figures(&candidate, &items);
     let (promoted, reason) = gate(fb, &current_figures, &candidate_figures);
 
-    let registry = Registry::new(&fb.heads_dir);
+    let registry = Registry::with_store(&fb.heads_dir, store.clone());
     let against = meta.version.clone();
     let mut outcome = RetrainOutcome {
         role,
@@ -266,9 +271,10 @@ pub fn retrain(
         if let serde_json::Value::Object(m) = &mut candidate.meta.dev_metrics {
             m.insert("promotion".into(), serde_json::to_value(&outcome).expect("serialisable"));
         }
-        outcome.version = Some(registry.promote(role, &mut candidate)?);
     }
-    registry.log(&serde_json::to_value(&outcome).expect("serialisable"))?;
+    let entry = serde_json::to_value(&outcome).expect("serialisable");
+    let attempt = Attempt { role, through_id, entry, promote: promoted.then_some(&mut candidate) };
+    outcome.version = registry.record(attempt, fence)?;
     Ok(outcome)
 }
 

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use thiserror::Error;
 
+use super::pg::Target;
 use super::Correction;
 use crate::model::lexical::TermCounts;
 
@@ -32,8 +33,24 @@ impl From<rusqlite::Error> for StoreError {
 
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
-        StoreError::Query(e.to_string())
+        StoreError::Query(pg_error(&e))
     }
+}
+
+/// A PostgreSQL error with its causes: tokio-postgres's own message is only
+/// the outer layer ("error performing TLS handshake"), the reason is below.
+fn pg_error(e: &postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl StoreError {
@@ -76,6 +93,37 @@ const MAX_ID: &str = "SELECT COALESCE(MAX(id), 0) FROM mailtriage_corrections";
 const FORGET_MESSAGE: &str = "DELETE FROM mailtriage_corrections WHERE message_hash = $1";
 const FORGET_ACTOR: &str = "DELETE FROM mailtriage_corrections WHERE actor = $1";
 
+/// The shared recent-decisions window (PostgreSQL only; see
+/// [`super::recent`]): features under the Message-ID's pseudonym, swept by
+/// age and row count.
+const RECENT_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mailtriage_recent (
+    message_hash TEXT PRIMARY KEY,
+    decided_at BIGINT NOT NULL,
+    language TEXT NOT NULL,
+    terms BYTEA NOT NULL,
+    encoder TEXT,
+    embedding BYTEA
+);
+CREATE INDEX IF NOT EXISTS mailtriage_recent_decided ON mailtriage_recent (decided_at);";
+const RECENT_GET: &str =
+    "SELECT message_hash, decided_at, language, terms, encoder, embedding FROM mailtriage_recent WHERE message_hash = $1";
+const RECENT_FORGET: &str = "DELETE FROM mailtriage_recent WHERE message_hash = $1";
+const RECENT_EXPIRE: &str = "DELETE FROM mailtriage_recent WHERE decided_at < $1";
+/// Keeps the newest `$1` rows: deletes those older than the `$1`-th newest.
+const RECENT_TRIM: &str = "DELETE FROM mailtriage_recent WHERE decided_at < \
+    (SELECT decided_at FROM mailtriage_recent ORDER BY decided_at DESC OFFSET $1 LIMIT 1)";
+
+/// One row of the shared recent-decisions window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentRow {
+    pub hash: String,
+    pub decided_at: i64,
+    pub language: String,
+    pub terms: Vec<u8>,
+    pub encoder: Option<String>,
+    pub embedding: Option<Vec<u8>>,
+}
+
 /// One row of [`Store::summary`]: when, which labels, which channel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SummaryRow {
@@ -95,8 +143,8 @@ enum Backend {
 pub struct Store {
     /// Without the password, for messages.
     url: String,
-    /// With it, to reconnect; never shown.
-    connect_url: String,
+    /// How to (re)connect to PostgreSQL; `None` for SQLite.
+    target: Option<Target>,
     db: Mutex<Backend>,
 }
 
@@ -122,8 +170,25 @@ impl Store {
     /// Opens (and creates the table in) `sqlite:///path/file.db` or
     /// `postgres://user:pass@host/db` (also `postgresql://`).
     pub fn open(url: &str) -> Result<Store, StoreError> {
+        Self::open_with(url, None)
+    }
+
+    /// The store `[feedback]` names, with its `store_password_file`;
+    /// `wait`: as [`Store::open_later`] (the daemon), else [`Store::open`].
+    pub fn for_config(fb: &crate::settings::FeedbackConfig, wait: bool) -> Result<Store, StoreError> {
+        let password = fb.store_password_file.as_deref();
+        if wait {
+            Self::open_later_with(&fb.store, password)
+        } else {
+            Self::open_with(&fb.store, password)
+        }
+    }
+
+    /// As [`Store::open`], the PostgreSQL password read from `password_file`.
+    pub fn open_with(url: &str, password_file: Option<&std::path::Path>) -> Result<Store, StoreError> {
         let fail =
             |reason: String| StoreError::Open { url: crate::record::redact::credentials(url).into_owned(), reason };
+        let mut target = None;
         let backend = if let Some(path) = url.strip_prefix("sqlite://") {
             let path = PathBuf::from(path);
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -137,15 +202,14 @@ impl Store {
                 .map_err(|e| fail(e.to_string()))?;
             Backend::Sqlite(conn)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres(Some(Box::new(pg_connect(url).map_err(|e| fail(e.to_string()))?)))
+            let t = pg_target(url, password_file).map_err(fail)?;
+            let client = pg_connect(&t).map_err(|e| fail(pg_error(&e)))?;
+            target = Some(t);
+            Backend::Postgres(Some(Box::new(client)))
         } else {
             return Err(fail("expected sqlite:///path/to/feedback.db or postgres://…".into()));
         };
-        Ok(Store {
-            url: crate::record::redact::credentials(url).into_owned(),
-            connect_url: url.to_string(),
-            db: Mutex::new(backend),
-        })
+        Ok(Store { url: crate::record::redact::credentials(url).into_owned(), target, db: Mutex::new(backend) })
     }
 
     /// A PostgreSQL store whose server may be down now (the daemon starting
@@ -154,21 +218,26 @@ impl Store {
     /// does not parse, a server that answered with an error (a wrong
     /// password, no such database). Other URLs open as [`Store::open`].
     pub fn open_later(url: &str) -> Result<Store, StoreError> {
+        Self::open_later_with(url, None)
+    }
+
+    /// As [`Store::open_later`], the PostgreSQL password read from `password_file`.
+    pub fn open_later_with(url: &str, password_file: Option<&std::path::Path>) -> Result<Store, StoreError> {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Store::open(url);
+            return Store::open_with(url, password_file);
         }
         let shown = crate::record::redact::credentials(url).into_owned();
         let fail = |reason: String| StoreError::Open { url: shown.clone(), reason };
-        url.parse::<postgres::Config>().map_err(|e| fail(e.to_string()))?;
-        let client = match pg_connect(url) {
+        let target = pg_target(url, password_file).map_err(fail)?;
+        let client = match pg_connect(&target) {
             Ok(c) => Some(Box::new(c)),
-            Err(e) if e.as_db_error().is_some() => return Err(fail(e.to_string())),
+            Err(e) if e.as_db_error().is_some() => return Err(fail(pg_error(&e))),
             Err(e) => {
-                tracing::warn!(store = %shown, error = %e, "feedback store unavailable; connecting again on each use");
+                tracing::warn!(store = %shown, error = %pg_error(&e), "feedback store unavailable; connecting again on each use");
                 None
             }
         };
-        Ok(Store { url: shown.clone(), connect_url: url.to_string(), db: Mutex::new(Backend::Postgres(client)) })
+        Ok(Store { url: shown.clone(), target: Some(target), db: Mutex::new(Backend::Postgres(client)) })
     }
 
     /// Runs `f` on the PostgreSQL connection, connecting first when there is
@@ -187,17 +256,124 @@ impl Store {
         }
         if slot.as_ref().is_none_or(|c| c.is_closed()) {
             *slot = None;
-            *slot = Some(Box::new(pg_connect(&self.connect_url).map_err(|e| unavailable(e.to_string()))?));
+            let target = self.target.as_ref().expect("a PostgreSQL store has a target");
+            *slot = Some(Box::new(pg_connect(target).map_err(|e| unavailable(pg_error(&e)))?));
         }
         let client = slot.as_mut().expect("connected above");
         match f(client) {
             Ok(v) => Ok(v),
             Err(e) if e.is_closed() || client.is_closed() || e.code().is_none() && e.as_db_error().is_none() => {
                 *slot = None;
-                Err(unavailable(e.to_string()))
+                Err(unavailable(pg_error(&e)))
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether this is a PostgreSQL store (state shared between instances).
+    pub fn is_shared(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// Another connection to the same PostgreSQL store, opened on first use
+    /// (a background writer's own); `None` for SQLite.
+    pub fn second_connection(&self) -> Option<Store> {
+        let target = self.target.clone()?;
+        Some(Store { url: self.url.clone(), target: Some(target), db: Mutex::new(Backend::Postgres(None)) })
+    }
+
+    /// Runs `f` on the PostgreSQL connection; an error for SQLite (callers
+    /// check [`Store::is_shared`] first).
+    pub(crate) fn with_pg<T>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error>,
+    ) -> Result<T, StoreError> {
+        match &mut *self.db() {
+            Backend::Postgres(slot) => self.pg(slot, f),
+            Backend::Sqlite(_) => Err(StoreError::Query("this needs a PostgreSQL store".into())),
+        }
+    }
+
+    /// Writes recent decisions (a re-decided message replaces its row).
+    pub fn put_recent(&self, rows: &[RecentRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        // One statement for the batch: a round trip per row would cap the
+        // writer at a few thousand rows a second across a network.
+        let mut sql = String::from(
+            "INSERT INTO mailtriage_recent (message_hash, decided_at, language, terms, encoder, embedding) VALUES ",
+        );
+        let mut params: Vec<&(dyn postgres::types::ToSql + Sync)> = Vec::with_capacity(rows.len() * 6);
+        // Two decisions of one Message-ID in a batch would make ON CONFLICT fail: keep the last.
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<&RecentRow> = rows.iter().rev().filter(|r| seen.insert(r.hash.as_str())).collect();
+        for (i, r) in unique.iter().enumerate() {
+            let b = i * 6;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!("(${},${},${},${},${},${})", b + 1, b + 2, b + 3, b + 4, b + 5, b + 6));
+            params.extend([
+                &r.hash as &(dyn postgres::types::ToSql + Sync),
+                &r.decided_at,
+                &r.language,
+                &r.terms,
+                &r.encoder,
+                &r.embedding,
+            ]);
+        }
+        sql.push_str(
+            " ON CONFLICT (message_hash) DO UPDATE SET decided_at = EXCLUDED.decided_at, language = EXCLUDED.language, \
+             terms = EXCLUDED.terms, encoder = EXCLUDED.encoder, embedding = EXCLUDED.embedding",
+        );
+        self.with_pg(|c| c.execute(sql.as_str(), &params)).map(|_| ())
+    }
+
+    /// A recent decision by its Message-ID pseudonym.
+    pub fn get_recent(&self, hash: &str) -> Result<Option<RecentRow>, StoreError> {
+        let row = self.with_pg(|c| c.query_opt(RECENT_GET, &[&hash]))?;
+        Ok(row.map(|r| RecentRow {
+            hash: r.get(0),
+            decided_at: r.get(1),
+            language: r.get(2),
+            terms: r.get(3),
+            encoder: r.get(4),
+            embedding: r.get(5),
+        }))
+    }
+
+    /// Deletes a recent decision (erasure); how many rows went (0 or 1).
+    pub fn forget_recent(&self, hash: &str) -> Result<u64, StoreError> {
+        self.with_pg(|c| c.execute(RECENT_FORGET, &[&hash]))
+    }
+
+    /// Deletes recent decisions made before `before` (unix seconds), then all
+    /// but the newest `max_rows`; how many went.
+    pub fn sweep_recent(&self, before: i64, max_rows: u64) -> Result<u64, StoreError> {
+        let max_rows = max_rows as i64;
+        self.with_pg(|c| Ok(c.execute(RECENT_EXPIRE, &[&before])? + c.execute(RECENT_TRIM, &[&max_rows])?))
+    }
+
+    /// Rows in the shared window and the bytes the table and its indexes take.
+    pub fn recent_size(&self) -> Result<(i64, i64), StoreError> {
+        let r = self.with_pg(|c| {
+            c.query_one(
+                "SELECT (SELECT COUNT(*) FROM mailtriage_recent), pg_total_relation_size('mailtriage_recent')",
+                &[],
+            )
+        })?;
+        Ok((r.get(0), r.get(1)))
+    }
+
+    /// Connects anew and says what was negotiated: the server's version and
+    /// the TLS in use (`check-config` prints it).
+    pub fn describe(&self) -> Result<String, StoreError> {
+        let Some(target) = &self.target else { return Ok(format!("SQLite {}", rusqlite::version())) };
+        let unavailable = |e: postgres::Error| StoreError::Unavailable { url: self.url.clone(), reason: pg_error(&e) };
+        let (mut client, negotiated) = target.connect().map_err(unavailable)?;
+        let version: String = client.query_one("SHOW server_version", &[])?.get(0);
+        Ok(format!("PostgreSQL {version}; {negotiated}"))
     }
 
     /// The store's address without its password, for messages.
@@ -359,15 +535,36 @@ impl Store {
     }
 }
 
-/// Connects (with [`CONNECT_TIMEOUT`] unless the URL says otherwise) and
-/// creates the table if needed.
-fn pg_connect(url: &str) -> Result<postgres::Client, postgres::Error> {
-    let mut config: postgres::Config = url.parse()?;
+/// The URL parsed with [`pg::Target`], with our defaults where it sets
+/// none: [`CONNECT_TIMEOUT`], TCP keepalives (a host that vanished is
+/// noticed, and its leadership released, in about a minute), and an
+/// `application_name` naming this host, so `pg_stat_activity` (and a
+/// follower's log) say which instance holds what.
+pub(crate) fn pg_target(url: &str, password_file: Option<&std::path::Path>) -> Result<Target, String> {
+    let mut target = Target::parse(url, password_file)?;
+    let config = target.config_mut();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let mut client = config.connect(postgres::NoTls)?;
+    config.keepalives(true).keepalives_idle(std::time::Duration::from_secs(30));
+    if config.get_application_name().is_none() {
+        config.application_name(&instance_name());
+    }
+    Ok(target)
+}
+
+/// `mailtriage@<host name>:<pid>`: how this instance names itself to PostgreSQL.
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host = host.trim();
+    format!("mailtriage@{}:{}", if host.is_empty() { "localhost" } else { host }, std::process::id())
+}
+
+/// Connects and creates the tables if needed.
+fn pg_connect(target: &Target) -> Result<postgres::Client, postgres::Error> {
+    let (mut client, _) = target.connect()?;
     client.batch_execute(&schema("BIGSERIAL PRIMARY KEY", "BYTEA"))?;
+    client.batch_execute(RECENT_SCHEMA)?;
     Ok(client)
 }
 
