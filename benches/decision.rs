@@ -74,6 +74,52 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(body.len() as u64));
     g.bench_function("features_5kb", |b| b.iter(|| mailtriage::model::lexical::features(&body, &cfg, &idf)));
     g.finish();
+
+    // What keeping a decision for corrections by Message-ID adds to it: the
+    // pseudonym, then memory only (SQLite mode) or memory plus the queue to
+    // the PostgreSQL writer (shared mode). The writer's inserts run on their
+    // own thread and connection; here its server is absent, so it drops
+    // batches: the decision's side of it costs the same either way.
+    use mailtriage::learn::feedback::recent::{Bounds, RecentDecisions, SharedWindow};
+    use mailtriage::learn::feedback::store::Store;
+    use mailtriage::learn::feedback::MessageFeatures;
+    let features = MessageFeatures {
+        terms: mailtriage::model::lexical::TermCounts::of(&body[..2000], 18),
+        language: "en",
+        embedding: Some(("sentence-transformers/all-MiniLM-L6-v2".into(), vec![0.01; 384])),
+    };
+    let pseudonyms = mailtriage::record::pseudonym::Pseudonyms::keyed(vec![7; 32]);
+    let memory = RecentDecisions::new(256 << 20);
+    let store = std::sync::Arc::new(Store::open_later("postgres://bench@127.0.0.1:1/none").unwrap());
+    let bounds = Bounds { max_age: std::time::Duration::from_secs(3600), max_rows: 1_000_000 };
+    let writer = store.second_connection().unwrap();
+    let shared = RecentDecisions::shared(256 << 20, SharedWindow::start(store, writer, bounds).unwrap());
+    // Criterion reports the typical call; the tail is what a decision feels.
+    for (name, window) in [("memory", &memory), ("memory_and_postgresql_queue", &shared)] {
+        let mut times: Vec<f64> = (0..100_000)
+            .map(|n| {
+                let t = std::time::Instant::now();
+                window.remember(&pseudonyms.message_id(&format!("<tail-{n}@shop.example>")), features.clone());
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize];
+        eprintln!("recent_window/{name}: p50 {:.2} µs, p99 {:.2} µs, max {:.0} µs", at(0.5), at(0.99), at(1.0));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let mut g = c.benchmark_group("recent_window");
+    g.throughput(Throughput::Elements(1));
+    for (name, window) in [("memory", &memory), ("memory_and_postgresql_queue", &shared)] {
+        let mut n = 0u64;
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                n += 1;
+                window.remember(&pseudonyms.message_id(&format!("<{n}@shop.example>")), features.clone())
+            })
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench);

@@ -43,7 +43,7 @@ one() {
   while kill -0 "$pid" 2>/dev/null; do
     # Only the target processes (named fuzz-target, this target's argument): not afl-fuzz itself.
     for p in $(pgrep -x fuzz-target || true); do
-      [[ $(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null) == *" $t " ]] || continue
+      [[ $(tr '\0' ' ' 2>/dev/null <"/proc/$p/cmdline") == *" $t " ]] || continue
       local rss; rss=$(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
       (( ${rss:-0} > peak )) && peak=$rss
     done

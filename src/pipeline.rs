@@ -78,6 +78,7 @@ impl Triage {
             mode: cfg.server.mode,
             config_version: cfg.version.clone(),
             model_version: engine.model_summary(),
+            instance: crate::record::host_name(),
         };
         Ok(Self {
             scope: Scope::from(&cfg.scope),

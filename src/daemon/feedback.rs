@@ -13,13 +13,14 @@ use tokio::sync::Notify;
 
 use super::http::Handler;
 use super::Running;
+use crate::daemon::forget::ErasureFollower;
 use crate::learn::feedback::heads::{self, Registry, Role};
 use crate::learn::feedback::intake::Requested;
 use crate::learn::feedback::layer::FeedbackLink;
 use crate::learn::feedback::leader::{self, Leadership};
 use crate::learn::feedback::recent::{Bounds, RecentDecisions, SharedWindow};
 use crate::learn::feedback::retrain;
-use crate::learn::feedback::store::{instance_name, Store};
+use crate::learn::feedback::store::{instance_name, Store, FORGET_CHANNEL};
 use crate::learn::feedback::{Channel, FeedbackError};
 use crate::record::metrics::name;
 use crate::settings::Config;
@@ -113,7 +114,9 @@ pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared:
     let mut leadership = store.second_connection().map(Leadership::new);
     let spawned = std::thread::Builder::new().name("retrain".into()).spawn(move || {
         let registry = Registry::with_store(&fb.heads_dir, store.clone());
-        let mut cursor: Option<i64> = None;
+        // Files: what is new is what arrives from this start on. PostgreSQL:
+        // read from the history once this instance leads.
+        let mut cursor: Option<i64> = (!registry.is_shared()).then(|| store.max_id().unwrap_or(0));
         let mut last_run = Instant::now();
         let mut failed_at: Option<Instant> = None;
         let mut said: Option<String> = None;
@@ -156,7 +159,6 @@ pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared:
                 Some(c) => c,
                 None => match registry.trained_through() {
                     Ok(Some(c)) => *cursor.insert(c),
-                    // Files: what is new is what arrives from now on.
                     Ok(None) => *cursor.insert(store.max_id().unwrap_or(0)),
                     Err(e) => {
                         tracing::warn!(error = %e, "feedback store: cannot read the retraining history");
@@ -225,34 +227,54 @@ pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared:
     }
 }
 
-/// PostgreSQL: listens for promotions and rollbacks (`NOTIFY
-/// mailtriage_heads`) on a connection of its own and copies them into this
-/// host's cache ([`Registry::sync`]), which [`watch_heads`] then reloads
-/// from. It also syncs every 30 s, so a notification missed while the
-/// connection was down is caught up.
-pub fn spawn_head_listener(heads_dir: PathBuf, link: &FeedbackLink) {
+/// PostgreSQL: listens on a connection of its own for what other
+/// instances announce. Promotions and rollbacks (`NOTIFY mailtriage_heads`)
+/// are copied into this host's cache ([`Registry::sync`]), which
+/// [`watch_heads`] then reloads from; erasures (`NOTIFY mailtriage_forget`)
+/// are applied to this host's audit trail and memory
+/// ([`ErasureFollower`]). It also looks every 30 s, so what was announced
+/// while the connection was down is caught up.
+pub fn spawn_store_listener(heads_dir: PathBuf, link: &FeedbackLink, shared: Running) {
     let Some(listen) = link.store.second_connection() else { return };
     let listen = Arc::new(listen);
     let registry = Registry::with_store(heads_dir, listen.clone());
-    let spawned = std::thread::Builder::new().name("heads-listen".into()).spawn(move || {
-        let mut failing = false;
+    let recent = link.recent.clone();
+    let spawned = std::thread::Builder::new().name("store-listen".into()).spawn(move || {
+        let audit_path = |s: &Running| s.current().triage().audit().map(|a| a.path().to_path_buf());
+        let mut erasures = ErasureFollower::new(audit_path(&shared).as_deref());
+        let mut last_expiry = None::<Instant>;
+        let (mut heads_failing, mut erasures_failing) = (false, false);
         loop {
             match registry.sync() {
                 Ok(moved) => {
                     if moved {
                         tracing::info!("new head version from the store; swapping it in");
                     }
-                    failing = false;
+                    heads_failing = false;
                 }
                 Err(e) => {
-                    if !failing {
+                    if !heads_failing {
                         tracing::warn!(error = %e, "head versions not synced from the store (retrying)");
                     }
-                    failing = true;
+                    heads_failing = true;
                 }
             }
+            match erasures.apply(&listen, Some(&recent), audit_path(&shared).as_deref()) {
+                Ok(_) => erasures_failing = false,
+                Err(e) => {
+                    if !erasures_failing {
+                        tracing::warn!(error = %e, "erasures announced by other instances not applied yet (retrying)");
+                    }
+                    erasures_failing = true;
+                }
+            }
+            // Erasure requests are kept a year and a month: longer than any audit retention.
+            if last_expiry.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
+                last_expiry = Some(Instant::now());
+                let _ = listen.expire_erasures(crate::learn::feedback::now() - 400 * 86_400);
+            }
             let waited = listen.with_pg(|c| {
-                c.batch_execute(&format!("LISTEN {}", heads::CHANNEL))?;
+                c.batch_execute(&format!("LISTEN {}; LISTEN {}", heads::CHANNEL, FORGET_CHANNEL))?;
                 let mut n = c.notifications();
                 let got =
                     postgres::fallible_iterator::FallibleIterator::next(&mut n.timeout_iter(Duration::from_secs(30)))?;
@@ -264,7 +286,7 @@ pub fn spawn_head_listener(heads_dir: PathBuf, link: &FeedbackLink) {
         }
     });
     if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the head-version listener");
+        tracing::error!(error = %e, "cannot start the store listener");
     }
 }
 

@@ -102,8 +102,17 @@ pub fn erase(subject: &Subject, places: &Places<'_>) -> Result<Erased, ForgetErr
         Subject::MessageId(id) => {
             let hash = places.pseudonyms.message_id(id);
             erased.corrections = places.store.map(|s| s.forget_message(&hash)).transpose()?;
-            erased.recent_decision = places.recent.map(|r| r.forget(id, &hash)).transpose()?;
+            erased.recent_decision = places.recent.map(|r| r.forget(&hash)).transpose()?;
             erased.audit = places.audit.map(|path| audit::erase(path, &hash)).transpose()?;
+            // The other instances' audit trails and memories: each applies it on notice.
+            if let Some(store) = places.store.filter(|s| s.is_shared()) {
+                store.announce_erasure(&hash)?;
+                erased.notes.push(
+                    "every instance sharing the store erases its own audit lines and memory of it (now, or when it \
+                     starts again)"
+                        .into(),
+                );
+            }
         }
         Subject::Sender(address) => {
             if places.pseudonyms.is_keyed() {
@@ -153,6 +162,62 @@ pub fn endpoint(shared: Running) -> Handler {
         );
         Ok(serde_json::to_value(&erased).expect("serialisable"))
     })
+}
+
+/// Applies the erasures other instances announced (PostgreSQL) to what
+/// only this daemon holds: its audit trail and its recent decisions in
+/// memory. The id of the last one applied is kept beside the audit file
+/// (`<audit path>.erasures`), so a daemon that was down catches up when it
+/// starts; without an audit trail there is only memory, empty at start.
+pub struct ErasureFollower {
+    cursor_file: Option<std::path::PathBuf>,
+    last: Option<i64>,
+}
+
+impl ErasureFollower {
+    pub fn new(audit: Option<&Path>) -> Self {
+        let cursor_file = audit.map(|p| std::path::PathBuf::from(format!("{}.erasures", p.display())));
+        let last = match &cursor_file {
+            Some(f) => Some(std::fs::read_to_string(f).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)),
+            None => None,
+        };
+        ErasureFollower { cursor_file, last }
+    }
+
+    /// Applies what is new; how many erasures that was.
+    pub fn apply(
+        &mut self,
+        store: &Store,
+        recent: Option<&RecentDecisions>,
+        audit: Option<&Path>,
+    ) -> Result<usize, ForgetError> {
+        let last = match self.last {
+            Some(l) => l,
+            // Memory only: nothing decided before this start can be in it.
+            None => *self.last.insert(store.last_erasure()?),
+        };
+        let new = store.erasures_after(last)?;
+        let Some(&(newest, _)) = new.last() else { return Ok(0) };
+        let hashes: Vec<&str> = new.iter().map(|(_, h)| h.as_str()).collect();
+        for h in &hashes {
+            if let Some(r) = recent {
+                r.remove(h);
+            }
+        }
+        let lines = match audit {
+            Some(path) => audit::erase_each(path, &hashes)?.iter().map(|f| f.lines).sum(),
+            None => 0,
+        };
+        self.last = Some(newest);
+        if let Some(f) = &self.cursor_file {
+            let tmp = f.with_extension("erasures.tmp");
+            if let Err(e) = std::fs::write(&tmp, format!("{newest}\n")).and_then(|()| std::fs::rename(&tmp, f)) {
+                tracing::warn!(file = %f.display(), error = %e, "cannot keep the erasure cursor (they will be applied again, harmlessly)");
+            }
+        }
+        tracing::info!(erasures = new.len(), audit_lines = lines, "applied erasures announced through the store");
+        Ok(new.len())
+    }
 }
 
 #[cfg(test)]

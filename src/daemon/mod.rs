@@ -255,7 +255,7 @@ pub fn run(cfg: Config, path: PathBuf) -> Result<(), DaemonError> {
         let reload_requested = Arc::new(Notify::new());
         if let (Some(l), Some(fb)) = (&link, &cfg.feedback) {
             feedback::spawn_retrainer(path.clone(), &cfg, l, shared.clone(), reload_requested.clone());
-            feedback::spawn_head_listener(fb.heads_dir.clone(), l);
+            feedback::spawn_store_listener(fb.heads_dir.clone(), l, shared.clone());
             tokio::spawn(feedback::watch_heads(fb.heads_dir.clone(), reload_requested.clone()));
         }
         let reloader = reload::Reloader {

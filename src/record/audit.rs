@@ -106,6 +106,9 @@ pub struct Record {
     pub config_version: String,
     pub model_version: String,
     pub latency_ms: f64,
+    /// The host that decided: behind several relays, the trails are merged
+    /// centrally (journald, a log pipeline) and this says whose line it is.
+    pub instance: String,
 }
 
 /// What every line of one running configuration shares.
@@ -115,6 +118,8 @@ pub struct Context {
     pub config_version: String,
     /// `model:<id> (department=…, priority=…)`, or `none`.
     pub model_version: String,
+    /// [`crate::record::host_name`].
+    pub instance: String,
 }
 
 impl Record {
@@ -143,6 +148,7 @@ impl Record {
             config_version: ctx.config_version.clone(),
             model_version: ctx.model_version.clone(),
             latency_ms: 0.0,
+            instance: ctx.instance.clone(),
         }
     }
 
@@ -414,9 +420,15 @@ pub struct ErasedLines {
 /// daemon writing to it (in this process or another) waits, then follows
 /// the new file; a crash leaves either the old file or the new one.
 pub fn erase(path: &Path, hash: &str) -> Result<Vec<ErasedLines>, AuditError> {
+    erase_each(path, &[hash])
+}
+
+/// As [`erase`], for several hashes in one pass over the files (erasures
+/// announced by other instances, applied in a batch).
+pub fn erase_each(path: &Path, hashes: &[&str]) -> Result<Vec<ErasedLines>, AuditError> {
     let mut erased = Vec::new();
     for file in files_of(path) {
-        let n = erase_in(&file, hash).map_err(|source| AuditError::Io { path: file.clone(), source })?;
+        let n = erase_in(&file, hashes).map_err(|source| AuditError::Io { path: file.clone(), source })?;
         if n > 0 {
             erased.push(ErasedLines { file, lines: n });
         }
@@ -424,7 +436,7 @@ pub fn erase(path: &Path, hash: &str) -> Result<Vec<ErasedLines>, AuditError> {
     Ok(erased)
 }
 
-fn erase_in(file: &Path, hash: &str) -> std::io::Result<usize> {
+fn erase_in(file: &Path, hashes: &[&str]) -> std::io::Result<usize> {
     use std::os::unix::fs::PermissionsExt;
     loop {
         let f = match File::open(file) {
@@ -442,7 +454,7 @@ fn erase_in(file: &Path, hash: &str) -> std::io::Result<usize> {
         std::io::Read::read_to_end(&mut &f, &mut text)?;
         let (mut kept, mut removed) = (Vec::with_capacity(text.len()), 0);
         for line in text.split_inclusive(|&b| b == b'\n') {
-            if carries(line, hash) {
+            if hashes.iter().any(|h| carries(line, h)) {
                 removed += 1;
             } else {
                 kept.extend_from_slice(line);
@@ -533,6 +545,7 @@ mod tests {
             config_version: "abc".into(),
             model_version: "none".into(),
             latency_ms: 0.5,
+            instance: "mx1".into(),
         }
     }
 

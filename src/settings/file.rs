@@ -681,12 +681,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "" | "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        other => return Err(format!("unknown duration unit `{other}` in `{s}` (use ms, s, m or h)")),
+        "d" => n * 86_400.0,
+        other => return Err(format!("unknown duration unit `{other}` in `{s}` (use ms, s, m, h or d)")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("`{s}` is not a valid duration"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // Finite is not enough: from_secs_f64 panics beyond u64 seconds (found by fuzzing the config loader).
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is too long a duration"))
 }
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -1053,5 +1055,8 @@ priority = "high"
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_duration("3d").unwrap(), Duration::from_secs(3 * 86_400));
+        let e = parse_duration("99999999999999999999999h").unwrap_err();
+        assert!(e.contains("too long"), "{e}");
     }
 }

@@ -416,7 +416,7 @@ impl Registry {
         }
         Head::from_bytes(&path, &bytes).map_err(|e| damaged(e.to_string()))?;
         std::fs::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), source })?;
-        let tmp = path.with_extension("safetensors.tmp");
+        let tmp = unique_tmp(&path);
         std::fs::write(&tmp, &bytes).map_err(|source| HeadsError::Io { path: tmp.clone(), source })?;
         std::fs::rename(&tmp, &path).map_err(|source| HeadsError::Io { path: path.clone(), source })?;
         Ok(path)
@@ -434,7 +434,7 @@ impl Registry {
 
     fn point(&self, role: Role, path: &Path) -> Result<(), HeadsError> {
         let pointer = self.pointer(role);
-        let tmp = pointer.with_extension("current.tmp");
+        let tmp = unique_tmp(&pointer);
         let name = path.file_name().expect("a file").to_string_lossy().into_owned();
         std::fs::write(&tmp, format!("{name}\n")).map_err(|source| HeadsError::Io { path: tmp.clone(), source })?;
         std::fs::rename(&tmp, &pointer).map_err(|source| HeadsError::Io { path: pointer.clone(), source })
@@ -473,6 +473,14 @@ fn point_in(
     )?;
     tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &format!("{} v{n}", role.as_str())])?;
     Ok(())
+}
+
+/// A temporary name beside `path` no other thread or process uses (the
+/// store listener and the retrainer may both fill the cache).
+fn unique_tmp(path: &Path) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    PathBuf::from(format!("{}.{}.{n}.tmp", path.display(), std::process::id()))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -198,7 +198,7 @@ impl FeedbackLayer {
     ) -> Result<i64, FeedbackError> {
         let link = self.link.as_ref().ok_or(FeedbackError::NotConfigured)?;
         let hash = self.message_hash(message_id);
-        let features = link.recent.find(message_id, &hash)?.ok_or(FeedbackError::NotRecent)?;
+        let features = link.recent.find(&hash)?.ok_or(FeedbackError::NotRecent)?;
         self.record(&features, requested, channel, actor, Some(hash))
     }
 
@@ -249,7 +249,7 @@ impl Filter for Arc<FeedbackLayer> {
         }
         let (plan, evidence) = self.triage.triage(msg, self.link.is_some()).await?;
         if let (Some((message_id, e)), Some(link)) = (evidence, &self.link) {
-            link.recent.remember(&message_id, &self.message_hash(&message_id), e.into());
+            link.recent.remember(&self.message_hash(&message_id), e.into());
         }
         Ok(plan)
     }

@@ -40,9 +40,10 @@ struct Inner {
     entries: HashMap<Key, MessageFeatures>,
 }
 
-fn key(message_id: &str) -> Key {
-    let id = message_id.trim().trim_matches(['<', '>']).to_lowercase();
-    let d = Sha256::digest(id.as_bytes());
+/// Memory is keyed by the Message-ID's pseudonym (as the audit trail and
+/// the store name it), so an erasure that knows only the pseudonym finds it.
+fn key(hash: &str) -> Key {
+    let d = Sha256::digest(hash.as_bytes());
     d[..16].try_into().expect("16 bytes")
 }
 
@@ -61,21 +62,21 @@ impl RecentDecisions {
         RecentDecisions { max_bytes, inner: Mutex::new(Inner::default()), shared: Some(shared) }
     }
 
-    /// Remembers a decided message's features under its Message-ID and its
-    /// pseudonym `hash` (the shared table's key, as in corrections and the
-    /// audit trail). Never blocks on the database.
-    pub fn remember(&self, message_id: &str, hash: &str, features: MessageFeatures) {
+    /// Remembers a decided message's features under its Message-ID's
+    /// pseudonym `hash` (as corrections and the audit trail name it). Never
+    /// blocks on the database.
+    pub fn remember(&self, hash: &str, features: MessageFeatures) {
         if let Some(shared) = &self.shared {
             shared.send(hash, &features);
         }
-        self.insert(message_id, features);
+        self.insert(hash, features);
     }
 
     /// The features of a decided message: this process's memory first, then
     /// the shared table. An error only when the shared table is unreachable
     /// and memory had nothing.
-    pub fn find(&self, message_id: &str, hash: &str) -> Result<Option<MessageFeatures>, StoreError> {
-        if let Some(f) = self.get(message_id) {
+    pub fn find(&self, hash: &str) -> Result<Option<MessageFeatures>, StoreError> {
+        if let Some(f) = self.get(hash) {
             return Ok(Some(f));
         }
         match &self.shared {
@@ -86,17 +87,17 @@ impl RecentDecisions {
 
     /// Forgets a message everywhere this window keeps it; whether it was
     /// held (in memory or in the shared table).
-    pub fn forget(&self, message_id: &str, hash: &str) -> Result<bool, StoreError> {
+    pub fn forget(&self, hash: &str) -> Result<bool, StoreError> {
         let shared = match &self.shared {
             Some(s) => s.store.forget_recent(hash)? > 0,
             None => false,
         };
-        Ok(self.remove(message_id) | shared)
+        Ok(self.remove(hash) | shared)
     }
 
-    /// Remembers a decided message's features in memory (a re-sent Message-ID replaces the old).
-    pub fn insert(&self, message_id: &str, features: MessageFeatures) {
-        let k = key(message_id);
+    /// Remembers features in this process's memory only (a re-decided message replaces the old).
+    pub fn insert(&self, hash: &str, features: MessageFeatures) {
+        let k = key(hash);
         let n = size(&features);
         if n > self.max_bytes {
             return;
@@ -116,13 +117,14 @@ impl RecentDecisions {
         }
     }
 
-    pub fn get(&self, message_id: &str) -> Option<MessageFeatures> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).entries.get(&key(message_id)).cloned()
+    /// Features in this process's memory.
+    pub fn get(&self, hash: &str) -> Option<MessageFeatures> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).entries.get(&key(hash)).cloned()
     }
 
-    /// Forgets a message's features (erasure on request); whether they were here.
-    pub fn remove(&self, message_id: &str) -> bool {
-        let k = key(message_id);
+    /// Forgets features held in this process's memory; whether they were here.
+    pub fn remove(&self, hash: &str) -> bool {
+        let k = key(hash);
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Some(old) = g.entries.remove(&k) else { return false };
         g.bytes -= size(&old);
@@ -267,15 +269,15 @@ mod tests {
     fn finds_by_message_id_and_drops_the_oldest_past_the_budget() {
         let one = size(&f("invoice overdue"));
         let r = RecentDecisions::new(one * 2 + one / 2);
-        r.insert("<A@x.example>", f("invoice overdue"));
-        r.insert("b@x.example", f("invoice overdue"));
-        assert!(r.get("a@X.example").is_some(), "brackets and case do not matter");
-        r.insert("c@x.example", f("invoice overdue"));
-        assert!(r.get("a@x.example").is_none(), "the oldest went");
-        assert!(r.get("b@x.example").is_some() && r.get("c@x.example").is_some());
-        r.insert("c@x.example", f("invoice overdue"));
+        r.insert("hash-a", f("invoice overdue"));
+        r.insert("hash-b", f("invoice overdue"));
+        assert!(r.get("hash-a").is_some());
+        r.insert("hash-c", f("invoice overdue"));
+        assert!(r.get("hash-a").is_none(), "the oldest went");
+        assert!(r.get("hash-b").is_some() && r.get("hash-c").is_some());
+        r.insert("hash-c", f("invoice overdue"));
         assert_eq!(r.len(), 2);
-        assert!(r.remove("<C@x.example>") && !r.remove("c@x.example"));
-        assert!(r.get("c@x.example").is_none() && r.len() == 1);
+        assert!(r.forget("hash-c").unwrap() && !r.forget("hash-c").unwrap());
+        assert!(r.get("hash-c").is_none() && r.len() == 1);
     }
 }

@@ -113,6 +113,18 @@ const RECENT_EXPIRE: &str = "DELETE FROM mailtriage_recent WHERE decided_at < $1
 const RECENT_TRIM: &str = "DELETE FROM mailtriage_recent WHERE decided_at < \
     (SELECT decided_at FROM mailtriage_recent ORDER BY decided_at DESC OFFSET $1 LIMIT 1)";
 
+/// Erasures by Message-ID pseudonym, for every instance to apply to what
+/// only it holds (its audit trail, its memory): see `daemon::forget`.
+const ERASURES_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mailtriage_erasures (
+    id BIGSERIAL PRIMARY KEY,
+    requested_at BIGINT NOT NULL,
+    message_hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mailtriage_erasures_requested ON mailtriage_erasures (requested_at);";
+
+/// The channel erasures are announced on.
+pub const FORGET_CHANNEL: &str = "mailtriage_forget";
+
 /// One row of the shared recent-decisions window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecentRow {
@@ -355,6 +367,42 @@ impl Store {
         self.with_pg(|c| Ok(c.execute(RECENT_EXPIRE, &[&before])? + c.execute(RECENT_TRIM, &[&max_rows])?))
     }
 
+    /// Asks every instance to erase what it holds of a message (PostgreSQL):
+    /// the request is kept, so an instance that is down now applies it when
+    /// it comes back, and announced at once. Returns its id.
+    pub fn announce_erasure(&self, hash: &str) -> Result<i64, StoreError> {
+        self.with_pg(|c| {
+            let mut tx = c.transaction()?;
+            let id: i64 = tx
+                .query_one(
+                    "INSERT INTO mailtriage_erasures (requested_at, message_hash) VALUES ($1, $2) RETURNING id",
+                    &[&super::now(), &hash],
+                )?
+                .get(0);
+            tx.execute("SELECT pg_notify($1, $2)", &[&FORGET_CHANNEL, &id.to_string()])?;
+            tx.commit()?;
+            Ok(id)
+        })
+    }
+
+    /// Erasures requested after `id`, oldest first: (id, Message-ID pseudonym).
+    pub fn erasures_after(&self, id: i64) -> Result<Vec<(i64, String)>, StoreError> {
+        let rows = self.with_pg(|c| {
+            c.query("SELECT id, message_hash FROM mailtriage_erasures WHERE id > $1 ORDER BY id LIMIT 10000", &[&id])
+        })?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// The newest erasure's id (0: none).
+    pub fn last_erasure(&self) -> Result<i64, StoreError> {
+        Ok(self.with_pg(|c| c.query_one("SELECT COALESCE(MAX(id), 0) FROM mailtriage_erasures", &[]))?.get(0))
+    }
+
+    /// Deletes erasure requests older than `before` (unix seconds).
+    pub fn expire_erasures(&self, before: i64) -> Result<u64, StoreError> {
+        self.with_pg(|c| c.execute("DELETE FROM mailtriage_erasures WHERE requested_at < $1", &[&before]))
+    }
+
     /// Rows in the shared window and the bytes the table and its indexes take.
     pub fn recent_size(&self) -> Result<(i64, i64), StoreError> {
         let r = self.with_pg(|c| {
@@ -555,9 +603,7 @@ pub(crate) fn pg_target(url: &str, password_file: Option<&std::path::Path>) -> R
 
 /// `mailtriage@<host name>:<pid>`: how this instance names itself to PostgreSQL.
 pub fn instance_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let host = host.trim();
-    format!("mailtriage@{}:{}", if host.is_empty() { "localhost" } else { host }, std::process::id())
+    format!("mailtriage@{}:{}", crate::record::host_name(), std::process::id())
 }
 
 /// Connects and creates the tables if needed.
@@ -565,6 +611,7 @@ fn pg_connect(target: &Target) -> Result<postgres::Client, postgres::Error> {
     let (mut client, _) = target.connect()?;
     client.batch_execute(&schema("BIGSERIAL PRIMARY KEY", "BYTEA"))?;
     client.batch_execute(RECENT_SCHEMA)?;
+    client.batch_execute(ERASURES_SCHEMA)?;
     Ok(client)
 }
 
