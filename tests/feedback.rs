@@ -1222,7 +1222,7 @@ http_token_file = "{w}/token""#,
 
     // The daemons shared what they decided; the store's size per 10,000
     // decisions (lexical features of real tickets; with a 384-float embedding).
-    assert!(store.recent_size().unwrap().0 >= 5);
+    assert!(store.recent_size().unwrap().0 >= 4, "four decisions (one erased) were shared");
     for dim in [0usize, 384] {
         psql(&pg, "TRUNCATE mailtriage_recent");
         let rows: Vec<RecentRow> = (0..10_000)
