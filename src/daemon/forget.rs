@@ -177,10 +177,9 @@ pub struct ErasureFollower {
 impl ErasureFollower {
     pub fn new(audit: Option<&Path>) -> Self {
         let cursor_file = audit.map(|p| std::path::PathBuf::from(format!("{}.erasures", p.display())));
-        let last = match &cursor_file {
-            Some(f) => Some(std::fs::read_to_string(f).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)),
-            None => None,
-        };
+        let last = cursor_file
+            .as_ref()
+            .map(|f| std::fs::read_to_string(f).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0));
         ErasureFollower { cursor_file, last }
     }
 

@@ -438,6 +438,7 @@ pub fn erase_each(path: &Path, hashes: &[&str]) -> Result<Vec<ErasedLines>, Audi
 
 fn erase_in(file: &Path, hashes: &[&str]) -> std::io::Result<usize> {
     use std::os::unix::fs::PermissionsExt;
+    let wanted: std::collections::HashSet<&str> = hashes.iter().copied().collect();
     loop {
         let f = match File::open(file) {
             Ok(f) => f,
@@ -454,7 +455,7 @@ fn erase_in(file: &Path, hashes: &[&str]) -> std::io::Result<usize> {
         std::io::Read::read_to_end(&mut &f, &mut text)?;
         let (mut kept, mut removed) = (Vec::with_capacity(text.len()), 0);
         for line in text.split_inclusive(|&b| b == b'\n') {
-            if hashes.iter().any(|h| carries(line, h)) {
+            if carries(line, &wanted) {
                 removed += 1;
             } else {
                 kept.extend_from_slice(line);
@@ -484,12 +485,17 @@ fn erase_in(file: &Path, hashes: &[&str]) -> std::io::Result<usize> {
 
 /// Whether an audit line is about the message with this hash (parsed, so a
 /// hash that merely appears elsewhere in a line never removes it).
-fn carries(line: &[u8], hash: &str) -> bool {
-    if !line.windows(hash.len()).any(|w| w == hash.as_bytes()) {
-        return false;
-    }
-    serde_json::from_slice::<serde_json::Value>(line)
-        .is_ok_and(|v| v.get("message_id_hash").and_then(|h| h.as_str()) == Some(hash))
+fn carries(line: &[u8], hashes: &std::collections::HashSet<&str>) -> bool {
+    // Cheap test first (a batch can hold thousands of hashes): the line's own
+    // hash, if it has one, is a set lookup; the JSON is parsed only on a hit.
+    const KEY: &[u8] = b"\"message_id_hash\":\"";
+    let Some(at) = line.windows(KEY.len()).position(|w| w == KEY) else { return false };
+    let rest = &line[at + KEY.len()..];
+    let Some(end) = rest.iter().position(|&b| b == b'"') else { return false };
+    let Ok(candidate) = std::str::from_utf8(&rest[..end]) else { return false };
+    hashes.contains(candidate)
+        && serde_json::from_slice::<serde_json::Value>(line)
+            .is_ok_and(|v| v.get("message_id_hash").and_then(|h| h.as_str()) == Some(candidate))
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
