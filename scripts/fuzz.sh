@@ -59,7 +59,7 @@ report() {
   local v; v() { awk -F' *: *' -v k="$1" '$1==k {print $2}' "$s"; }
   printf '%-7s %12s execs %6ss %8s/s  edges %6s/%-6s (%s)  crashes %s  hangs %s  peak RSS %s MB\n' \
     "$t" "$(v execs_done)" "$(v run_time)" "$(v execs_per_sec)" "$(v edges_found)" "$(v total_edges)" \
-    "$(v bitmap_cvg)" "$(v saved_crashes)" "$(v saved_hangs)" "$(( $(cat target/fuzz/$t/peak_rss_kb) / 1024 ))"
+    "$(v bitmap_cvg)" "$(v saved_crashes)" "$(v saved_hangs)" "$(( $(cat target/fuzz/$t/peak_rss_kb 2>/dev/null || echo 0) / 1024 ))"
   [[ $(v saved_crashes) == 0 && $(v saved_hangs) == 0 ]]
 }
 
