@@ -119,13 +119,9 @@ pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared:
         let mut cursor: Option<i64> = (!registry.is_shared()).then(|| store.max_id().unwrap_or(0));
         let mut last_run = Instant::now();
         let mut failed_at: Option<Instant> = None;
-        let mut said: Option<String> = None;
-        let mut say = |what: String, log: &dyn Fn(&str)| {
-            if said.as_deref() != Some(what.as_str()) {
-                log(&what);
-                said = Some(what);
-            }
-        };
+        // What the log last said about the lead: each change is logged once.
+        let mut said = String::new();
+        let mut changed = |now: String| std::mem::replace(&mut said, now.clone()) != now;
         let check = fb.retrain_every.min(Duration::from_secs(5));
         loop {
             std::thread::sleep(check);
@@ -134,21 +130,23 @@ pub fn spawn_retrainer(path: PathBuf, cfg: &Config, link: &FeedbackLink, shared:
                 Some(Ok(leader::Role::Leading { fence, newly })) => {
                     if newly {
                         cursor = None;
-                        say("leading".into(), &|_| {
-                            tracing::info!(instance = %instance_name(), "retraining leader: this instance retrains for all sharing the store")
-                        });
+                    }
+                    if changed("leading".into()) {
+                        tracing::info!(instance = %instance_name(), "retraining leader: this instance retrains for all sharing the store");
                     }
                     Some(fence)
                 }
                 Some(Ok(leader::Role::Following(who))) => {
                     let who = who.unwrap_or_else(|| "another instance".into());
-                    say(format!("following {who}"), &|_| {
-                        tracing::info!(leader = %who, "retraining follower: another instance retrains; this one follows its promotions")
-                    });
+                    if changed(format!("following {who}")) {
+                        tracing::info!(leader = %who, "retraining follower: another instance retrains; this one follows its promotions");
+                    }
                     continue;
                 }
                 Some(Err(e)) => {
-                    say(format!("no lock: {e}"), &|_| tracing::warn!(error = %e, "retraining paused: the store does not answer"));
+                    if changed(format!("no lock: {e}")) {
+                        tracing::warn!(error = %e, "retraining paused: the store does not answer");
+                    }
                     continue;
                 }
             };

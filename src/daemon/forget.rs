@@ -198,8 +198,8 @@ impl ErasureFollower {
         let new = store.erasures_after(last)?;
         let Some(&(newest, _)) = new.last() else { return Ok(0) };
         let hashes: Vec<&str> = new.iter().map(|(_, h)| h.as_str()).collect();
-        for h in &hashes {
-            if let Some(r) = recent {
+        if let Some(r) = recent {
+            for h in &hashes {
                 r.remove(h);
             }
         }

@@ -111,7 +111,8 @@ pub struct Attempt<'a> {
     pub promote: Option<&'a mut Head>,
 }
 
-const HEADS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mailtriage_heads (
+/// The tables of shared versions; created with the others when the store connects.
+pub(crate) const HEADS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mailtriage_heads (
     role TEXT NOT NULL,
     number INTEGER NOT NULL,
     created_at BIGINT NOT NULL,
@@ -199,15 +200,8 @@ impl Registry {
     pub fn versions(&self, role: Role) -> Result<Vec<VersionInfo>, HeadsError> {
         if let Some(db) = &self.db {
             // Copy every version into the cache, and the pointer, then list the cache.
-            let numbers: Vec<i32> = db.with_pg(|c| {
-                c.batch_execute(HEADS_SCHEMA)?;
-                Ok(c.query("SELECT number FROM mailtriage_heads WHERE role = $1 ORDER BY number", &[&role.as_str()])?
-                    .iter()
-                    .map(|r| r.get(0))
-                    .collect())
-            })?;
-            for n in numbers {
-                self.cached(db, role, n as u32)?;
+            for n in stored_numbers(db, role)? {
+                self.cached(db, role, n)?;
             }
             self.sync()?;
         }
@@ -268,7 +262,6 @@ impl Registry {
         let instance = super::store::instance_name();
         let now = super::now();
         let version = db.with_pg(|c| {
-            c.batch_execute(HEADS_SCHEMA)?;
             let mut tx = c.transaction()?;
             // One promotion at a time, whoever asks (a leader, `heads rollback`, `retrain`).
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::leader::PROMOTE_LOCK])?;
@@ -321,13 +314,7 @@ impl Registry {
     /// Makes an earlier version current again (`v3` or `3`).
     pub fn rollback(&self, role: Role, version: &str) -> Result<PathBuf, HeadsError> {
         let numbers: Vec<u32> = match &self.db {
-            Some(db) => db.with_pg(|c| {
-                c.batch_execute(HEADS_SCHEMA)?;
-                Ok(c.query("SELECT number FROM mailtriage_heads WHERE role = $1 ORDER BY number", &[&role.as_str()])?
-                    .iter()
-                    .map(|r| r.get::<_, i32>(0) as u32)
-                    .collect())
-            })?,
+            Some(db) => stored_numbers(db, role)?,
             None => self.numbers(role),
         };
         let wanted = version.trim_start_matches('v').parse::<u32>().ok().filter(|n| numbers.contains(n));
@@ -368,7 +355,6 @@ impl Registry {
     pub fn sync(&self) -> Result<bool, HeadsError> {
         let Some(db) = &self.db else { return Ok(false) };
         let current: Vec<(String, i32)> = db.with_pg(|c| {
-            c.batch_execute(HEADS_SCHEMA)?;
             Ok(c.query("SELECT role, number FROM mailtriage_heads_current", &[])?
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
@@ -427,7 +413,6 @@ impl Registry {
     pub fn trained_through(&self) -> Result<Option<i64>, HeadsError> {
         let Some(db) = &self.db else { return Ok(None) };
         Ok(Some(db.with_pg(|c| {
-            c.batch_execute(HEADS_SCHEMA)?;
             Ok(c.query_one("SELECT COALESCE(MAX(through_id), 0) FROM mailtriage_retrain_history", &[])?.get(0))
         })?))
     }
@@ -454,6 +439,14 @@ impl Registry {
         // pieces, and a reader (a test, a tail) could see half a line.
         f.write_all(format!("{entry}\n").as_bytes()).map_err(|source| HeadsError::Io { path, source })
     }
+}
+
+/// The version numbers the store holds for `role`, oldest first.
+fn stored_numbers(db: &Store, role: Role) -> Result<Vec<u32>, StoreError> {
+    let rows = db.with_pg(|c| {
+        c.query("SELECT number FROM mailtriage_heads WHERE role = $1 ORDER BY number", &[&role.as_str()])
+    })?;
+    Ok(rows.iter().map(|r| r.get::<_, i32>(0) as u32).collect())
 }
 
 /// Moves the store's pointer to version `n` and announces it (in the

@@ -220,18 +220,15 @@ fn client_config(mode: SslMode, roots: Option<&Roots>) -> Result<Arc<rustls::Cli
         Some(Roots::System) => Some(rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() }),
         None => None,
     };
+    let webpki = |store: rustls::RootCertStore| {
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
+            .build()
+            .map_err(|e| e.to_string())
+    };
     let verifier: Arc<dyn ServerCertVerifier> = match (mode, store) {
-        (SslMode::VerifyFull, Some(store)) => {
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
-                .build()
-                .map_err(|e| e.to_string())?
-        }
-        (SslMode::VerifyCa, Some(store)) => Arc::new(ChainOnly(
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider())
-                .build()
-                .map_err(|e| e.to_string())?,
-        )),
-        _ => Arc::new(Unverified(provider())),
+        (SslMode::VerifyFull, Some(store)) => webpki(store)?,
+        (SslMode::VerifyCa, Some(store)) => Arc::new(Lenient { provider: provider(), chain: Some(webpki(store)?) }),
+        _ => Arc::new(Lenient { provider: provider(), chain: None }),
     };
     let mut config = builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth();
     // PostgreSQL 17's direct TLS negotiation asks for ALPN "postgresql"; the
@@ -240,49 +237,18 @@ fn client_config(mode: SslMode, roots: Option<&Roots>) -> Result<Arc<rustls::Cli
     Ok(Arc::new(config))
 }
 
-/// `prefer`/`require`: encrypted, but anyone may answer (libpq's meaning).
-/// The handshake's signatures are still checked, so the session is bound to
-/// the certificate shown.
+/// The modes short of `verify-full`, whose certificate check is weaker
+/// than rustls's own: `prefer`/`require` (no `chain`): encrypted, but anyone
+/// may answer (libpq's meaning); `verify-ca`: the chain must lead to a
+/// trusted root, the name may differ. Either way the handshake's signatures
+/// are checked, so the session is bound to the certificate shown.
 #[derive(Debug)]
-struct Unverified(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct Lenient {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    chain: Option<Arc<rustls::client::WebPkiServerVerifier>>,
 }
 
-/// `verify-ca`: the chain must lead to a trusted root; the name may differ.
-#[derive(Debug)]
-struct ChainOnly(Arc<rustls::client::WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -292,7 +258,8 @@ impl ServerCertVerifier for ChainOnly {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         use rustls::{CertificateError, Error};
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -305,7 +272,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -313,10 +280,10 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

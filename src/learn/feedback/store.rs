@@ -612,6 +612,7 @@ fn pg_connect(target: &Target) -> Result<postgres::Client, postgres::Error> {
     client.batch_execute(&schema("BIGSERIAL PRIMARY KEY", "BYTEA"))?;
     client.batch_execute(RECENT_SCHEMA)?;
     client.batch_execute(ERASURES_SCHEMA)?;
+    client.batch_execute(super::heads::HEADS_SCHEMA)?;
     Ok(client)
 }
 
