@@ -7,6 +7,8 @@ use std::process::{Command, Output};
 
 use mailtriage::model::encoder::Encoder;
 use mailtriage::model::head::Head;
+use mailtriage::model::int8::Isa;
+use mailtriage::settings::Precision;
 use serde_json::Value;
 
 fn root() -> &'static Path {
@@ -84,7 +86,7 @@ fn encoder_matches_golden_vectors() {
         &std::fs::read_to_string(root().join("../shared/data/minilm_golden/golden.json")).unwrap(),
     )
     .unwrap();
-    let enc = Encoder::load(&model_dir(), 256, &candle_core::Device::Cpu).unwrap();
+    let enc = Encoder::load(&model_dir(), 256, &candle_core::Device::Cpu, Precision::F32).unwrap();
     let items = golden["items"].as_array().unwrap();
     assert_eq!(items.len(), 10);
     let mut worst = 0f32;
@@ -111,6 +113,58 @@ fn encoder_matches_golden_vectors() {
     assert_eq!(enc.token_ids(&text).unwrap(), want);
 }
 
+/// Real mail texts: support tickets (German and English) and 20news posts.
+fn real_texts(tickets: usize, news: usize) -> Vec<String> {
+    let shared = root().join("../shared/data");
+    let text = |v: &Value| {
+        mailtriage::model::model_text(v["subject"].as_str().unwrap_or(""), v["body"].as_str().unwrap_or(""))
+    };
+    let mut out: Vec<String> = std::fs::read_to_string(shared.join("support_tickets/train.jsonl"))
+        .unwrap()
+        .lines()
+        .step_by(37)
+        .take(tickets)
+        .map(|l| text(&serde_json::from_str(l).unwrap()))
+        .collect();
+    let gz = Command::new("gzip").arg("-dc").arg(shared.join("20news_bydate/train.jsonl.gz")).output().unwrap();
+    assert!(gz.status.success());
+    out.extend(
+        String::from_utf8_lossy(&gz.stdout)
+            .lines()
+            .step_by(53)
+            .take(news)
+            .map(|l| text(&serde_json::from_str(l).unwrap())),
+    );
+    out
+}
+
+/// The 8-bit encoder keeps embeddings within cosine 0.99 of f32 on real
+/// mail (the kernels are exact, so this holds on every CPU alike).
+#[test]
+fn int8_encoder_stays_within_cosine_0_99_of_f32_on_real_mail() {
+    let f32 = Encoder::load(&model_dir(), 128, &candle_core::Device::Cpu, Precision::F32).unwrap();
+    let int8 = Encoder::load(&model_dir(), 128, &candle_core::Device::Cpu, Precision::Int8).unwrap();
+    assert_eq!((f32.precision(), int8.precision()), (Precision::F32, Precision::Int8));
+    let (wf, wi) = (f32.weight_bytes().unwrap(), int8.weight_bytes().unwrap());
+    assert!(wi * 3 < wf, "int8 weights {wi} B vs f32 {wf} B");
+    let texts = real_texts(60, 40);
+    let cosines: Vec<f32> = texts
+        .iter()
+        .map(|t| {
+            let (a, b) = (f32.embed(t).unwrap(), int8.embed(t).unwrap());
+            a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
+        })
+        .collect();
+    let mean = cosines.iter().sum::<f32>() / cosines.len() as f32;
+    let min = cosines.iter().copied().fold(f32::INFINITY, f32::min);
+    eprintln!(
+        "int8 vs f32 on {} texts ({}): cosine mean {mean:.5}, min {min:.5}; weights {wi} B vs {wf} B",
+        texts.len(),
+        Isa::detect().name()
+    );
+    assert!(min >= 0.99, "cosine mean {mean}, min {min}");
+}
+
 #[test]
 fn train_save_load_predicts_identically_and_eval_reports_figures() {
     model_dir();
@@ -130,7 +184,7 @@ fn train_save_load_predicts_identically_and_eval_reports_figures() {
     assert_eq!(loaded.meta.label_field, "department");
     assert!(loaded.meta.temperature > 0.0);
     let again = Head::load(&head).unwrap();
-    let enc = Encoder::load(&model_dir(), 128, &candle_core::Device::Cpu).unwrap();
+    let enc = Encoder::load(&model_dir(), 128, &candle_core::Device::Cpu, Precision::Auto).unwrap();
     for line in std::fs::read_to_string(&test).unwrap().lines() {
         let v: Value = serde_json::from_str(line).unwrap();
         let text = mailtriage::model::model_text(v["subject"].as_str().unwrap(), v["body"].as_str().unwrap());

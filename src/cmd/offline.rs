@@ -70,7 +70,7 @@ fn model_config(cfg: &Config) -> ModelConfig {
 
 fn load_encoder(m: &ModelConfig) -> Result<Encoder> {
     let dir = fetch::resolve(m.path.as_deref(), &m.id)?;
-    Ok(Encoder::load(&dir, m.max_tokens, &mailtriage::model::device(m.device)?)?)
+    Ok(Encoder::load(&dir, m.max_tokens, &mailtriage::model::device(m.device)?, m.precision)?)
 }
 
 fn read_data(cfg: &Config, args: &DataArgs, need_label: bool) -> Result<Vec<Record>> {
@@ -116,15 +116,15 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
         records.iter().map(|r| Example::new(&r.text, r.label.clone().expect("labeled"), &opts.lexical)).collect();
     eprintln!("{} labeled messages read", examples.len());
     let m = model_config(cfg);
-    let embeddings = if args.no_embeddings {
-        None
+    let (embeddings, precision) = if args.no_embeddings {
+        (None, None)
     } else {
         let encoder = load_encoder(&m)?;
         let texts: Vec<String> = records.iter().map(|r| r.text.clone()).collect();
-        Some(embed(&m, &encoder, &texts, &args.data)?)
+        (Some(embed(&m, &encoder, &texts, &args.data)?), Some(encoder.precision()))
     };
     let label_field = if args.data.maildir.is_some() { "department".to_string() } else { args.data.label.clone() };
-    let provenance = Provenance { label_field, encoder: Some(m.id.clone()), max_tokens: m.max_tokens };
+    let provenance = Provenance { label_field, encoder: Some(m.id.clone()), max_tokens: m.max_tokens, precision };
     let fit_started = Instant::now();
     let cascade_fits =
         if embeddings.is_some() && opts.cascade_tolerance >= 0.0 { 1 + usize::from(opts.refit) } else { 0 };
@@ -387,7 +387,7 @@ pub fn model_fetch(cfg: &Config) -> Result<ExitCode> {
     let m = model_config(cfg);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let dir = rt.block_on(fetch::fetch(&m.id))?;
-    Encoder::load(&dir, m.max_tokens, &candle_core::Device::Cpu)
+    Encoder::load(&dir, m.max_tokens, &candle_core::Device::Cpu, m.precision)
         .with_context(|| format!("checking {}", dir.display()))?;
     println!("{}: {}", m.id, dir.display());
     Ok(ExitCode::SUCCESS)

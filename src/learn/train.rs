@@ -125,6 +125,8 @@ pub struct Provenance {
     pub label_field: String,
     pub encoder: Option<String>,
     pub max_tokens: usize,
+    /// The encoder's resolved arithmetic, when embeddings were used.
+    pub precision: Option<crate::settings::Precision>,
 }
 
 /// A tiny deterministic PRNG (xorshift64*): the split and the example order
@@ -200,6 +202,7 @@ pub fn train(
         embedding_dim: dim,
         embedding_weight: opts.embedding_weight,
         max_tokens: provenance.max_tokens,
+        precision: provenance.precision.filter(|_| dim > 0),
         lexical: opts.lexical,
         temperature: 1.0,
         trained_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -469,7 +472,7 @@ mod tests {
     }
 
     fn prov() -> Provenance {
-        Provenance { label_field: "queue".into(), encoder: None, max_tokens: 256 }
+        Provenance { label_field: "queue".into(), encoder: None, max_tokens: 256, precision: None }
     }
 
     #[test]

@@ -13,29 +13,67 @@
 //!   buffers, which are reused from one message to the next (one set per
 //!   thread), so a forward pass allocates nothing.
 //!
-//! No padding and no mask: one sequence per pass. Numbers match Candle's
-//! model (and the sentence-transformers reference) within 1e-4 per component
-//! (tests/model.rs checks the golden vectors).
+//! No padding and no mask: one sequence per pass. In f32, numbers match
+//! Candle's model (and the sentence-transformers reference) within 1e-4 per
+//! component (tests/model.rs checks the golden vectors). In int8 the four
+//! linear layers of each block run on [`QLinear`] (8-bit, VNNI); attention
+//! scores, softmax, LayerNorm and GELU stay in f32.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 
-use candle_core::Tensor;
 use gemm::Parallelism;
 
-/// The weights of one transformer layer, laid out for `linear`.
+use super::int8::{QLinear, QScratch, QTable};
+use super::weights::WeightsFile;
+
+/// A linear layer's weights: f32 transposed for `gemm`, or 8-bit.
+enum Linear {
+    /// `[in × out]` (transposed once at load) and the bias.
+    F32 { w: Vec<f32>, b: Vec<f32> },
+    Int8(QLinear),
+}
+
+impl Linear {
+    /// From PyTorch's `[out × in]` layout.
+    fn new(w: &[f32], out: usize, inp: usize, b: Vec<f32>, int8: bool) -> Linear {
+        if int8 {
+            Linear::Int8(QLinear::new(w, out, inp, &b))
+        } else {
+            Linear::F32 { w: transpose(w, out, inp), b }
+        }
+    }
+
+    /// `y[m×out] = x[m×in] · W + b`.
+    fn apply(&self, x: &[f32], m: usize, inp: usize, out: usize, y: &mut [f32], q: &mut QScratch) {
+        match self {
+            Linear::F32 { w, b } => linear(x, m, inp, w, out, b, y),
+            Linear::Int8(l) => l.forward(x, m, y, q),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Linear::F32 { w, b } => 4 * (w.len() + b.len()),
+            Linear::Int8(l) => l.bytes(),
+        }
+    }
+}
+
+/// The word-embedding table: f32, or 8 bits per value with a scale per row.
+enum Table {
+    F32(Vec<f32>),
+    Int8(QTable),
+}
+
+/// The weights of one transformer layer.
 struct Layer {
-    /// `[hidden × 3·hidden]`: Q, K, V side by side.
-    qkv_w: Vec<f32>,
-    qkv_b: Vec<f32>,
-    out_w: Vec<f32>,
-    out_b: Vec<f32>,
+    /// Q, K and V fused into one `hidden → 3·hidden` product.
+    qkv: Linear,
+    out: Linear,
     ln1_g: Vec<f32>,
     ln1_b: Vec<f32>,
-    up_w: Vec<f32>,
-    up_b: Vec<f32>,
-    down_w: Vec<f32>,
-    down_b: Vec<f32>,
+    up: Linear,
+    down: Linear,
     ln2_g: Vec<f32>,
     ln2_b: Vec<f32>,
 }
@@ -47,7 +85,7 @@ pub struct CpuBert {
     eps: f32,
     vocab: usize,
     max_positions: usize,
-    word: Vec<f32>,
+    word: Table,
     position: Vec<f32>,
     /// Token type 0 (single-segment input).
     token_type: Vec<f32>,
@@ -65,6 +103,7 @@ struct Scratch {
     ctx: Vec<f32>,
     tmp: Vec<f32>,
     up: Vec<f32>,
+    q: QScratch,
 }
 
 thread_local! {
@@ -80,61 +119,70 @@ pub struct Shape {
     pub eps: f64,
 }
 
+/// Rows of the word-embedding table read per slice while loading.
+const TABLE_CHUNK_ROWS: usize = 4096;
+
 impl CpuBert {
-    /// Takes the weights out of a loaded safetensors map (`bert.` prefix or none).
-    pub fn from_tensors(tensors: &HashMap<String, Tensor>, shape: &Shape) -> Result<CpuBert, String> {
-        let prefix = if tensors.contains_key("embeddings.word_embeddings.weight") { "" } else { "bert." };
-        let get = |name: &str, dims: &[usize]| -> Result<Vec<f32>, String> {
-            let full = format!("{prefix}{name}");
-            let t = tensors.get(&full).ok_or_else(|| format!("tensor `{full}` is missing"))?;
-            if t.dims() != dims {
-                return Err(format!("tensor `{full}` has shape {:?}, expected {dims:?}", t.dims()));
-            }
-            t.flatten_all()
-                .and_then(|t| t.to_dtype(candle_core::DType::F32))
-                .and_then(|t| t.to_vec1::<f32>())
-                .map_err(|e| format!("tensor `{full}`: {e}"))
-        };
+    /// Reads the weights tensor by tensor (`bert.` prefix or none), in f32
+    /// or quantised to 8 bits as each one arrives (no full f32 copy first).
+    pub fn load(file: &WeightsFile, shape: &Shape, int8: bool) -> Result<CpuBert, String> {
+        let prefix = if file.contains("embeddings.word_embeddings.weight") { "" } else { "bert." };
+        let name = |s: &str| format!("{prefix}{s}");
+        let get = |s: &str, dims: &[usize]| file.read(&name(s), dims);
         let (h, i) = (shape.hidden, shape.intermediate);
         if shape.heads == 0 || h % shape.heads != 0 {
             return Err(format!("hidden size {h} is not a multiple of {} heads", shape.heads));
         }
-        let word_t = tensors
-            .get(&format!("{prefix}embeddings.word_embeddings.weight"))
-            .ok_or("tensor `embeddings.word_embeddings.weight` is missing")?;
-        let vocab = word_t.dims().first().copied().unwrap_or(0);
-        let pos_t = tensors
-            .get(&format!("{prefix}embeddings.position_embeddings.weight"))
-            .ok_or("tensor `embeddings.position_embeddings.weight` is missing")?;
-        let max_positions = pos_t.dims().first().copied().unwrap_or(0);
-        let token_types = get("embeddings.token_type_embeddings.weight", &[2, h])
-            .or_else(|_| get("embeddings.token_type_embeddings.weight", &[1, h]))?;
+        let dim0 = |s: &str| {
+            file.dims(&name(s)).and_then(|d| d.first().copied()).ok_or_else(|| format!("tensor `{}` is missing", name(s)))
+        };
+        let vocab = dim0("embeddings.word_embeddings.weight")?;
+        let max_positions = dim0("embeddings.position_embeddings.weight")?;
+        let types = dim0("embeddings.token_type_embeddings.weight")?;
+        let token_types = get("embeddings.token_type_embeddings.weight", &[types, h])?;
+        let word = if int8 {
+            let mut t = QTable::with_capacity(vocab, h);
+            file.read_rows(&name("embeddings.word_embeddings.weight"), &[vocab, h], TABLE_CHUNK_ROWS, |rows| {
+                t.push_rows(rows)
+            })?;
+            Table::Int8(t)
+        } else {
+            Table::F32(get("embeddings.word_embeddings.weight", &[vocab, h])?)
+        };
         let mut layers = Vec::with_capacity(shape.layers);
         for l in 0..shape.layers {
             let p = |s: &str| format!("encoder.layer.{l}.{s}");
-            let (q, k, v) = (
-                get(&p("attention.self.query.weight"), &[h, h])?,
-                get(&p("attention.self.key.weight"), &[h, h])?,
-                get(&p("attention.self.value.weight"), &[h, h])?,
-            );
             let mut fused = Vec::with_capacity(3 * h * h);
-            fused.extend_from_slice(&q);
-            fused.extend_from_slice(&k);
-            fused.extend_from_slice(&v);
-            let mut qkv_b = get(&p("attention.self.query.bias"), &[h])?;
-            qkv_b.extend(get(&p("attention.self.key.bias"), &[h])?);
-            qkv_b.extend(get(&p("attention.self.value.bias"), &[h])?);
+            let mut qkv_b = Vec::with_capacity(3 * h);
+            for part in ["query", "key", "value"] {
+                fused.extend(get(&p(&format!("attention.self.{part}.weight")), &[h, h])?);
+                qkv_b.extend(get(&p(&format!("attention.self.{part}.bias")), &[h])?);
+            }
             layers.push(Layer {
-                qkv_w: transpose(&fused, 3 * h, h),
-                qkv_b,
-                out_w: transpose(&get(&p("attention.output.dense.weight"), &[h, h])?, h, h),
-                out_b: get(&p("attention.output.dense.bias"), &[h])?,
+                qkv: Linear::new(&fused, 3 * h, h, qkv_b, int8),
+                out: Linear::new(
+                    &get(&p("attention.output.dense.weight"), &[h, h])?,
+                    h,
+                    h,
+                    get(&p("attention.output.dense.bias"), &[h])?,
+                    int8,
+                ),
                 ln1_g: get(&p("attention.output.LayerNorm.weight"), &[h])?,
                 ln1_b: get(&p("attention.output.LayerNorm.bias"), &[h])?,
-                up_w: transpose(&get(&p("intermediate.dense.weight"), &[i, h])?, i, h),
-                up_b: get(&p("intermediate.dense.bias"), &[i])?,
-                down_w: transpose(&get(&p("output.dense.weight"), &[h, i])?, h, i),
-                down_b: get(&p("output.dense.bias"), &[h])?,
+                up: Linear::new(
+                    &get(&p("intermediate.dense.weight"), &[i, h])?,
+                    i,
+                    h,
+                    get(&p("intermediate.dense.bias"), &[i])?,
+                    int8,
+                ),
+                down: Linear::new(
+                    &get(&p("output.dense.weight"), &[h, i])?,
+                    h,
+                    i,
+                    get(&p("output.dense.bias"), &[h])?,
+                    int8,
+                ),
                 ln2_g: get(&p("output.LayerNorm.weight"), &[h])?,
                 ln2_b: get(&p("output.LayerNorm.bias"), &[h])?,
             });
@@ -146,13 +194,28 @@ impl CpuBert {
             eps: shape.eps as f32,
             vocab,
             max_positions,
-            word: get("embeddings.word_embeddings.weight", &[vocab, h])?,
+            word,
             position: get("embeddings.position_embeddings.weight", &[max_positions, h])?,
             token_type: token_types[..h].to_vec(),
             emb_ln_g: get("embeddings.LayerNorm.weight", &[h])?,
             emb_ln_b: get("embeddings.LayerNorm.bias", &[h])?,
             layers,
         })
+    }
+
+    /// Bytes of weights held in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let word = match &self.word {
+            Table::F32(w) => 4 * w.len(),
+            Table::Int8(t) => t.bytes(),
+        };
+        let small = 4 * (self.position.len() + self.token_type.len() + 2 * self.hidden);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| l.qkv.bytes() + l.out.bytes() + l.up.bytes() + l.down.bytes() + 16 * self.hidden)
+            .sum();
+        word + small + layers
     }
 
     /// Mean-pooled, L2-normalised embedding of one token sequence.
@@ -180,22 +243,26 @@ impl CpuBert {
         resize(&mut s.tmp, n * h);
         resize(&mut s.up, n * i);
         // Exactly this sequence's size: the buffers may be longer from an earlier one.
-        let Scratch { x, qkv, scores, ctx, tmp, up } = s;
+        let Scratch { x, qkv, scores, ctx, tmp, up, q: qs } = s;
         let (x, qkv, scores) = (&mut x[..n * h], &mut qkv[..n * 3 * h], &mut scores[..n * n]);
         let (ctx, tmp, up) = (&mut ctx[..n * h], &mut tmp[..n * h], &mut up[..n * i]);
 
         for (t, &id) in ids.iter().enumerate() {
             let row = &mut x[t * h..(t + 1) * h];
-            let (w, p) = (&self.word[id as usize * h..][..h], &self.position[t * h..][..h]);
+            let p = &self.position[t * h..][..h];
             for j in 0..h {
-                row[j] = w[j] + p[j] + self.token_type[j];
+                row[j] = p[j] + self.token_type[j];
+            }
+            match &self.word {
+                Table::F32(w) => add_assign(row, &w[id as usize * h..][..h]),
+                Table::Int8(w) => w.add_row(id as usize, row),
             }
         }
         layer_norm(x, h, &self.emb_ln_g, &self.emb_ln_b, self.eps);
 
         let scale = 1.0 / (d as f32).sqrt();
         for l in &self.layers {
-            linear(x, n, h, &l.qkv_w, 3 * h, &l.qkv_b, qkv);
+            l.qkv.apply(x, n, h, 3 * h, qkv, qs);
             for head in 0..self.heads {
                 let q = qkv[head * d..].as_ptr();
                 let k = qkv[h + head * d..].as_ptr();
@@ -256,12 +323,12 @@ impl CpuBert {
                     );
                 }
             }
-            linear(ctx, n, h, &l.out_w, h, &l.out_b, tmp);
+            l.out.apply(ctx, n, h, h, tmp, qs);
             add_assign(x, tmp);
             layer_norm(x, h, &l.ln1_g, &l.ln1_b, self.eps);
-            linear(x, n, h, &l.up_w, i, &l.up_b, up);
+            l.up.apply(x, n, h, i, up, qs);
             gelu_all(up);
-            linear(up, n, i, &l.down_w, h, &l.down_b, tmp);
+            l.down.apply(up, n, i, h, tmp, qs);
             add_assign(x, tmp);
             layer_norm(x, h, &l.ln2_g, &l.ln2_b, self.eps);
         }

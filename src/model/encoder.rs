@@ -12,7 +12,10 @@ use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use tokenizers::{Tokenizer, TruncationParams};
 
 use super::cpu_bert::{CpuBert, Shape};
+use super::int8::Isa;
+use super::weights::WeightsFile;
 use super::ModelError;
+use crate::settings::Precision;
 
 /// Characters kept per token of budget before tokenising (see `token_ids`).
 const CHARS_PER_TOKEN_BOUND: usize = 24;
@@ -33,22 +36,43 @@ pub struct Encoder {
     dim: usize,
     /// Tokens per text, [CLS] and [SEP] included; the rest is cut.
     max_tokens: usize,
+    /// What the forward pass computes in: `F32` or `Int8`, never `Auto`.
+    precision: Precision,
+}
+
+/// What `precision` means on this machine and device: `auto` is int8 where
+/// the CPU has an integer dot product (else int8 is exact but no faster);
+/// other devices run Candle's f32 model.
+pub fn resolve_precision(precision: Precision, device: &Device) -> Precision {
+    match precision {
+        _ if !device.is_cpu() => Precision::F32,
+        Precision::Auto if Isa::detect().has_dot_product() => Precision::Int8,
+        Precision::Auto => Precision::F32,
+        p => p,
+    }
 }
 
 impl Encoder {
     /// Loads a model directory. Each failure names the file at fault. On CPU
-    /// the forward pass is [`CpuBert`]; on other devices, Candle's `BertModel`.
-    pub fn load(dir: &Path, max_tokens: usize, device: &Device) -> Result<Encoder, ModelError> {
-        Self::load_with(dir, max_tokens, device, device.is_cpu())
+    /// the forward pass is [`CpuBert`] in the resolved `precision`; on other
+    /// devices, Candle's `BertModel`.
+    pub fn load(dir: &Path, max_tokens: usize, device: &Device, precision: Precision) -> Result<Encoder, ModelError> {
+        Self::load_with(dir, max_tokens, device, device.is_cpu(), resolve_precision(precision, device))
     }
 
-    /// As [`load`](Self::load), always with Candle's `BertModel` (the
+    /// As [`load`](Self::load), always with Candle's `BertModel` in f32 (the
     /// reference the fast path is measured and checked against).
     pub fn load_reference(dir: &Path, max_tokens: usize, device: &Device) -> Result<Encoder, ModelError> {
-        Self::load_with(dir, max_tokens, device, false)
+        Self::load_with(dir, max_tokens, device, false, Precision::F32)
     }
 
-    fn load_with(dir: &Path, max_tokens: usize, device: &Device, fast_cpu: bool) -> Result<Encoder, ModelError> {
+    fn load_with(
+        dir: &Path,
+        max_tokens: usize,
+        device: &Device,
+        fast_cpu: bool,
+        precision: Precision,
+    ) -> Result<Encoder, ModelError> {
         let file = |name: &str| -> Result<PathBuf, ModelError> {
             let p = dir.join(name);
             if p.is_file() {
@@ -76,8 +100,6 @@ impl Encoder {
             .map_err(|e| bad(&tokenizer_path, e.to_string()))?;
         tokenizer.with_padding(None);
 
-        let tensors = candle_core::safetensors::load(&weights_path, device)
-            .map_err(|e| bad(&weights_path, format!("not readable safetensors: {e}")))?;
         let backend = if fast_cpu {
             let shape = Shape {
                 hidden: config.hidden_size,
@@ -86,18 +108,21 @@ impl Encoder {
                 layers: config.num_hidden_layers,
                 eps: config.layer_norm_eps,
             };
+            let file = WeightsFile::open(&weights_path).map_err(|e| bad(&weights_path, e))?;
             Backend::Cpu(
-                CpuBert::from_tensors(&tensors, &shape)
+                CpuBert::load(&file, &shape, precision == Precision::Int8)
                     .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?,
             )
         } else {
+            let tensors = candle_core::safetensors::load(&weights_path, device)
+                .map_err(|e| bad(&weights_path, format!("not readable safetensors: {e}")))?;
             let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
             Backend::Candle(
                 BertModel::load(vb, &config)
                     .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?,
             )
         };
-        Ok(Encoder { backend, tokenizer, device: device.clone(), dim: config.hidden_size, max_tokens })
+        Ok(Encoder { backend, tokenizer, device: device.clone(), dim: config.hidden_size, max_tokens, precision })
     }
 
     /// Embedding width (384 for MiniLM-L6).
@@ -107,6 +132,19 @@ impl Encoder {
 
     pub fn max_tokens(&self) -> usize {
         self.max_tokens
+    }
+
+    /// The resolved arithmetic: `F32` or `Int8`.
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Bytes of encoder weights held in memory (our CPU forward pass only).
+    pub fn weight_bytes(&self) -> Option<usize> {
+        match &self.backend {
+            Backend::Cpu(b) => Some(b.weight_bytes()),
+            Backend::Candle(_) => None,
+        }
     }
 
     /// Token ids of a text after truncation, special tokens included.
@@ -151,12 +189,12 @@ mod tests {
     #[test]
     fn missing_and_corrupt_files_are_named() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Encoder::load(dir.path(), 256, &Device::Cpu).err().unwrap();
+        let err = Encoder::load(dir.path(), 256, &Device::Cpu, Precision::Auto).err().unwrap();
         assert!(err.to_string().contains("config.json"), "{err}");
         for f in MODEL_FILES {
             std::fs::write(dir.path().join(f), b"{not valid").unwrap();
         }
-        let err = Encoder::load(dir.path(), 256, &Device::Cpu).err().unwrap();
+        let err = Encoder::load(dir.path(), 256, &Device::Cpu, Precision::Auto).err().unwrap();
         assert!(err.to_string().contains("config.json"), "{err}");
     }
 }

@@ -30,6 +30,10 @@ pub struct HeadMeta {
     pub embedding_weight: f32,
     /// Token limit used when embedding the training data.
     pub max_tokens: usize,
+    /// The encoder arithmetic (`f32`/`int8`) the training embeddings came
+    /// from; `None` in heads older than the int8 encoder (they were f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<crate::settings::Precision>,
     pub lexical: LexicalConfig,
     /// Softmax temperature fitted on the calibration split.
     pub temperature: f32,
@@ -323,6 +327,7 @@ pub(crate) mod tests {
                 embedding_dim: 3,
                 embedding_weight: 1.0,
                 max_tokens: 128,
+                precision: None,
                 lexical,
                 temperature: 2.0,
                 trained_at: "2026-01-01T00:00:00Z".into(),

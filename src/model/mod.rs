@@ -1,6 +1,7 @@
 //! The classifier: a frozen sentence encoder plus small trained heads.
 //!
-//! - [`encoder`]: Candle BERT (default all-MiniLM-L6-v2), mean-pooled, L2-normalised.
+//! - [`encoder`]: BERT (default all-MiniLM-L6-v2), mean-pooled, L2-normalised: our CPU
+//!   forward pass (`cpu_bert`, f32 or [`int8`] on VNNI), Candle's on CUDA.
 //! - [`lexical`]: hashed word and character n-grams (TF-IDF).
 //! - [`head`]: logistic heads over both, calibrated, stored as safetensors.
 //! - [`prototypes`]: the cold-start classifier from department descriptions.
@@ -17,9 +18,11 @@ mod cpu_bert;
 pub mod encoder;
 pub mod fetch;
 pub mod head;
+pub mod int8;
 pub mod lexical;
 mod prototypes;
 mod text;
+mod weights;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -196,7 +199,7 @@ pub fn load(
         || priority.as_ref().is_some_and(Head::uses_embedding);
     let encoder = if needs_encoder {
         let dir = fetch::resolve(cfg.path.as_deref(), &cfg.id)?;
-        Some(Arc::new(encoder::Encoder::load(&dir, cfg.max_tokens, &device(cfg.device)?)?))
+        Some(Arc::new(encoder::Encoder::load(&dir, cfg.max_tokens, &device(cfg.device)?, cfg.precision)?))
     } else {
         None
     };
@@ -213,6 +216,17 @@ pub fn load(
             }
         }
         if let (Some(h), Some(path), Some(enc)) = (head, key, &encoder) {
+            let trained_with = h.meta.precision.unwrap_or(crate::settings::Precision::F32);
+            if h.uses_embedding() && trained_with != enc.precision() {
+                // int8 embeddings are within cosine 0.99 of f32, not equal:
+                // the head's measured figures hold for the arithmetic it saw.
+                tracing::warn!(
+                    head = %path.display(),
+                    %trained_with,
+                    running = %enc.precision(),
+                    "head trained on embeddings of another encoder precision; retrain it (or set [model] precision) for the figures it was measured with"
+                );
+            }
             if h.uses_embedding()
                 && (h.meta.encoder.as_deref() != Some(cfg.id.as_str()) || h.meta.embedding_dim != enc.dim())
             {

@@ -17,7 +17,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use regex::Regex;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 pub use crate::domain::{Action, Mode};
@@ -324,6 +324,8 @@ pub struct ModelConfig {
     pub deadline: Duration,
     /// `cpu`, or `cuda` (needs a build with the `cuda` feature).
     pub device: Device,
+    /// `auto`, `f32` or `int8` (CPU only; `auto` is int8 where the CPU has VNNI).
+    pub precision: Precision,
     /// Embeddings kept for identical text (bulk mail); 0 disables the cache.
     pub cache_entries: usize,
 }
@@ -340,6 +342,7 @@ impl Default for ModelConfig {
             queue_depth: 64,
             deadline: Duration::from_secs(2),
             device: Device::Cpu,
+            precision: Precision::Auto,
             cache_entries: 10_000,
         }
     }
@@ -609,6 +612,37 @@ pub enum Device {
     Cpu,
     /// Candle's CUDA backend (a build with the `cuda` feature).
     Cuda,
+}
+
+/// The arithmetic of the encoder's linear layers on CPU.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// `int8` where the CPU has an integer dot-product instruction (AVX-512
+    /// VNNI or AVX-VNNI), else `f32`.
+    #[default]
+    Auto,
+    /// Exact f32 everywhere (the reference).
+    F32,
+    /// 8-bit weights (per output channel) and activations (per token),
+    /// 32-bit accumulation; word embeddings in 8 bits per row.
+    Int8,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::Int8 => "int8",
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// What the MTA is told when we fail internally.

@@ -220,6 +220,7 @@ pub fn retrain(
         label_field: meta.label_field.clone(),
         encoder: meta.encoder.clone(),
         max_tokens: meta.max_tokens,
+        precision: meta.precision,
     };
     let (mut candidate, _) =
         train::train(&examples, (dim > 0).then_some(embeddings.as_slice()), provenance, &opts, |_, _, _| {})?;
