@@ -402,6 +402,7 @@ fn tiny_head_file() -> Vec<u8> {
             dev_metrics: serde_json::json!({}),
             version: "v1".into(),
             cascade: None,
+            risk_coverage: Vec::new(),
         },
         w_emb: Vec::new(),
         w_lex: (0..dim * c).map(|i| (i % 7) as f32 * 0.1).collect(),

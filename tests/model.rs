@@ -227,6 +227,7 @@ fn train_save_load_predicts_identically_and_eval_reports_figures() {
     );
     let text = ok(&out);
     assert!(text.contains("macro-F1") && text.contains("billing") && text.contains("by language:"), "{text}");
+    assert!(text.contains("risk-coverage") && text.contains("at 90 % accuracy:"), "{text}");
 }
 
 #[test]
@@ -292,6 +293,31 @@ fn classify_uses_the_model_and_sends_unsure_mail_to_review() {
     assert!(v["plan"].as_array().unwrap().iter().any(|c| c["op"] == "add_header" && c["value"] == "review"), "{v}");
     let v = with_review(confidence * 0.9);
     assert_eq!(v["decision"]["action"], "reroute");
+
+    // A target accuracy: the head's dev-split curve gives the threshold; an
+    // explicit review_below still wins.
+    let curve = Head::load(&head).unwrap().meta.risk_coverage;
+    assert!(!curve.is_empty() && curve[0].coverage == 1.0, "{curve:?}");
+    // Just above the best accuracy of any threshold at or below this message's
+    // confidence: the chosen threshold must lie above it, so it goes to review.
+    let best_below = curve.iter().filter(|p| p.threshold as f64 <= confidence).map(|p| p.accuracy).fold(0.0, f64::max);
+    let mut targets = vec![0.5, 1.0];
+    if best_below < 0.999 {
+        targets.push(((best_below + 0.0005) * 10_000.0).ceil() / 10_000.0);
+    }
+    for target in targets {
+        let point = mailtriage::learn::eval::threshold_for(&curve, target);
+        let cfg = config(
+            dir.path(),
+            &format!(
+                "department_head = \"{}\"\n\n[policy]\ntarget_accuracy = {target}\nreview_mailbox = \"triage@test.example\"",
+                head.display()
+            ),
+        );
+        let v: Value = serde_json::from_str(ok(&mailtriage(&cfg, &["classify", msg.to_str().unwrap()])).trim()).unwrap();
+        let review = point.is_none_or(|p| (confidence as f32) < p.threshold);
+        assert_eq!(v["decision"]["action"], if review { "review" } else { "reroute" }, "{target} {point:?} {v}");
+    }
 
     // Cold start (no head): the department descriptions decide.
     let cfg = config(dir.path(), "");

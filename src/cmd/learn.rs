@@ -290,6 +290,7 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
         "review_share": share(review),
         "corrections": corrections.len(),
         "misroute_rate": if auto > 0 { corrections.len() as f64 / auto as f64 } else { 0.0 },
+        "target_accuracy": cfg.policy.target_accuracy,
         "corrections_per_day": per_department.iter().map(|(d, n)| (d.clone(), *n as f64 / days.max(1) as f64)).collect::<BTreeMap<_, _>>(),
         "minutes_per_manual_triage": minutes,
         "staff_minutes_saved": saved,
@@ -306,6 +307,14 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
         corrections.len(),
         100.0 * report["misroute_rate"].as_f64().unwrap_or(0.0)
     );
+    if let Some(t) = cfg.policy.target_accuracy {
+        let achieved = 1.0 - report["misroute_rate"].as_f64().unwrap_or(0.0);
+        println!(
+            "  target accuracy {:.1} % (policy.target_accuracy); achieved on auto-routed mail by staff corrections: {:.1} %",
+            t * 100.0,
+            achieved * 100.0
+        );
+    }
     for (d, n) in &per_department {
         println!("    {d:<30} {n:>6}  ({:.1} per day)", *n as f64 / days.max(1) as f64);
     }

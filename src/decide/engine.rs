@@ -243,9 +243,36 @@ impl Engine {
                 Some(ModelStage { classifier, departments, cache: EmbeddingCache::new(m.cache_entries) })
             }
         };
+        let mut policy = Policy::new(cfg);
+        if let (Some(target), Some(m)) = (cfg.policy.target_accuracy, &model) {
+            policy = match m.classifier.review_threshold(target as f64) {
+                Ok(Some(p)) => {
+                    tracing::info!(
+                        target_accuracy = target,
+                        threshold = p.threshold,
+                        dev_coverage = p.coverage,
+                        dev_accuracy = p.accuracy,
+                        "model decisions below the threshold go to review"
+                    );
+                    policy.with_target_threshold(p.threshold)
+                }
+                Ok(None) => {
+                    tracing::warn!(
+                        target_accuracy = target,
+                        "the department head reaches this accuracy at no threshold on its dev split: every model \
+                         decision goes to review"
+                    );
+                    policy.with_target_threshold(f32::INFINITY)
+                }
+                Err(why) => {
+                    tracing::warn!(target_accuracy = target, "policy.target_accuracy is not applied: {why}");
+                    policy
+                }
+            };
+        }
         Ok(Self {
             rules: RuleSet::new(&cfg.rules)?,
-            policy: Policy::new(cfg),
+            policy,
             limits: ExtractLimits::from(&cfg.limits),
             model,
         })

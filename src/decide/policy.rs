@@ -63,6 +63,8 @@ pub struct Policy {
     /// The departments' mailboxes and actions, and the defaults.
     catalog: Catalog,
     review_below: f32,
+    /// `review_below` was set by hand (it then wins over a target accuracy).
+    review_below_set: bool,
     review_mailbox: Option<String>,
 }
 
@@ -71,10 +73,21 @@ impl Policy {
         Self {
             mode: cfg.server.mode,
             catalog: cfg.catalog.clone(),
-            review_below: cfg.policy.review_below,
+            review_below: cfg.policy.review_below.unwrap_or(0.0),
+            review_below_set: cfg.policy.review_below.is_some(),
             review_mailbox: cfg.policy.review_mailbox.clone(),
         }
     }
+
+    /// Reviews below the threshold a target accuracy asks for, unless
+    /// `review_below` was set by hand.
+    pub fn with_target_threshold(mut self, threshold: f32) -> Self {
+        if !self.review_below_set {
+            self.review_below = threshold;
+        }
+        self
+    }
+
 
     /// Decides from the classifier: `department` is already mapped to a
     /// configured department; an unsure one goes to human review.
@@ -155,7 +168,7 @@ action = "reroute"
     #[test]
     fn unsure_model_decisions_go_to_review() {
         let mut c = cfg("enforce");
-        c.policy.review_below = 0.6;
+        c.policy.review_below = Some(0.6);
         c.policy.review_mailbox = Some("triage@example.com".into());
         let p = Policy::new(&c);
         let sure = p.decide_model("billing", 0.61, Some("high"), "m");
@@ -166,6 +179,13 @@ action = "reroute"
         assert_eq!((unsure.department.as_str(), unsure.priority.as_str()), ("billing", "medium"));
         // review off by default
         assert_eq!(Policy::new(&cfg("enforce")).decide_model("billing", 0.01, None, "m").action, Action::Reroute);
+        // A target accuracy's threshold applies, unless review_below was set by hand.
+        let by_target = Policy::new(&c).with_target_threshold(0.8);
+        assert_eq!(by_target.decide_model("billing", 0.7, None, "m").action, Action::Reroute);
+        c.policy.review_below = None;
+        let by_target = Policy::new(&c).with_target_threshold(0.8);
+        assert_eq!(by_target.decide_model("billing", 0.7, None, "m").action, Action::Review);
+        assert_eq!(by_target.decide_model("billing", 0.8, None, "m").action, Action::Reroute);
     }
 
     #[test]

@@ -1,7 +1,57 @@
 //! Classification figures: accuracy, macro-F1, per-class precision/recall/F1,
-//! the confusion matrix, and expected calibration error (10 equal-width bins).
+//! the confusion matrix, expected calibration error (10 equal-width bins), and
+//! the risk-coverage curve (how much mail can be decided automatically at a
+//! given accuracy, the rest going to review).
 
 use serde::Serialize;
+
+/// Accuracies for which `eval` reports the automatically decided share.
+pub const TARGETS: [f64; 3] = [0.80, 0.90, 0.95];
+
+/// Step of the thresholds the curve is sampled at.
+const CURVE_STEP: f32 = 0.005;
+
+pub use crate::model::head::{threshold_for, CoveragePoint};
+
+/// What a target accuracy costs: the share decided automatically.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct AtTarget {
+    pub target: f64,
+    /// `None`: no threshold reaches the target (everything would go to review).
+    pub point: Option<CoveragePoint>,
+}
+
+/// The curve at thresholds 0, 0.005, … 1.0 (201 points, ascending threshold;
+/// repeated points are dropped).
+pub fn risk_coverage(outcomes: &[Outcome]) -> Vec<CoveragePoint> {
+    let n = outcomes.len();
+    let mut points: Vec<CoveragePoint> = Vec::new();
+    if n == 0 {
+        return points;
+    }
+    let steps = (1.0 / CURVE_STEP).round() as usize;
+    for i in 0..=steps {
+        let threshold = i as f32 * CURVE_STEP;
+        let (mut covered, mut correct) = (0usize, 0usize);
+        for o in outcomes.iter().filter(|o| o.confidence >= threshold) {
+            covered += 1;
+            correct += usize::from(o.truth == Some(o.predicted));
+        }
+        if covered == 0 {
+            break;
+        }
+        if points.last().is_some_and(|p| p.coverage == covered as f64 / n as f64) {
+            continue;
+        }
+        points.push(CoveragePoint {
+            threshold,
+            coverage: covered as f64 / n as f64,
+            accuracy: correct as f64 / covered as f64,
+        });
+    }
+    points
+}
+
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ClassMetrics {
@@ -23,6 +73,8 @@ pub struct Metrics {
     /// `(other)` counts truths the classifier cannot predict.
     pub confusion: Vec<Vec<usize>>,
     pub labels: Vec<String>,
+    /// Share decided automatically at 80, 90 and 95 % accuracy.
+    pub coverage: Vec<AtTarget>,
 }
 
 /// One evaluated example: true class, predicted class, confidence in the prediction.
@@ -73,6 +125,10 @@ pub fn compute(labels: &[String], outcomes: &[Outcome]) -> Metrics {
         per_class,
         confusion,
         labels: label_names,
+        coverage: {
+            let curve = risk_coverage(outcomes);
+            TARGETS.iter().map(|&target| AtTarget { target, point: threshold_for(&curve, target) }).collect()
+        },
     }
 }
 
@@ -100,6 +156,19 @@ impl Metrics {
         );
         for m in &self.per_class {
             s += &format!("{:<32} {:>9.3} {:>9.3} {:>9.3} {:>8}\n", m.label, m.precision, m.recall, m.f1, m.support);
+        }
+        s += "\nrisk-coverage (decide automatically at confidence ≥ threshold, the rest to review)\n";
+        for t in &self.coverage {
+            s += &match t.point {
+                Some(p) => format!(
+                    "  at {:.0} % accuracy: {:.1} % decided automatically (threshold {:.3}, accuracy there {:.4})\n",
+                    t.target * 100.0,
+                    p.coverage * 100.0,
+                    p.threshold,
+                    p.accuracy
+                ),
+                None => format!("  at {:.0} % accuracy: not reachable (everything to review)\n", t.target * 100.0),
+            };
         }
         s += "\nconfusion (rows: truth, columns: predicted, in class order above)\n";
         for (label, row) in self.labels.iter().zip(&self.confusion) {
@@ -131,6 +200,23 @@ mod tests {
         // one per bin: |1-.95| + |0-.65| + |1-.85| + |1-.75|, each weighted 1/4
         let expect = (0.05 + 0.65 + 0.15 + 0.25) / 4.0;
         assert!((m.ece - expect).abs() < 1e-6, "{}", m.ece);
+    }
+
+    #[test]
+    fn risk_coverage_finds_the_lowest_threshold_that_keeps_the_target() {
+        // Confident answers right, unsure ones half wrong.
+        let outcomes = [o(0, 0, 0.95), o(1, 1, 0.9), o(0, 0, 0.8), o(1, 1, 0.7), o(0, 1, 0.5), o(1, 1, 0.4)];
+        let curve = risk_coverage(&outcomes);
+        assert_eq!(curve.first().unwrap().coverage, 1.0);
+        assert!((curve.first().unwrap().accuracy - 5.0 / 6.0).abs() < 1e-9);
+        let p = threshold_for(&curve, 0.9).unwrap();
+        assert!((p.coverage - 4.0 / 6.0).abs() < 1e-9 && p.accuracy == 1.0, "{p:?}");
+        assert!(p.threshold > 0.5 && p.threshold <= 0.7, "{p:?}");
+        assert_eq!(threshold_for(&curve, 0.8).unwrap().coverage, 1.0);
+        assert!(threshold_for(&risk_coverage(&[o(0, 1, 0.9)]), 0.5).is_none());
+        let m = compute(&["a".into(), "b".into()], &outcomes);
+        assert_eq!(m.coverage.len(), 3);
+        assert!(m.render().contains("at 90 % accuracy: 66.7 % decided automatically"), "{}", m.render());
     }
 
     #[test]

@@ -210,6 +210,7 @@ pub fn train(
         dev_metrics: serde_json::Value::Null,
         version: String::new(),
         cascade: None,
+        risk_coverage: Vec::new(),
     };
     let emb_of = |i: usize| embeddings.map(|e| e[i].as_slice()).filter(|e| e.len() == dim && dim > 0);
     let dev_y: Vec<usize> = dev_idx.iter().map(|&i| y[i]).collect();
@@ -258,7 +259,8 @@ pub fn train(
 
     // 2. Calibrate on the dev part and measure there.
     let temperature = if dev_idx.is_empty() { 1.0 } else { fit_temperature(&dev_logits, &dev_y) };
-    let dev = eval::compute(&labels, &outcomes(&dev_logits, temperature));
+    let dev_outcomes = outcomes(&dev_logits, temperature);
+    let dev = eval::compute(&labels, &dev_outcomes);
 
     // 3. The cascade: a lexical-only head with the same settings, and the
     //    lowest confidence at which it may decide alone.
@@ -289,6 +291,7 @@ pub fn train(
         head.meta.cascade = cascade.clone();
     }
     head.meta.temperature = temperature;
+    head.meta.risk_coverage = eval::risk_coverage(&dev_outcomes);
     head.meta.dev_metrics = serde_json::json!({
         "n": dev.n, "accuracy": dev.accuracy, "macro_f1": dev.macro_f1, "ece": dev.ece,
         "balanced": chosen.balanced,

@@ -50,6 +50,26 @@ pub struct HeadMeta {
     /// lexical-only head in the file.
     #[serde(default)]
     pub cascade: Option<CascadeMeta>,
+    /// The risk-coverage curve on the dev split, ascending threshold (empty in
+    /// heads trained without a dev split or before it was recorded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub risk_coverage: Vec<CoveragePoint>,
+}
+
+/// One point of a head's risk-coverage curve (measured on its dev split):
+/// deciding automatically only where the calibrated confidence is at least
+/// `threshold` covers `coverage` of the messages, with `accuracy` on those.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct CoveragePoint {
+    pub threshold: f32,
+    pub coverage: f64,
+    pub accuracy: f64,
+}
+
+/// The lowest threshold of a curve (the most mail decided automatically)
+/// whose accuracy on the decided mail reaches `target`.
+pub fn threshold_for(curve: &[CoveragePoint], target: f64) -> Option<CoveragePoint> {
+    curve.iter().filter(|p| p.accuracy >= target).max_by(|a, b| a.coverage.total_cmp(&b.coverage)).copied()
 }
 
 /// How the lexical-only head of a cascade was calibrated and what it did on dev.
@@ -335,6 +355,7 @@ pub(crate) mod tests {
                 dev_metrics: serde_json::json!({"accuracy": 0.5}),
                 version: "20260101T000000".into(),
                 cascade: Some(CascadeMeta { temperature: 1.0, threshold: 0.8, dev: serde_json::json!({}) }),
+                risk_coverage: vec![CoveragePoint { threshold: 0.5, coverage: 0.7, accuracy: 0.9 }],
             },
             w_emb: vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
             w_lex: w_lex.clone(),

@@ -88,6 +88,23 @@ pub struct ModelVerdict {
 }
 
 impl Classifier {
+    /// The confidence below which a department decision misses `target`
+    /// accuracy, from the department head's dev-split risk-coverage curve.
+    /// `Ok(None)`: no threshold reaches it (everything would go to review).
+    pub fn review_threshold(&self, target: f64) -> Result<Option<head::CoveragePoint>, String> {
+        match &self.department {
+            DepartmentModel::Trained(h) if !h.meta.risk_coverage.is_empty() => {
+                Ok(head::threshold_for(&h.meta.risk_coverage, target))
+            }
+            DepartmentModel::Trained(_) => {
+                Err("the department head has no risk-coverage curve (trained without a dev split, or before \
+                     the curve was recorded): retrain it"
+                    .into())
+            }
+            DepartmentModel::ColdStart(_) => Err("there is no trained department head (cold start)".into()),
+        }
+    }
+
     /// Whether predictions need the encoder's embedding of the text.
     pub fn needs_embedding(&self) -> bool {
         let department = match &self.department {

@@ -159,17 +159,20 @@ impl Config {
             }
         }
         let p = &self.policy;
-        if !(0.0..=1.0).contains(&p.review_below) {
+        if p.review_below.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
             problems.push(invalid("policy.review_below".into(), "must be between 0 and 1".into()));
+        }
+        if p.target_accuracy.is_some_and(|t| !(t > 0.0 && t <= 1.0)) {
+            problems.push(invalid("policy.target_accuracy".into(), "must be above 0 and at most 1 (e.g. 0.9)".into()));
         }
         match &p.review_mailbox {
             Some(m) if !valid_mailbox(m) => problems.push(invalid(
                 "policy.review_mailbox".into(),
                 format!("`{m}` is not an address like triage@example.com"),
             )),
-            None if p.review_below > 0.0 => problems.push(invalid(
+            None if p.review_below.is_some_and(|r| r > 0.0) || p.target_accuracy.is_some() => problems.push(invalid(
                 "policy.review_mailbox".into(),
-                "review_below is set, so a review mailbox is needed".into(),
+                "review_below or target_accuracy is set, so a review mailbox is needed".into(),
             )),
             _ => {}
         }

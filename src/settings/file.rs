@@ -385,7 +385,12 @@ fn default_audit_retention_days() -> u64 {
 pub struct PolicyConfig {
     /// A model decision whose department confidence is below this goes to
     /// `review_mailbox` with `X-Triage-Action: review`. 0 disables review.
-    pub review_below: f32,
+    /// Set, it wins over `target_accuracy` (the manual override).
+    pub review_below: Option<f32>,
+    /// The accuracy automatic decisions must keep: the department head's
+    /// threshold for it (its dev-split risk-coverage curve) sends the rest
+    /// to review.
+    pub target_accuracy: Option<f32>,
     pub review_mailbox: Option<String>,
 }
 
