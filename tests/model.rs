@@ -21,6 +21,12 @@ fn model_dir() -> PathBuf {
     d
 }
 
+fn e5_dir() -> PathBuf {
+    let d = root().join("models/multilingual-e5-small");
+    assert!(d.join("model.safetensors").exists(), "{} is missing: run scripts/fetch-multilingual-model.sh", d.display());
+    d
+}
+
 fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures").join(name)
 }
@@ -413,4 +419,88 @@ fn the_cascade_decides_lexically_when_sure_and_under_overload() {
         _ => None,
     });
     assert_eq!(source.as_deref(), Some("model:sentence-transformers/all-MiniLM-L6-v2/lexical"));
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// multilingual-e5-small end to end: the XLM-R tokenizer's ids on German and
+/// French, our forward pass against vectors computed once from the same
+/// (dequantised) weights, int8 beside f32, and a head trained and evaluated
+/// with the `query: ` prefix the model card asks for.
+#[test]
+fn multilingual_e5_matches_its_golden_vectors_and_trains_a_head() {
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("tests/golden/e5_small_q4.json")).unwrap()).unwrap();
+    let f32 = Encoder::load(&e5_dir(), 512, &candle_core::Device::Cpu, Precision::F32).unwrap();
+    let int8 = Encoder::load(&e5_dir(), 512, &candle_core::Device::Cpu, Precision::Int8).unwrap();
+    assert_eq!(f32.dim(), 384);
+    for item in golden["tokenization_only"].as_array().unwrap() {
+        assert_eq!(f32.token_ids(item["text"].as_str().unwrap()).unwrap(), ids_of(&item["ids"]), "{item}");
+    }
+    let (mut worst, mut worst_cos) = (0f32, 1f32);
+    for item in golden["texts"].as_array().unwrap() {
+        let text = item["text"].as_str().unwrap();
+        assert!(text.starts_with("query: "));
+        assert_eq!(f32.token_ids(text).unwrap(), ids_of(&item["ids"]), "{text}");
+        // The prefix setting gives the same input as writing it by hand.
+        let prefixed = Encoder::load(&e5_dir(), 512, &candle_core::Device::Cpu, Precision::F32)
+            .unwrap()
+            .with_input_prefix("query: ");
+        assert_eq!(prefixed.token_ids(&text["query: ".len()..]).unwrap(), ids_of(&item["ids"]));
+        let want: Vec<f32> = item["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let got = f32.embed(text).unwrap();
+        worst = got.iter().zip(&want).fold(worst, |w, (a, b)| w.max((a - b).abs()));
+        let q = int8.embed(text).unwrap();
+        worst_cos = worst_cos.min(q.iter().zip(&got).map(|(a, b)| a * b).sum());
+    }
+    assert!(worst < 1e-4, "largest component difference {worst}");
+    assert!(worst_cos >= 0.99, "int8 vs f32 cosine {worst_cos}");
+    // int8 keeps the 250k-row word table in 8 bits: well under 300 MB in all.
+    let (wf, wi) = (f32.weight_bytes().unwrap(), int8.weight_bytes().unwrap());
+    eprintln!("e5 weights: f32 {wf} B, int8 {wi} B; int8 vs f32 cosine ≥ {worst_cos:.5}");
+    assert!(wi < 150 << 20 && wf > 400 << 20, "{wi} {wf}");
+
+    // A tiny train/eval with the prefix recorded in the head and checked at load.
+    let dir = tempfile::tempdir().unwrap();
+    let minilm = config(dir.path(), "");
+    let text = std::fs::read_to_string(&minilm).unwrap().replacen(
+        &format!("path = \"{}\"", model_dir().display()),
+        &format!(
+            "id = \"intfloat/multilingual-e5-small\"\npath = \"{}\"\ninput_prefix = \"query: \"",
+            e5_dir().display()
+        ),
+        1,
+    );
+    let cfg = dir.path().join("e5.toml");
+    std::fs::write(&cfg, &text).unwrap();
+    let head = dir.path().join("department.safetensors");
+    train_fixture(&cfg, "department", &head, &[]);
+    let meta = Head::load(&head).unwrap().meta;
+    assert_eq!(meta.encoder.as_deref(), Some("intfloat/multilingual-e5-small"));
+    assert_eq!((meta.input_prefix.as_deref(), meta.embedding_dim), (Some("query: "), 384));
+    let test = fixture("tickets-test.jsonl");
+    let out = mailtriage(
+        &cfg,
+        &["eval", "--data", test.to_str().unwrap(), "--label", "department", "--head", head.to_str().unwrap(), "--json"],
+    );
+    let v: Value = serde_json::from_str(ok(&out).trim()).unwrap();
+    assert_eq!(v["n"], 15);
+    assert!(v["accuracy"].as_f64().unwrap() >= 0.8, "{v}");
+
+    let no_prefix = dir.path().join("e5-no-prefix.toml");
+    std::fs::write(
+        &no_prefix,
+        text.replacen("input_prefix = \"query: \"", "", 1).replacen(
+            "workers = 1",
+            &format!("workers = 1\ndepartment_head = \"{}\"", head.display()),
+            1,
+        ),
+    )
+    .unwrap();
+    let out = mailtriage(&no_prefix, &["check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("input_prefix") && err.contains("department.safetensors"), "{err}");
 }

@@ -70,7 +70,8 @@ fn model_config(cfg: &Config) -> ModelConfig {
 
 fn load_encoder(m: &ModelConfig) -> Result<Encoder> {
     let dir = fetch::resolve(m.path.as_deref(), &m.id)?;
-    Ok(Encoder::load(&dir, m.max_tokens, &mailtriage::model::device(m.device)?, m.precision)?)
+    Ok(Encoder::load(&dir, m.max_tokens, &mailtriage::model::device(m.device)?, m.precision)?
+        .with_input_prefix(&m.input_prefix))
 }
 
 fn read_data(cfg: &Config, args: &DataArgs, need_label: bool) -> Result<Vec<Record>> {
@@ -124,7 +125,13 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
         (Some(embed(&m, &encoder, &texts, &args.data)?), Some(encoder.precision()))
     };
     let label_field = if args.data.maildir.is_some() { "department".to_string() } else { args.data.label.clone() };
-    let provenance = Provenance { label_field, encoder: Some(m.id.clone()), max_tokens: m.max_tokens, precision };
+    let provenance = Provenance {
+        label_field,
+        encoder: Some(m.id.clone()),
+        max_tokens: m.max_tokens,
+        precision,
+        input_prefix: Some(m.input_prefix.clone()),
+    };
     let fit_started = Instant::now();
     let cascade_fits =
         if embeddings.is_some() && opts.cascade_tolerance >= 0.0 { 1 + usize::from(opts.refit) } else { 0 };
@@ -195,6 +202,9 @@ pub fn eval(cfg: &Config, args: &EvalArgs) -> Result<ExitCode> {
         let encoder = load_encoder(&m)?;
         if head.meta.encoder.as_deref() != Some(m.id.as_str()) {
             bail!("{} was trained on {:?} embeddings, but [model] id is `{}`", path.display(), head.meta.encoder, m.id);
+        }
+        if let Err(why) = mailtriage::model::check_input_prefix(&head, &m.input_prefix) {
+            bail!("{}: {why}", path.display());
         }
         let texts: Vec<String> = records.iter().map(|r| r.text.clone()).collect();
         Some(embed(&m, &encoder, &texts, &args.data)?)

@@ -127,6 +127,8 @@ pub struct Provenance {
     pub max_tokens: usize,
     /// The encoder's resolved arithmetic, when embeddings were used.
     pub precision: Option<crate::settings::Precision>,
+    /// `[model] input_prefix` the embeddings were made with.
+    pub input_prefix: Option<String>,
 }
 
 /// A tiny deterministic PRNG (xorshift64*): the split and the example order
@@ -203,6 +205,7 @@ pub fn train(
         embedding_weight: opts.embedding_weight,
         max_tokens: provenance.max_tokens,
         precision: provenance.precision.filter(|_| dim > 0),
+        input_prefix: provenance.input_prefix.filter(|p| dim > 0 && !p.is_empty()),
         lexical: opts.lexical,
         temperature: 1.0,
         trained_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
@@ -475,7 +478,7 @@ mod tests {
     }
 
     fn prov() -> Provenance {
-        Provenance { label_field: "queue".into(), encoder: None, max_tokens: 256, precision: None }
+        Provenance { label_field: "queue".into(), encoder: None, max_tokens: 256, precision: None, input_prefix: None }
     }
 
     #[test]

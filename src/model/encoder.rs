@@ -38,6 +38,8 @@ pub struct Encoder {
     max_tokens: usize,
     /// What the forward pass computes in: `F32` or `Int8`, never `Auto`.
     precision: Precision,
+    /// Put before every text (e5 models ask for `query: `).
+    input_prefix: String,
 }
 
 /// What `precision` means on this machine and device: `auto` is int8 where
@@ -122,7 +124,21 @@ impl Encoder {
                     .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?,
             )
         };
-        Ok(Encoder { backend, tokenizer, device: device.clone(), dim: config.hidden_size, max_tokens, precision })
+        Ok(Encoder {
+            backend,
+            tokenizer,
+            device: device.clone(),
+            dim: config.hidden_size,
+            max_tokens,
+            precision,
+            input_prefix: String::new(),
+        })
+    }
+
+    /// Every text is embedded as `prefix + text` (`[model] input_prefix`).
+    pub fn with_input_prefix(mut self, prefix: &str) -> Encoder {
+        self.input_prefix = prefix.to_string();
+        self
     }
 
     /// Embedding width (384 for MiniLM-L6).
@@ -154,6 +170,13 @@ impl Encoder {
         // (a word-piece spans a few characters; only words of dozens of
         // characters in a row could make us keep fewer tokens).
         let cut = text.char_indices().nth(self.max_tokens * CHARS_PER_TOKEN_BOUND).map_or(text, |(i, _)| &text[..i]);
+        let prefixed;
+        let cut = if self.input_prefix.is_empty() {
+            cut
+        } else {
+            prefixed = format!("{}{cut}", self.input_prefix);
+            &prefixed
+        };
         let enc = self.tokenizer.encode(cut, true).map_err(|e| ModelError::Inference(format!("tokenizer: {e}")))?;
         Ok(enc.get_ids().to_vec())
     }

@@ -34,6 +34,9 @@ pub struct HeadMeta {
     /// from; `None` in heads older than the int8 encoder (they were f32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<crate::settings::Precision>,
+    /// `[model] input_prefix` of the training embeddings (`None`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_prefix: Option<String>,
     pub lexical: LexicalConfig,
     /// Softmax temperature fitted on the calibration split.
     pub temperature: f32,
@@ -348,6 +351,7 @@ pub(crate) mod tests {
                 embedding_weight: 1.0,
                 max_tokens: 128,
                 precision: None,
+                input_prefix: None,
                 lexical,
                 temperature: 2.0,
                 trained_at: "2026-01-01T00:00:00Z".into(),

@@ -216,7 +216,10 @@ pub fn load(
         || priority.as_ref().is_some_and(Head::uses_embedding);
     let encoder = if needs_encoder {
         let dir = fetch::resolve(cfg.path.as_deref(), &cfg.id)?;
-        Some(Arc::new(encoder::Encoder::load(&dir, cfg.max_tokens, &device(cfg.device)?, cfg.precision)?))
+        Some(Arc::new(
+            encoder::Encoder::load(&dir, cfg.max_tokens, &device(cfg.device)?, cfg.precision)?
+                .with_input_prefix(&cfg.input_prefix),
+        ))
     } else {
         None
     };
@@ -230,6 +233,12 @@ pub fn load(
                     configured = cfg.max_tokens,
                     "head trained with another [model] max_tokens; retrain it for the figures it was measured with"
                 );
+            }
+        }
+        if let (Some(h), Some(path), Some(_)) = (head, key, &encoder) {
+            if h.uses_embedding() {
+                check_input_prefix(h, &cfg.input_prefix)
+                    .map_err(|reason| ModelError::BadFile { path: path.clone(), reason })?;
             }
         }
         if let (Some(h), Some(path), Some(enc)) = (head, key, &encoder) {
@@ -268,6 +277,19 @@ pub fn load(
         )?),
     };
     Ok(Classifier { id: cfg.id.clone(), encoder, department, priority })
+}
+
+/// A head's embeddings must come from the same input as the live encoder's:
+/// e5 embeddings of `query: text` and of `text` differ.
+pub fn check_input_prefix(head: &Head, configured: &str) -> Result<(), String> {
+    let trained = head.meta.input_prefix.as_deref().unwrap_or("");
+    if trained == configured {
+        Ok(())
+    } else {
+        Err(format!(
+            "trained with [model] input_prefix = {trained:?}, but it is {configured:?} now: set it back or retrain the head"
+        ))
+    }
 }
 
 /// The Candle device named in `[model] device`.

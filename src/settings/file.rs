@@ -315,6 +315,9 @@ pub struct ModelConfig {
     pub priority_head: Option<PathBuf>,
     /// Tokens per message given to the encoder ([CLS] and [SEP] included).
     pub max_tokens: usize,
+    /// Text put before every message for the encoder: `"query: "` for the e5
+    /// models (their model card asks for it); empty for MiniLM.
+    pub input_prefix: String,
     /// Dedicated inference threads.
     pub workers: usize,
     /// Messages that may wait for inference; beyond, a message fails open at once.
@@ -338,6 +341,7 @@ impl Default for ModelConfig {
             department_head: None,
             priority_head: None,
             max_tokens: 128,
+            input_prefix: String::new(),
             workers: 2,
             queue_depth: 64,
             deadline: Duration::from_secs(2),

@@ -221,6 +221,7 @@ pub fn retrain(
         encoder: meta.encoder.clone(),
         max_tokens: meta.max_tokens,
         precision: meta.precision,
+        input_prefix: meta.input_prefix.clone(),
     };
     let (mut candidate, _) =
         train::train(&examples, (dim > 0).then_some(embeddings.as_slice()), provenance, &opts, |_, _, _| {})?;
