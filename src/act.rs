@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::decide::policy::{Action, Decision};
+use crate::decide::policy::{Action, Decision, Explanation};
 use crate::message::envelope::Envelope;
 use crate::message::headers;
 use crate::scope::InScope;
@@ -104,6 +104,21 @@ impl Plan {
         Plan { changes }
     }
 
+    /// Adds `X-Triage-Reason: runner-up support 0.12; terms: invoice / refund`.
+    /// Non-ASCII terms become RFC 2047 encoded words, so the header stays
+    /// 7-bit and mail clients show the words as written.
+    pub fn add_reason(&mut self, e: &Explanation) {
+        let mut value = match &e.runner_up {
+            Some((label, p)) => format!("runner-up {} {p:.2}", encoded_word(label)),
+            None => "no runner-up".to_string(),
+        };
+        if !e.terms.is_empty() {
+            let terms: Vec<String> = e.terms.iter().map(|(t, _)| encoded_word(t)).collect();
+            value += &format!("; terms: {}", terms.join(" / "));
+        }
+        self.changes.push(Change::AddHeader { name: format!("{HEADER_PREFIX}Reason"), value });
+    }
+
     /// Whether the message is to be accepted and dropped.
     pub fn discards(&self) -> bool {
         self.changes.iter().any(|c| matches!(c, Change::Discard { .. }))
@@ -186,6 +201,26 @@ fn line_ending(raw: &[u8]) -> &'static [u8] {
     }
 }
 
+/// A word as it may stand in an unstructured header: printable ASCII as is,
+/// anything else (or a word that looks like an encoded word) as
+/// `=?UTF-8?Q?…?=` (RFC 2047), cut to 40 characters first.
+fn encoded_word(word: &str) -> String {
+    let word: String = word.chars().take(40).collect();
+    if word.bytes().all(|b| (0x21..0x7f).contains(&b) || b == b' ') && !word.contains("=?") {
+        return word;
+    }
+    let mut out = String::from("=?UTF-8?Q?");
+    for b in word.bytes() {
+        match b {
+            b' ' => out.push('_'),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'!' | b'*' | b'+' | b'-' | b'/' => out.push(b as char),
+            _ => out.push_str(&format!("={b:02X}")),
+        }
+    }
+    out.push_str("?=");
+    out
+}
+
 /// Whether a header name is one of ours (`X-Triage-*`, any case). Compared
 /// as bytes: a peer's name may cut a UTF-8 character at the prefix length.
 pub fn is_triage_header(name: &str) -> bool {
@@ -225,6 +260,7 @@ mod tests {
             mailbox: Some("billing@example.com".into()),
             mode,
             model_version: None,
+            classes: None,
         }
     }
 
@@ -359,5 +395,24 @@ mod tests {
         );
         let full = plan(&decision(Action::Tag, Mode::Enforce), &env(&["a@x"]), &hdrs);
         assert_eq!(full.changes[..3], p.changes[..]);
+    }
+
+    #[test]
+    fn the_reason_header_is_7_bit_and_names_the_runner_up_and_terms() {
+        let mut p = Plan::default();
+        p.add_reason(&Explanation {
+            runner_up: Some(("Customer Service".into(), 0.123)),
+            terms: vec![("rechnung".into(), 1.2), ("grüße".into(), 0.5), ("=?x?=".into(), 0.1)],
+        });
+        let Change::AddHeader { name, value } = &p.changes[0] else { panic!("{p:?}") };
+        assert_eq!(name, "X-Triage-Reason");
+        assert_eq!(
+            value,
+            "runner-up Customer Service 0.12; terms: rechnung / =?UTF-8?Q?gr=C3=BC=C3=9Fe?= / =?UTF-8?Q?=3D=3Fx=3F=3D?="
+        );
+        assert!(value.is_ascii());
+        let mut p = Plan::default();
+        p.add_reason(&Explanation { runner_up: None, terms: vec![] });
+        assert_eq!(p.changes[0], Change::AddHeader { name: "X-Triage-Reason".into(), value: "no runner-up".into() });
     }
 }

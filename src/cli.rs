@@ -56,6 +56,11 @@ pub enum Command {
         /// The MTA listener to assume, its `{daemon_name}` (for `scope.skip_listeners`).
         #[arg(long)]
         listener: Option<String>,
+        /// Add `explain` to each model decision: the runner-up department with
+        /// its probability and the message's terms that weighed most for the
+        /// chosen one.
+        #[arg(long)]
+        explain: bool,
         /// RFC 5322 message files (.eml; a leading mbox "From " line is skipped).
         #[arg(required = true)]
         files: Vec<PathBuf>,

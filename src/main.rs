@@ -59,9 +59,9 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        Command::Classify { mail_from, rcpts, client_addr, authenticated, listener, files } => {
+        Command::Classify { mail_from, rcpts, client_addr, authenticated, listener, explain, files } => {
             let client = Client { addr: client_addr, authenticated, listener };
-            offline::classify(&cfg, mail_from.as_deref(), &rcpts, &client, &files)
+            offline::classify(&cfg, mail_from.as_deref(), &rcpts, &client, explain, &files)
         }
         Command::Train(args) => offline::train(&cfg, &args),
         Command::Eval(args) => offline::eval(&cfg, &args),

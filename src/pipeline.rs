@@ -15,7 +15,7 @@ use thiserror::Error;
 
 use crate::act::Plan;
 use crate::decide::engine::{Decided, Embedder, Engine, EngineError, Evidence, Message, Queued, Ruling};
-use crate::decide::policy::Decision;
+use crate::decide::policy::{Decision, Explanation};
 pub use crate::frontdoor::{Filter, FilterError, MessageInput};
 use crate::message::envelope::Envelope;
 use crate::message::extract::Features;
@@ -57,6 +57,8 @@ pub struct Triage {
     audit: Option<AuditLog>,
     context: audit::Context,
     recorder: Recorder,
+    /// `[policy] reason_header`: add `X-Triage-Reason` to model decisions.
+    reason_header: bool,
 }
 
 impl From<ModelError> for FilterError {
@@ -88,6 +90,7 @@ impl Triage {
             audit: cfg.audit.as_ref().map(AuditLog::open).transpose()?,
             context,
             recorder: Recorder { minutes_per_message: cfg.kpi.minutes_per_manual_triage },
+            reason_header: cfg.policy.reason_header,
         })
     }
 
@@ -178,10 +181,34 @@ impl Triage {
             Ruling::Skip(rule) => Ok(skipped(Skip::Rule(rule), features)),
             Ruling::Decision(mut decision) => {
                 hold_back(&mut decision, &in_scope);
-                let plan = Plan::for_decision(&decision, envelope, &in_scope, header_names);
+                let plan = self.plan(&decision, envelope, &in_scope, header_names, &features);
                 Ok(Outcome { decision: Some(decision), skipped: None, plan, features })
             }
         }
+    }
+
+    /// The decision's plan, with `X-Triage-Reason` when configured.
+    fn plan(
+        &self,
+        decision: &Decision,
+        envelope: &Envelope,
+        in_scope: &InScope,
+        header_names: &[String],
+        features: &Features,
+    ) -> Plan {
+        let mut plan = Plan::for_decision(decision, envelope, in_scope, header_names);
+        if self.reason_header {
+            if let Some(e) = self.engine.explain(features, decision) {
+                plan.add_reason(&e);
+            }
+        }
+        plan
+    }
+
+    /// Why the model decided as it did (`classify --explain`); `None` for
+    /// rules and the default.
+    pub fn explain(&self, features: &Features, decision: &Decision) -> Option<Explanation> {
+        self.engine.explain(features, decision)
     }
 
     /// What a skipped message gets: inbound `X-Triage-*` headers removed,
@@ -273,7 +300,7 @@ impl Triage {
             let hash = features.message_id.as_deref().map(|m| a.pseudonyms().message_id(m));
             p.finish(|r| r.decided(&decision, hash).auto(in_scope.auto));
         }
-        let plan = Plan::for_decision(&decision, &envelope, &in_scope, &header_names);
+        let plan = self.plan(&decision, &envelope, &in_scope, &header_names, &features);
         // Names, scores and ids only: never subject, body or addresses.
         tracing::info!(
             queue_id = envelope.queue_id.as_deref().unwrap_or("-"),

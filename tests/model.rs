@@ -272,6 +272,37 @@ fn classify_uses_the_model_and_sends_unsure_mail_to_review() {
     assert_eq!(v["decision"]["department"], "billing");
     assert_eq!(v["decision"]["action"], "reroute");
 
+    // --explain: the runner-up and the message's own strongest words; with
+    // reason_header the same goes into X-Triage-Reason (and never into the
+    // decision record, which the audit trail is made from).
+    let v: Value =
+        serde_json::from_str(ok(&mailtriage(&cfg, &["classify", "--explain", msg.to_str().unwrap()])).trim()).unwrap();
+    let runner_up = v["explain"]["runner_up"]["label"].as_str().unwrap();
+    assert!(["hr", "support"].contains(&runner_up), "{v}");
+    let p = v["explain"]["runner_up"]["probability"].as_f64().unwrap();
+    assert!(p > 0.0 && p < v["decision"]["confidence"].as_f64().unwrap(), "{v}");
+    let terms: Vec<&str> = v["explain"]["terms"].as_array().unwrap().iter().map(|t| t["term"].as_str().unwrap()).collect();
+    assert!(!terms.is_empty() && terms.len() <= 3, "{v}");
+    let lower = "Rechnung 4711 ist falsch Bitte Betrag korrigieren".to_lowercase();
+    assert!(terms.iter().all(|t| lower.contains(t)), "{terms:?}");
+    assert!(v["decision"].get("classes").is_none(), "{v}");
+    let with_reason = config(
+        dir.path(),
+        &format!("department_head = \"{}\"\n\n[policy]\nreason_header = true", head.display()),
+    );
+    let v: Value =
+        serde_json::from_str(ok(&mailtriage(&with_reason, &["classify", msg.to_str().unwrap()])).trim()).unwrap();
+    let reason = v["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "X-Triage-Reason")
+        .unwrap_or_else(|| panic!("{v}"))["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.starts_with(&format!("runner-up {runner_up} ")) && reason.contains(terms[0]), "{reason}");
+
     // The threshold is strict: just above this message's confidence sends it to review, just below does not.
     let confidence = v["decision"]["confidence"].as_f64().unwrap();
     assert!(confidence > 0.34 && confidence < 1.0, "{v}");

@@ -302,6 +302,7 @@ pub fn classify(
     mail_from: Option<&str>,
     rcpts: &[String],
     client: &Client,
+    explain: bool,
     files: &[PathBuf],
 ) -> Result<ExitCode> {
     heads::refresh(cfg);
@@ -311,7 +312,7 @@ pub fn classify(
     let mut failed = 0;
     for file in files {
         let line = match std::fs::read(file) {
-            Ok(raw) => match decide_json(&triage, &raw, mail_from, rcpts, client) {
+            Ok(raw) => match decide_json(&triage, &raw, mail_from, rcpts, client, explain) {
                 Ok(mut v) => {
                     v["file"] = file.display().to_string().into();
                     v
@@ -339,6 +340,7 @@ fn decide_json(
     mail_from: Option<&str>,
     rcpts: &[String],
     client: &Client,
+    explain: bool,
 ) -> Result<serde_json::Value> {
     let features = triage.extract(raw);
     let envelope = Envelope {
@@ -353,7 +355,8 @@ fn decide_json(
     };
     let header_names: Vec<String> = features.headers.iter().map(|(n, _)| n.clone()).collect();
     let o = triage.decide_extracted(&envelope, features, &header_names)?;
-    Ok(serde_json::json!({
+    let explanation = if explain { o.decision.as_ref().and_then(|d| triage.explain(&o.features, d)) } else { None };
+    let mut v = serde_json::json!({
         "envelope": envelope,
         "decision": o.decision,
         "skipped": o.skipped.as_ref().map(ToString::to_string),
@@ -366,7 +369,14 @@ fn decide_json(
             "truncated": o.features.truncated,
             "unparsed": o.features.unparsed,
         },
-    }))
+    });
+    if let Some(e) = explanation {
+        v["explain"] = serde_json::json!({
+            "runner_up": e.runner_up.map(|(label, p)| serde_json::json!({"label": label, "probability": p})),
+            "terms": e.terms.iter().map(|(t, w)| serde_json::json!({"term": t, "weight": w})).collect::<Vec<_>>(),
+        });
+    }
+    Ok(v)
 }
 
 /// What the daemon would do with each message of a Maildir tree.
@@ -379,7 +389,7 @@ pub fn replay(cfg: &Config, dir: &Path) -> Result<ExitCode> {
     let mut by_department: BTreeMap<String, usize> = BTreeMap::new();
     for r in &records {
         let raw = r.raw.as_deref().unwrap_or_default();
-        let mut v = decide_json(&triage, raw, None, &[], &Client::default())?;
+        let mut v = decide_json(&triage, raw, None, &[], &Client::default(), false)?;
         v["file"] = r.origin.clone().into();
         v["folder"] = r.label.clone().into();
         let department = match v["decision"]["department"].as_str() {

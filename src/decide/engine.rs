@@ -26,7 +26,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
-use super::policy::{Decision, Policy};
+use super::policy::{ClassChoice, Decision, Explanation, Policy};
 use super::rules::{Hit, RuleError, RuleSet};
 use crate::domain::DepartmentId;
 use crate::message::envelope::Envelope;
@@ -36,7 +36,9 @@ use crate::model::batcher::{Batcher, EmbedFn};
 use crate::model::cache::EmbeddingCache;
 use crate::model::encoder::Encoder;
 use crate::model::lexical::TermCounts;
-use crate::model::{self, encoder_text, features_text, Classifier, LexicalFeatures, ModelError, ModelVerdict};
+use crate::model::{
+    self, encoder_text, features_text, Classifier, DepartmentModel, LexicalFeatures, ModelError, ModelVerdict,
+};
 use crate::settings::Config;
 
 /// The configuration could not be turned into an engine.
@@ -481,7 +483,29 @@ impl Engine {
             &id,
         );
         d.model_version = Some(m.classifier.versions());
+        let runner_up = department
+            .probs
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != department.index)
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .and_then(|(i, &p)| m.classifier.department_label(i).map(|l| (i, l.to_string(), p)));
+        d.classes = Some(ClassChoice { chosen: department.index, runner_up });
         d
+    }
+
+    /// Why the model made a decision (`None` for rules and the default):
+    /// the runner-up and the message's strongest terms for the chosen class
+    /// (the department head's lexical weights; a cold start names no terms).
+    pub fn explain(&self, features: &Features, d: &Decision) -> Option<Explanation> {
+        let (m, choice) = (self.model.as_ref()?, d.classes.as_ref()?);
+        let terms = match (&m.classifier.department, &choice.runner_up) {
+            (DepartmentModel::Trained(h), Some((against, _, _))) => {
+                h.strongest_terms(&features_text(features), choice.chosen, *against, 3)
+            }
+            _ => Vec::new(),
+        };
+        Some(Explanation { runner_up: choice.runner_up.as_ref().map(|(_, l, p)| (l.clone(), *p)), terms })
     }
 
     /// The full heads' decision (embedding given when they use one).

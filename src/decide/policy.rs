@@ -54,6 +54,30 @@ pub struct Decision {
     /// Head versions behind a model decision (`department=v3 priority=v1`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_version: Option<String>,
+    /// The department head's class behind a model decision and its
+    /// runner-up: what [`Explanation`]s start from. Never serialised: audit
+    /// lines and logs carry no reasons.
+    #[serde(skip)]
+    pub classes: Option<ClassChoice>,
+}
+
+/// Which class of the department head a model decision chose, and the
+/// runner-up (index, label, calibrated probability).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassChoice {
+    pub chosen: usize,
+    pub runner_up: Option<(usize, String, f32)>,
+}
+
+/// Why the model chose a department, in words staff can read: the runner-up
+/// class with its probability and the message's terms that weighed most for
+/// the chosen class against it. Message content: for `X-Triage-Reason` and
+/// `classify --explain` only, never for logs or the audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Explanation {
+    pub runner_up: Option<(String, f32)>,
+    /// Terms and their contribution to the chosen class's logit over the runner-up's.
+    pub terms: Vec<(String, f32)>,
 }
 
 /// Turns what the rules (and later the model) found into a [`Decision`].
@@ -129,6 +153,7 @@ impl Policy {
             mailbox,
             mode: self.mode,
             model_version: None,
+            classes: None,
         }
     }
 }

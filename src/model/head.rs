@@ -151,6 +151,33 @@ impl Head {
         z
     }
 
+    /// The word terms of `text` that pushed the head most towards class
+    /// `chosen` rather than `against` (the runner-up): each term's feature
+    /// value times the difference of its two weights, largest first, only
+    /// positive ones, at most `top`. Words only (see [`lexical::word_terms`]);
+    /// the embedding's share is not attributed to terms.
+    pub fn strongest_terms(&self, text: &str, chosen: usize, against: usize, top: usize) -> Vec<(String, f32)> {
+        let c = self.classes();
+        if chosen >= c || against >= c {
+            return Vec::new();
+        }
+        let lex = self.lexical(text);
+        let mut seen = std::collections::HashSet::new();
+        let mut terms: Vec<(String, f32)> = lexical::word_terms(text, self.meta.lexical.bits)
+            .into_iter()
+            .filter(|(_, b)| seen.insert(*b))
+            .filter_map(|(term, b)| {
+                let v = lex.binary_search_by_key(&b, |e| e.0).ok().map(|i| lex[i].1)?;
+                let row = self.w_lex.get(b as usize * c..(b as usize + 1) * c)?;
+                Some((term, v * (row[chosen] - row[against])))
+            })
+            .filter(|(_, w)| *w > 0.0)
+            .collect();
+        terms.sort_by(|a, b| b.1.total_cmp(&a.1));
+        terms.truncate(top);
+        terms
+    }
+
     /// Calibrated prediction. `emb` must be given when the head uses one.
     pub fn predict(&self, emb: Option<&[f32]>, lex: &Sparse) -> Prediction {
         self.prediction(softmax(&self.logits(emb, lex), self.meta.temperature))

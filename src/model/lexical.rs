@@ -64,6 +64,22 @@ pub fn words(text: &str) -> Vec<String> {
     text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(|w| w.to_lowercase()).collect()
 }
 
+/// The readable terms of a text with their buckets: each distinct word and
+/// word pair (hashed exactly as [`TermCounts::of`] does), in text order.
+/// Character n-grams are left out: they name no term a person would read.
+pub fn word_terms(text: &str, bits: u8) -> Vec<(String, u32)> {
+    let mask = (1u64 << bits) - 1;
+    let ws = words(text);
+    let mut out = Vec::with_capacity(2 * ws.len());
+    for (i, w) in ws.iter().enumerate() {
+        out.push((w.clone(), (fnv1a(b'w', &[w]) & mask) as u32));
+        if let Some(next) = ws.get(i + 1) {
+            out.push((format!("{w} {next}"), (fnv1a(b'b', &[w, next]) & mask) as u32));
+        }
+    }
+    out
+}
+
 /// Hashed term counts of one text, per block, buckets ascending: all the
 /// lexical features need, and all the feedback store keeps of a message (a
 /// head applies its own IDF at use). Depends only on `bits` and the hash.

@@ -185,6 +185,15 @@ impl Classifier {
         }
     }
 
+    /// The department class at `index`.
+    pub fn department_label(&self, index: usize) -> Option<&str> {
+        match &self.department {
+            DepartmentModel::Trained(h) => h.meta.labels.get(index),
+            DepartmentModel::ColdStart(p) => p.labels().get(index),
+        }
+        .map(String::as_str)
+    }
+
     /// Versions for logs and the audit trail: `department=…, priority=…`.
     pub fn versions(&self) -> String {
         let d = match &self.department {

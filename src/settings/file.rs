@@ -396,6 +396,10 @@ pub struct PolicyConfig {
     /// to review.
     pub target_accuracy: Option<f32>,
     pub review_mailbox: Option<String>,
+    /// Add `X-Triage-Reason` to model decisions: the runner-up department
+    /// and the message's strongest terms (message content, in the message
+    /// only: never in logs or the audit trail).
+    pub reason_header: bool,
 }
 
 /// Continuous learning: corrections from staff and gated retraining.
