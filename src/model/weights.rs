@@ -105,10 +105,12 @@ impl WeightsFile {
         self.tensors.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// A whole tensor in f32, checked against the shape the caller expects.
+    /// A whole tensor in f32, checked against the shape the caller expects;
+    /// read in slices of about 4 MB (no whole-tensor buffers beside the result).
     pub fn read(&self, name: &str, dims: &[usize]) -> Result<Vec<f32>, String> {
+        let row: usize = dims.iter().skip(1).product::<usize>().max(1);
         let mut out = Vec::with_capacity(dims.iter().product());
-        self.read_rows(name, dims, usize::MAX, |rows| out.extend_from_slice(rows))?;
+        self.read_rows(name, dims, (1 << 20) / row, |rows| out.extend_from_slice(rows))?;
         Ok(out)
     }
 
