@@ -22,6 +22,7 @@ pub mod int8;
 pub mod lexical;
 mod prototypes;
 mod text;
+mod unigram;
 mod weights;
 
 use std::path::PathBuf;
