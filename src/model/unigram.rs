@@ -38,13 +38,18 @@ pub struct CompactUnigram {
 impl CompactUnigram {
     /// From a tokenizer.json's `model` object: `vocab` as `[[piece, score], …]`
     /// and `unk_id`. `None` when the model is not a plain Unigram this type
-    /// reproduces (byte fallback, or not a Unigram at all).
+    /// reproduces (byte fallback, a piece listed twice, or not a Unigram at all).
     pub fn from_json(model: &serde_json::Value) -> Option<std::result::Result<CompactUnigram, String>> {
         if model.get("type")?.as_str()? != "Unigram" || model.get("byte_fallback").and_then(|v| v.as_bool()) == Some(true)
         {
             return None;
         }
-        Some(Self::build(model))
+        match Self::build(model) {
+            // The crate resolves a repeated piece through its hash map; the
+            // prefix search here assumes unique pieces.
+            Ok(me) if me.sorted.windows(2).any(|w| me.piece(w[0]) == me.piece(w[1])) => None,
+            other => Some(other),
+        }
     }
 
     fn build(model: &serde_json::Value) -> std::result::Result<CompactUnigram, String> {
@@ -226,6 +231,8 @@ mod tests {
         assert!(CompactUnigram::from_json(&serde_json::json!({"type": "WordPiece"})).is_none());
         let bf = serde_json::json!({"type": "Unigram", "byte_fallback": true, "unk_id": 0, "vocab": [["<unk>", 0.0]]});
         assert!(CompactUnigram::from_json(&bf).is_none());
+        let twice = serde_json::json!({"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0], ["a", -2.0]]});
+        assert!(CompactUnigram::from_json(&twice).is_none());
         let bad = serde_json::json!({"type": "Unigram", "unk_id": 9, "vocab": [["<unk>", 0.0]]});
         assert!(CompactUnigram::from_json(&bad).unwrap().is_err());
     }
