@@ -100,8 +100,8 @@ fn bench(c: &mut Criterion) {
     g.sample_size(20);
     for tokens in [128usize, 256] {
         for precision in [Precision::F32, Precision::Int8] {
-            let enc = Encoder::load(&dir, tokens, &candle_core::Device::Cpu, precision)
-                .expect("run scripts/fetch-model.sh");
+            let enc =
+                Encoder::load(&dir, tokens, &candle_core::Device::Cpu, precision).expect("run scripts/fetch-model.sh");
             let ids = text_of(tokens, &enc);
             g.bench_function(format!("embed_{precision}_{tokens}_tokens"), |b| b.iter(|| enc.embed_ids(&ids).unwrap()));
         }

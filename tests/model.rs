@@ -23,7 +23,11 @@ fn model_dir() -> PathBuf {
 
 fn e5_dir() -> PathBuf {
     let d = root().join("models/multilingual-e5-small");
-    assert!(d.join("model.safetensors").exists(), "{} is missing: run scripts/fetch-multilingual-model.sh", d.display());
+    assert!(
+        d.join("model.safetensors").exists(),
+        "{} is missing: run scripts/fetch-multilingual-model.sh",
+        d.display()
+    );
     d
 }
 
@@ -281,26 +285,22 @@ fn classify_uses_the_model_and_sends_unsure_mail_to_review() {
     assert!(["hr", "support"].contains(&runner_up), "{v}");
     let p = v["explain"]["runner_up"]["probability"].as_f64().unwrap();
     assert!(p > 0.0 && p < v["decision"]["confidence"].as_f64().unwrap(), "{v}");
-    let terms: Vec<&str> = v["explain"]["terms"].as_array().unwrap().iter().map(|t| t["term"].as_str().unwrap()).collect();
+    let terms: Vec<&str> =
+        v["explain"]["terms"].as_array().unwrap().iter().map(|t| t["term"].as_str().unwrap()).collect();
     assert!(!terms.is_empty() && terms.len() <= 3, "{v}");
     let lower = "Rechnung 4711 ist falsch Bitte Betrag korrigieren".to_lowercase();
     assert!(terms.iter().all(|t| lower.contains(t)), "{terms:?}");
     assert!(v["decision"].get("classes").is_none(), "{v}");
-    let with_reason = config(
-        dir.path(),
-        &format!("department_head = \"{}\"\n\n[policy]\nreason_header = true", head.display()),
-    );
+    let with_reason =
+        config(dir.path(), &format!("department_head = \"{}\"\n\n[policy]\nreason_header = true", head.display()));
     let v: Value =
         serde_json::from_str(ok(&mailtriage(&with_reason, &["classify", msg.to_str().unwrap()])).trim()).unwrap();
-    let reason = v["plan"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "X-Triage-Reason")
-        .unwrap_or_else(|| panic!("{v}"))["value"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let reason =
+        v["plan"].as_array().unwrap().iter().find(|c| c["name"] == "X-Triage-Reason").unwrap_or_else(|| panic!("{v}"))
+            ["value"]
+            .as_str()
+            .unwrap()
+            .to_string();
     assert!(reason.starts_with(&format!("runner-up {runner_up} ")) && reason.contains(terms[0]), "{reason}");
 
     // The threshold is strict: just above this message's confidence sends it to review, just below does not.
@@ -351,7 +351,8 @@ fn classify_uses_the_model_and_sends_unsure_mail_to_review() {
                 head.display()
             ),
         );
-        let v: Value = serde_json::from_str(ok(&mailtriage(&cfg, &["classify", msg.to_str().unwrap()])).trim()).unwrap();
+        let v: Value =
+            serde_json::from_str(ok(&mailtriage(&cfg, &["classify", msg.to_str().unwrap()])).trim()).unwrap();
         let review = point.is_none_or(|p| (confidence as f32) < p.threshold);
         assert_eq!(v["decision"]["action"], if review { "review" } else { "reroute" }, "{target} {point:?} {v}");
     }
@@ -514,7 +515,16 @@ fn multilingual_e5_matches_its_golden_vectors_and_trains_a_head() {
     let test = fixture("tickets-test.jsonl");
     let out = mailtriage(
         &cfg,
-        &["eval", "--data", test.to_str().unwrap(), "--label", "department", "--head", head.to_str().unwrap(), "--json"],
+        &[
+            "eval",
+            "--data",
+            test.to_str().unwrap(),
+            "--label",
+            "department",
+            "--head",
+            head.to_str().unwrap(),
+            "--json",
+        ],
     );
     let v: Value = serde_json::from_str(ok(&out).trim()).unwrap();
     assert_eq!(v["n"], 15);
@@ -543,9 +553,7 @@ fn multilingual_e5_matches_its_golden_vectors_and_trains_a_head() {
 fn compact_unigram_gives_the_crates_ids_on_real_mail() {
     let enc = Encoder::load(&e5_dir(), 512, &candle_core::Device::Cpu, Precision::Int8).unwrap();
     let mut reference = tokenizers::Tokenizer::from_file(e5_dir().join("tokenizer.json")).unwrap();
-    reference
-        .with_truncation(Some(tokenizers::TruncationParams { max_length: 512, ..Default::default() }))
-        .unwrap();
+    reference.with_truncation(Some(tokenizers::TruncationParams { max_length: 512, ..Default::default() })).unwrap();
     let shared = root().join("../shared/data");
     let mut texts: Vec<String> = std::fs::read_to_string(shared.join("support_tickets/train.jsonl"))
         .unwrap()

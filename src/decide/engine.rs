@@ -272,12 +272,7 @@ impl Engine {
                 }
             };
         }
-        Ok(Self {
-            rules: RuleSet::new(&cfg.rules)?,
-            policy,
-            limits: ExtractLimits::from(&cfg.limits),
-            model,
-        })
+        Ok(Self { rules: RuleSet::new(&cfg.rules)?, policy, limits: ExtractLimits::from(&cfg.limits), model })
     }
 
     /// The embedder for this engine's encoder on the calling thread.

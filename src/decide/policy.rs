@@ -112,7 +112,6 @@ impl Policy {
         self
     }
 
-
     /// Decides from the classifier: `department` is already mapped to a
     /// configured department; an unsure one goes to human review.
     pub fn decide_model(&self, department: &str, confidence: f32, priority: Option<&str>, model_id: &str) -> Decision {

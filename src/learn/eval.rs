@@ -52,7 +52,6 @@ pub fn risk_coverage(outcomes: &[Outcome]) -> Vec<CoveragePoint> {
     points
 }
 
-
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ClassMetrics {
     pub label: String,

@@ -29,7 +29,10 @@ use super::weights::WeightsFile;
 /// A linear layer's weights: f32 transposed for `gemm`, or 8-bit.
 enum Linear {
     /// `[in × out]` (transposed once at load) and the bias.
-    F32 { w: Vec<f32>, b: Vec<f32> },
+    F32 {
+        w: Vec<f32>,
+        b: Vec<f32>,
+    },
     Int8(QLinear),
 }
 
@@ -134,7 +137,9 @@ impl CpuBert {
             return Err(format!("hidden size {h} is not a multiple of {} heads", shape.heads));
         }
         let dim0 = |s: &str| {
-            file.dims(&name(s)).and_then(|d| d.first().copied()).ok_or_else(|| format!("tensor `{}` is missing", name(s)))
+            file.dims(&name(s))
+                .and_then(|d| d.first().copied())
+                .ok_or_else(|| format!("tensor `{}` is missing", name(s)))
         };
         let vocab = dim0("embeddings.word_embeddings.weight")?;
         let max_positions = dim0("embeddings.position_embeddings.weight")?;

@@ -173,8 +173,11 @@ impl QLinear {
                 for (r, acc_row) in acc[..rows].iter().enumerate() {
                     let (z, sx) = (s.zero[r0 + r], s.scale[r0 + r]);
                     let out = &mut y[(r0 + r) * n + col0..][..cols];
-                    let (sw, cs, b) =
-                        (&self.scale[col0..col0 + cols], &self.colsum[col0..col0 + cols], &self.bias[col0..col0 + cols]);
+                    let (sw, cs, b) = (
+                        &self.scale[col0..col0 + cols],
+                        &self.colsum[col0..col0 + cols],
+                        &self.bias[col0..col0 + cols],
+                    );
                     for c in 0..cols {
                         out[c] = (acc_row[c] - z * cs[c]) as f32 * (sx * sw[c]) + b[c];
                     }

@@ -40,7 +40,8 @@ impl CompactUnigram {
     /// and `unk_id`. `None` when the model is not a plain Unigram this type
     /// reproduces (byte fallback, a piece listed twice, or not a Unigram at all).
     pub fn from_json(model: &serde_json::Value) -> Option<std::result::Result<CompactUnigram, String>> {
-        if model.get("type")?.as_str()? != "Unigram" || model.get("byte_fallback").and_then(|v| v.as_bool()) == Some(true)
+        if model.get("type")?.as_str()? != "Unigram"
+            || model.get("byte_fallback").and_then(|v| v.as_bool()) == Some(true)
         {
             return None;
         }
@@ -69,8 +70,10 @@ impl CompactUnigram {
         }
         let unk_id = match &model["unk_id"] {
             serde_json::Value::Null => None,
-            v => Some(v.as_u64().filter(|&u| (u as usize) < spans.len()).ok_or("unk_id is outside the vocabulary")?
-                as u32),
+            v => {
+                Some(v.as_u64().filter(|&u| (u as usize) < spans.len()).ok_or("unk_id is outside the vocabulary")?
+                    as u32)
+            }
         };
         let min_score = scores.iter().copied().fold(f64::INFINITY, f64::min);
         let mut me = CompactUnigram { arena, spans, scores, sorted: Vec::new(), unk_id, min_score };
@@ -214,14 +217,18 @@ mod tests {
 
     #[test]
     fn best_path_ties_and_unknowns_as_the_crate_does() {
-        let m = model(&[("<unk>", 0.0), ("a", -1.0), ("b", -1.0), ("ab", -1.5), ("abc", -5.0), ("c", -2.0), ("é", -1.0)]);
+        let m =
+            model(&[("<unk>", 0.0), ("a", -1.0), ("b", -1.0), ("ab", -1.5), ("abc", -5.0), ("c", -2.0), ("é", -1.0)]);
         let ids = |s: &str| m.tokenize(s).unwrap().into_iter().map(|t| t.id).collect::<Vec<_>>();
         assert_eq!(ids("ab"), vec![3]); // -1.5 beats a+b = -2
         assert_eq!(ids("abc"), vec![3, 5]); // -3.5 beats abc = -5
         assert_eq!(ids("aé"), vec![1, 6]);
         // x and y are unknown: one fused token covering both.
         let t = m.tokenize("axyb").unwrap();
-        assert_eq!(t.iter().map(|t| (t.id, t.offsets)).collect::<Vec<_>>(), vec![(1, (0, 1)), (0, (1, 3)), (2, (3, 4))]);
+        assert_eq!(
+            t.iter().map(|t| (t.id, t.offsets)).collect::<Vec<_>>(),
+            vec![(1, (0, 1)), (0, (1, 3)), (2, (3, 4))]
+        );
         assert_eq!((m.token_to_id("ab"), m.token_to_id("zz"), m.id_to_token(6).as_deref()), (Some(3), None, Some("é")));
         assert!(m.tokenize("").unwrap().is_empty());
     }
@@ -231,7 +238,8 @@ mod tests {
         assert!(CompactUnigram::from_json(&serde_json::json!({"type": "WordPiece"})).is_none());
         let bf = serde_json::json!({"type": "Unigram", "byte_fallback": true, "unk_id": 0, "vocab": [["<unk>", 0.0]]});
         assert!(CompactUnigram::from_json(&bf).is_none());
-        let twice = serde_json::json!({"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0], ["a", -2.0]]});
+        let twice =
+            serde_json::json!({"type": "Unigram", "unk_id": 0, "vocab": [["<unk>", 0.0], ["a", -1.0], ["a", -2.0]]});
         assert!(CompactUnigram::from_json(&twice).is_none());
         let bad = serde_json::json!({"type": "Unigram", "unk_id": 9, "vocab": [["<unk>", 0.0]]});
         assert!(CompactUnigram::from_json(&bad).unwrap().is_err());

@@ -144,10 +144,10 @@ impl WeightsFile {
             vals.clear();
             match e.dtype {
                 Dtype::F32 => vals.extend(buf.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-                Dtype::F16 => {
-                    vals.extend(buf.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()))
-                }
-                Dtype::BF16 => vals.extend(buf.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))),
+                Dtype::F16 => vals.extend(buf.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
+                Dtype::BF16 => vals.extend(
+                    buf.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+                ),
                 _ => unreachable!("refused above"),
             }
             f(&vals);
