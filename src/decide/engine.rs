@@ -484,7 +484,7 @@ impl Engine {
             .enumerate()
             .filter(|&(i, _)| i != department.index)
             .max_by(|a, b| a.1.total_cmp(b.1))
-            .and_then(|(i, &p)| m.classifier.department_label(i).map(|l| (i, l.to_string(), p)));
+            .map(|(i, &p)| (i, p));
         d.classes = Some(ClassChoice { chosen: department.index, runner_up });
         d
     }
@@ -494,13 +494,15 @@ impl Engine {
     /// (the department head's lexical weights; a cold start names no terms).
     pub fn explain(&self, features: &Features, d: &Decision) -> Option<Explanation> {
         let (m, choice) = (self.model.as_ref()?, d.classes.as_ref()?);
-        let terms = match (&m.classifier.department, &choice.runner_up) {
-            (DepartmentModel::Trained(h), Some((against, _, _))) => {
-                h.strongest_terms(&features_text(features), choice.chosen, *against, 3)
+        let terms = match (&m.classifier.department, choice.runner_up) {
+            (DepartmentModel::Trained(h), Some((against, _))) => {
+                h.strongest_terms(&features_text(features), choice.chosen, against, 3)
             }
             _ => Vec::new(),
         };
-        Some(Explanation { runner_up: choice.runner_up.as_ref().map(|(_, l, p)| (l.clone(), *p)), terms })
+        let runner_up =
+            choice.runner_up.and_then(|(i, p)| m.classifier.department_label(i).map(|label| (label.to_string(), p)));
+        Some(Explanation { runner_up, terms })
     }
 
     /// The full heads' decision (embedding given when they use one).

@@ -62,11 +62,12 @@ pub struct Decision {
 }
 
 /// Which class of the department head a model decision chose, and the
-/// runner-up (index, label, calibrated probability).
-#[derive(Debug, Clone, PartialEq)]
+/// runner-up (index, calibrated probability). Indexes only: labels are
+/// looked up when an explanation is asked for, not on every decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ClassChoice {
     pub chosen: usize,
-    pub runner_up: Option<(usize, String, f32)>,
+    pub runner_up: Option<(usize, f32)>,
 }
 
 /// Why the model chose a department, in words staff can read: the runner-up

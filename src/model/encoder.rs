@@ -55,10 +55,12 @@ impl Tok {
         };
         let model = model?;
         drop(text);
+        // Deserialised from the parsed tree by reference: the normalizer's
+        // precompiled character map alone is hundreds of kilobytes.
         fn part<T: serde::de::DeserializeOwned>(json: &serde_json::Value, key: &str) -> Result<Option<T>, String> {
             match &json[key] {
                 serde_json::Value::Null => Ok(None),
-                v => serde_json::from_value(v.clone()).map(Some).map_err(|e| format!("`{key}`: {e}")),
+                v => T::deserialize(v).map(Some).map_err(|e| format!("`{key}`: {e}")),
             }
         }
         let mut t = CompactTokenizer::new(model);
