@@ -515,7 +515,11 @@ fn fast_exp(x: f32) -> f32 {
     // Round to nearest by adding and removing 1.5·2^23 (no rounding
     // instruction needed, so this vectorises on any x86-64).
     const MAGIC: f32 = 12_582_912.0;
-    let k = (x * std::f32::consts::LOG2_E + MAGIC) - MAGIC;
+    let shifted = x * std::f32::consts::LOG2_E + MAGIC;
+    let k = shifted - MAGIC;
+    // k as an integer from the low mantissa bits (an `as i32` cast would be
+    // a saturating scalar conversion and stop the loop vectorising).
+    let ki = shifted.to_bits().wrapping_sub(MAGIC.to_bits()) as i32;
     // ln 2 in two parts (Cody–Waite), so k·ln2 loses no bits for large k.
     let r = (x - k * 0.693_359_4) - k * -2.121_944_4e-4;
     let mut p = 1.0 / 720.0;
@@ -525,7 +529,7 @@ fn fast_exp(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
+    p * f32::from_bits(((ki + 127) as u32) << 23)
 }
 
 #[cfg(test)]
