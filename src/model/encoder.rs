@@ -111,7 +111,7 @@ pub struct Encoder {
 pub fn resolve_precision(precision: Precision, device: &Device) -> Precision {
     match precision {
         _ if !device.is_cpu() => Precision::F32,
-        Precision::Auto if Isa::detect().has_dot_product() => Precision::Int8,
+        Precision::Auto if Isa::detect().int8_is_faster() => Precision::Int8,
         Precision::Auto => Precision::F32,
         p => p,
     }
