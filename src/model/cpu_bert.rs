@@ -4,11 +4,11 @@
 //! multiplies than in them on this work: a tensor allocated per operation,
 //! copies to make views contiguous, the attention as batched 4-D matmuls over
 //! padded shapes. Here one sequence goes through the model with:
-//! - the weights transposed once at load, Q, K and V fused into one matrix
-//!   (one multiply instead of three);
-//! - every product a direct `gemm` call on row-major slices, single-threaded
-//!   (each inference worker owns a core), attention heads addressed by
-//!   strides into the fused QKV buffer, never copied;
+//! - the weights packed once at load ([`F32Linear`]), Q, K and V fused into
+//!   one matrix (one multiply instead of three);
+//! - every product single-threaded on row-major slices (each inference
+//!   worker owns a core); attention's products are direct `gemm` calls with
+//!   the heads addressed by strides into the fused QKV buffer, never copied;
 //! - bias, residual, LayerNorm, GELU and softmax as plain loops over those
 //!   buffers, which are reused from one message to the next (one set per
 //!   thread), so a forward pass allocates nothing.
@@ -16,23 +16,20 @@
 //! No padding and no mask: one sequence per pass. In f32, numbers match
 //! Candle's model (and the sentence-transformers reference) within 1e-4 per
 //! component (tests/model.rs checks the golden vectors). In int8 the four
-//! linear layers of each block run on [`QLinear`] (8-bit, VNNI); attention
+//! linear layers of each block run on [`QLinear`] (8-bit); attention
 //! scores, softmax, LayerNorm and GELU stay in f32.
 
 use std::cell::RefCell;
 
 use gemm::Parallelism;
 
+use super::f32linear::F32Linear;
 use super::int8::{QLinear, QScratch, QTable};
 use super::weights::WeightsFile;
 
-/// A linear layer's weights: f32 transposed for `gemm`, or 8-bit.
+/// A linear layer's weights: f32 (packed once at load), or 8-bit.
 enum Linear {
-    /// `[in × out]` (transposed once at load) and the bias.
-    F32 {
-        w: Vec<f32>,
-        b: Vec<f32>,
-    },
+    F32(F32Linear),
     Int8(QLinear),
 }
 
@@ -42,21 +39,21 @@ impl Linear {
         if int8 {
             Linear::Int8(QLinear::new(w, out, inp, &b))
         } else {
-            Linear::F32 { w: transpose(w, out, inp), b }
+            Linear::F32(F32Linear::new(w, out, inp, b))
         }
     }
 
-    /// `y[m×out] = x[m×in] · W + b`.
-    fn apply(&self, x: &[f32], m: usize, inp: usize, out: usize, y: &mut [f32], q: &mut QScratch) {
+    /// `y[m×out] = x[m×in] · W + b` (the layer knows its widths).
+    fn apply(&self, x: &[f32], m: usize, y: &mut [f32], q: &mut QScratch) {
         match self {
-            Linear::F32 { w, b } => linear(x, m, inp, w, out, b, y),
+            Linear::F32(l) => l.forward(x, m, y),
             Linear::Int8(l) => l.forward(x, m, y, q),
         }
     }
 
     fn bytes(&self) -> usize {
         match self {
-            Linear::F32 { w, b } => 4 * (w.len() + b.len()),
+            Linear::F32(l) => l.bytes(),
             Linear::Int8(l) => l.bytes(),
         }
     }
@@ -267,7 +264,7 @@ impl CpuBert {
 
         let scale = 1.0 / (d as f32).sqrt();
         for l in &self.layers {
-            l.qkv.apply(x, n, h, 3 * h, qkv, qs);
+            l.qkv.apply(x, n, qkv, qs);
             for head in 0..self.heads {
                 let q = qkv[head * d..].as_ptr();
                 let k = qkv[h + head * d..].as_ptr();
@@ -328,12 +325,12 @@ impl CpuBert {
                     );
                 }
             }
-            l.out.apply(ctx, n, h, h, tmp, qs);
+            l.out.apply(ctx, n, tmp, qs);
             add_assign(x, tmp);
             layer_norm(x, h, &l.ln1_g, &l.ln1_b, self.eps);
-            l.up.apply(x, n, h, i, up, qs);
+            l.up.apply(x, n, up, qs);
             gelu_all(up);
-            l.down.apply(up, n, i, h, tmp, qs);
+            l.down.apply(up, n, tmp, qs);
             add_assign(x, tmp);
             layer_norm(x, h, &l.ln2_g, &l.ln2_b, self.eps);
         }
@@ -355,49 +352,6 @@ impl CpuBert {
 fn resize(v: &mut Vec<f32>, len: usize) {
     if v.len() < len {
         v.resize(len, 0.0);
-    }
-}
-
-/// `rows × cols` row-major → `cols × rows` row-major.
-fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0.0; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = w[r * cols + c];
-        }
-    }
-    t
-}
-
-/// `y[m×n] = x[m×k] · w[k×n] + b`, row-major, single-threaded.
-fn linear(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: &[f32], y: &mut [f32]) {
-    assert!(x.len() >= m * k && w.len() == k * n && b.len() == n && y.len() >= m * n);
-    for row in y[..m * n].chunks_exact_mut(n) {
-        row.copy_from_slice(b);
-    }
-    // SAFETY: the assertion above bounds every element the strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            true,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
     }
 }
 
@@ -551,21 +505,5 @@ mod tests {
         }
         assert!(worst_erf < 1e-6, "erf off by {worst_erf}");
         assert!(worst_exp < 1e-6, "exp off by {worst_exp} (relative)");
-    }
-
-    #[test]
-    fn linear_and_transpose_agree_with_a_naive_product() {
-        let (m, k, n) = (3, 5, 4);
-        let x: Vec<f32> = (0..m * k).map(|v| v as f32 * 0.1).collect();
-        let w_nk: Vec<f32> = (0..n * k).map(|v| (v as f32 - 7.0) * 0.05).collect(); // PyTorch [out × in]
-        let b = vec![1.0, -1.0, 0.5, 0.0];
-        let mut y = vec![0.0; m * n];
-        linear(&x, m, k, &transpose(&w_nk, n, k), n, &b, &mut y);
-        for r in 0..m {
-            for c in 0..n {
-                let want: f32 = b[c] + (0..k).map(|j| x[r * k + j] * w_nk[c * k + j]).sum::<f32>();
-                assert!((y[r * n + c] - want).abs() < 1e-5);
-            }
-        }
     }
 }

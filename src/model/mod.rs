@@ -16,6 +16,7 @@ pub mod bulk;
 pub(crate) mod cache;
 mod cpu_bert;
 pub mod encoder;
+pub(crate) mod f32linear;
 pub mod fetch;
 pub mod head;
 pub mod int8;
