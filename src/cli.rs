@@ -234,30 +234,31 @@ pub struct TrainArgs {
     /// Lexical features only: no encoder needed, much faster, weaker on short English mail.
     #[arg(long)]
     pub no_embeddings: bool,
-    /// Passes over the data.
-    #[arg(long, default_value_t = 12)]
-    pub epochs: usize,
-    /// AdaGrad learning rate.
-    #[arg(long, default_value_t = 0.3)]
-    pub learning_rate: f32,
-    /// L2 regularisation.
-    #[arg(long, default_value_t = 1e-6)]
+    /// L-BFGS iterations at most per fit (it stops sooner once converged).
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_iterations: u32,
+    /// L2 regularisation of the summed loss (1/C in scikit-learn's terms): larger = smoother head.
+    #[arg(long, default_value_t = 0.1, value_parser = non_negative)]
     pub l2: f32,
     /// Share of each class held back to calibrate and to report dev figures.
-    #[arg(long, default_value_t = 0.15)]
+    #[arg(long, default_value_t = 0.15, value_parser = fraction)]
     pub dev_fraction: f32,
     /// Weight of the embedding relative to the lexical features.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     pub embedding_weight: f32,
     /// Hashed feature space: 2^bits buckets (1–30).
     #[arg(long, default_value_t = 18, value_parser = clap::value_parser!(u8).range(1..=30))]
     pub bits: u8,
     /// Weight of the character 3–5-gram block (0 = words only).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative)]
     pub char_weight: f32,
     /// Do not weight classes by inverse frequency.
     #[arg(long)]
     pub unbalanced: bool,
+    /// Lean a class-weighted head back towards the real class frequencies: 0 = not at all (best macro-F1),
+    /// 1 = fully (best accuracy).
+    #[arg(long, default_value_t = 0.0, value_parser = fraction)]
+    pub prior_shift: f32,
     /// Keep the model fitted on the train part instead of refitting on all data.
     #[arg(long)]
     pub no_refit: bool,
@@ -286,4 +287,23 @@ pub struct EvalArgs {
     /// Also report figures per value of this field (repeatable), e.g. --slice language.
     #[arg(long)]
     pub slice: Vec<String>,
+}
+
+/// A finite number ≥ 0 (a weight or a penalty).
+fn non_negative(s: &str) -> Result<f32, String> {
+    match s.parse::<f32>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        Ok(_) => Err(format!("`{s}` must be a finite number ≥ 0")),
+        Err(e) => Err(format!("`{s}` is not a number: {e}")),
+    }
+}
+
+/// A number from 0 to 1.
+fn fraction(s: &str) -> Result<f32, String> {
+    let v = non_negative(s)?;
+    if v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("`{s}` must be between 0 and 1"))
+    }
 }

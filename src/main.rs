@@ -17,6 +17,9 @@ use cmd::{learn, offline};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve) {
+        end_quietly_on_closed_pipe();
+    }
     if let Command::Generate { what } = cli.command {
         // Needs no configuration: packagers run it at build time.
         return match cmd::generate::print(what) {
@@ -102,5 +105,17 @@ fn single_threaded_candle_per_worker(command: &Command, cfg: &Config) {
     if workers > 1 && std::env::var_os("RAYON_NUM_THREADS").is_none() {
         // Still single-threaded here: nothing else reads the environment yet.
         std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+}
+
+/// A report command whose reader goes away (`mailtriage eval --json | head`)
+/// ends quietly, as Unix tools do, instead of panicking in `println!`. Only
+/// for commands: the daemon keeps Rust's ignored SIGPIPE, so a peer that
+/// hangs up is an error on that connection, never the end of the process.
+/// (Sockets are written with MSG_NOSIGNAL either way.)
+fn end_quietly_on_closed_pipe() {
+    // SAFETY: called first thing in main, before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -101,11 +101,12 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let records = read_data(cfg, &args.data, true)?;
     let opts = TrainOptions {
-        epochs: args.epochs,
-        learning_rate: args.learning_rate,
+        max_iterations: args.max_iterations as usize,
         l2: args.l2,
         dev_fraction: args.dev_fraction,
         balanced: !args.unbalanced,
+        prior_shift: args.prior_shift,
+        threads: args.data.threads(),
         embedding_weight: args.embedding_weight,
         lexical: LexicalConfig { bits: args.bits, char_weight: args.char_weight, ..Default::default() },
         refit: !args.no_refit,
@@ -136,7 +137,7 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
     let cascade_fits =
         if embeddings.is_some() && opts.cascade_tolerance >= 0.0 { 1 + usize::from(opts.refit) } else { 0 };
     let fits = opts.candidates(embeddings.is_some()).len() + usize::from(opts.refit) + cascade_fits;
-    let epochs = Progress::new("training", opts.epochs * fits);
+    let epochs = Progress::new("training", opts.max_iterations * fits);
     let mut step = 0;
     let (head, report) = train::train(&examples, embeddings.as_deref(), provenance, &opts, |_, _, _| {
         step += 1;

@@ -5,4 +5,5 @@
 pub mod dataset;
 pub mod eval;
 pub mod feedback;
+pub mod lbfgs;
 pub mod train;

@@ -1,9 +1,8 @@
 //! Learning a head from labeled mail.
 //!
 //! Multinomial logistic regression over `[embedding · w_e ; word n-grams ;
-//! char n-grams]`, trained with per-coordinate AdaGrad (sparse-friendly: a
-//! step touches only the buckets a message has), L2 regularisation and
-//! class weights for imbalance. A stratified dev split is held back to fit the
+//! char n-grams]`, fitted to the minimum of its L2-regularised, class-weighted
+//! cross-entropy by L-BFGS (see [`lbfgs`]). A stratified dev split is held back to fit the
 //! softmax temperature (calibration) and to report figures; the head is then
 //! refitted on all the data with the same settings and that temperature.
 
@@ -13,6 +12,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::learn::eval::{self, Metrics, Outcome};
+use crate::learn::lbfgs;
 use crate::model::head::{softmax, CascadeMeta, Head, HeadMeta};
 use crate::model::lexical::{self, LexicalConfig, Sparse, TermCounts};
 
@@ -33,14 +33,22 @@ impl Example {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainOptions {
-    pub epochs: usize,
-    pub learning_rate: f32,
+    /// L-BFGS iterations at most (it usually converges sooner).
+    pub max_iterations: usize,
+    /// L2 weight of the summed (not averaged) loss: 1/C in scikit-learn's terms.
     pub l2: f32,
     /// Share of each class held back for calibration and dev figures.
     pub dev_fraction: f32,
     pub seed: u64,
     /// Weight classes by n / (classes · n_class), so small departments count.
     pub balanced: bool,
+    /// Class weighting makes the head behave as if all classes were equally
+    /// frequent: good for macro-F1, at some cost in accuracy. Adding
+    /// `prior_shift · ln(class frequency)` to the biases leans it back towards
+    /// the real frequencies (1: fully, for a balanced head; 0: not at all).
+    pub prior_shift: f32,
+    /// Threads computing the training objective (it is a sum over messages).
+    pub threads: usize,
     pub embedding_weight: f32,
     pub lexical: LexicalConfig,
     /// Refit on train + dev after calibrating (more data, same temperature).
@@ -57,12 +65,13 @@ pub struct TrainOptions {
 impl Default for TrainOptions {
     fn default() -> Self {
         Self {
-            epochs: 12,
-            learning_rate: 0.3,
-            l2: 1e-6,
+            max_iterations: 300,
+            l2: 0.1,
             dev_fraction: 0.15,
             seed: 42,
             balanced: true,
+            prior_shift: 0.0,
+            threads: 1,
             embedding_weight: 1.0,
             lexical: LexicalConfig::default(),
             refit: true,
@@ -172,7 +181,7 @@ pub fn stratified_split(labels: &[usize], classes: usize, fraction: f32, seed: u
 
 /// Trains a head. `embeddings[i]` belongs to `examples[i]` (empty where a
 /// message has none: its embedding block then counts as zero); `None` trains
-/// a lexical-only head. `progress(done, total)` is called once per epoch.
+/// a lexical-only head. `progress(stage, done, total)` is called once per L-BFGS iteration.
 pub fn train(
     examples: &[Example],
     embeddings: Option<&[Vec<f32>]>,
@@ -258,20 +267,31 @@ pub fn train(
             best = Some((score, cand, head, logits));
         }
     }
-    let (_, chosen, mut head, dev_logits) = best.expect("at least one candidate");
+    let (_, chosen, mut head, mut dev_logits) = best.expect("at least one candidate");
 
-    // 2. Calibrate on the dev part and measure there.
+    // 2. Lean back towards the class frequencies (`prior_shift`).
+    let log_prior_of = |rows: &[usize]| -> Vec<f32> {
+        let mut n = vec![0usize; labels.len()];
+        rows.iter().for_each(|&i| n[y[i]] += 1);
+        n.iter().map(|&k| (k.max(1) as f32 / rows.len().max(1) as f32).ln()).collect()
+    };
+    let shift = chosen.prior_shift;
+    let lean = |bias: &mut [f32], log_prior: &[f32]| bias.iter_mut().zip(log_prior).for_each(|(b, p)| *b += shift * p);
+    dev_logits.iter_mut().for_each(|z| lean(z, &log_prior_of(&train_idx)));
+
+    // 3. Calibrate on the dev part and measure there.
     let temperature = if dev_idx.is_empty() { 1.0 } else { fit_temperature(&dev_logits, &dev_y) };
     let dev_outcomes = outcomes(&dev_logits, temperature);
     let dev = eval::compute(&labels, &dev_outcomes);
 
-    // 3. The cascade: a lexical-only head with the same settings, and the
+    // 4. The cascade: a lexical-only head with the same settings, and the
     //    lowest confidence at which it may decide alone.
     let lexical_meta = HeadMeta { encoder: None, embedding_dim: 0, lexical: chosen.lexical, ..base_meta.clone() };
     let no_embedding = |_: usize| -> Option<&[f32]> { None };
     let cascade = (dim > 0 && !dev_idx.is_empty() && opts.cascade_tolerance >= 0.0).then(|| {
-        let lexical =
+        let mut lexical =
             fit(examples, &buckets, &y, &train_idx, no_embedding, lexical_meta.clone(), &chosen, &mut progress);
+        lean(&mut lexical.bias, &log_prior_of(&train_idx));
         let lexical_logits = dev_logits_of(&lexical);
         let t = fit_temperature(&lexical_logits, &dev_y);
         let (full, alone) = (outcomes(&dev_logits, temperature), outcomes(&lexical_logits, t));
@@ -279,16 +299,19 @@ pub fn train(
         CascadeMeta { temperature: t, threshold, dev: dev_figures }
     });
 
-    // 4. Refit on everything with the chosen settings, keep the temperatures.
+    // 5. Refit on everything with the chosen settings, keep the temperatures
+    //    and the shift.
     let all: Vec<usize> = (0..examples.len()).collect();
     let refit = chosen.refit && !dev_idx.is_empty();
+    let rows = if refit { &all } else { &train_idx };
     if refit {
         let meta = HeadMeta { embedding_weight: chosen.embedding_weight, lexical: chosen.lexical, ..base_meta };
         head = fit(examples, &buckets, &y, &all, emb_of, meta, &chosen, &mut progress);
     }
+    lean(&mut head.bias, &log_prior_of(rows));
     if cascade.is_some() {
-        let rows = if refit { &all } else { &train_idx };
-        let lexical = fit(examples, &buckets, &y, rows, no_embedding, lexical_meta, &chosen, &mut progress);
+        let mut lexical = fit(examples, &buckets, &y, rows, no_embedding, lexical_meta, &chosen, &mut progress);
+        lean(&mut lexical.bias, &log_prior_of(rows));
         debug_assert_eq!(lexical.idf, head.idf, "both heads see the same documents");
         head.lexical_only = Some((lexical.w_lex, lexical.bias));
         head.meta.cascade = cascade.clone();
@@ -297,7 +320,7 @@ pub fn train(
     head.meta.risk_coverage = eval::risk_coverage(&dev_outcomes);
     head.meta.dev_metrics = serde_json::json!({
         "n": dev.n, "accuracy": dev.accuracy, "macro_f1": dev.macro_f1, "ece": dev.ece,
-        "balanced": chosen.balanced,
+        "balanced": chosen.balanced, "prior_shift": shift, "l2": chosen.l2,
     });
     head.meta.version = head.meta.trained_at.replace(['-', ':'], "").trim_end_matches('Z').to_string();
     let report = TrainReport {
@@ -348,7 +371,77 @@ fn cascade_threshold(
     (chosen, figures)
 }
 
-/// AdaGrad on the examples `idx`, IDF from those examples only.
+/// The embedding block as the optimiser sees it: each dimension centred and
+/// scaled to unit variance over the training messages, the whole block then
+/// scaled to `weight / √dim` (so its expected squared norm is `weight²`, like
+/// a lexical block's). Sentence encoders' vectors are anisotropic (e5's pairwise
+/// cosines sit around 0.8): most of each vector is a direction every message
+/// shares, and the differences that carry the class are small coordinates an
+/// L2 penalty keeps the head from using. After fitting, [`Standardiser::fold`]
+/// turns the weights back into ones on the raw embedding, so a head's format
+/// and inference do not change. A message without an embedding counts as the
+/// zero vector, as it does at inference.
+struct Standardiser {
+    mean: Vec<f32>,
+    factor: Vec<f32>,
+}
+
+impl Standardiser {
+    fn fit(rows: &[Option<&[f32]>], dim: usize, weight: f32) -> Self {
+        let (mut sum, mut sq, mut n) = (vec![0.0f64; dim], vec![0.0f64; dim], 0usize);
+        for e in rows.iter().flatten() {
+            n += 1;
+            for ((s, q), &v) in sum.iter_mut().zip(&mut sq).zip(*e) {
+                *s += v as f64;
+                *q += v as f64 * v as f64;
+            }
+        }
+        let n = n.max(1) as f64;
+        let mean: Vec<f64> = sum.iter().map(|s| s / n).collect();
+        let scale = weight as f64 / (dim as f64).sqrt();
+        let factor = sq
+            .iter()
+            .zip(&mean)
+            .map(|(q, m)| {
+                let sd = (q / n - m * m).max(0.0).sqrt();
+                // A constant dimension carries nothing: leave it at zero.
+                if sd > 1e-6 {
+                    (scale / sd) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Self { mean: mean.into_iter().map(|m| m as f32).collect(), factor }
+    }
+
+    fn apply(&self, e: Option<&[f32]>) -> Vec<f32> {
+        let zero = vec![0.0; self.mean.len()];
+        let e = e.unwrap_or(&zero);
+        e.iter().zip(&self.mean).zip(&self.factor).map(|((v, m), f)| (v - m) * f).collect()
+    }
+
+    /// Weights `w` (class-major) on standardised input → weights on the raw
+    /// embedding for a head that multiplies it by `embedding_weight`, with the
+    /// centring moved into the bias: exact, the logits do not change.
+    fn fold(&self, w: &mut [f32], bias: &mut [f32], embedding_weight: f32) {
+        let dim = self.mean.len();
+        for (k, b) in bias.iter_mut().enumerate() {
+            let row = &mut w[k * dim..(k + 1) * dim];
+            let mut moved = 0.0f64;
+            for ((wj, f), m) in row.iter_mut().zip(&self.factor).zip(&self.mean) {
+                let on_raw = *wj * f;
+                moved += on_raw as f64 * *m as f64;
+                *wj = on_raw / embedding_weight;
+            }
+            *b -= moved as f32;
+        }
+    }
+}
+
+/// Fits a head on the examples `idx` (IDF from those examples only):
+/// minimises Σᵢ cᵢ·cross-entropyᵢ + l2/2·‖W‖² (biases free; cᵢ the class
+/// weight) with L-BFGS over the buckets those examples touch.
 #[allow(clippy::too_many_arguments)]
 fn fit<'a>(
     examples: &[Example],
@@ -373,50 +466,123 @@ fn fit<'a>(
         idf,
         lexical_only: None,
     };
+    // Buckets no training example touches keep weight 0 (their gradient is
+    // only the L2 term): optimise over the touched ones, renumbered densely.
     let xs: Vec<Sparse> = idx.iter().map(|&i| head.lexical_terms(&examples[i].terms)).collect();
+    let used: Vec<u32> = xs.iter().flatten().map(|e| e.0).collect::<BTreeSet<_>>().into_iter().collect();
+    let xs: Vec<Sparse> = xs
+        .into_iter()
+        .map(|x| x.into_iter().map(|(b, v)| (used.binary_search(&b).expect("collected above") as u32, v)).collect())
+        .collect();
+    let we = head.meta.embedding_weight;
+    let raw: Vec<Option<&[f32]>> = idx.iter().map(|&i| emb_of(i)).collect();
+    let standard = (dim > 0 && we > 0.0).then(|| Standardiser::fit(&raw, dim, we));
+    let std_rows: Vec<Vec<f32>> = match &standard {
+        Some(st) => raw.iter().map(|e| st.apply(*e)).collect(),
+        None => Vec::new(),
+    };
+    let embs: Vec<Option<&[f32]>> =
+        if standard.is_some() { std_rows.iter().map(|v| Some(v.as_slice())).collect() } else { vec![None; idx.len()] };
 
     let mut counts = vec![0usize; c];
     idx.iter().for_each(|&i| counts[y[i]] += 1);
-    let class_weight: Vec<f32> = counts
+    let class_weight: Vec<f64> = counts
         .iter()
-        .map(|&n| if opts.balanced && n > 0 { idx.len() as f32 / (c as f32 * n as f32) } else { 1.0 })
+        .map(|&n| if opts.balanced && n > 0 { idx.len() as f64 / (c as f64 * n as f64) } else { 1.0 })
         .collect();
 
-    // AdaGrad accumulators, started at a small value so the first steps are bounded.
-    let (mut g_emb, mut g_lex, mut g_b) = (vec![1e-2f32; c * dim], vec![1e-2f32; lexdim * c], vec![1e-2f32; c]);
-    let lr = opts.learning_rate;
-    let we = head.meta.embedding_weight;
-    let mut order: Vec<usize> = (0..idx.len()).collect();
-    let mut rng = Rng::new(opts.seed ^ 0x5eed);
-    for epoch in 0..opts.epochs {
-        rng.shuffle(&mut order);
-        for &o in &order {
-            let i = idx[o];
-            let e = emb_of(i);
-            let p = softmax(&head.logits(e, &xs[o]), 1.0);
-            let cw = class_weight[y[i]];
-            for k in 0..c {
-                let g = cw * (p[k] - (k == y[i]) as u8 as f32);
-                g_b[k] += g * g;
-                head.bias[k] -= lr * g / g_b[k].sqrt();
-                if let Some(e) = e {
-                    for j in 0..dim {
-                        let w = &mut head.w_emb[k * dim + j];
-                        let gj = g * we * e[j] + opts.l2 * *w;
-                        let acc = &mut g_emb[k * dim + j];
-                        *acc += gj * gj;
-                        *w -= lr * gj / acc.sqrt();
-                    }
-                }
-                for &(b, v) in &xs[o] {
-                    let at = b as usize * c + k;
-                    let gj = g * v + opts.l2 * head.w_lex[at];
-                    g_lex[at] += gj * gj;
-                    head.w_lex[at] -= lr * gj / g_lex[at].sqrt();
+    // θ = [w_emb (c × dim) | w_lex (used × c) | bias (c)]
+    let (n_emb, n_lex) = (c * dim, used.len() * c);
+    let l2 = opts.l2 as f64;
+    // The loss and gradient of the messages `part` (unregularised), added
+    // into `grad`.
+    let partial = |theta: &[f32], part: std::ops::Range<usize>, grad: &mut [f32]| -> f64 {
+        let (w_emb, rest) = theta.split_at(n_emb);
+        let (w_lex, bias) = rest.split_at(n_lex);
+        let (g_emb, g_rest) = grad.split_at_mut(n_emb);
+        let (g_lex, g_bias) = g_rest.split_at_mut(n_lex);
+        let mut loss = 0.0f64;
+        let mut z = vec![0.0f32; c];
+        for o in part {
+            let truth = y[idx[o]];
+            z.copy_from_slice(bias);
+            if let Some(e) = embs[o] {
+                for (k, zk) in z.iter_mut().enumerate() {
+                    *zk += w_emb[k * dim..(k + 1) * dim].iter().zip(e).map(|(a, b)| a * b).sum::<f32>();
                 }
             }
+            for &(b, v) in &xs[o] {
+                let row = &w_lex[b as usize * c..(b as usize + 1) * c];
+                z.iter_mut().zip(row).for_each(|(zk, w)| *zk += v * w);
+            }
+            let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            let cw = class_weight[truth];
+            loss += cw * (sum.ln() + (max - z[truth]) as f64);
+            // z becomes the residual cw·(p − onehot).
+            for (k, zk) in z.iter_mut().enumerate() {
+                let p = ((*zk - max) as f64).exp() / sum;
+                *zk = (cw * (p - (k == truth) as u8 as f64)) as f32;
+            }
+            g_bias.iter_mut().zip(&z).for_each(|(g, r)| *g += r);
+            if let Some(e) = embs[o] {
+                for (k, &r) in z.iter().enumerate() {
+                    g_emb[k * dim..(k + 1) * dim].iter_mut().zip(e).for_each(|(g, x)| *g += r * x);
+                }
+            }
+            for &(b, v) in &xs[o] {
+                let row = &mut g_lex[b as usize * c..(b as usize + 1) * c];
+                row.iter_mut().zip(&z).for_each(|(g, r)| *g += v * r);
+            }
         }
-        progress("epoch", epoch + 1, opts.epochs);
+        loss
+    };
+    let n_params = n_emb + n_lex + c;
+    let threads = opts.threads.clamp(1, idx.len().max(1));
+    // Gradient buffers of the helper threads, allocated once.
+    let mut scratch = vec![vec![0.0f32; n_params]; threads - 1];
+    let objective = |theta: &[f32], grad: &mut [f32]| -> f64 {
+        grad.fill(0.0);
+        let per = idx.len().div_ceil(threads);
+        let mut loss = std::thread::scope(|s| {
+            let helpers: Vec<_> = scratch
+                .iter_mut()
+                .enumerate()
+                .map(|(t, buf)| {
+                    let part = ((t + 1) * per).min(idx.len())..((t + 2) * per).min(idx.len());
+                    s.spawn(move || {
+                        buf.fill(0.0);
+                        partial(theta, part, buf)
+                    })
+                })
+                .collect();
+            let mut loss = partial(theta, 0..per.min(idx.len()), grad);
+            for h in helpers {
+                loss += h.join().expect("a training thread panicked");
+            }
+            loss
+        });
+        for buf in &scratch {
+            grad.iter_mut().zip(buf).for_each(|(g, b)| *g += b);
+        }
+        let w = &theta[..n_emb + n_lex];
+        loss += l2 / 2.0 * w.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+        grad[..n_emb + n_lex].iter_mut().zip(w).for_each(|(g, &v)| *g += (l2 * v as f64) as f32);
+        loss
+    };
+    let mut theta = vec![0.0f32; n_params];
+    let stop = lbfgs::Stop { max_iterations: opts.max_iterations, gradient: 1e-4, relative_decrease: 1e-7 };
+    let total = opts.max_iterations;
+    lbfgs::minimize(&mut theta, 8, stop, objective, |it| progress("iteration", it, total));
+    let (w_emb, rest) = theta.split_at(n_emb);
+    let (w_lex, bias) = rest.split_at(n_lex);
+    head.w_emb.copy_from_slice(w_emb);
+    head.bias.copy_from_slice(bias);
+    if let Some(st) = &standard {
+        st.fold(&mut head.w_emb, &mut head.bias, we);
+    }
+    for (j, &b) in used.iter().enumerate() {
+        head.w_lex[b as usize * c..(b as usize + 1) * c].copy_from_slice(&w_lex[j * c..(j + 1) * c]);
     }
     head
 }
@@ -509,6 +675,82 @@ mod tests {
             Some(true)
         );
         assert_eq!(head.meta.lexical.char_weight, report.chosen.lexical.char_weight);
+    }
+
+    #[test]
+    fn learns_from_the_embedding_alone_when_the_words_say_nothing() {
+        // The same words for both classes; the class is in a small coordinate
+        // on top of a large shared direction, as in real sentence embeddings.
+        let mut rng = Rng::new(3);
+        let (mut examples, mut embeddings) = (Vec::new(), Vec::new());
+        for i in 0..80 {
+            let label = if i % 2 == 0 { "a" } else { "b" };
+            examples.push(Example::new("hello there", label, &TOY));
+            let jitter = |r: &mut Rng| (r.next_u64() % 1000) as f32 / 1e5;
+            let sign = if i % 2 == 0 { 1.0 } else { -1.0 };
+            embeddings.push(vec![0.9 + jitter(&mut rng), 0.05 * sign + jitter(&mut rng), jitter(&mut rng)]);
+        }
+        let opts = TrainOptions { lexical: TOY, cascade_tolerance: -1.0, ..Default::default() };
+        let (head, report) = train(&examples, Some(&embeddings), prov(), &opts, |_, _, _| {}).unwrap();
+        assert_eq!(report.dev.accuracy, 1.0);
+        let terms = head.lexical("hello there");
+        assert_eq!(head.predict(Some(&[0.9, 0.05, 0.0]), &terms).label, "a");
+        assert_eq!(head.predict(Some(&[0.9, -0.05, 0.0]), &terms).label, "b");
+    }
+
+    #[test]
+    fn folding_the_standardisation_keeps_the_logits() {
+        let mut rng = Rng::new(11);
+        let mut r = move || (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0;
+        let (dim, c) = (5, 3);
+        let rows: Vec<Vec<f32>> = (0..20).map(|_| (0..dim).map(|_| 0.5 + 0.1 * r()).collect()).collect();
+        let refs: Vec<Option<&[f32]>> = rows.iter().map(|v| Some(v.as_slice())).collect();
+        let st = Standardiser::fit(&refs, dim, 1.0);
+        let (mut w, mut b): (Vec<f32>, Vec<f32>) = ((0..c * dim).map(|_| r()).collect(), (0..c).map(|_| r()).collect());
+        let standard: Vec<Vec<f32>> = rows
+            .iter()
+            .map(|e| {
+                let x = st.apply(Some(e));
+                (0..c).map(|k| b[k] + (0..dim).map(|j| w[k * dim + j] * x[j]).sum::<f32>()).collect()
+            })
+            .collect();
+        let weight = 2.0;
+        st.fold(&mut w, &mut b, weight);
+        for (e, want) in rows.iter().zip(&standard) {
+            for k in 0..c {
+                let got = b[k] + weight * (0..dim).map(|j| w[k * dim + j] * e[j]).sum::<f32>();
+                assert!((got - want[k]).abs() < 1e-3, "{got} vs {}", want[k]);
+            }
+        }
+    }
+
+    #[test]
+    fn prior_shift_adds_the_log_class_frequencies_to_the_bias() {
+        let mut examples = toy();
+        // 3 billing for every support message: an imbalanced problem.
+        let extra: Vec<Example> = toy().into_iter().filter(|e| e.label == "billing").collect();
+        examples.extend(extra.iter().cloned().chain(extra.iter().cloned()));
+        let plain = TrainOptions { lexical: TOY, ..Default::default() };
+        let shifted = TrainOptions { prior_shift: 1.0, ..plain.clone() };
+        let (a, _) = train(&examples, None, prov(), &plain, |_, _, _| {}).unwrap();
+        let (b, _) = train(&examples, None, prov(), &shifted, |_, _, _| {}).unwrap();
+        let n = examples.len() as f32;
+        let billing = examples.iter().filter(|e| e.label == "billing").count() as f32;
+        let want = [(billing / n).ln(), ((n - billing) / n).ln()]; // labels sorted: billing, support
+        for k in 0..2 {
+            assert!((b.bias[k] - a.bias[k] - want[k]).abs() < 1e-5, "class {k}");
+        }
+        assert!(a.w_lex == b.w_lex);
+    }
+
+    #[test]
+    fn threads_only_split_the_work() {
+        let one = TrainOptions { lexical: TOY, ..Default::default() };
+        let two = TrainOptions { threads: 2, ..one.clone() };
+        let (a, _) = train(&toy(), None, prov(), &one, |_, _, _| {}).unwrap();
+        let (b, _) = train(&toy(), None, prov(), &two, |_, _, _| {}).unwrap();
+        let gap = a.w_lex.iter().zip(&b.w_lex).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+        assert!(gap < 1e-3, "{gap}");
     }
 
     #[test]

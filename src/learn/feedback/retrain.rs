@@ -209,12 +209,19 @@ pub fn retrain(
         examples.push(Example { terms: c.terms.clone(), label: label.to_string() });
         embeddings.push(embedding_of(c));
     }
+    let defaults = TrainOptions::default();
+    let setting = |m: &serde_json::Value, key: &str| m.get(key).and_then(|v| v.as_f64()).map(|v| v as f32);
     let opts = TrainOptions {
         lexical: meta.lexical,
         embedding_weight: meta.embedding_weight,
         balanced: meta.dev_metrics.get("balanced").and_then(|b| b.as_bool()).unwrap_or(true),
-        cascade_tolerance: if meta.cascade.is_some() { TrainOptions::default().cascade_tolerance } else { -1.0 },
-        ..TrainOptions::default()
+        // The settings the head was trained with (heads from before they were
+        // recorded get today's defaults).
+        l2: setting(&meta.dev_metrics, "l2").unwrap_or(defaults.l2),
+        prior_shift: setting(&meta.dev_metrics, "prior_shift").unwrap_or(defaults.prior_shift),
+        threads,
+        cascade_tolerance: if meta.cascade.is_some() { defaults.cascade_tolerance } else { -1.0 },
+        ..defaults
     };
     let provenance = Provenance {
         label_field: meta.label_field.clone(),
