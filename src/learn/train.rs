@@ -737,8 +737,8 @@ mod tests {
         let n = examples.len() as f32;
         let billing = examples.iter().filter(|e| e.label == "billing").count() as f32;
         let want = [(billing / n).ln(), ((n - billing) / n).ln()]; // labels sorted: billing, support
-        for k in 0..2 {
-            assert!((b.bias[k] - a.bias[k] - want[k]).abs() < 1e-5, "class {k}");
+        for (k, w) in want.iter().enumerate() {
+            assert!((b.bias[k] - a.bias[k] - w).abs() < 1e-5, "class {k}");
         }
         assert!(a.w_lex == b.w_lex);
     }
