@@ -216,9 +216,11 @@ pub fn retrain(
         embedding_weight: meta.embedding_weight,
         balanced: meta.dev_metrics.get("balanced").and_then(|b| b.as_bool()).unwrap_or(true),
         // The settings the head was trained with (heads from before they were
-        // recorded get today's defaults).
-        l2: setting(&meta.dev_metrics, "l2").unwrap_or(defaults.l2),
-        prior_shift: setting(&meta.dev_metrics, "prior_shift").unwrap_or(defaults.prior_shift),
+        // recorded, or with values `train` would refuse, get today's defaults).
+        l2: setting(&meta.dev_metrics, "l2").filter(|v| v.is_finite() && *v >= 0.0).unwrap_or(defaults.l2),
+        prior_shift: setting(&meta.dev_metrics, "prior_shift")
+            .filter(|v| (0.0..=1.0).contains(v))
+            .unwrap_or(defaults.prior_shift),
         threads,
         cascade_tolerance: if meta.cascade.is_some() { defaults.cascade_tolerance } else { -1.0 },
         ..defaults
