@@ -209,16 +209,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn naive(x: &[f32], m: usize, k: usize, w_nk: &[f32], n: usize, b: &[f32]) -> Vec<f32> {
-        let mut y = vec![0.0; m * n];
-        for r in 0..m {
-            for c in 0..n {
-                y[r * n + c] = b[c] + (0..k).map(|j| x[r * k + j] * w_nk[c * k + j]).sum::<f32>();
-            }
-        }
-        y
-    }
+    use crate::model::int8::tests::naive;
 
     /// Both forms, on shapes with row and column remainders, match a naive
     /// product (to rounding: the sums run in another order).

@@ -640,7 +640,7 @@ impl QTable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A deterministic pseudo-random sequence in [-1, 1).
@@ -654,7 +654,9 @@ mod tests {
             .collect()
     }
 
-    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: &[f32]) -> Vec<f32> {
+    /// The reference product `y = x·wᵀ + b` (`x` is m×k, `w` is n×k), also
+    /// used by the f32 kernel's tests.
+    pub(crate) fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, b: &[f32]) -> Vec<f32> {
         let mut y = vec![0.0; m * n];
         for r in 0..m {
             for c in 0..n {
