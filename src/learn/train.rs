@@ -277,7 +277,8 @@ pub fn train(
     };
     let shift = chosen.prior_shift;
     let lean = |bias: &mut [f32], log_prior: &[f32]| bias.iter_mut().zip(log_prior).for_each(|(b, p)| *b += shift * p);
-    dev_logits.iter_mut().for_each(|z| lean(z, &log_prior_of(&train_idx)));
+    let train_prior = log_prior_of(&train_idx);
+    dev_logits.iter_mut().for_each(|z| lean(z, &train_prior));
 
     // 3. Calibrate on the dev part and measure there.
     let temperature = if dev_idx.is_empty() { 1.0 } else { fit_temperature(&dev_logits, &dev_y) };
@@ -291,7 +292,7 @@ pub fn train(
     let cascade = (dim > 0 && !dev_idx.is_empty() && opts.cascade_tolerance >= 0.0).then(|| {
         let mut lexical =
             fit(examples, &buckets, &y, &train_idx, no_embedding, lexical_meta.clone(), &chosen, &mut progress);
-        lean(&mut lexical.bias, &log_prior_of(&train_idx));
+        lean(&mut lexical.bias, &train_prior);
         let lexical_logits = dev_logits_of(&lexical);
         let t = fit_temperature(&lexical_logits, &dev_y);
         let (full, alone) = (outcomes(&dev_logits, temperature), outcomes(&lexical_logits, t));
@@ -308,10 +309,11 @@ pub fn train(
         let meta = HeadMeta { embedding_weight: chosen.embedding_weight, lexical: chosen.lexical, ..base_meta };
         head = fit(examples, &buckets, &y, &all, emb_of, meta, &chosen, &mut progress);
     }
-    lean(&mut head.bias, &log_prior_of(rows));
+    let final_prior = log_prior_of(rows);
+    lean(&mut head.bias, &final_prior);
     if cascade.is_some() {
         let mut lexical = fit(examples, &buckets, &y, rows, no_embedding, lexical_meta, &chosen, &mut progress);
-        lean(&mut lexical.bias, &log_prior_of(rows));
+        lean(&mut lexical.bias, &final_prior);
         debug_assert_eq!(lexical.idf, head.idf, "both heads see the same documents");
         head.lexical_only = Some((lexical.w_lex, lexical.bias));
         head.meta.cascade = cascade.clone();
