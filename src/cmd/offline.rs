@@ -108,7 +108,12 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
         prior_shift: args.prior_shift,
         threads: args.data.threads(),
         embedding_weight: args.embedding_weight,
-        lexical: LexicalConfig { bits: args.bits, char_weight: args.char_weight, ..Default::default() },
+        lexical: LexicalConfig {
+            bits: args.bits,
+            char_weight: args.char_weight,
+            word_ngrams: args.word_ngrams,
+            ..Default::default()
+        },
         refit: !args.no_refit,
         search: args.search,
         cascade_tolerance: args.cascade_tolerance,

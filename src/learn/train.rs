@@ -72,7 +72,7 @@ impl Default for TrainOptions {
             balanced: true,
             prior_shift: 0.0,
             threads: 1,
-            embedding_weight: 1.0,
+            embedding_weight: 0.5,
             lexical: LexicalConfig::default(),
             refit: true,
             search: false,
@@ -90,8 +90,12 @@ impl TrainOptions {
         let mut out = Vec::new();
         for char_weight in [1.0, 0.0] {
             for balanced in [true, false] {
-                let weights: &[f32] = if with_embedding { &[1.0, 3.0] } else { &[1.0] };
-                for &embedding_weight in weights {
+                let weights = if with_embedding {
+                    vec![self.embedding_weight, self.embedding_weight / 2.0]
+                } else {
+                    vec![self.embedding_weight]
+                };
+                for embedding_weight in weights {
                     let mut o = self.clone();
                     o.lexical.char_weight = char_weight;
                     o.balanced = balanced;
@@ -204,7 +208,7 @@ pub fn train(
     let y: Vec<usize> = examples.iter().map(|e| labels.binary_search(&e.label).expect("label from the set")).collect();
     let (train_idx, dev_idx) = stratified_split(&y, labels.len(), opts.dev_fraction, opts.seed);
     let dim = embeddings.and_then(|e| e.iter().map(Vec::len).find(|&n| n > 0)).unwrap_or(0);
-    let buckets: Vec<Vec<u32>> = examples.iter().map(|e| e.terms.buckets()).collect();
+    let buckets: Vec<Vec<u32>> = examples.iter().map(|e| e.terms.buckets(&opts.lexical)).collect();
 
     let base_meta = HeadMeta {
         labels: labels.clone(),
@@ -622,7 +626,7 @@ pub fn fit_temperature(logits: &[Vec<f32>], y: &[usize]) -> f32 {
 mod tests {
     use super::*;
 
-    const TOY: LexicalConfig = LexicalConfig { bits: 12, word_weight: 1.0, char_weight: 1.0 };
+    const TOY: LexicalConfig = LexicalConfig { bits: 12, word_weight: 1.0, char_weight: 1.0, word_ngrams: 3 };
 
     fn toy() -> Vec<Example> {
         let mut v = Vec::new();

@@ -163,7 +163,7 @@ impl Head {
         }
         let lex = self.lexical(text);
         let mut seen = std::collections::HashSet::new();
-        let mut terms: Vec<(String, f32)> = lexical::word_terms(text, self.meta.lexical.bits)
+        let mut terms: Vec<(String, f32)> = lexical::word_terms(text, &self.meta.lexical)
             .into_iter()
             .filter(|(_, b)| seen.insert(*b))
             .filter_map(|(term, b)| {
@@ -348,6 +348,10 @@ fn meta_of(path: &Path, info: &HashMap<String, String>) -> Result<HeadMeta, Mode
     if !lexical::BITS.contains(&meta.lexical.bits) {
         let (lo, hi) = (lexical::BITS.start(), lexical::BITS.end());
         return Err(bad(format!("lexical.bits {} is outside {lo}–{hi}", meta.lexical.bits)));
+    }
+    if !lexical::WORD_NGRAMS.contains(&meta.lexical.word_ngrams) {
+        let (lo, hi) = (lexical::WORD_NGRAMS.start(), lexical::WORD_NGRAMS.end());
+        return Err(bad(format!("lexical.word_ngrams {} is outside {lo}–{hi}", meta.lexical.word_ngrams)));
     }
     Ok(meta)
 }
