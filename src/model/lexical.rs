@@ -147,15 +147,7 @@ impl TermCounts {
             return Cow::Borrowed(&self.word);
         }
         let mut all: Vec<(u32, u32)> = self.word.iter().chain(&self.trigram).copied().collect();
-        all.sort_unstable();
-        all.dedup_by(|b, a| {
-            if a.0 == b.0 {
-                a.1 += b.1;
-                true
-            } else {
-                false
-            }
-        });
+        merge_buckets(&mut all);
         Cow::Owned(all)
     }
 
@@ -185,15 +177,7 @@ impl TermCounts {
             }
         }
         // A bucket in both blocks (a hash collision) becomes one entry.
-        out.sort_by_key(|(k, _)| *k);
-        out.dedup_by(|b, a| {
-            if a.0 == b.0 {
-                a.1 += b.1;
-                true
-            } else {
-                false
-            }
-        });
+        merge_buckets(&mut out);
         out
     }
 
@@ -250,6 +234,21 @@ impl TermCounts {
     pub fn heap_bytes(&self) -> usize {
         8 * (self.word.capacity() + self.char.capacity() + self.trigram.capacity())
     }
+}
+
+/// Sorts by bucket and sums the values of a bucket that occurs more than once
+/// (hash collisions between blocks). The sort is stable, so float sums never
+/// depend on hashing order.
+fn merge_buckets<T: std::ops::AddAssign + Copy>(v: &mut Vec<(u32, T)>) {
+    v.sort_by_key(|&(k, _)| k);
+    v.dedup_by(|b, a| {
+        if a.0 == b.0 {
+            a.1 += b.1;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 /// Which buckets a text touches (for document frequencies when training).
