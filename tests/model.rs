@@ -251,12 +251,15 @@ fn lexical_only_eval_figures_are_exact_on_the_fixture() {
     let out =
         mailtriage(&cfg, &["eval", "--data", test.to_str().unwrap(), "--label", "priority", "--head", h, "--json"]);
     let v: Value = serde_json::from_str(ok(&out).trim()).unwrap();
-    // Priority in the fixture follows the department (hr → low, billing → medium,
-    // support → high/medium alternating), so a lexical head gets most of it.
+    // Priority in the fixture follows the department for hr (low) and billing
+    // (medium); support tickets share one body and are high or medium at
+    // random, so only about half of those ten can be right.
     assert_eq!(v["n"], 15);
     let correct: u64 = (0..3).map(|k| v["confusion"][k][k].as_u64().unwrap()).sum();
     assert_eq!(v["accuracy"].as_f64().unwrap(), correct as f64 / 15.0);
-    assert!(correct >= 11, "{v}");
+    let low = v["labels"].as_array().unwrap().iter().position(|l| l == "low").unwrap();
+    assert_eq!(v["per_class"][low]["recall"], 1.0, "every hr ticket is low: {v}");
+    assert!(correct >= 9, "well above the majority class (6 of 15): {v}");
     assert!(Head::load(&head).unwrap().meta.encoder.is_none());
 }
 
