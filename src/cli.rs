@@ -238,8 +238,13 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_iterations: u32,
     /// L2 regularisation of the summed loss (1/C in scikit-learn's terms): larger = smoother head.
-    #[arg(long, default_value_t = 0.1, value_parser = non_negative)]
-    pub l2: f32,
+    /// Default: 0.1 with the logistic loss, 1 with squared_hinge.
+    #[arg(long, value_parser = non_negative)]
+    pub l2: Option<f32>,
+    /// Training loss: squared_hinge (one-vs-rest, a linear SVM's loss) or logistic (multinomial
+    /// cross-entropy). Both give calibrated probabilities through the fitted temperature.
+    #[arg(long, default_value = "squared_hinge", value_parser = loss)]
+    pub loss: mailtriage::learn::train::Loss,
     /// Share of each class held back to calibrate and to report dev figures.
     #[arg(long, default_value_t = 0.15, value_parser = fraction)]
     pub dev_fraction: f32,
@@ -294,6 +299,11 @@ pub struct EvalArgs {
 }
 
 /// A finite number ≥ 0 (a weight or a penalty).
+fn loss(s: &str) -> Result<mailtriage::learn::train::Loss, String> {
+    mailtriage::learn::train::Loss::from_name(s)
+        .ok_or_else(|| format!("`{s}` is not a loss: use logistic or squared_hinge"))
+}
+
 fn non_negative(s: &str) -> Result<f32, String> {
     match s.parse::<f32>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),

@@ -94,6 +94,10 @@ fn macro_f1(config: &Path, head: &Path, dev: &Path) -> f64 {
     v["macro_f1"].as_f64().unwrap()
 }
 
+/// Lexical heads with the logistic loss: these tests are about storing,
+/// gating and promoting, and the logistic fit converges in half the time of
+/// the default hinge (tests/model.rs trains with the defaults). Retraining
+/// must keep the loss the head records: the gate test checks that.
 fn train(config: &Path, data: &Path, out: &Path) {
     mailtriage(
         config,
@@ -104,6 +108,8 @@ fn train(config: &Path, data: &Path, out: &Path) {
             "--label",
             "queue",
             "--no-embeddings",
+            "--loss",
+            "logistic",
             "--out",
             out.to_str().unwrap(),
         ],
@@ -451,7 +457,18 @@ fn the_gate_refuses_a_poisoned_batch_and_expired_corrections_are_deleted() {
     assert!(clean["candidate"]["dev_macro_f1"].as_f64() >= clean["current"]["dev_macro_f1"].as_f64());
     let listed = mailtriage(&config, &["heads", "list"]);
     assert!(listed.contains("* department v1"), "{listed}");
+    // The candidate was refitted with the loss the initial head records.
+    assert_eq!(head_loss(&w.join("heads/department-v1.safetensors")), "logistic");
     mailtriage(&config, &["heads", "rollback", "v1"]);
+}
+
+/// The training loss a head file records (safetensors header → metadata).
+fn head_loss(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let meta: Value = serde_json::from_str(header["__metadata__"]["meta"].as_str().unwrap()).unwrap();
+    meta["dev_metrics"]["loss"].as_str().unwrap_or_else(|| panic!("no loss in {meta}")).to_string()
 }
 
 /// A private PostgreSQL server (Debian's `postgresql` package) on a free port.

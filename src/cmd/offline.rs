@@ -101,8 +101,9 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let records = read_data(cfg, &args.data, true)?;
     let opts = TrainOptions {
+        loss: args.loss,
         max_iterations: args.max_iterations as usize,
-        l2: args.l2,
+        l2: args.l2.unwrap_or(args.loss.default_l2()),
         dev_fraction: args.dev_fraction,
         balanced: !args.unbalanced,
         prior_shift: args.prior_shift,

@@ -1,8 +1,10 @@
 //! Learning a head from labeled mail.
 //!
-//! Multinomial logistic regression over `[embedding · w_e ; word n-grams ;
-//! char n-grams]`, fitted to the minimum of its L2-regularised, class-weighted
-//! cross-entropy by L-BFGS (see [`lbfgs`]). A stratified dev split is held back to fit the
+//! A linear model over `[embedding · w_e ; word n-grams ; char n-grams]`,
+//! fitted to the minimum of its L2-regularised, class-weighted loss by L-BFGS
+//! (see [`lbfgs`]): multinomial cross-entropy, or one-vs-rest squared hinge
+//! (a linear SVM's loss; see [`Loss`]). Either way the head's logits go
+//! through a softmax with a fitted temperature. A stratified dev split is held back to fit the
 //! softmax temperature (calibration) and to report figures; the head is then
 //! refitted on all the data with the same settings and that temperature.
 
@@ -31,8 +33,53 @@ impl Example {
     }
 }
 
+/// The training loss. Both are smooth and convex, so L-BFGS finds their minimum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Loss {
+    /// Multinomial cross-entropy: probabilities by construction.
+    Logistic,
+    /// One binary squared hinge per class, `max(0, 1 − s·z)²` with s = ±1:
+    /// what scikit-learn's LinearSVC minimises. It ignores messages already
+    /// on the right side of the margin, so it spends the weights on the hard
+    /// ones; its scores become probabilities through the same fitted softmax
+    /// temperature. The default: on the dev folds it beat the logistic loss
+    /// on 20 Newsgroups (+0.6–0.9 accuracy) and on priority with an encoder
+    /// (+1.6 accuracy, +1.1 macro-F1), and was level on departments
+    /// (docs/performance.md).
+    #[default]
+    SquaredHinge,
+}
+
+impl Loss {
+    pub const ALL: [Loss; 2] = [Loss::Logistic, Loss::SquaredHinge];
+
+    /// The loss named `name` (as [`Loss::name`] writes it).
+    pub fn from_name(name: &str) -> Option<Loss> {
+        Self::ALL.into_iter().find(|l| l.name() == name)
+    }
+
+    /// The L2 weight each loss was tuned with on the dev folds (tickets,
+    /// 20news): the hinge's scores are margins of ±1, not log-odds, so it
+    /// wants a stronger penalty (scikit-learn's LinearSVC default, C = 1).
+    pub fn default_l2(self) -> f32 {
+        match self {
+            Loss::Logistic => 0.1,
+            Loss::SquaredHinge => 1.0,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Loss::Logistic => "logistic",
+            Loss::SquaredHinge => "squared_hinge",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainOptions {
+    pub loss: Loss,
     /// L-BFGS iterations at most (it usually converges sooner).
     pub max_iterations: usize,
     /// L2 weight of the summed (not averaged) loss: 1/C in scikit-learn's terms.
@@ -44,8 +91,9 @@ pub struct TrainOptions {
     pub balanced: bool,
     /// Class weighting makes the head behave as if all classes were equally
     /// frequent: good for macro-F1, at some cost in accuracy. Adding
-    /// `prior_shift · ln(class frequency)` to the biases leans it back towards
-    /// the real frequencies (1: fully, for a balanced head; 0: not at all).
+    /// `prior_shift · ln(class frequency)` to the calibrated log-odds leans it
+    /// back towards the real frequencies (1: fully, for a balanced head; 0:
+    /// not at all).
     pub prior_shift: f32,
     /// Threads computing the training objective (it is a sum over messages).
     pub threads: usize,
@@ -65,8 +113,9 @@ pub struct TrainOptions {
 impl Default for TrainOptions {
     fn default() -> Self {
         Self {
+            loss: Loss::default(),
             max_iterations: 300,
-            l2: 0.1,
+            l2: Loss::default().default_l2(),
             dev_fraction: 0.15,
             seed: 42,
             balanced: true,
@@ -279,7 +328,13 @@ pub fn train(
         rows.iter().for_each(|&i| n[y[i]] += 1);
         n.iter().map(|&k| (k.max(1) as f32 / rows.len().max(1) as f32).ln()).collect()
     };
-    let shift = chosen.prior_shift;
+    // The shift is meant in calibrated log-odds, score / T. A hinge head's
+    // scores are margins (T ≈ 0.1), a logistic head's are log-odds already
+    // (T ≈ 1): scale by the temperature fitted before shifting, so the same
+    // `prior_shift` means the same for either loss.
+    let shift_scale =
+        if chosen.prior_shift > 0.0 && !dev_idx.is_empty() { fit_temperature(&dev_logits, &dev_y) } else { 1.0 };
+    let shift = chosen.prior_shift * shift_scale;
     let lean = |bias: &mut [f32], log_prior: &[f32]| bias.iter_mut().zip(log_prior).for_each(|(b, p)| *b += shift * p);
     let train_prior = log_prior_of(&train_idx);
     dev_logits.iter_mut().for_each(|z| lean(z, &train_prior));
@@ -300,7 +355,8 @@ pub fn train(
         let lexical_logits = dev_logits_of(&lexical);
         let t = fit_temperature(&lexical_logits, &dev_y);
         let (full, alone) = (outcomes(&dev_logits, temperature), outcomes(&lexical_logits, t));
-        let (threshold, dev_figures) = cascade_threshold(&labels, &full, &alone, opts.cascade_tolerance);
+        let full_p: Vec<Vec<f32>> = dev_logits.iter().map(|z| softmax(z, temperature)).collect();
+        let (threshold, dev_figures) = cascade_threshold(&labels, &full, &full_p, &alone, opts.cascade_tolerance);
         CascadeMeta { temperature: t, threshold, dev: dev_figures }
     });
 
@@ -326,7 +382,9 @@ pub fn train(
     head.meta.risk_coverage = eval::risk_coverage(&dev_outcomes);
     head.meta.dev_metrics = serde_json::json!({
         "n": dev.n, "accuracy": dev.accuracy, "macro_f1": dev.macro_f1, "ece": dev.ece,
-        "balanced": chosen.balanced, "prior_shift": shift, "l2": chosen.l2,
+        "balanced": chosen.balanced, "prior_shift": chosen.prior_shift, "prior_shift_scale": shift_scale,
+        "l2": chosen.l2,
+        "loss": chosen.loss.name(),
     });
     head.meta.version = head.meta.trained_at.replace(['-', ':'], "").trim_end_matches('Z').to_string();
     let report = TrainReport {
@@ -343,33 +401,50 @@ pub fn train(
 
 /// The lowest confidence (0.30, 0.31, … 1.00; 1.01 = never) at which the
 /// lexical head's answer may replace the full head's on the dev split with
-/// accuracy and macro-F1 each at most `tolerance` below the full head's.
-/// Returns it with the dev figures at that threshold.
+/// accuracy and macro-F1 each at most `tolerance` below the full head's, and
+/// with an *expected* accuracy loss of at most `tolerance` by the full head's
+/// own calibrated probabilities `full_p`: where the two heads disagree, a
+/// replacement costs p(full's answer) − p(lexical's answer). The labelled
+/// check alone is noise on a few hundred dev messages (on the ticket folds it
+/// let the lexical head take 89 % of priority decisions at a cost of half a
+/// point of accuracy); the expected loss uses every disagreement, labelled
+/// right or not. Returns the threshold with the dev figures at it.
 fn cascade_threshold(
     labels: &[String],
     full: &[Outcome],
+    full_p: &[Vec<f32>],
     lexical: &[Outcome],
     tolerance: f64,
 ) -> (f32, serde_json::Value) {
     let f = eval::compute(labels, full);
     let alone = eval::compute(labels, lexical);
-    let mixed = |t: f32| -> (Metrics, usize) {
+    let n = full.len().max(1) as f64;
+    let mixed = |t: f32| -> (Metrics, usize, f64) {
         let out: Vec<Outcome> =
             full.iter().zip(lexical).map(|(f, l)| if l.confidence >= t { *l } else { *f }).collect();
-        (eval::compute(labels, &out), lexical.iter().filter(|l| l.confidence >= t).count())
+        let expected_loss: f64 = full
+            .iter()
+            .zip(lexical)
+            .zip(full_p)
+            .filter(|((_, l), _)| l.confidence >= t)
+            .map(|((f, l), p)| (p[f.predicted] - p[l.predicted]) as f64)
+            .sum::<f64>()
+            / n;
+        (eval::compute(labels, &out), lexical.iter().filter(|l| l.confidence >= t).count(), expected_loss)
     };
     let chosen = (30..=101)
         .map(|p| p as f32 / 100.0)
         .find(|&t| {
-            let (m, _) = mixed(t);
-            m.accuracy >= f.accuracy - tolerance && m.macro_f1 >= f.macro_f1 - tolerance
+            let (m, _, expected_loss) = mixed(t);
+            m.accuracy >= f.accuracy - tolerance && m.macro_f1 >= f.macro_f1 - tolerance && expected_loss <= tolerance
         })
         .unwrap_or(1.01);
-    let (m, skipped) = mixed(chosen);
+    let (m, skipped, expected_loss) = mixed(chosen);
     let figures = serde_json::json!({
         "n": full.len(),
-        "skipped_share": skipped as f64 / full.len().max(1) as f64,
+        "skipped_share": skipped as f64 / n,
         "tolerance": tolerance,
+        "expected_accuracy_loss": expected_loss,
         "full": {"accuracy": f.accuracy, "macro_f1": f.macro_f1},
         "cascade": {"accuracy": m.accuracy, "macro_f1": m.macro_f1, "ece": m.ece},
         "lexical_alone": {"accuracy": alone.accuracy, "macro_f1": alone.macro_f1, "ece": alone.ece},
@@ -446,8 +521,7 @@ impl Standardiser {
 }
 
 /// Fits a head on the examples `idx` (IDF from those examples only):
-/// minimises Σᵢ cᵢ·cross-entropyᵢ + l2/2·‖W‖² (biases free; cᵢ the class
-/// weight) with L-BFGS over the buckets those examples touch.
+/// minimises Σᵢ cᵢ·lossᵢ + l2/2·‖W‖² (biases free; cᵢ the class weight) with L-BFGS over the buckets those examples touch.
 #[allow(clippy::too_many_arguments)]
 fn fit<'a>(
     examples: &[Example],
@@ -521,14 +595,26 @@ fn fit<'a>(
                 let row = &w_lex[b as usize * c..(b as usize + 1) * c];
                 z.iter_mut().zip(row).for_each(|(zk, w)| *zk += v * w);
             }
-            let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
             let cw = class_weight[truth];
-            loss += cw * (sum.ln() + (max - z[truth]) as f64);
-            // z becomes the residual cw·(p − onehot).
-            for (k, zk) in z.iter_mut().enumerate() {
-                let p = ((*zk - max) as f64).exp() / sum;
-                *zk = (cw * (p - (k == truth) as u8 as f64)) as f32;
+            // z becomes the residual ∂loss/∂z.
+            match opts.loss {
+                Loss::Logistic => {
+                    let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+                    loss += cw * (sum.ln() + (max - z[truth]) as f64);
+                    for (k, zk) in z.iter_mut().enumerate() {
+                        let p = ((*zk - max) as f64).exp() / sum;
+                        *zk = (cw * (p - (k == truth) as u8 as f64)) as f32;
+                    }
+                }
+                Loss::SquaredHinge => {
+                    for (k, zk) in z.iter_mut().enumerate() {
+                        let s = if k == truth { 1.0 } else { -1.0 };
+                        let gap = (1.0 - s * *zk as f64).max(0.0);
+                        loss += cw * gap * gap;
+                        *zk = (-2.0 * cw * s * gap) as f32;
+                    }
+                }
             }
             g_bias.iter_mut().zip(&z).for_each(|(g, r)| *g += r);
             if let Some(e) = embs[o] {
@@ -667,6 +753,44 @@ mod tests {
     }
 
     #[test]
+    fn squared_hinge_separates_the_toy_problem_with_a_margin() {
+        let opts = TrainOptions { lexical: TOY, loss: Loss::SquaredHinge, l2: 0.01, ..Default::default() };
+        let (head, report) = train(&toy(), None, prov(), &opts, |_, _, _| {}).unwrap();
+        assert_eq!(report.dev.accuracy, 1.0);
+        assert_eq!(head.meta.dev_metrics["loss"], "squared_hinge");
+        // One-vs-rest scores: near +1 for the true class, near −1 for the other.
+        for e in toy() {
+            let z = head.logits(None, &head.lexical_terms(&e.terms));
+            let truth = usize::from(e.label == "support");
+            assert!(z[truth] > 0.8 && z[1 - truth] < -0.8, "{z:?} for {}", e.label);
+        }
+        assert_eq!(Loss::from_name("squared_hinge"), Some(Loss::SquaredHinge));
+        assert_eq!(Loss::from_name(Loss::Logistic.name()), Some(Loss::Logistic));
+        assert_eq!(Loss::from_name("hinge"), None);
+    }
+
+    #[test]
+    fn cascade_threshold_counts_the_full_heads_belief_not_only_the_dev_labels() {
+        let labels = vec!["a".to_string(), "b".to_string()];
+        let out = |truth, predicted, confidence| Outcome { truth: Some(truth), predicted, confidence };
+        // The full head is sure of `a`, the lexical one of `b`, and the dev
+        // labels happen to side with the lexical head: the labelled check
+        // alone would hand it every message.
+        let full = vec![out(1, 0, 0.9); 40];
+        let full_p = vec![vec![0.9, 0.1]; 40];
+        let lexical = vec![out(1, 1, 0.95); 40];
+        let (t, figures) = cascade_threshold(&labels, &full, &full_p, &lexical, 0.005);
+        assert!(t > 0.95, "{figures}");
+        assert_eq!(figures["skipped_share"], 0.0);
+        // Where the two heads agree, replacing costs nothing: lowest threshold.
+        let agree = vec![out(0, 0, 0.95); 40];
+        let (t, figures) = cascade_threshold(&labels, &full, &full_p, &agree, 0.005);
+        assert_eq!(t, 0.30);
+        assert_eq!(figures["skipped_share"], 1.0);
+        assert_eq!(figures["expected_accuracy_loss"], 0.0);
+    }
+
+    #[test]
     fn search_tries_each_candidate_and_keeps_the_best() {
         let opts = TrainOptions { search: true, lexical: TOY, ..Default::default() };
         let (head, report) = train(&toy(), None, prov(), &opts, |_, _, _| {}).unwrap();
@@ -743,8 +867,12 @@ mod tests {
         let n = examples.len() as f32;
         let billing = examples.iter().filter(|e| e.label == "billing").count() as f32;
         let want = [(billing / n).ln(), ((n - billing) / n).ln()]; // labels sorted: billing, support
+                                                                   // In calibrated log-odds: scaled by the temperature fitted before the shift.
+        let scale = b.meta.dev_metrics["prior_shift_scale"].as_f64().unwrap() as f32;
+        assert!(scale > 0.0 && scale < 1.0, "a hinge head's scores are margins: {scale}");
+        assert_eq!(a.meta.dev_metrics["prior_shift_scale"], 1.0);
         for (k, w) in want.iter().enumerate() {
-            assert!((b.bias[k] - a.bias[k] - w).abs() < 1e-5, "class {k}");
+            assert!((b.bias[k] - a.bias[k] - scale * w).abs() < 1e-5, "class {k}");
         }
         assert!(a.w_lex == b.w_lex);
     }

@@ -1,6 +1,7 @@
-//! A trained head: multinomial logistic regression over the sentence
-//! embedding concatenated with sparse lexical features, with a temperature
-//! that calibrates its confidences. Stored as safetensors plus metadata
+//! A trained head: a linear model over the sentence embedding concatenated
+//! with sparse lexical features (one score per class, fitted with a squared
+//! hinge or logistic loss), and a temperature that turns the scores into
+//! calibrated probabilities through a softmax. Stored as safetensors plus metadata
 //! (labels, encoder id, feature settings, training date, dev-split figures).
 
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 //! - [`encoder`]: BERT (default all-MiniLM-L6-v2), mean-pooled, L2-normalised: our CPU
 //!   forward pass (`cpu_bert`, f32 or [`int8`] on VNNI), Candle's on CUDA.
 //! - [`lexical`]: hashed word and character n-grams (TF-IDF).
-//! - [`head`]: logistic heads over both, calibrated, stored as safetensors.
+//! - [`head`]: linear heads over both, calibrated, stored as safetensors.
 //! - [`prototypes`]: the cold-start classifier from department descriptions.
 //! - [`batcher`]: the bounded queue in front of the encoder's own threads.
 //! - [`fetch`]: getting model files from the Hugging Face hub or a local dir.

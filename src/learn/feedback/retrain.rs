@@ -19,7 +19,7 @@ use super::store::{Store, StoreError};
 use super::{now, Correction};
 use crate::learn::dataset::{self, DataError};
 use crate::learn::eval::{self, Outcome};
-use crate::learn::train::{self, Example, Provenance, TrainError, TrainOptions};
+use crate::learn::train::{self, Example, Loss, Provenance, TrainError, TrainOptions};
 use crate::message::extract::ExtractLimits;
 use crate::message::language;
 use crate::model::encoder::Encoder;
@@ -211,13 +211,17 @@ pub fn retrain(
     }
     let defaults = TrainOptions::default();
     let setting = |m: &serde_json::Value, key: &str| m.get(key).and_then(|v| v.as_f64()).map(|v| v as f32);
+    // Heads from before the loss was recorded were all logistic.
+    let loss =
+        meta.dev_metrics.get("loss").and_then(|v| v.as_str()).and_then(Loss::from_name).unwrap_or(Loss::Logistic);
     let opts = TrainOptions {
+        loss,
         lexical: meta.lexical,
         embedding_weight: meta.embedding_weight,
         balanced: meta.dev_metrics.get("balanced").and_then(|b| b.as_bool()).unwrap_or(true),
         // The settings the head was trained with (heads from before they were
         // recorded, or with values `train` would refuse, get today's defaults).
-        l2: setting(&meta.dev_metrics, "l2").filter(|v| v.is_finite() && *v >= 0.0).unwrap_or(defaults.l2),
+        l2: setting(&meta.dev_metrics, "l2").filter(|v| v.is_finite() && *v >= 0.0).unwrap_or(loss.default_l2()),
         prior_shift: setting(&meta.dev_metrics, "prior_shift")
             .filter(|v| (0.0..=1.0).contains(v))
             .unwrap_or(defaults.prior_shift),
