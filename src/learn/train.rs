@@ -44,8 +44,9 @@ pub enum Loss {
     /// on the right side of the margin, so it spends the weights on the hard
     /// ones; its scores become probabilities through the same fitted softmax
     /// temperature. The default: on the dev folds it beat the logistic loss
-    /// on 20 Newsgroups (+0.6–0.9 accuracy) and on priority with an encoder
-    /// (+1.6 accuracy, +1.1 macro-F1), and was level on departments
+    /// on 20 Newsgroups (+0.6–0.9 accuracy) and a little on priority with an
+    /// encoder (+0.2–0.3 accuracy, +0.5–0.9 macro-F1); on departments it
+    /// trades half a point of accuracy for a point of macro-F1
     /// (docs/performance.md).
     #[default]
     SquaredHinge,
