@@ -298,12 +298,13 @@ pub struct EvalArgs {
     pub slice: Vec<String>,
 }
 
-/// A finite number ≥ 0 (a weight or a penalty).
+/// A training loss by name.
 fn loss(s: &str) -> Result<mailtriage::learn::train::Loss, String> {
     mailtriage::learn::train::Loss::from_name(s)
         .ok_or_else(|| format!("`{s}` is not a loss: use logistic or squared_hinge"))
 }
 
+/// A finite number ≥ 0 (a weight or a penalty).
 fn non_negative(s: &str) -> Result<f32, String> {
     match s.parse::<f32>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),

@@ -3,9 +3,9 @@
 //! A linear model over `[embedding · w_e ; word n-grams ; char n-grams]`,
 //! fitted to the minimum of its L2-regularised, class-weighted loss by L-BFGS
 //! (see [`lbfgs`]): multinomial cross-entropy, or one-vs-rest squared hinge
-//! (a linear SVM's loss; see [`Loss`]). Either way the head's logits go
-//! through a softmax with a fitted temperature. A stratified dev split is held back to fit the
-//! softmax temperature (calibration) and to report figures; the head is then
+//! (a linear SVM's loss; see [`Loss`]). Either way the head's scores go
+//! through a softmax with a fitted temperature: a stratified dev split is
+//! held back to fit it (calibration) and to report figures; the head is then
 //! refitted on all the data with the same settings and that temperature.
 
 use std::collections::BTreeSet;
@@ -330,8 +330,8 @@ pub fn train(
         n.iter().map(|&k| (k.max(1) as f32 / rows.len().max(1) as f32).ln()).collect()
     };
     // The shift is meant in calibrated log-odds, score / T. A hinge head's
-    // scores are margins (T ≈ 0.1), a logistic head's are log-odds already
-    // (T ≈ 1): scale by the temperature fitted before shifting, so the same
+    // scores are margins (on the dev folds T was 0.1–0.8), a logistic head's
+    // are log-odds already (T ≈ 1): scale by the temperature fitted before shifting, so the same
     // `prior_shift` means the same for either loss.
     let shift_scale =
         if chosen.prior_shift > 0.0 && !dev_idx.is_empty() { fit_temperature(&dev_logits, &dev_y) } else { 1.0 };
@@ -522,7 +522,8 @@ impl Standardiser {
 }
 
 /// Fits a head on the examples `idx` (IDF from those examples only):
-/// minimises Σᵢ cᵢ·lossᵢ + l2/2·‖W‖² (biases free; cᵢ the class weight) with L-BFGS over the buckets those examples touch.
+/// minimises Σᵢ cᵢ·lossᵢ + l2/2·‖W‖² (biases free; cᵢ the class weight)
+/// with L-BFGS over the buckets those examples touch.
 #[allow(clippy::too_many_arguments)]
 fn fit<'a>(
     examples: &[Example],
