@@ -34,7 +34,7 @@ impl Example {
 }
 
 /// The training loss. Both are smooth and convex, so L-BFGS finds their minimum.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Loss {
     /// Multinomial cross-entropy: probabilities by construction.
@@ -331,8 +331,8 @@ pub fn train(
     };
     // The shift is meant in calibrated log-odds, score / T. A hinge head's
     // scores are margins (on the dev folds T was 0.1–0.8), a logistic head's
-    // are log-odds already (T ≈ 1): scale by the temperature fitted before shifting, so the same
-    // `prior_shift` means the same for either loss.
+    // are log-odds already (T ≈ 1): scale by the temperature fitted before
+    // shifting, so the same `prior_shift` means the same for either loss.
     let shift_scale =
         if chosen.prior_shift > 0.0 && !dev_idx.is_empty() { fit_temperature(&dev_logits, &dev_y) } else { 1.0 };
     let shift = chosen.prior_shift * shift_scale;
@@ -769,6 +769,10 @@ mod tests {
         assert_eq!(Loss::from_name("squared_hinge"), Some(Loss::SquaredHinge));
         assert_eq!(Loss::from_name(Loss::Logistic.name()), Some(Loss::Logistic));
         assert_eq!(Loss::from_name("hinge"), None);
+        // The report's JSON (serde) and the head's metadata (`name`) spell it alike.
+        for l in Loss::ALL {
+            assert_eq!(serde_json::to_value(l).unwrap(), l.name());
+        }
     }
 
     #[test]
@@ -869,7 +873,8 @@ mod tests {
         let n = examples.len() as f32;
         let billing = examples.iter().filter(|e| e.label == "billing").count() as f32;
         let want = [(billing / n).ln(), ((n - billing) / n).ln()]; // labels sorted: billing, support
-                                                                   // In calibrated log-odds: scaled by the temperature fitted before the shift.
+
+        // In calibrated log-odds: scaled by the temperature fitted before the shift.
         let scale = b.meta.dev_metrics["prior_shift_scale"].as_f64().unwrap() as f32;
         assert!(scale > 0.0 && scale < 1.0, "a hinge head's scores are margins: {scale}");
         assert_eq!(a.meta.dev_metrics["prior_shift_scale"], 1.0);
