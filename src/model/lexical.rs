@@ -7,7 +7,6 @@
 //! it would silently break every trained head, so it is fixed here and tested.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -56,25 +55,60 @@ pub type Sparse = Vec<(u32, f32)>;
 /// Longest word whose character n-grams are taken (URLs, base64 debris).
 const MAX_WORD_CHARS: usize = 40;
 
-fn fnv1a(prefix: u8, parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |b: u8| {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
-    eat(prefix);
-    for (i, p) in parts.iter().enumerate() {
-        if i > 0 {
-            eat(b' ');
-        }
-        p.bytes().for_each(&mut eat);
+/// FNV-1a, 64-bit, fed byte by byte: an n-gram's hash extends its prefix's,
+/// so the character n-grams starting at one position share their work.
+#[derive(Clone, Copy)]
+struct Fnv(u64);
+
+impl Fnv {
+    fn new(prefix: u8) -> Fnv {
+        let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+        h.eat(&[prefix]);
+        h
     }
-    h
+
+    fn eat(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= b as u64;
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
 }
 
-/// Lower-cased words of a text: runs of alphanumeric characters.
-pub fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(|w| w.to_lowercase()).collect()
+/// The hash of an n-gram: the prefix names its kind, parts are joined by a space.
+fn fnv1a(prefix: u8, parts: &[&str]) -> u64 {
+    let mut h = Fnv::new(prefix);
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            h.eat(b" ");
+        }
+        h.eat(p.as_bytes());
+    }
+    h.0
+}
+
+/// Lower-cased words of a text: runs of alphanumeric characters. A word
+/// that is lower case already is borrowed, not copied (most of a body).
+pub fn words(text: &str) -> Vec<Cow<'_, str>> {
+    text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(lower).collect()
+}
+
+fn lower(w: &str) -> Cow<'_, str> {
+    let unchanged = if w.is_ascii() {
+        !w.bytes().any(|b| b.is_ascii_uppercase())
+    } else {
+        // `str::to_lowercase` maps character by character, except a capital
+        // sigma (which changes anyway), so this is exactly "it would not change".
+        w.chars().all(|c| {
+            let mut l = c.to_lowercase();
+            l.next() == Some(c) && l.next().is_none()
+        })
+    };
+    if unchanged {
+        Cow::Borrowed(w)
+    } else {
+        Cow::Owned(w.to_lowercase())
+    }
 }
 
 /// Hash prefixes of word 1-, 2- and 3-grams: part of the head format.
@@ -86,7 +120,7 @@ const WORD_PREFIX: [u8; 3] = [b'w', b'b', b't'];
 pub fn word_terms(text: &str, cfg: &LexicalConfig) -> Vec<(String, u32)> {
     let mask = (1u64 << cfg.bits) - 1;
     let ws = words(text);
-    let ws: Vec<&str> = ws.iter().map(String::as_str).collect();
+    let ws: Vec<&str> = ws.iter().map(|w| w.as_ref()).collect();
     let mut out = Vec::with_capacity(3 * ws.len());
     for i in 0..ws.len() {
         for n in 1..=(cfg.word_ngrams as usize).min(ws.len() - i) {
@@ -116,27 +150,41 @@ impl TermCounts {
     pub fn of(text: &str, bits: u8) -> TermCounts {
         let mask = (1u64 << bits) - 1;
         let owned = words(text);
-        let ws: Vec<&str> = owned.iter().map(String::as_str).collect();
-        let (mut wc, mut cc, mut tc) = (HashMap::<u32, u32>::new(), HashMap::<u32, u32>::new(), HashMap::new());
+        let ws: Vec<&str> = owned.iter().map(|w| w.as_ref()).collect();
+        // Buckets are collected, then sorted and counted: no map, and no
+        // string per n-gram (this runs on every message a head decides).
+        let (mut wc, mut tc) = (Vec::with_capacity(2 * ws.len()), Vec::with_capacity(ws.len()));
+        let mut cc = Vec::with_capacity(12 * ws.len());
+        // " word " (space-padded) and the byte offset where each of its characters ends.
+        let (mut padded, mut ends) = (String::new(), Vec::<usize>::new());
         for (i, w) in ws.iter().enumerate() {
             for n in 1..=WORD_PREFIX.len().min(ws.len() - i) {
                 let bucket = (fnv1a(WORD_PREFIX[n - 1], &ws[i..i + n]) & mask) as u32;
-                *if n < 3 { &mut wc } else { &mut tc }.entry(bucket).or_insert(0) += 1;
+                if n < 3 { &mut wc } else { &mut tc }.push(bucket);
             }
-            let chars: Vec<char> = std::iter::once(' ').chain(w.chars().take(MAX_WORD_CHARS)).chain([' ']).collect();
-            for n in 3..=5 {
-                for win in chars.windows(n) {
-                    let g: String = win.iter().collect();
-                    *cc.entry((fnv1a(b'c', &[&g]) & mask) as u32).or_insert(0) += 1;
+            let cut = w.char_indices().nth(MAX_WORD_CHARS).map_or(w.len(), |(b, _)| b);
+            padded.clear();
+            padded.push(' ');
+            padded.push_str(&w[..cut]);
+            padded.push(' ');
+            ends.clear();
+            ends.extend(padded.char_indices().map(|(b, c)| b + c.len_utf8()));
+            // Character 3-, 4- and 5-grams starting at each character, hashed
+            // exactly as `fnv1a(b'c', &[gram])`.
+            let bytes = padded.as_bytes();
+            for first in 0..ends.len().saturating_sub(2) {
+                let mut h = Fnv::new(b'c');
+                let mut at = if first == 0 { 0 } else { ends[first - 1] };
+                for (n, &end) in ends[first..].iter().take(5).enumerate() {
+                    h.eat(&bytes[at..end]);
+                    at = end;
+                    if n >= 2 {
+                        cc.push((h.0 & mask) as u32);
+                    }
                 }
             }
         }
-        let sorted = |m: HashMap<u32, u32>| {
-            let mut v: Vec<(u32, u32)> = m.into_iter().collect();
-            v.sort_unstable();
-            v
-        };
-        TermCounts { bits, word: sorted(wc), char: sorted(cc), trigram: sorted(tc) }
+        TermCounts { bits, word: counted(wc), char: counted(cc), trigram: counted(tc) }
     }
 
     /// The word-block entries a head with this configuration uses.
@@ -234,6 +282,19 @@ impl TermCounts {
     }
 }
 
+/// (bucket, occurrences), buckets ascending.
+fn counted(mut buckets: Vec<u32>) -> Vec<(u32, u32)> {
+    buckets.sort_unstable();
+    let mut out: Vec<(u32, u32)> = Vec::with_capacity(buckets.len());
+    for k in buckets {
+        match out.last_mut() {
+            Some((last, n)) if *last == k => *n += 1,
+            _ => out.push((k, 1)),
+        }
+    }
+    out
+}
+
 /// Sorts by bucket and sums the values of a bucket that occurs more than once
 /// (hash collisions between blocks). The sort is stable, so float sums never
 /// depend on hashing order.
@@ -283,6 +344,59 @@ mod tests {
         assert_eq!(fnv1a(b't', &["a", "b", "c"]), 0x4f05_83d6_07e4_a7c9);
         assert_eq!(fnv1a(b'c', &[" in"]), 0xd6f8_6f92_1d79_b6b9);
         assert_eq!(fnv1a(b'x', &[]), 0xaf63_f54c_8602_1707);
+    }
+
+    /// The counting as first written (a string per n-gram, a map per block):
+    /// the reference the allocation-free [`TermCounts::of`] must match bucket
+    /// for bucket, since trained heads and stored corrections depend on it.
+    fn reference_counts(text: &str, bits: u8) -> TermCounts {
+        use std::collections::HashMap;
+        let mask = (1u64 << bits) - 1;
+        let ws: Vec<String> =
+            text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()).map(|w| w.to_lowercase()).collect();
+        let ws: Vec<&str> = ws.iter().map(String::as_str).collect();
+        let (mut wc, mut cc, mut tc) = (HashMap::<u32, u32>::new(), HashMap::<u32, u32>::new(), HashMap::new());
+        for (i, w) in ws.iter().enumerate() {
+            for n in 1..=3.min(ws.len() - i) {
+                let bucket = (fnv1a(WORD_PREFIX[n - 1], &ws[i..i + n]) & mask) as u32;
+                *if n < 3 { &mut wc } else { &mut tc }.entry(bucket).or_insert(0) += 1;
+            }
+            let chars: Vec<char> = std::iter::once(' ').chain(w.chars().take(MAX_WORD_CHARS)).chain([' ']).collect();
+            for n in 3..=5 {
+                for win in chars.windows(n) {
+                    let g: String = win.iter().collect();
+                    *cc.entry((fnv1a(b'c', &[&g]) & mask) as u32).or_insert(0) += 1;
+                }
+            }
+        }
+        let sorted = |m: HashMap<u32, u32>| {
+            let mut v: Vec<(u32, u32)> = m.into_iter().collect();
+            v.sort_unstable();
+            v
+        };
+        TermCounts { bits, word: sorted(wc), char: sorted(cc), trigram: sorted(tc) }
+    }
+
+    #[test]
+    fn counts_match_the_reference_on_every_kind_of_text() {
+        let long = "x".repeat(39) + "é" + "yz" + &"q".repeat(50);
+        let texts = [
+            "",
+            "a",
+            "Hi",
+            "Invoice OVERDUE, invoice! Rechnung überfällig: Straße ÄÖÜ",
+            "ΟΔΥΣΣΕΥΣ Σ σ ς — Ǆemal ǅ İstanbul ß ﬁle",
+            "日本語のテキスト 中文 한국어 emoji 🎉 mixed123 4711",
+            &long,
+            "tab\tseparated\nlines and   spaces-hyphen_under",
+        ];
+        for bits in [6, 18] {
+            for t in texts {
+                assert_eq!(TermCounts::of(t, bits), reference_counts(t, bits), "{t:?} at {bits} bits");
+            }
+        }
+        let data = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        assert_eq!(TermCounts::of(&data, 18), reference_counts(&data, 18));
     }
 
     #[test]
