@@ -3,7 +3,10 @@
 # machine, in one run: Postfix alone, Postfix + rspamd as milter, Postfix +
 # mailtriage as milter, on the same realistic mail. Prints one line of figures.
 #
-#   benches/postfix-throughput.sh [-n MESSAGES] [-c CONCURRENCY]
+#   benches/postfix-throughput.sh [-n MESSAGES] [-c CONCURRENCY] [-m minilm|e5]
+#
+# -m e5 runs multilingual-e5-small (scripts/fetch-multilingual-model.sh)
+# instead of all-MiniLM-L6-v2, heads trained on it.
 #
 # Needs root (Postfix), ../shared/bench/mailstack.sh and ../shared/data, the
 # model files (scripts/fetch-model.sh), and rspamd for the comparison (it is
@@ -15,15 +18,22 @@
 # below was seen in training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=2000 C=6
-while getopts "n:c:" o; do case $o in n) N=$OPTARG;; c) C=$OPTARG;; *) exit 2;; esac; done
+N=2000 C=6 MODEL=minilm
+while getopts "n:c:m:" o; do case $o in n) N=$OPTARG;; c) C=$OPTARG;; m) MODEL=$OPTARG;; *) exit 2;; esac; done
+case $MODEL in
+  minilm) MODEL_TOML='path = "models/all-MiniLM-L6-v2"' ;;
+  e5) MODEL_TOML='path = "models/multilingual-e5-small"
+id = "intfloat/multilingual-e5-small"
+input_prefix = "query: "' ;;
+  *) echo "-m: minilm or e5, not $MODEL" >&2; exit 2 ;;
+esac
 B=../shared/bench
 W=$(mktemp -d /tmp/mt-throughput.XXXXXX)
 trap 'kill $DAEMON 2>/dev/null || true; rm -rf "$W"' EXIT
 DAEMON=
 
 cargo build --release -q
-bash scripts/fetch-model.sh >/dev/null
+if [ "$MODEL" = e5 ]; then bash scripts/fetch-multilingual-model.sh >/dev/null; else bash scripts/fetch-model.sh >/dev/null; fi
 
 python3 - "$W" <<'PY'
 import gzip, hashlib, json, random, sys, email.utils
@@ -55,14 +65,15 @@ PY
 MT=./target/release/mailtriage
 cat > "$W/train.toml" <<TOML
 [model]
-path = "models/all-MiniLM-L6-v2"
+$MODEL_TOML
 TOML
 for label in queue priority; do
-  $MT --config "$W/train.toml" train --data "$W/tickets-train.jsonl" --label $label --out "$W/$label.safetensors" 2>/dev/null
+  $MT --config "$W/train.toml" train --data "$W/tickets-train.jsonl" --label $label --out "$W/$label.safetensors" \
+    --embedding-cache "$W/embeddings.cache" 2>/dev/null
 done
-python3 - "$W" <<'PY'
+python3 - "$W" "$MODEL_TOML" <<'PY'
 import json, re, struct, sys
-w = sys.argv[1]
+w, model = sys.argv[1], sys.argv[2]
 raw = open(f'{w}/queue.safetensors', 'rb').read()
 n = struct.unpack('<Q', raw[:8])[0]
 labels = json.loads(json.loads(raw[8:8 + n])['__metadata__']['meta'])['labels']
@@ -75,7 +86,7 @@ level = "warn"
 [metrics]
 listen = "127.0.0.1:19898"
 [model]
-path = "models/all-MiniLM-L6-v2"
+{model}
 department_head = "{w}/queue.safetensors"
 priority_head = "{w}/priority.safetensors"
 {deps}''')
@@ -102,4 +113,4 @@ tagged=$(grep -oP 'with X-Triage-Department : \K[0-9]+' "$W/mt.txt")
 rss=$(grep VmHWM /proc/$DAEMON/status | awk '{print $2/1024}')
 echo "mailtriage $(rate "$W/mt.txt") msg/s | postfix alone $(rate "$W/none.txt") | postfix+rspamd $RSPAMD |" \
      "tagged $tagged/$N | decisions <=250ms $le250/$total | failed open $failed | lexical (no encoder) $lexical |" \
-     "overload $overload | peak RSS ${rss} MB | c=$C"
+     "overload $overload | peak RSS ${rss} MB | c=$C | $MODEL"

@@ -234,7 +234,8 @@ pub struct TrainArgs {
     /// Lexical features only: no encoder needed, much faster, weaker on short English mail.
     #[arg(long)]
     pub no_embeddings: bool,
-    /// L-BFGS iterations at most per fit (it stops sooner once converged).
+    /// L-BFGS iterations at most per fit, for `--loss logistic` (it stops sooner once converged;
+    /// the squared hinge is solved exactly in the dual, without this cap).
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_iterations: u32,
     /// L2 regularisation of the summed loss (1/C in scikit-learn's terms): larger = smoother head.

@@ -143,13 +143,15 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
     let cascade_fits =
         if embeddings.is_some() && opts.cascade_tolerance >= 0.0 { 1 + usize::from(opts.refit) } else { 0 };
     let fits = opts.candidates(embeddings.is_some()).len() + usize::from(opts.refit) + cascade_fits;
-    let epochs = Progress::new("training", opts.max_iterations * fits);
-    let mut step = 0;
-    let (head, report) = train::train(&examples, embeddings.as_deref(), provenance, &opts, |_, _, _| {
-        step += 1;
-        epochs.set(step);
+    let fitted = Progress::new("fits", fits);
+    let mut done = 0;
+    let (head, report) = train::train(&examples, embeddings.as_deref(), provenance, &opts, |stage, _, _| {
+        if stage == "fit" {
+            done += 1;
+            fitted.set(done);
+        }
     })?;
-    epochs.finish();
+    fitted.finish();
     head.save(&args.out)?;
     for (settings, score) in &report.search {
         eprintln!("  candidate {settings}: dev score {score:.4}");

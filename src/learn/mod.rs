@@ -3,6 +3,7 @@
 //! gated retrain out).
 
 pub mod dataset;
+pub mod dual_cd;
 pub mod eval;
 pub mod feedback;
 pub mod lbfgs;

@@ -1,9 +1,10 @@
 //! Learning a head from labeled mail.
 //!
 //! A linear model over `[embedding · w_e ; word n-grams ; char n-grams]`,
-//! fitted to the minimum of its L2-regularised, class-weighted loss by L-BFGS
-//! (see [`lbfgs`]): multinomial cross-entropy, or one-vs-rest squared hinge
-//! (a linear SVM's loss; see [`Loss`]). Either way the head's scores go
+//! fitted to the minimum of its L2-regularised, class-weighted loss:
+//! multinomial cross-entropy by L-BFGS ([`lbfgs`]), or the one-vs-rest squared
+//! hinge (a linear SVM's loss; see [`Loss`]) by dual coordinate descent
+//! ([`dual_cd`]). Either way the head's scores go
 //! through a softmax with a fitted temperature: a stratified dev split is
 //! held back to fit it (calibration) and to report figures; the head is then
 //! refitted on all the data with the same settings and that temperature.
@@ -14,7 +15,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::learn::eval::{self, Metrics, Outcome};
-use crate::learn::lbfgs;
+use crate::learn::{dual_cd, lbfgs};
 use crate::model::head::{softmax, CascadeMeta, Head, HeadMeta};
 use crate::model::lexical::{self, LexicalConfig, Sparse, TermCounts};
 
@@ -33,7 +34,8 @@ impl Example {
     }
 }
 
-/// The training loss. Both are smooth and convex, so L-BFGS finds their minimum.
+/// The training loss. Both are convex; each is fitted by the method that
+/// reaches its minimum fastest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Loss {
@@ -81,7 +83,8 @@ impl Loss {
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainOptions {
     pub loss: Loss,
-    /// L-BFGS iterations at most (it usually converges sooner).
+    /// L-BFGS iterations at most, logistic loss only (it usually converges
+    /// sooner; the squared hinge is solved in the dual, [`dual_cd`]).
     pub max_iterations: usize,
     /// L2 weight of the summed (not averaged) loss: 1/C in scikit-learn's terms.
     pub l2: f32,
@@ -235,7 +238,8 @@ pub fn stratified_split(labels: &[usize], classes: usize, fraction: f32, seed: u
 
 /// Trains a head. `embeddings[i]` belongs to `examples[i]` (empty where a
 /// message has none: its embedding block then counts as zero); `None` trains
-/// a lexical-only head. `progress(stage, done, total)` is called once per L-BFGS iteration.
+/// a lexical-only head. `progress(stage, done, total)` is called once per L-BFGS
+/// iteration (stage "iteration") and once at the end of each fit ("fit").
 pub fn train(
     examples: &[Example],
     embeddings: Option<&[Vec<f32>]>,
@@ -522,8 +526,11 @@ impl Standardiser {
 }
 
 /// Fits a head on the examples `idx` (IDF from those examples only):
-/// minimises Σᵢ cᵢ·lossᵢ + l2/2·‖W‖² (biases free; cᵢ the class weight)
-/// with L-BFGS over the buckets those examples touch.
+/// minimises Σᵢ cᵢ·lossᵢ + l2/2·‖W‖² (cᵢ the class weight) over the buckets
+/// those examples touch. The logistic loss by L-BFGS, biases free; the squared
+/// hinge in the dual, its biases penalised like weights (as LinearSVC's):
+/// there L-BFGS needed all of its 300 iterations (460 s on 20 Newsgroups), the
+/// dual converges exactly in 20–50 passes (19 s, the same figures).
 #[allow(clippy::too_many_arguments)]
 fn fit<'a>(
     examples: &[Example],
@@ -598,25 +605,14 @@ fn fit<'a>(
                 z.iter_mut().zip(row).for_each(|(zk, w)| *zk += v * w);
             }
             let cw = class_weight[truth];
-            // z becomes the residual ∂loss/∂z.
-            match opts.loss {
-                Loss::Logistic => {
-                    let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                    let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
-                    loss += cw * (sum.ln() + (max - z[truth]) as f64);
-                    for (k, zk) in z.iter_mut().enumerate() {
-                        let p = ((*zk - max) as f64).exp() / sum;
-                        *zk = (cw * (p - (k == truth) as u8 as f64)) as f32;
-                    }
-                }
-                Loss::SquaredHinge => {
-                    for (k, zk) in z.iter_mut().enumerate() {
-                        let s = if k == truth { 1.0 } else { -1.0 };
-                        let gap = (1.0 - s * *zk as f64).max(0.0);
-                        loss += cw * gap * gap;
-                        *zk = (-2.0 * cw * s * gap) as f32;
-                    }
-                }
+            // z becomes the residual ∂loss/∂z (the cross-entropy's; the
+            // squared hinge is solved in the dual, below).
+            let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+            loss += cw * (sum.ln() + (max - z[truth]) as f64);
+            for (k, zk) in z.iter_mut().enumerate() {
+                let p = ((*zk - max) as f64).exp() / sum;
+                *zk = (cw * (p - (k == truth) as u8 as f64)) as f32;
             }
             g_bias.iter_mut().zip(&z).for_each(|(g, r)| *g += r);
             if let Some(e) = embs[o] {
@@ -665,9 +661,35 @@ fn fit<'a>(
         loss
     };
     let mut theta = vec![0.0f32; n_params];
-    let stop = lbfgs::Stop { max_iterations: opts.max_iterations, gradient: 1e-4, relative_decrease: 1e-7 };
-    let total = opts.max_iterations;
-    lbfgs::minimize(&mut theta, 8, stop, objective, |it| progress("iteration", it, total));
+    match opts.loss {
+        Loss::Logistic => {
+            let stop = lbfgs::Stop { max_iterations: opts.max_iterations, gradient: 1e-4, relative_decrease: 1e-7 };
+            let total = opts.max_iterations;
+            lbfgs::minimize(&mut theta, 8, stop, objective, |it| progress("iteration", it, total));
+        }
+        Loss::SquaredHinge => {
+            let rows: Vec<dual_cd::Row> =
+                (0..idx.len()).map(|o| dual_cd::Row { dense: embs[o].unwrap_or(&[]), sparse: &xs[o] }).collect();
+            let solutions = fit_hinge_dual(
+                &rows,
+                used.len(),
+                &idx.iter().map(|&i| y[i]).collect::<Vec<_>>(),
+                c,
+                &class_weight,
+                opts,
+            );
+            for (k, sol) in solutions.into_iter().enumerate() {
+                for (j, v) in sol.dense.iter().enumerate() {
+                    theta[k * dim + j] = *v as f32;
+                }
+                for (j, v) in sol.sparse.iter().enumerate() {
+                    theta[n_emb + j * c + k] = *v as f32;
+                }
+                theta[n_emb + n_lex + k] = sol.bias as f32;
+            }
+        }
+    }
+    progress("fit", 1, 1);
     let (w_emb, rest) = theta.split_at(n_emb);
     let (w_lex, bias) = rest.split_at(n_lex);
     head.w_emb.copy_from_slice(w_emb);
@@ -680,6 +702,49 @@ fn fit<'a>(
     }
     head
 }
+
+/// The one-vs-rest squared hinge, one dual problem per class, the classes
+/// spread over `opts.threads` threads. Class k's problem weighs message i by
+/// Cᵢ = class_weight[yᵢ] / l2, which is `fit`'s objective divided by l2.
+fn fit_hinge_dual(
+    rows: &[dual_cd::Row],
+    n_sparse: usize,
+    y: &[usize],
+    classes: usize,
+    class_weight: &[f64],
+    opts: &TrainOptions,
+) -> Vec<dual_cd::Solution> {
+    let norms = dual_cd::squared_norms(rows);
+    let cost: Vec<f64> = y.iter().map(|&k| class_weight[k] / opts.l2 as f64).collect();
+    let stop = dual_cd::Stop { tolerance: DUAL_TOLERANCE, max_epochs: DUAL_MAX_EPOCHS };
+    let threads = opts.threads.clamp(1, classes);
+    let solve = |k: usize| {
+        let positive: Vec<bool> = y.iter().map(|&t| t == k).collect();
+        dual_cd::solve(rows, &norms, n_sparse, &positive, &cost, stop, opts.seed.wrapping_add(k as u64))
+    };
+    let mut solutions: Vec<Option<dual_cd::Solution>> = vec![None; classes];
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let solve = &solve;
+                s.spawn(move || (t..classes).step_by(threads).map(|k| (k, solve(k))).collect::<Vec<_>>())
+            })
+            .collect();
+        for w in workers {
+            for (k, sol) in w.join().expect("a training thread panicked") {
+                solutions[k] = Some(sol);
+            }
+        }
+    });
+    solutions.into_iter().map(|s| s.expect("every class solved")).collect()
+}
+
+/// LIBLINEAR's stopping tolerance for this solver is 0.1 by default and
+/// scikit-learn's LinearSVC uses 1e-4; on a tickets fold 1e-4 gave the same
+/// figures as 1e-3 (to four decimals) in 1.3× the passes.
+const DUAL_TOLERANCE: f64 = 1e-3;
+/// Passes over the data at most per class (it converges in far fewer).
+const DUAL_MAX_EPOCHS: usize = 1000;
 
 /// The temperature minimising negative log-likelihood on held-out logits
 /// (golden-section search over ln T in [ln 0.02, ln 50]).
