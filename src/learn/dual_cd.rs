@@ -20,8 +20,9 @@ use super::train::Rng;
 /// The constant feature that carries the bias.
 pub const BIAS_FEATURE: f64 = 1.0;
 
-/// One message's features: a dense block (the embedding, maybe empty) and a
-/// sparse block over `0..n_sparse` (the lexical buckets in use).
+/// One message's features: a dense block over `0..n_dense` (the embedding;
+/// empty for a message without one, which then counts as zeros) and a sparse
+/// block over `0..n_sparse` (the lexical buckets in use).
 #[derive(Clone, Copy)]
 pub struct Row<'a> {
     pub dense: &'a [f32],
@@ -79,20 +80,19 @@ pub fn squared_norms(rows: &[Row]) -> Vec<f64> {
         .collect()
 }
 
-/// Solves one class's problem. `positive[i]`: message i is of this class;
-/// `cost[i]` = Cᵢ > 0; `norms` from [`squared_norms`]; `seed` fixes the order
-/// of the passes.
+/// Solves one class's problem. `dims` = (n_dense, n_sparse); `positive[i]`:
+/// message i is of this class; `cost[i]` = Cᵢ > 0; `norms` from
+/// [`squared_norms`]; `seed` fixes the order of the passes.
 pub fn solve(
     rows: &[Row],
     norms: &[f64],
-    n_sparse: usize,
+    (n_dense, n_sparse): (usize, usize),
     positive: &[bool],
     cost: &[f64],
     stop: Stop,
     seed: u64,
 ) -> Solution {
     let n = rows.len();
-    let n_dense = rows.first().map_or(0, |x| x.dense.len());
     let mut w = Weights { dense: vec![0.0; n_dense], sparse: vec![0.0; n_sparse], bias: 0.0 };
     let mut alpha = vec![0.0f64; n];
     // The squared hinge in the dual: a diagonal 1 / (2Cᵢ) added to Q, no upper bound on α.
@@ -184,7 +184,7 @@ mod tests {
         let cost: Vec<f64> = (0..60).map(|i| if flipped[i] { 2.0 } else { 0.5 }).collect();
         let rows: Vec<Row> = (0..60).map(|i| Row { dense: &dense[i], sparse: &sparse[i] }).collect();
         let norms = squared_norms(&rows);
-        let sol = solve(&rows, &norms, 5, &flipped, &cost, Stop { tolerance: 1e-6, max_epochs: 10_000 }, 1);
+        let sol = solve(&rows, &norms, (3, 5), &flipped, &cost, Stop { tolerance: 1e-6, max_epochs: 10_000 }, 1);
         assert!(sol.converged, "{sol:?}");
         // At the minimum the primal gradient w − Σ 2Cᵢ·sᵢ·gapᵢ·xᵢ vanishes.
         let w = Weights { dense: sol.dense.clone(), sparse: sol.sparse.clone(), bias: sol.bias / BIAS_FEATURE };
@@ -206,8 +206,18 @@ mod tests {
             }
         }
         // The same answer from another visiting order.
-        let other = solve(&rows, &norms, 5, &flipped, &cost, Stop { tolerance: 1e-6, max_epochs: 10_000 }, 99);
+        let other = solve(&rows, &norms, (3, 5), &flipped, &cost, Stop { tolerance: 1e-6, max_epochs: 10_000 }, 99);
         assert!(sol.sparse.iter().zip(&other.sparse).all(|(a, b)| (a - b).abs() < 1e-4));
+    }
+
+    #[test]
+    fn a_message_without_an_embedding_counts_as_zeros_even_the_first() {
+        let dense = [vec![], vec![1.0f32], vec![-1.0], vec![0.8], vec![-0.9]];
+        let rows: Vec<Row> = dense.iter().map(|d| Row { dense: d, sparse: &[] }).collect();
+        let norms = squared_norms(&rows);
+        let positive = [true, true, false, true, false];
+        let sol = solve(&rows, &norms, (1, 0), &positive, &[1.0; 5], Stop { tolerance: 1e-6, max_epochs: 1000 }, 3);
+        assert!(sol.converged && sol.dense[0] > 0.5, "{sol:?}");
     }
 
     #[test]
@@ -216,7 +226,7 @@ mod tests {
         let rows: Vec<Row> = dense.iter().map(|d| Row { dense: d, sparse: &[] }).collect();
         let norms = squared_norms(&rows);
         let positive = [true, false, false, true];
-        let sol = solve(&rows, &norms, 0, &positive, &[1e3; 4], Stop { tolerance: 0.0, max_epochs: 3 }, 1);
+        let sol = solve(&rows, &norms, (1, 0), &positive, &[1e3; 4], Stop { tolerance: 0.0, max_epochs: 3 }, 1);
         assert_eq!((sol.epochs, sol.converged), (3, false));
     }
 }

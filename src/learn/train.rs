@@ -169,6 +169,8 @@ pub enum TrainError {
     EmbeddingCount(usize, usize),
     #[error("example {0} was hashed with {1} bits, the settings say {2}")]
     HashWidth(usize, u8, u8),
+    #[error("the squared hinge needs an L2 weight above 0 (--l2), got {0}: without one it has no minimum on data no line separates")]
+    NoPenalty(f32),
 }
 
 /// What training produced, besides the head.
@@ -250,6 +252,9 @@ pub fn train(
     let labels: Vec<String> = examples.iter().map(|e| e.label.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     if labels.len() < 2 {
         return Err(TrainError::TooFewLabels(labels));
+    }
+    if opts.loss == Loss::SquaredHinge && opts.l2.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+        return Err(TrainError::NoPenalty(opts.l2));
     }
     if let Some(e) = embeddings {
         if e.len() != examples.len() {
@@ -629,8 +634,9 @@ fn fit<'a>(
     };
     let n_params = n_emb + n_lex + c;
     let threads = opts.threads.clamp(1, idx.len().max(1));
-    // Gradient buffers of the helper threads, allocated once.
-    let mut scratch = vec![vec![0.0f32; n_params]; threads - 1];
+    // Gradient buffers of the helper threads, allocated once (L-BFGS only).
+    let helpers = if opts.loss == Loss::Logistic { threads - 1 } else { 0 };
+    let mut scratch = vec![vec![0.0f32; n_params]; helpers];
     let objective = |theta: &[f32], grad: &mut [f32]| -> f64 {
         grad.fill(0.0);
         let per = idx.len().div_ceil(threads);
@@ -670,8 +676,10 @@ fn fit<'a>(
         Loss::SquaredHinge => {
             let rows: Vec<dual_cd::Row> =
                 (0..idx.len()).map(|o| dual_cd::Row { dense: embs[o].unwrap_or(&[]), sparse: &xs[o] }).collect();
+            let n_dense = if standard.is_some() { dim } else { 0 };
             let solutions = fit_hinge_dual(
                 &rows,
+                n_dense,
                 used.len(),
                 &idx.iter().map(|&i| y[i]).collect::<Vec<_>>(),
                 c,
@@ -708,6 +716,7 @@ fn fit<'a>(
 /// Cᵢ = class_weight[yᵢ] / l2, which is `fit`'s objective divided by l2.
 fn fit_hinge_dual(
     rows: &[dual_cd::Row],
+    n_dense: usize,
     n_sparse: usize,
     y: &[usize],
     classes: usize,
@@ -720,7 +729,7 @@ fn fit_hinge_dual(
     let threads = opts.threads.clamp(1, classes);
     let solve = |k: usize| {
         let positive: Vec<bool> = y.iter().map(|&t| t == k).collect();
-        dual_cd::solve(rows, &norms, n_sparse, &positive, &cost, stop, opts.seed.wrapping_add(k as u64))
+        dual_cd::solve(rows, &norms, (n_dense, n_sparse), &positive, &cost, stop, opts.seed.wrapping_add(k as u64))
     };
     let mut solutions: Vec<Option<dual_cd::Solution>> = vec![None; classes];
     std::thread::scope(|s| {
@@ -834,6 +843,8 @@ mod tests {
         assert_eq!(Loss::from_name("squared_hinge"), Some(Loss::SquaredHinge));
         assert_eq!(Loss::from_name(Loss::Logistic.name()), Some(Loss::Logistic));
         assert_eq!(Loss::from_name("hinge"), None);
+        let unpenalised = TrainOptions { l2: 0.0, ..opts.clone() };
+        assert!(matches!(train(&toy(), None, prov(), &unpenalised, |_, _, _| {}), Err(TrainError::NoPenalty(_))));
         // The report's JSON (serde) and the head's metadata (`name`) spell it alike.
         for l in Loss::ALL {
             assert_eq!(serde_json::to_value(l).unwrap(), l.name());
