@@ -94,10 +94,10 @@ fn macro_f1(config: &Path, head: &Path, dev: &Path) -> f64 {
     v["macro_f1"].as_f64().unwrap()
 }
 
-/// Lexical heads with the logistic loss: these tests are about storing,
-/// gating and promoting, and the logistic fit converges in half the time of
-/// the default hinge (tests/model.rs trains with the defaults). Retraining
-/// must keep the loss the head records: the gate test checks that.
+/// Lexical heads with the logistic loss, not the default hinge
+/// (tests/model.rs trains with the defaults): retraining must keep the loss
+/// a head records, and the gate test checks that with the one that is not
+/// the default.
 fn train(config: &Path, data: &Path, out: &Path) {
     mailtriage(
         config,

@@ -2,8 +2,8 @@
 //! SVM), the method of LIBLINEAR (Hsieh et al., ICML 2008).
 //!
 //! L-BFGS on the primal needed all of its 300 iterations on this piecewise
-//! quadratic loss and still stopped short of the minimum (20 Newsgroups: 460 s
-//! per fit). In the dual each message has one variable αᵢ ≥ 0, the optimal
+//! quadratic loss (20 Newsgroups: 460 s of fitting per head; figures within
+//! 0.001 of the exact minimum's). In the dual each message has one variable αᵢ ≥ 0, the optimal
 //! step for one coordinate is closed-form, and messages that end up outside
 //! the margin (αᵢ = 0) are shrunk away after a few passes, so an exact
 //! solution costs a few dozen passes over the data, and the classes, being
