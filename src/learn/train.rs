@@ -587,88 +587,86 @@ fn fit<'a>(
 
     // θ = [w_emb (c × dim) | w_lex (used × c) | bias (c)]
     let (n_emb, n_lex) = (c * dim, used.len() * c);
-    let l2 = opts.l2 as f64;
-    // The loss and gradient of the messages `part` (unregularised), added
-    // into `grad`.
-    let partial = |theta: &[f32], part: std::ops::Range<usize>, grad: &mut [f32]| -> f64 {
-        let (w_emb, rest) = theta.split_at(n_emb);
-        let (w_lex, bias) = rest.split_at(n_lex);
-        let (g_emb, g_rest) = grad.split_at_mut(n_emb);
-        let (g_lex, g_bias) = g_rest.split_at_mut(n_lex);
-        let mut loss = 0.0f64;
-        let mut z = vec![0.0f32; c];
-        for o in part {
-            let truth = y[idx[o]];
-            z.copy_from_slice(bias);
-            if let Some(e) = embs[o] {
-                for (k, zk) in z.iter_mut().enumerate() {
-                    *zk += w_emb[k * dim..(k + 1) * dim].iter().zip(e).map(|(a, b)| a * b).sum::<f32>();
-                }
-            }
-            for &(b, v) in &xs[o] {
-                let row = &w_lex[b as usize * c..(b as usize + 1) * c];
-                z.iter_mut().zip(row).for_each(|(zk, w)| *zk += v * w);
-            }
-            let cw = class_weight[truth];
-            // z becomes the residual ∂loss/∂z (the cross-entropy's; the
-            // squared hinge is solved in the dual, below).
-            let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
-            loss += cw * (sum.ln() + (max - z[truth]) as f64);
-            for (k, zk) in z.iter_mut().enumerate() {
-                let p = ((*zk - max) as f64).exp() / sum;
-                *zk = (cw * (p - (k == truth) as u8 as f64)) as f32;
-            }
-            g_bias.iter_mut().zip(&z).for_each(|(g, r)| *g += r);
-            if let Some(e) = embs[o] {
-                for (k, &r) in z.iter().enumerate() {
-                    g_emb[k * dim..(k + 1) * dim].iter_mut().zip(e).for_each(|(g, x)| *g += r * x);
-                }
-            }
-            for &(b, v) in &xs[o] {
-                let row = &mut g_lex[b as usize * c..(b as usize + 1) * c];
-                row.iter_mut().zip(&z).for_each(|(g, r)| *g += v * r);
-            }
-        }
-        loss
-    };
     let n_params = n_emb + n_lex + c;
-    let threads = opts.threads.clamp(1, idx.len().max(1));
-    // Gradient buffers of the helper threads, allocated once (L-BFGS only).
-    let helpers = if opts.loss == Loss::Logistic { threads - 1 } else { 0 };
-    let mut scratch = vec![vec![0.0f32; n_params]; helpers];
-    let objective = |theta: &[f32], grad: &mut [f32]| -> f64 {
-        grad.fill(0.0);
-        let per = idx.len().div_ceil(threads);
-        let mut loss = std::thread::scope(|s| {
-            let helpers: Vec<_> = scratch
-                .iter_mut()
-                .enumerate()
-                .map(|(t, buf)| {
-                    let part = ((t + 1) * per).min(idx.len())..((t + 2) * per).min(idx.len());
-                    s.spawn(move || {
-                        buf.fill(0.0);
-                        partial(theta, part, buf)
-                    })
-                })
-                .collect();
-            let mut loss = partial(theta, 0..per.min(idx.len()), grad);
-            for h in helpers {
-                loss += h.join().expect("a training thread panicked");
-            }
-            loss
-        });
-        for buf in &scratch {
-            grad.iter_mut().zip(buf).for_each(|(g, b)| *g += b);
-        }
-        let w = &theta[..n_emb + n_lex];
-        loss += l2 / 2.0 * w.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
-        grad[..n_emb + n_lex].iter_mut().zip(w).for_each(|(g, &v)| *g += (l2 * v as f64) as f32);
-        loss
-    };
     let mut theta = vec![0.0f32; n_params];
     match opts.loss {
         Loss::Logistic => {
+            let l2 = opts.l2 as f64;
+            // The loss and gradient of the messages `part` (unregularised), added
+            // into `grad`.
+            let partial = |theta: &[f32], part: std::ops::Range<usize>, grad: &mut [f32]| -> f64 {
+                let (w_emb, rest) = theta.split_at(n_emb);
+                let (w_lex, bias) = rest.split_at(n_lex);
+                let (g_emb, g_rest) = grad.split_at_mut(n_emb);
+                let (g_lex, g_bias) = g_rest.split_at_mut(n_lex);
+                let mut loss = 0.0f64;
+                let mut z = vec![0.0f32; c];
+                for o in part {
+                    let truth = y[idx[o]];
+                    z.copy_from_slice(bias);
+                    if let Some(e) = embs[o] {
+                        for (k, zk) in z.iter_mut().enumerate() {
+                            *zk += w_emb[k * dim..(k + 1) * dim].iter().zip(e).map(|(a, b)| a * b).sum::<f32>();
+                        }
+                    }
+                    for &(b, v) in &xs[o] {
+                        let row = &w_lex[b as usize * c..(b as usize + 1) * c];
+                        z.iter_mut().zip(row).for_each(|(zk, w)| *zk += v * w);
+                    }
+                    let cw = class_weight[truth];
+                    // z becomes the residual ∂loss/∂z.
+                    let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+                    loss += cw * (sum.ln() + (max - z[truth]) as f64);
+                    for (k, zk) in z.iter_mut().enumerate() {
+                        let p = ((*zk - max) as f64).exp() / sum;
+                        *zk = (cw * (p - (k == truth) as u8 as f64)) as f32;
+                    }
+                    g_bias.iter_mut().zip(&z).for_each(|(g, r)| *g += r);
+                    if let Some(e) = embs[o] {
+                        for (k, &r) in z.iter().enumerate() {
+                            g_emb[k * dim..(k + 1) * dim].iter_mut().zip(e).for_each(|(g, x)| *g += r * x);
+                        }
+                    }
+                    for &(b, v) in &xs[o] {
+                        let row = &mut g_lex[b as usize * c..(b as usize + 1) * c];
+                        row.iter_mut().zip(&z).for_each(|(g, r)| *g += v * r);
+                    }
+                }
+                loss
+            };
+            let threads = opts.threads.clamp(1, idx.len().max(1));
+            // Gradient buffers of the helper threads, allocated once.
+            let mut scratch = vec![vec![0.0f32; n_params]; threads - 1];
+            let objective = |theta: &[f32], grad: &mut [f32]| -> f64 {
+                grad.fill(0.0);
+                let per = idx.len().div_ceil(threads);
+                let mut loss = std::thread::scope(|s| {
+                    let helpers: Vec<_> = scratch
+                        .iter_mut()
+                        .enumerate()
+                        .map(|(t, buf)| {
+                            let part = ((t + 1) * per).min(idx.len())..((t + 2) * per).min(idx.len());
+                            s.spawn(move || {
+                                buf.fill(0.0);
+                                partial(theta, part, buf)
+                            })
+                        })
+                        .collect();
+                    let mut loss = partial(theta, 0..per.min(idx.len()), grad);
+                    for h in helpers {
+                        loss += h.join().expect("a training thread panicked");
+                    }
+                    loss
+                });
+                for buf in &scratch {
+                    grad.iter_mut().zip(buf).for_each(|(g, b)| *g += b);
+                }
+                let w = &theta[..n_emb + n_lex];
+                loss += l2 / 2.0 * w.iter().map(|&v| v as f64 * v as f64).sum::<f64>();
+                grad[..n_emb + n_lex].iter_mut().zip(w).for_each(|(g, &v)| *g += (l2 * v as f64) as f32);
+                loss
+            };
             let stop = lbfgs::Stop { max_iterations: opts.max_iterations, gradient: 1e-4, relative_decrease: 1e-7 };
             let total = opts.max_iterations;
             lbfgs::minimize(&mut theta, 8, stop, objective, |it| progress("iteration", it, total));
