@@ -21,10 +21,10 @@ cd "$(dirname "$0")/.."
 N=2000 C=6 MODEL=minilm
 while getopts "n:c:m:" o; do case $o in n) N=$OPTARG;; c) C=$OPTARG;; m) MODEL=$OPTARG;; *) exit 2;; esac; done
 case $MODEL in
-  minilm) MODEL_TOML='path = "models/all-MiniLM-L6-v2"' ;;
-  e5) MODEL_TOML='path = "models/multilingual-e5-small"
-id = "intfloat/multilingual-e5-small"
-input_prefix = "query: "' ;;
+  minilm) MODEL_TOML="path = \"$PWD/models/all-MiniLM-L6-v2\"" ;;
+  e5) MODEL_TOML="path = \"$PWD/models/multilingual-e5-small\"
+id = \"intfloat/multilingual-e5-small\"
+input_prefix = \"query: \"" ;;
   *) echo "-m: minilm or e5, not $MODEL" >&2; exit 2 ;;
 esac
 B=../shared/bench

@@ -31,8 +31,11 @@ install -D -m 0755 "$bin" "$pkg/usr/bin/mailtriage"
 strip --strip-unneeded --remove-section=.comment --remove-section=.note "$pkg/usr/bin/mailtriage"
 # The shipped configuration, with the model under the state directory.
 install -D -m 0644 conf/mailtriage.toml "$pkg/etc/mailtriage/mailtriage.toml"
-sed -i 's|^path = "models/all-MiniLM-L6-v2"|path = "/var/lib/mailtriage/models/all-MiniLM-L6-v2"|' \
+sed -i -e 's|^path = "../models/all-MiniLM-L6-v2" |path = "/var/lib/mailtriage/models/all-MiniLM-L6-v2"|' \
+  -e 's|^# \(department\|priority\)_head = "../models/heads/|# \1_head = "/var/lib/mailtriage/models/heads/|' \
   "$pkg/etc/mailtriage/mailtriage.toml"
+! grep -q '"\.\./' "$pkg/etc/mailtriage/mailtriage.toml" \
+  || { echo "build-deb.sh: a checkout-relative path is left in the packaged configuration" >&2; exit 1; }
 grep -q '^path = "/var/lib/mailtriage/models/' "$pkg/etc/mailtriage/mailtriage.toml" \
   || { echo "build-deb.sh: [model] path not found in conf/mailtriage.toml" >&2; exit 1; }
 install -D -m 0644 systemd/mailtriage.service "$pkg/lib/systemd/system/mailtriage.service"
@@ -44,7 +47,9 @@ install -D -m 0644 packaging/debian/lintian-overrides "$pkg/usr/share/lintian/ov
 # Generated from the binary itself, so they never drift from the code.
 mkdir -p "$pkg/usr/share/man/man1" "$pkg/usr/share/bash-completion/completions" \
   "$pkg/usr/share/zsh/vendor-completions" "$pkg/usr/share/fish/vendor_completions.d"
-"$bin" generate man | gzip -9n > "$pkg/usr/share/man/man1/mailtriage.1.gz"
+# mailtriage.1 and a page per subcommand (mailtriage-serve.1…), which mailtriage.1 refers to.
+"$bin" generate man --out-dir "$pkg/usr/share/man/man1"
+gzip -9n "$pkg"/usr/share/man/man1/*.1
 "$bin" generate complete-bash > "$pkg/usr/share/bash-completion/completions/mailtriage"
 "$bin" generate complete-zsh > "$pkg/usr/share/zsh/vendor-completions/_mailtriage"
 "$bin" generate complete-fish > "$pkg/usr/share/fish/vendor_completions.d/mailtriage.fish"

@@ -38,8 +38,10 @@ pub enum Command {
     /// Decide message files offline and print, per file, one JSON object with
     /// the decision and the exact changes the milter would make.
     Classify {
-        /// Envelope sender to assume (default: the From address; `""` for the
-        /// null sender of a bounce).
+        /// Envelope sender to assume (`""` or `<>` for the null sender of a
+        /// bounce). Default: the message's Return-Path (what a delivered
+        /// message carries), else its From address; a message with neither
+        /// is from an unknown sender, not a bounce.
         #[arg(long)]
         mail_from: Option<String>,
         /// Envelope recipient to assume; repeat for several. Default: the
@@ -56,9 +58,10 @@ pub enum Command {
         /// The MTA listener to assume, its `{daemon_name}` (for `scope.skip_listeners`).
         #[arg(long)]
         listener: Option<String>,
-        /// Add `explain` to each model decision: the runner-up department with
-        /// its probability and the message's terms that weighed most for the
-        /// chosen one.
+        /// Add `explain`: each rule tried, in order, and why it did or did
+        /// not match (the values it was tried on); for a model decision also
+        /// the runner-up department with its probability and the message's
+        /// terms that weighed most for the chosen one.
         #[arg(long)]
         explain: bool,
         /// RFC 5322 message files (.eml; a leading mbox "From " line is skipped).
@@ -88,6 +91,11 @@ pub enum Command {
     Generate {
         #[arg(value_enum)]
         what: Generated,
+        /// For `man`: write mailtriage.1 and one page per subcommand
+        /// (mailtriage-serve.1, mailtriage-heads-list.1…) into this folder
+        /// instead of mailtriage.1 to stdout.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
     /// Record a correction: the message on stdin (or FILE) belongs to this
     /// department and/or priority. With --message-id, the running daemon
@@ -183,7 +191,7 @@ pub enum ConfigCommand {
 /// What `generate` prints.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Generated {
-    /// mailtriage(1), roff.
+    /// mailtriage(1) and a page per subcommand, roff.
     Man,
     CompleteBash,
     CompleteZsh,

@@ -25,7 +25,8 @@
 //!    metrics, and masks personal data in what must be logged.
 //!
 //! The words all stages share (department and priority ids, actions,
-//! mode) are in [`domain`].
+//! mode) are in [`domain`]; who the process runs as and permission errors
+//! worded for an admin, in [`access`].
 //!
 //! [`pipeline`] chains 2–6 behind the [`Filter`] trait. Around it,
 //! [`learn`] holds offline training and evaluation and the feedback layer
@@ -35,6 +36,7 @@
 //! [`MessageInput`]: frontdoor::MessageInput
 //! [`Filter`]: frontdoor::Filter
 
+pub mod access;
 pub mod act;
 pub mod daemon;
 pub(crate) mod decide;

@@ -20,12 +20,12 @@ fn main() -> ExitCode {
     if !matches!(cli.command, Command::Serve) {
         end_quietly_on_closed_pipe();
     }
-    if let Command::Generate { what } = cli.command {
+    if let Command::Generate { what, out_dir } = &cli.command {
         // Needs no configuration: packagers run it at build time.
-        return match cmd::generate::print(what) {
+        return match cmd::generate::print(*what, out_dir.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("mailtriage: {e:#}");
+                eprintln!("mailtriage: {}", chain(&e));
                 ExitCode::FAILURE
             }
         };
@@ -34,12 +34,13 @@ fn main() -> ExitCode {
     let cfg = match Config::load(&config_path) {
         Ok(c) => c,
         Err(ConfigError::Invalid { path, problems }) => {
-            // Validation reports every problem at once: one entry each, an
-            // explanation over several lines (a regex error) indented under it.
+            // Every problem at once: one entry each, an explanation over
+            // several lines (a regex error) indented under it.
             for p in problems {
-                let mut lines = p.message.lines();
-                eprintln!("mailtriage: invalid configuration: {path}: `{}`: {}", p.key, lines.next().unwrap_or(""));
-                lines.for_each(|l| eprintln!("    {l}"));
+                let text = p.located(&path);
+                let mut lines = text.lines();
+                eprintln!("mailtriage: invalid configuration: {}", lines.next().unwrap_or(""));
+                lines.for_each(|l| eprintln!("    {}", l.trim_start()));
             }
             return ExitCode::from(2);
         }
@@ -57,7 +58,12 @@ fn main() -> ExitCode {
             }
             Err(problems) => {
                 for p in problems {
-                    eprintln!("mailtriage: invalid configuration: {}: {p}", config_path.display());
+                    // A file the service cannot write is not a fault of the configuration.
+                    if p.starts_with("permission denied") || p.contains(": permission denied") {
+                        eprintln!("mailtriage: {p}");
+                    } else {
+                        eprintln!("mailtriage: invalid configuration: {}: {p}", config_path.display());
+                    }
                 }
                 return ExitCode::from(2);
             }
@@ -71,7 +77,7 @@ fn main() -> ExitCode {
         Command::Replay { maildir } => offline::replay(&cfg, &maildir),
         Command::Model(ModelCommand::Fetch) => offline::model_fetch(&cfg),
         Command::Config(ConfigCommand::Show) => cmd::generate::show_config(&config_path),
-        Command::Generate { what } => cmd::generate::print(what).map(|()| ExitCode::SUCCESS),
+        Command::Generate { what, out_dir } => cmd::generate::print(what, out_dir.as_deref()).map(|()| ExitCode::SUCCESS),
         Command::Serve => {
             daemon::run(cfg, config_path.clone()).map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from)
         }
@@ -84,10 +90,26 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mailtriage: {e:#}");
+            eprintln!("mailtriage: {}", chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: many errors quote
+/// their cause in their own text, and `{:#}` would repeat it.
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 /// With several inference threads, each must run Candle single-threaded:

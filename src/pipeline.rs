@@ -205,6 +205,12 @@ impl Triage {
         plan
     }
 
+    /// Each rule tried on this message and why it did or did not match
+    /// (`classify --explain`). Message content: never for logs.
+    pub fn rule_trace(&self, envelope: &Envelope, features: &Features) -> Vec<crate::decide::rules::RuleTrace> {
+        self.engine.rule_trace(envelope, features)
+    }
+
     /// Why the model decided as it did (`classify --explain`); `None` for
     /// rules and the default.
     pub fn explain(&self, features: &Features, decision: &Decision) -> Option<Explanation> {

@@ -18,10 +18,45 @@ fn check_config_names_every_problem_of_a_broken_file_and_exits_2() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let entries: Vec<&str> = stderr.lines().filter(|l| l.starts_with("mailtriage: invalid configuration: ")).collect();
     for key in ["rules[0] (x).pattern", "rules[0] (x).department", "policy.review_below", "server.decision_timeout"] {
-        assert!(entries.iter().any(|l| l.contains(&format!("bad.toml: `{key}`: "))), "{key} not named:\n{stderr}");
+        assert!(
+            entries.iter().any(|l| l.contains("bad.toml, line ") && l.contains(&format!(": `{key}`: "))),
+            "{key} not named with its line:\n{stderr}"
+        );
     }
     // The regex's own explanation is indented under its entry, not a problem of its own.
     assert!(stderr.lines().any(|l| l.starts_with("    ") && l.contains("unclosed group")), "{stderr}");
+}
+
+/// Typos are all named in one run, each with its line, and a typo in an
+/// environment variable names the variable, not the file.
+#[test]
+fn every_typo_is_named_in_one_run_and_the_environment_is_blamed_for_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("typos.toml");
+    std::fs::write(&path, "[server]\nmdoe = \"shadow\"\n[limits]\nmax_framebytes = 5\n[polcy]\nreview_below = 0.5\n")
+        .unwrap();
+    let run = |env: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailtriage"))
+            .arg("--config")
+            .arg(&path)
+            .arg("check-config")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(&[]);
+    for (line, key) in [(2, "server.mdoe"), (4, "limits.max_framebytes"), (5, "polcy")] {
+        assert!(stderr.contains(&format!("typos.toml, line {line}: `{key}`: ")), "{key}:\n{stderr}");
+    }
+    std::fs::write(&path, "[server]\nmode = \"shadow\"\n").unwrap();
+    let stderr = run(&[("MAILTRIAGE__SERVER__MODEE", "enforce")]);
+    assert!(
+        stderr.contains("invalid configuration: environment variable MAILTRIAGE__SERVER__MODEE (`server.modee`): "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("typos.toml"), "the file is not to blame:\n{stderr}");
 }
 
 /// `classify` dry-runs the scope with the facts the MTA would give: the
@@ -85,6 +120,32 @@ fn classify_dry_runs_the_scope_with_the_client_facts_as_flags() {
     }
     assert_eq!(classify(&["--client-addr", "192.0.2.1"], &msg)["decision"]["department"], "billing");
     assert_eq!(classify(&[], &newsletter)["skipped"], "rule:newsletters");
+
+    // The sender: a message without From is from an unknown sender, not a
+    // bounce; a delivered message's Return-Path wins over From, and `<>`
+    // there (or given) is a real bounce.
+    let no_from = dir.path().join("no-from.eml");
+    std::fs::write(&no_from, "To: info@example.com\r\nSubject: Invoice 8\r\n\r\nx\r\n").unwrap();
+    let v = classify(&[], &no_from);
+    assert!(v["skipped"].is_null() && v["envelope"]["mail_from"].is_null(), "{v}");
+    assert_eq!(v["decision"]["department"], "billing", "{v}");
+    let bounce = dir.path().join("bounce.eml");
+    std::fs::write(&bounce, "Return-Path: <>\r\nFrom: MAILER-DAEMON@mx.example\r\nTo: info@example.com\r\nSubject: Invoice undeliverable\r\n\r\nx\r\n").unwrap();
+    assert_eq!(classify(&[], &bounce)["skipped"], "null_sender");
+    assert_eq!(classify(&["--mail-from", "<>"], &no_from)["skipped"], "null_sender");
+    let delivered = dir.path().join("delivered.eml");
+    std::fs::write(&delivered, "Return-Path: <bounces@list.example>\r\nFrom: Customer <customer@outside.example>\r\nTo: info@example.com\r\nSubject: Invoice 9\r\n\r\nx\r\n").unwrap();
+    assert_eq!(classify(&[], &delivered)["envelope"]["mail_from"], "bounces@list.example");
+
+    // --explain lists every rule tried and why it did or did not match.
+    let v = classify(&["--explain"], &msg);
+    let rules = v["explain"]["rules"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(rules.len(), 2, "{v}");
+    assert_eq!((&rules[0]["rule"], &rules[0]["result"]), (&"newsletters".into(), &"absent".into()), "{v}");
+    assert_eq!((&rules[1]["rule"], &rules[1]["result"]), (&"invoices".into(), &"matched".into()), "{v}");
+    assert_eq!(rules[1]["value"], "Invoice 7");
+    let v = classify(&["--explain", "--authenticated"], &msg);
+    assert!(v["explain"]["rules"].as_str().unwrap().contains("out of scope (authenticated)"), "{v}");
 
     std::fs::write(&cfg, "[scope]\nrecipients = [\"info\"]\nskip_listeners = [\"sub mission\"]\n[[rules]]\nname = \"s\"\nheader = \"Subject\"\npattern = \"x\"\naction = \"skip\"\ndepartment = \"billing\"\n").unwrap();
     let out =

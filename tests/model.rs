@@ -577,3 +577,41 @@ fn compact_unigram_gives_the_crates_ids_on_real_mail() {
     }
     assert!(checked > 4_300, "{checked}");
 }
+
+/// Several head labels may name one department (`labels`): the department
+/// is chosen by, and reports, the sum of its labels' probabilities, and the
+/// runner-up is another department, never a label of the same one.
+#[test]
+fn a_department_of_several_labels_reports_their_summed_probability() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = dir.path().join("department.safetensors");
+    train_fixture(&config(dir.path(), ""), "department", &head, &["--cascade-tolerance", "-1"]);
+    let msg = dir.path().join("m.eml");
+    std::fs::write(&msg, "From: a@x.example\r\nTo: user@test.example\r\nSubject: Rechnung 4711 ist falsch\r\n\r\nBitte Betrag korrigieren.\r\n").unwrap();
+    let classify = |cfg: &Path| -> Value {
+        serde_json::from_str(ok(&mailtriage(cfg, &["classify", "--explain", msg.to_str().unwrap()])).trim()).unwrap()
+    };
+    let per_label = classify(&config(dir.path(), &format!("department_head = \"{}\"", head.display())));
+    let merged_cfg = dir.path().join("merged.toml");
+    std::fs::write(
+        &merged_cfg,
+        format!(
+            "[model]\npath = \"{model}\"\nmax_tokens = 128\nworkers = 1\ndepartment_head = \"{head}\"\n\n\
+             [[departments]]\nname = \"office\"\nlabels = [\"billing\", \"support\"]\n\
+             description = \"Invoices and technical problems\"\n\n\
+             [[departments]]\nname = \"people\"\nlabels = [\"hr\"]\ndescription = \"Employment\"\n",
+            model = model_dir().display(),
+            head = head.display()
+        ),
+    )
+    .unwrap();
+    let merged = classify(&merged_cfg);
+    assert_eq!(merged["decision"]["department"], "office", "{merged}");
+    let (conf, label_conf) =
+        (merged["decision"]["confidence"].as_f64().unwrap(), per_label["decision"]["confidence"].as_f64().unwrap());
+    assert!(conf > label_conf + 1e-4, "office ({conf}) holds more than its best label ({label_conf}): {merged}");
+    // Two departments: the runner-up is the other one and the two add up to 1.
+    assert_eq!(merged["explain"]["runner_up"]["label"], "people", "{merged}");
+    let runner_up = merged["explain"]["runner_up"]["probability"].as_f64().unwrap();
+    assert!((conf + runner_up - 1.0).abs() < 1e-3, "{conf} + {runner_up}: {merged}");
+}

@@ -716,3 +716,31 @@ fn a_full_audit_disk_stops_no_mail_and_auditing_resumes_when_space_returns() {
     pf.wait_delivered(40, Duration::from_secs(60));
     assert_eq!(count(), before + 10, "auditing resumed");
 }
+
+/// The main.cf blocks of the README and docs/postfix.md, applied as an admin
+/// pastes them (`postconf -e` per line, `postfix check`, `postfix reload`):
+/// mail then passes the milter, and Postfix logs no warning about them
+/// (a trailing `# comment` after a value once made every connection warn
+/// `Milter service needs transport:endpoint instead of "#"`).
+#[test]
+fn the_documented_main_cf_works_as_pasted() {
+    let daemon = Daemon::start(&config("shadow"), false);
+    for doc in ["README.md", "docs/postfix.md"] {
+        let pf = Postfix::start(None, "tempfail", &[]);
+        for setting in support::documented_main_cf(doc) {
+            let setting = setting.replace("inet:127.0.0.1:8890", &daemon.postfix_address());
+            pf.postconf(&["-e", &setting]);
+        }
+        pf.check();
+        pf.reload();
+        std::thread::sleep(Duration::from_millis(500));
+        send(pf.smtp_port, &[mail("Your invoice 2024-17", "", "Please pay by Friday.")]).unwrap();
+        let delivered = pf.wait_delivered(1, Duration::from_secs(60));
+        let ctx = || format!("{doc}\npostfix log:\n{}\ndaemon log:\n{}", pf.log(), daemon.log());
+        assert_eq!(delivered.len(), 1, "{}", ctx());
+        assert_eq!(one(header_values(&delivered[0].1, "X-Triage-Department"), "department"), "billing", "{}", ctx());
+        let log = pf.log();
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("warning:")).collect();
+        assert!(warnings.is_empty(), "{doc}: Postfix warns: {warnings:#?}");
+    }
+}

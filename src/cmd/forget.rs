@@ -43,7 +43,7 @@ pub fn forget(cfg: &Config, args: &ForgetArgs) -> Result<ExitCode> {
         Some(a) => match audit::read_key(&a.key_file) {
             Ok(key) => Pseudonyms::keyed(key),
             // The daemon creates the key with the first audit line: nothing was hashed with one.
-            Err(AuditError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            Err(AuditError::Io { error: source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 notes.push(format!("no audit key at {}: nothing was ever written with one", a.key_file.display()));
                 Pseudonyms::unkeyed()
             }

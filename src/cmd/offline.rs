@@ -341,8 +341,28 @@ pub fn classify(
     Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Stands in for a sender nobody named: not empty, so the message is not
+/// taken for a bounce (`MAIL FROM:<>`); `.invalid` (RFC 2606), so no rule
+/// on a real domain matches it. Printed as `null`.
+const UNKNOWN_SENDER: &str = "unknown-sender@sender.invalid";
+
+/// The envelope sender `classify` assumes: `--mail-from` as given (`""` or
+/// `<>` is the null sender), else the Return-Path a delivered message
+/// carries (`<>` there is a real bounce), else the From address; `None`
+/// when the message says nothing.
+fn assumed_sender(given: Option<&str>, features: &mailtriage::message::extract::Features) -> Option<String> {
+    use mailtriage::message::envelope::strip_brackets;
+    if let Some(s) = given {
+        return Some(strip_brackets(s));
+    }
+    if let Some(rp) = features.header_values("Return-Path").next() {
+        return Some(strip_brackets(rp));
+    }
+    features.from.first().cloned()
+}
+
 /// Decides one message file; the envelope not given is taken from the
-/// headers (From for the sender, To and Cc for the recipients).
+/// headers (Return-Path or From for the sender, To and Cc for the recipients).
 fn decide_json(
     triage: &Triage,
     raw: &[u8],
@@ -352,8 +372,9 @@ fn decide_json(
     explain: bool,
 ) -> Result<serde_json::Value> {
     let features = triage.extract(raw);
+    let sender = assumed_sender(mail_from, &features);
     let envelope = Envelope {
-        mail_from: mail_from.map_or_else(|| features.from.first().cloned().unwrap_or_default(), str::to_string),
+        mail_from: sender.clone().unwrap_or_else(|| UNKNOWN_SENDER.to_string()),
         rcpts: if rcpts.is_empty() {
             features.to.iter().chain(&features.cc).cloned().collect()
         } else {
@@ -364,6 +385,9 @@ fn decide_json(
     };
     let header_names: Vec<String> = features.headers.iter().map(|(n, _)| n.clone()).collect();
     let o = triage.decide_extracted(&envelope, features, &header_names)?;
+    // Rules run only for mail in scope: a scope skip tried none.
+    let scope_skip = o.skipped.as_ref().filter(|s| !matches!(s, mailtriage::scope::Skip::Rule(_)));
+    let rules = (explain && scope_skip.is_none()).then(|| triage.rule_trace(&envelope, &o.features));
     let explanation = if explain { o.decision.as_ref().and_then(|d| triage.explain(&o.features, d)) } else { None };
     let mut v = serde_json::json!({
         "envelope": envelope,
@@ -379,11 +403,23 @@ fn decide_json(
             "unparsed": o.features.unparsed,
         },
     });
-    if let Some(e) = explanation {
+    if sender.is_none() {
+        v["envelope"]["mail_from"] = serde_json::Value::Null;
+    }
+    if explain {
         v["explain"] = serde_json::json!({
-            "runner_up": e.runner_up.map(|(label, p)| serde_json::json!({"label": label, "probability": p})),
-            "terms": e.terms.iter().map(|(t, w)| serde_json::json!({"term": t, "weight": w})).collect::<Vec<_>>(),
+            "rules": match (&rules, scope_skip) {
+                (Some(trace), _) => serde_json::json!(trace),
+                (None, Some(skip)) => format!("not tried: out of scope ({skip})").into(),
+                (None, None) => serde_json::Value::Null,
+            },
         });
+    }
+    if let Some(e) = explanation {
+        v["explain"]["runner_up"] =
+            e.runner_up.map(|(label, p)| serde_json::json!({"label": label, "probability": p})).into();
+        v["explain"]["terms"] =
+            e.terms.iter().map(|(t, w)| serde_json::json!({"term": t, "weight": w})).collect::<Vec<_>>().into();
     }
     Ok(v)
 }

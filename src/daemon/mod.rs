@@ -132,6 +132,10 @@ pub fn check(cfg: &Config) -> Result<String, Vec<String>> {
     if let Err(e) = feedback::http_token(cfg) {
         problems.push(e.to_string());
     }
+    // The retrainer writes here only later: say now if it could not.
+    if let Some(problem) = cfg.feedback.as_ref().and_then(|f| crate::access::check_writable(&f.heads_dir)) {
+        problems.push(format!("feedback.heads_dir: {problem}"));
+    }
     match engine {
         Ok(t) if problems.is_empty() => Ok(format!(
             "{} departments, {} rules, model {}, mode {:?}, {}{}",

@@ -173,6 +173,10 @@ struct ModelStage {
     cache: EmbeddingCache,
     /// Head label → configured department.
     departments: HashMap<String, DepartmentId>,
+    /// The department head's classes grouped by configured department:
+    /// several labels may name one department, which is then chosen by,
+    /// and reports, the sum of their probabilities.
+    groups: LabelGroups,
 }
 
 /// Rules, model and policy built from one configuration.
@@ -231,18 +235,20 @@ impl Engine {
                 let classifier = Arc::new(model::load(m, &descriptions)?);
                 let mut departments = HashMap::new();
                 let mut unmapped = Vec::new();
-                for label in classifier.department_labels() {
-                    match cfg.catalog.for_label(&label) {
+                let labels = classifier.department_labels();
+                for label in &labels {
+                    match cfg.catalog.for_label(label) {
                         Some(d) => {
-                            departments.insert(label, d.clone());
+                            departments.insert(label.clone(), d.clone());
                         }
-                        None => unmapped.push(label),
+                        None => unmapped.push(label.clone()),
                     }
                 }
                 if !unmapped.is_empty() {
                     return Err(EngineError::UnmappedLabels(unmapped));
                 }
-                Some(ModelStage { classifier, departments, cache: EmbeddingCache::new(m.cache_entries) })
+                let groups = LabelGroups::new(labels.iter().map(|l| departments[l].clone()));
+                Some(ModelStage { classifier, departments, groups, cache: EmbeddingCache::new(m.cache_entries) })
             }
         };
         let mut policy = Policy::new(cfg);
@@ -471,21 +477,23 @@ impl Engine {
     fn verdict_decision(&self, m: &ModelStage, verdict: ModelVerdict, lexical: bool) -> Decision {
         let ModelVerdict { department, priority } = verdict;
         let id = if lexical { format!("{}/lexical", m.classifier.id) } else { m.classifier.id.clone() };
+        let choice = m.groups.choose(&department.probs).unwrap_or(GroupChoice {
+            department: m.groups.slot_of(department.index),
+            probability: department.confidence,
+            label: department.index,
+            runner_up: None,
+        });
         let mut d = self.policy.decide_model(
-            m.departments[&department.label].as_str(),
-            department.confidence,
+            m.groups.department(choice.department).as_str(),
+            choice.probability,
             priority.as_ref().map(|p| p.label.as_str()),
             &id,
         );
         d.model_version = Some(m.classifier.versions());
-        let runner_up = department
-            .probs
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| i != department.index)
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, &p)| (i, p));
-        d.classes = Some(ClassChoice { chosen: department.index, runner_up });
+        d.classes = Some(ClassChoice {
+            chosen: choice.label,
+            runner_up: choice.runner_up.map(|r| (r.label, r.probability)),
+        });
         d
     }
 
@@ -500,13 +508,148 @@ impl Engine {
             }
             _ => Vec::new(),
         };
-        let runner_up =
-            choice.runner_up.and_then(|(i, p)| m.classifier.department_label(i).map(|label| (label.to_string(), p)));
+        // The runner-up is named as a department, like the decision itself.
+        let runner_up = choice.runner_up.map(|(i, p)| (m.groups.department(m.groups.slot_of(i)).to_string(), p));
         Some(Explanation { runner_up, terms })
+    }
+
+    /// Each rule in order and what became of it on this message.
+    pub fn rule_trace(&self, envelope: &Envelope, features: &Features) -> Vec<super::rules::RuleTrace> {
+        self.rules.trace(envelope, features)
     }
 
     /// The full heads' decision (embedding given when they use one).
     fn model_decision(&self, m: &ModelStage, lex: &LexicalFeatures, embedding: Option<&[f32]>) -> Decision {
         self.verdict_decision(m, m.classifier.predict(lex, embedding), false)
+    }
+}
+
+/// The department head's labels grouped by the department each stands for.
+#[derive(Debug, Clone)]
+struct LabelGroups {
+    /// Label index → slot in `departments`.
+    slot: Vec<usize>,
+    /// Distinct departments, in the order their first label appears.
+    departments: Vec<DepartmentId>,
+}
+
+/// A department chosen by the summed probability of its labels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct GroupChoice {
+    /// Slot of the chosen department.
+    department: usize,
+    /// The sum of its labels' probabilities.
+    probability: f32,
+    /// Its most probable label (what explanations weigh terms for).
+    label: usize,
+    /// The best *other* department, by the same measure.
+    runner_up: Option<GroupRunnerUp>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct GroupRunnerUp {
+    label: usize,
+    probability: f32,
+}
+
+impl LabelGroups {
+    fn new(label_departments: impl Iterator<Item = DepartmentId>) -> LabelGroups {
+        let (mut slot, mut departments) = (Vec::new(), Vec::<DepartmentId>::new());
+        for d in label_departments {
+            let s = departments.iter().position(|x| *x == d).unwrap_or_else(|| {
+                departments.push(d);
+                departments.len() - 1
+            });
+            slot.push(s);
+        }
+        LabelGroups { slot, departments }
+    }
+
+    fn slot_of(&self, label: usize) -> usize {
+        self.slot.get(label).copied().unwrap_or(0)
+    }
+
+    fn department(&self, slot: usize) -> &DepartmentId {
+        &self.departments[slot]
+    }
+
+    /// The department with the largest summed probability (ties go to the
+    /// one whose label is most probable), its best label, and the runner-up
+    /// department. `None` when `probs` does not fit the labels.
+    fn choose(&self, probs: &[f32]) -> Option<GroupChoice> {
+        if probs.is_empty() || probs.len() != self.slot.len() {
+            return None;
+        }
+        // (summed probability, best label, its probability) per department.
+        let mut per: Vec<(f32, usize, f32)> = vec![(0.0, usize::MAX, f32::NEG_INFINITY); self.departments.len()];
+        for (label, &p) in probs.iter().enumerate() {
+            let e = &mut per[self.slot[label]];
+            e.0 += p;
+            if p > e.2 {
+                (e.1, e.2) = (label, p);
+            }
+        }
+        let better = |a: &(f32, usize, f32), b: &(f32, usize, f32)| a.0 > b.0 || (a.0 == b.0 && a.2 > b.2);
+        let mut best: Option<usize> = None;
+        for (s, e) in per.iter().enumerate() {
+            if e.1 != usize::MAX && best.is_none_or(|b| better(e, &per[b])) {
+                best = Some(s);
+            }
+        }
+        let best = best?;
+        let mut second: Option<usize> = None;
+        for (s, e) in per.iter().enumerate() {
+            if s != best && e.1 != usize::MAX && second.is_none_or(|b| better(e, &per[b])) {
+                second = Some(s);
+            }
+        }
+        Some(GroupChoice {
+            department: best,
+            probability: per[best].0.min(1.0),
+            label: per[best].1,
+            runner_up: second.map(|s| GroupRunnerUp { label: per[s].1, probability: per[s].0.min(1.0) }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn groups(of: &[&str]) -> LabelGroups {
+        LabelGroups::new(of.iter().map(|d| DepartmentId::from(*d)))
+    }
+
+    #[test]
+    fn a_department_is_chosen_by_the_sum_of_its_labels() {
+        // Labels: billing, IT Support, Technical Support, hr; both support labels are `support`.
+        let g = groups(&["billing", "support", "support", "hr"]);
+        let c = g.choose(&[0.33, 0.19, 0.33, 0.15]).unwrap();
+        assert_eq!(g.department(c.department).as_str(), "support");
+        assert!((c.probability - 0.52).abs() < 1e-6, "{c:?}");
+        assert_eq!(c.label, 2, "the department's most probable label");
+        // The runner-up is another department, never a label of the same one.
+        let r = c.runner_up.unwrap();
+        assert_eq!(g.department(g.slot_of(r.label)).as_str(), "billing");
+        assert!((r.probability - 0.33).abs() < 1e-6);
+    }
+
+    #[test]
+    fn one_label_per_department_is_the_plain_argmax() {
+        let g = groups(&["billing", "support", "hr"]);
+        let c = g.choose(&[0.2, 0.5, 0.3]).unwrap();
+        assert_eq!((c.department, c.label), (1, 1));
+        assert_eq!(c.runner_up.map(|r| r.label), Some(2));
+        // A single department has no runner-up; probabilities that do not fit the labels choose nothing.
+        let one = groups(&["support", "support"]);
+        assert_eq!(one.choose(&[0.4, 0.6]).unwrap().runner_up, None);
+        assert_eq!(g.choose(&[0.5, 0.5]), None);
+    }
+
+    #[test]
+    fn ties_go_to_the_department_with_the_most_probable_label() {
+        let g = groups(&["a", "b", "b"]);
+        let c = g.choose(&[0.5, 0.25, 0.25]).unwrap();
+        assert_eq!(g.department(c.department).as_str(), "a");
     }
 }

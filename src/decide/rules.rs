@@ -2,6 +2,7 @@
 //! decides.
 
 use regex::Regex;
+use serde::Serialize;
 
 use crate::message::envelope::Envelope;
 use crate::message::extract::Features;
@@ -11,6 +12,9 @@ use crate::settings::{RuleAction, RuleConfig};
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Target {
     /// Every top-level header with this name (any occurrence may match).
+    /// An address header (From, To, Reply-To…) matches on its whole value
+    /// (`Alice <alice@vendor.example>`) or on any address in it alone
+    /// (`alice@vendor.example`), so `@vendor\.example$` does what it says.
     Header(String),
     EnvelopeFrom,
     /// Any envelope recipient.
@@ -100,19 +104,132 @@ impl RuleSet {
 
     /// The first rule, in configuration order, that matches.
     pub fn first_match(&self, envelope: &Envelope, features: &Features) -> Option<Hit<'_>> {
-        self.rules.iter().find(|r| r.matches(envelope, features)).map(|r| match &r.department {
+        self.rules.iter().find(|r| r.matched(envelope, features).is_some()).map(|r| match &r.department {
             Some(department) => Hit::Route(RuleMatch { rule: &r.name, department, priority: r.priority.as_deref() }),
             None => Hit::Skip(&r.name),
         })
     }
+
+    /// Every rule in order with what became of it, up to the first match
+    /// (those after it are not tried): `classify --explain`. Carries
+    /// message content (the values tried): never for logs.
+    pub fn trace(&self, envelope: &Envelope, features: &Features) -> Vec<RuleTrace> {
+        let mut out = Vec::with_capacity(self.rules.len());
+        let mut decided = false;
+        for r in &self.rules {
+            let result = if decided {
+                TraceResult::NotTried
+            } else if let Some(value) = r.matched(envelope, features) {
+                decided = true;
+                TraceResult::Matched { value }
+            } else {
+                let tried = r.values(envelope, features);
+                if tried.is_empty() {
+                    TraceResult::Absent
+                } else {
+                    TraceResult::NoMatch { tried }
+                }
+            };
+            out.push(RuleTrace {
+                rule: r.name.clone(),
+                header: r.target.to_string(),
+                pattern: r.regex.as_str().to_string(),
+                result,
+            });
+        }
+        out
+    }
+}
+
+/// One rule as `classify --explain` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleTrace {
+    pub rule: String,
+    pub header: String,
+    pub pattern: String,
+    #[serde(flatten)]
+    pub result: TraceResult,
+}
+
+/// Why a rule did or did not decide.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum TraceResult {
+    /// The pattern matched this value (a header's, an address in it, or an envelope address).
+    Matched { value: String },
+    /// The pattern matched none of these values.
+    NoMatch { tried: Vec<String> },
+    /// The message has no such header (or no envelope sender / recipient).
+    Absent,
+    /// An earlier rule decided.
+    NotTried,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Header(h) => f.write_str(h),
+            Target::EnvelopeFrom => f.write_str("envelope-from"),
+            Target::EnvelopeTo => f.write_str("envelope-to"),
+        }
+    }
+}
+
+/// Headers whose values are address lists (RFC 5322 §3.6.2–3, §3.6.6).
+const ADDRESS_HEADERS: &[&str] = &[
+    "from",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "bcc",
+    "resent-from",
+    "resent-sender",
+    "resent-to",
+    "resent-cc",
+    "return-path",
+    "delivered-to",
+];
+
+/// The bare addresses of an address-list header value: each `<…>`, or,
+/// without angle brackets, each comma-separated item with an `@`.
+fn addresses(value: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while let Some(open) = rest.find('<') {
+        let Some(close) = rest[open..].find('>') else { break };
+        out.push(rest[open + 1..open + close].trim());
+        rest = &rest[open + close + 1..];
+    }
+    if out.is_empty() {
+        out.extend(value.split(',').map(|a| a.split('(').next().unwrap_or("").trim()).filter(|a| a.contains('@')));
+    }
+    out.retain(|a| !a.is_empty());
+    out
 }
 
 impl Rule {
-    fn matches(&self, envelope: &Envelope, features: &Features) -> bool {
+    /// The value the pattern matched, if any.
+    fn matched(&self, envelope: &Envelope, features: &Features) -> Option<String> {
+        let hit = |v: &str| self.regex.is_match(v).then(|| v.to_string());
         match &self.target {
-            Target::EnvelopeFrom => self.regex.is_match(&envelope.mail_from),
-            Target::EnvelopeTo => envelope.rcpts.iter().any(|r| self.regex.is_match(r)),
-            Target::Header(name) => features.header_values(name).any(|v| self.regex.is_match(v)),
+            Target::EnvelopeFrom => hit(&envelope.mail_from),
+            Target::EnvelopeTo => envelope.rcpts.iter().find_map(|r| hit(r)),
+            Target::Header(name) => {
+                let address = ADDRESS_HEADERS.contains(&name.as_str());
+                features.header_values(name).find_map(|v| {
+                    hit(v).or_else(|| if address { addresses(v).into_iter().find_map(hit) } else { None })
+                })
+            }
+        }
+    }
+
+    /// The values the pattern is tried on.
+    fn values(&self, envelope: &Envelope, features: &Features) -> Vec<String> {
+        match &self.target {
+            Target::EnvelopeFrom => vec![envelope.mail_from.clone()],
+            Target::EnvelopeTo => envelope.rcpts.clone(),
+            Target::Header(name) => features.header_values(name).map(str::to_string).collect(),
         }
     }
 }
@@ -153,6 +270,55 @@ mod tests {
         let env = Envelope { mail_from: "boss@ceo.example".into(), ..env };
         let Some(Hit::Route(m)) = set.first_match(&env, &f) else { panic!("a route") };
         assert_eq!(m.department, "exec");
+    }
+
+    #[test]
+    fn an_address_header_matches_on_the_bare_address_too() {
+        let set = RuleSet::new(&[
+            rule("vendor", "From", "@vendor\\.example$", "purchasing"),
+            rule("cc-legal", "Cc", "^legal@corp\\.example$", "legal"),
+            rule("display", "From", "^Alice ", "alice"),
+        ])
+        .unwrap();
+        let hit = |raw: &str| set.first_match(&Envelope::default(), &features(raw)).map(|h| h.rule());
+        assert_eq!(hit("From: Alice Vendor <alice@vendor.example>\r\n\r\n"), Some("vendor"));
+        assert_eq!(hit("From: \"Doe, John\" <john@vendor.example>\r\n\r\n"), Some("vendor"));
+        assert_eq!(hit("From: bob@vendor.example (Bob)\r\n\r\n"), Some("vendor"));
+        assert_eq!(hit("From: x@other.example\r\nCc: a@b.example, Legal <legal@corp.example>\r\n\r\n"), Some("cc-legal"));
+        // The whole value still counts (a display-name pattern).
+        assert_eq!(hit("From: Alice <alice@home.example>\r\n\r\n"), Some("display"));
+        // Other headers are not taken apart: `<…>` in a Subject is text.
+        let subject = RuleSet::new(&[rule("s", "Subject", "^x@y$", "d")]).unwrap();
+        assert!(subject.first_match(&Envelope::default(), &features("Subject: see <x@y>\r\n\r\n")).is_none());
+    }
+
+    #[test]
+    fn the_trace_says_why_each_rule_did_or_did_not_decide() {
+        let set = RuleSet::new(&[
+            rule("vip", "envelope-from", "@ceo\\.example$", "exec"),
+            rule("lists", "List-Id", ".", "lists"),
+            rule("invoices", "Subject", "(?i)invoice", "billing"),
+            rule("later", "Subject", ".", "other"),
+        ])
+        .unwrap();
+        let env = Envelope { mail_from: "a@shop.example".into(), ..Default::default() };
+        let trace = set.trace(&env, &features("Subject: Invoice 7\r\n\r\nx"));
+        let results: Vec<(&str, &TraceResult)> = trace.iter().map(|t| (t.rule.as_str(), &t.result)).collect();
+        assert_eq!(
+            results,
+            [
+                ("vip", &TraceResult::NoMatch { tried: vec!["a@shop.example".into()] }),
+                ("lists", &TraceResult::Absent),
+                ("invoices", &TraceResult::Matched { value: "Invoice 7".into() }),
+                ("later", &TraceResult::NotTried),
+            ]
+        );
+        let json = serde_json::to_value(&trace[2]).unwrap();
+        assert_eq!(json["result"], "matched");
+        assert_eq!(json["pattern"], "(?i)invoice");
+        assert_eq!(json["value"], "Invoice 7");
+        // The trace and first_match agree.
+        assert_eq!(set.first_match(&env, &features("Subject: Invoice 7\r\n\r\nx")).unwrap().rule(), "invoices");
     }
 
     #[test]

@@ -123,7 +123,12 @@ fn read_cache(p: &Path) -> Result<HashMap<u64, Vec<f32>>, ModelError> {
 
 fn append_cache<'a>(p: &Path, items: impl Iterator<Item = (u64, &'a [f32])>) -> Result<(), ModelError> {
     let new = !p.exists();
-    let f = std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| cache_err(p, e.to_string()))?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .and_then(|f| crate::access::inherit_owner(p).map(|()| f))
+        .map_err(|e| cache_err(p, crate::access::describe(p, &e, true)))?;
     let mut w = BufWriter::new(f);
     let write = || -> std::io::Result<()> {
         if new {

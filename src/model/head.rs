@@ -206,16 +206,18 @@ impl Head {
         Prediction { label: self.meta.labels[index].clone(), index, confidence, probs }
     }
 
-    /// Writes the head atomically (temp file, then rename).
+    /// Writes the head atomically (temp file, then rename); what root
+    /// writes into the service's directory stays the service's.
     pub fn save(&self, path: &Path) -> Result<(), ModelError> {
-        let io = |e: std::io::Error| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() };
+        let failed = |at: &Path, e: std::io::Error| ModelError::Write(crate::access::describe(at, &e, true));
         let data = self.to_bytes().map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e })?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
+            crate::access::create_dir_all(dir).map_err(|e| failed(dir, e))?;
         }
         let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-        std::fs::write(&tmp, data).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        std::fs::write(&tmp, data).map_err(|e| failed(&tmp, e))?;
+        crate::access::inherit_owner(&tmp).map_err(|e| failed(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| failed(path, e))
     }
 
     /// The head as a safetensors file's bytes (what [`Head::from_bytes`] reads).
@@ -332,8 +334,8 @@ impl Head {
 /// A head file that cannot be opened: missing, or why not.
 fn open_error(path: &Path, e: std::io::Error) -> ModelError {
     match e.kind() {
-        std::io::ErrorKind::NotFound => ModelError::MissingFile(path.to_owned()),
-        _ => ModelError::BadFile { path: path.to_owned(), reason: e.to_string() },
+        std::io::ErrorKind::NotFound => ModelError::MissingHead(path.to_owned()),
+        _ => ModelError::BadFile { path: path.to_owned(), reason: crate::access::describe(path, &e, false) },
     }
 }
 

@@ -44,6 +44,16 @@ pub enum ModelError {
          from `mailtriage train`"
     )]
     MissingFile(PathBuf),
+    #[error(
+        "head file {0} does not exist: train one with `mailtriage train --label LABEL --out {0}`, or leave \
+         the key out to start from the department descriptions (relative paths in the configuration are \
+         taken from the configuration file's directory)"
+    )]
+    MissingHead(PathBuf),
+    /// Writing a model file failed (the text names the path, and for a
+    /// permission error its owner and the fix).
+    #[error("{0}")]
+    Write(String),
     #[error("model file {path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
     #[error("model configuration: {0}")]

@@ -31,8 +31,10 @@ use crate::settings::{AuditConfig, Mode};
 
 #[derive(Debug, Error)]
 pub enum AuditError {
-    #[error("audit file {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Not a `source`: the text already says it (a permission error with
+    /// the owner and the fix), and error chains would repeat it.
+    #[error("audit trail: {}", crate::access::describe(path, error, true))]
+    Io { path: PathBuf, error: std::io::Error },
     #[error("audit key file {0}: must hold at least 16 bytes")]
     ShortKey(PathBuf),
 }
@@ -265,10 +267,10 @@ impl AuditLog {
     pub fn open(cfg: &AuditConfig) -> Result<AuditLog, AuditError> {
         let io = |path: &Path| {
             let path = path.to_owned();
-            move |source| AuditError::Io { path, source }
+            move |source| AuditError::Io { path, error: source }
         };
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            crate::access::create_dir_all(dir).map_err(io(dir))?;
         }
         let key = load_or_create_key(&cfg.key_file)?;
         let log = AuditLog {
@@ -309,7 +311,7 @@ impl AuditLog {
     pub fn write(&self, record: &Record) -> Result<(), AuditError> {
         let mut line = serde_json::to_vec(record).expect("records serialise");
         line.push(b'\n');
-        let io = |source| AuditError::Io { path: self.path.clone(), source };
+        let io = |source| AuditError::Io { path: self.path.clone(), error: source };
         let mut g = self.file.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             g.file.lock().map_err(io)?;
@@ -428,7 +430,7 @@ pub fn erase(path: &Path, hash: &str) -> Result<Vec<ErasedLines>, AuditError> {
 pub fn erase_each(path: &Path, hashes: &[&str]) -> Result<Vec<ErasedLines>, AuditError> {
     let mut erased = Vec::new();
     for file in files_of(path) {
-        let n = erase_in(&file, hashes).map_err(|source| AuditError::Io { path: file.clone(), source })?;
+        let n = erase_in(&file, hashes).map_err(|source| AuditError::Io { path: file.clone(), error: source })?;
         if n > 0 {
             erased.push(ErasedLines { file, lines: n });
         }
@@ -499,7 +501,9 @@ fn carries(line: &[u8], hashes: &std::collections::HashSet<&str>) -> bool {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).mode(0o640).open(path)
+    let f = OpenOptions::new().create(true).append(true).mode(0o640).open(path)?;
+    crate::access::inherit_owner(path)?;
+    Ok(f)
 }
 
 /// The audit key, for tools that read the trail (`forget`): never created here.
@@ -507,20 +511,21 @@ pub fn read_key(path: &Path) -> Result<Vec<u8>, AuditError> {
     match std::fs::read(path) {
         Ok(k) if k.len() >= 16 => Ok(k),
         Ok(_) => Err(AuditError::ShortKey(path.to_owned())),
-        Err(source) => Err(AuditError::Io { path: path.to_owned(), source }),
+        Err(source) => Err(AuditError::Io { path: path.to_owned(), error: source }),
     }
 }
 
 fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
-    let io = |source| AuditError::Io { path: path.to_owned(), source };
+    let io = |source| AuditError::Io { path: path.to_owned(), error: source };
     match read_key(path) {
-        Err(AuditError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+        Err(AuditError::Io { error: source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             let mut key = vec![0u8; 32];
             File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key)).map_err(io)?;
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(io)?;
+                crate::access::create_dir_all(dir).map_err(io)?;
             }
             let mut f = OpenOptions::new().create_new(true).write(true).mode(0o600).open(path).map_err(io)?;
+            crate::access::inherit_owner(path).map_err(io)?;
             f.write_all(&key).map_err(io)?;
             Ok(key)
         }

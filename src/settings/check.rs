@@ -24,7 +24,7 @@ impl Config {
     }
 
     fn check(&self, problems: &mut Vec<Problem>) {
-        let invalid = |key: String, message: String| Problem { key, message };
+        let invalid = |key: String, message: String| Problem::new(key, message);
         let d = &self.defaults;
         if d.priorities.is_empty() {
             problems.push(invalid("defaults.priorities".into(), "at least one priority is needed".into()));
@@ -236,7 +236,7 @@ impl Config {
 
     /// The SMTP/LMTP front doors and their next hop.
     fn check_smtp(&self, problems: &mut Vec<Problem>) {
-        let invalid = |key: &str, message: &str| Problem { key: key.into(), message: message.into() };
+        let invalid = |key: &str, message: &str| Problem::new(key, message);
         let srv = &self.server;
         let listening = srv.smtp.is_some() || srv.lmtp.is_some();
         match (&srv.tls_cert, &srv.tls_key) {

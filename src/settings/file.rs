@@ -768,16 +768,39 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
-    /// Every problem validation found, one per line.
-    #[error("{}", problems.iter().map(|p| format!("{path}: `{}`: {}", p.key, p.message)).collect::<Vec<_>>().join("\n"))]
+    /// Every problem found, one per line.
+    #[error("{}", problems.iter().map(|p| p.located(path)).collect::<Vec<_>>().join("\n"))]
     Invalid { path: String, problems: Vec<Problem> },
 }
 
-/// One problem in a configuration file: the key and what is wrong with it.
+/// One problem in a configuration: the key and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
     pub key: String,
     pub message: String,
+    /// The `MAILTRIAGE__…` variable that set the key, when the file did not.
+    pub env: Option<String>,
+    /// The line of the file that holds the key, when known.
+    pub line: Option<usize>,
+}
+
+impl Problem {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem { key: key.into(), message: message.into(), env: None, line: None }
+    }
+
+    /// `FILE: `key`: message`, or `environment variable VAR (`key`): message`
+    /// when the value came from the environment.
+    pub fn located(&self, file: &str) -> String {
+        match &self.env {
+            Some(var) => format!("environment variable {var} (`{}`): {}", self.key, self.message),
+            None if self.key.is_empty() => format!("{file}: {}", self.message),
+            None => {
+                let line = self.line.map(|n| format!(", line {n}")).unwrap_or_default();
+                format!("{file}{line}: `{}`: {}", self.key, self.message)
+            }
+        }
+    }
 }
 
 /// Prefix of environment overrides: `MAILTRIAGE__SERVER__MODE=shadow`.
@@ -788,6 +811,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = read_file(path)?;
         let mut cfg = Self::from_toml_with_env(&text, &path.display().to_string(), &env_overrides())?;
+        cfg.resolve_relative_paths(&config_dir(path));
         cfg.source = Some(path.to_owned());
         let digest = <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes());
         cfg.version = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
@@ -804,11 +828,192 @@ impl Config {
         let table = overlaid(text, origin, env)?;
         // Re-serialising loses spans, so deserialise from the text when no
         // override applied: its errors point at the line and column.
-        let mut cfg: Config = if env.is_empty() { toml::from_str(text) } else { toml::Table::try_into(table) }
-            .map_err(|e: toml::de::Error| ConfigError::Parse { path: origin.into(), message: e.to_string() })?;
-        cfg.validate(origin)?;
+        let parsed = if env.is_empty() { toml::from_str(text) } else { toml::Table::try_into(table.clone()) };
+        let mut cfg: Config = parsed.map_err(|first: toml::de::Error| {
+            let mut problems = shape_problems(&table);
+            for p in &mut problems {
+                p.line = line_of(text, &p.key);
+            }
+            problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+            if problems.is_empty() || first.message().starts_with("missing field") {
+                // What the probes cannot see (a required key missing): the
+                // parser's own words, with the line when it has one.
+                problems.push(Problem::new("", first.to_string().trim_end()));
+            }
+            blame_env(&mut problems, env);
+            ConfigError::Invalid { path: origin.into(), problems }
+        })?;
+        cfg.validate(origin).map_err(|e| match e {
+            ConfigError::Invalid { path, mut problems } => {
+                for p in &mut problems {
+                    p.line = line_of(text, &p.key);
+                }
+                blame_env(&mut problems, env);
+                ConfigError::Invalid { path, problems }
+            }
+            other => other,
+        })?;
         cfg.catalog = super::Catalog::new(&cfg);
         Ok(cfg)
+    }
+}
+
+/// Every key whose value does not fit its type, and every unknown key or
+/// section, each on its own: serde stops at the first, so each key is
+/// deserialised alone (`{section: {key: value}}`; every section has
+/// defaults, and a missing required key is left to the full parse).
+fn shape_problems(table: &toml::Table) -> Vec<Problem> {
+    let probe = |section: &str, value: toml::Value| -> Option<String> {
+        let one = toml::Table::from_iter([(section.to_string(), value)]);
+        match toml::Table::try_into::<Config>(one) {
+            Err(e) if !e.message().starts_with("missing field") => Some(e.message().trim_end().to_string()),
+            _ => None,
+        }
+    };
+    let mut problems = Vec::new();
+    for (section, value) in table {
+        if probe(section, value.clone()).is_none() {
+            continue;
+        }
+        // An unknown section: said once, not once per key in it.
+        let empty = if value.is_array() { toml::Value::Array(Vec::new()) } else { toml::Value::Table(Default::default()) };
+        if let Some(message) = probe(section, empty) {
+            problems.push(Problem::new(section.clone(), message));
+            continue;
+        }
+        let before = problems.len();
+        match value {
+            toml::Value::Table(keys) => {
+                for (key, v) in keys {
+                    let alone = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
+                    if let Some(message) = probe(section, alone) {
+                        problems.push(Problem::new(format!("{section}.{key}"), message));
+                    }
+                }
+            }
+            toml::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let Some(keys) = item.as_table() else { continue };
+                    let name = keys.get("name").and_then(toml::Value::as_str).map(|n| format!(" ({n})")).unwrap_or_default();
+                    for (key, v) in keys {
+                        let alone = toml::Table::from_iter([(key.clone(), v.clone())]);
+                        let entry = toml::Value::Array(vec![toml::Value::Table(alone)]);
+                        if let Some(message) = probe(section, entry) {
+                            problems.push(Problem::new(format!("{section}[{i}]{name}.{key}"), message));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        if problems.len() == before {
+            // Wrong as a whole (`server = 5`, `[sever]`): name the section.
+            problems.push(Problem::new(section.clone(), probe(section, value.clone()).unwrap_or_default()));
+        }
+    }
+    problems
+}
+
+/// The line holding `key` (`server.mode`, `rules[2] (x).pattern`, or a
+/// section), found by a plain scan of the text: enough to point an admin
+/// at it.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let (path, index) = match key.split_once('[') {
+        Some((section, rest)) => {
+            let i: usize = rest.split(']').next()?.parse().ok()?;
+            (format!("{section}.{}", key.rsplit('.').next()?), Some(i))
+        }
+        None => (key.to_string(), None),
+    };
+    let (section, name) = path.split_once('.').map_or((path.as_str(), None), |(s, k)| (s, Some(k)));
+    let (mut current, mut seen) = (String::new(), 0usize);
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(header) = t.strip_prefix('[') {
+            let array = header.starts_with('[');
+            current = header.trim_matches(|c| c == '[' || c == ']' || c == ' ').to_string();
+            if current == section {
+                if array {
+                    seen += 1;
+                }
+                let here = index.is_none_or(|i| seen == i + 1);
+                if name.is_none() && here {
+                    return Some(n + 1);
+                }
+            }
+            continue;
+        }
+        let Some(k) = name else { continue };
+        let here = current == section && index.is_none_or(|i| seen == i + 1);
+        let lhs = t.split('=').next().unwrap_or("").trim().trim_matches('"');
+        if here && t.contains('=') && lhs == k {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
+/// Marks the problems whose key a `MAILTRIAGE__…` variable set: the message
+/// then names the variable, not the file.
+fn blame_env(problems: &mut [Problem], env: &[(String, String)]) {
+    for p in problems.iter_mut() {
+        let key = p.key.to_ascii_lowercase();
+        p.env = env
+            .iter()
+            .find(|(var, _)| {
+                let path = var[ENV_PREFIX.len()..].split("__").collect::<Vec<_>>().join(".").to_ascii_lowercase();
+                key == path || key.starts_with(&format!("{path}."))
+            })
+            .map(|(var, _)| var.clone());
+    }
+}
+
+/// The directory relative paths in the file at `path` are taken from: its
+/// own, absolute (so the service and an admin's shell in another directory
+/// read the same files).
+pub fn config_dir(path: &Path) -> PathBuf {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned())
+}
+
+impl Config {
+    /// Makes every file path of the settings absolute against `base` (the
+    /// configuration file's directory). Socket addresses are left as written.
+    pub fn resolve_relative_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        let fix_opt = |p: &mut Option<PathBuf>| {
+            if let Some(p) = p {
+                fix(p);
+            }
+        };
+        fix_opt(&mut self.server.tls_cert);
+        fix_opt(&mut self.server.tls_key);
+        if let Some(r) = &mut self.relay {
+            fix_opt(&mut r.tls_ca_file);
+        }
+        if let Some(m) = &mut self.model {
+            fix_opt(&mut m.path);
+            fix_opt(&mut m.department_head);
+            fix_opt(&mut m.priority_head);
+        }
+        if let Some(a) = &mut self.audit {
+            fix(&mut a.path);
+            fix(&mut a.key_file);
+        }
+        if let Some(f) = &mut self.feedback {
+            if let Some(db) = f.store.strip_prefix("sqlite://").filter(|p| !p.starts_with('/')) {
+                f.store = format!("sqlite://{}", base.join(db).display());
+            }
+            for p in [&mut f.store_password_file, &mut f.http_token_file, &mut f.training_data, &mut f.dev_data] {
+                fix_opt(p);
+            }
+            fix_opt(&mut f.embedding_cache);
+            fix(&mut f.heads_dir);
+        }
     }
 }
 
@@ -964,6 +1169,73 @@ priority = "high"
         assert!(err.contains("sever"), "{err}");
     }
 
+    fn problems(text: &str, env: &[(&str, &str)]) -> Vec<Problem> {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        match Config::from_toml_with_env(text, "x.toml", &env) {
+            Err(ConfigError::Invalid { problems, .. }) => problems,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_unknown_key_and_bad_type_is_named_in_one_run_with_its_line() {
+        let text = "[server]\nmdoe = \"shadow\"\nmax_connections = \"many\"\n\n[limits]\nmax_framebytes = 5\n\n\
+                    [sever]\nx = 1\n\n[[departments]]\nname = \"a\"\nmailbx = \"a@b.example\"\n";
+        let found = problems(text, &[]);
+        let keys: Vec<(&str, Option<usize>)> = found.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("server.mdoe", Some(2)),
+                ("server.max_connections", Some(3)),
+                ("limits.max_framebytes", Some(6)),
+                ("sever", Some(8)),
+                ("departments[0] (a).mailbx", Some(13)),
+            ],
+            "{found:#?}"
+        );
+        assert!(found[0].message.contains("unknown field `mdoe`"), "{found:#?}");
+        assert_eq!(found[0].located("x.toml").split(": ").next(), Some("x.toml, line 2"));
+    }
+
+    #[test]
+    fn a_problem_set_by_the_environment_names_the_variable_not_the_file() {
+        let found = problems("[server]\nmode = \"shadow\"\n", &[("MAILTRIAGE__SERVER__MODEE", "enforce")]);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].env.as_deref(), Some("MAILTRIAGE__SERVER__MODEE"));
+        let said = found[0].located("x.toml");
+        assert!(said.starts_with("environment variable MAILTRIAGE__SERVER__MODEE (`server.modee`)"), "{said}");
+        assert!(!said.contains("x.toml"), "{said}");
+        // A value that validation refuses is blamed on its variable too.
+        let found = problems("[server]\nmode = \"shadow\"\n", &[("MAILTRIAGE__SERVER__MODE", "loud")]);
+        assert_eq!(found[0].env.as_deref(), Some("MAILTRIAGE__SERVER__MODE"), "{found:#?}");
+        // The file's own problems stay the file's.
+        let found = problems("[server]\nmdoe = 1\n", &[("MAILTRIAGE__SERVER__MODE", "shadow")]);
+        assert_eq!((found[0].key.as_str(), found[0].env.as_deref()), ("server.mdoe", None));
+    }
+
+    #[test]
+    fn relative_paths_are_taken_from_the_configuration_files_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("mailtriage.toml");
+        std::fs::write(
+            &file,
+            "[model]\npath = \"../models/m\"\ndepartment_head = \"/abs/d.safetensors\"\n\
+             priority_head = \"heads/p.safetensors\"\n[feedback]\nstore = \"sqlite://fb.db\"\n\
+             [audit]\npath = \"audit.jsonl\"\nkey_file = \"keys/audit.key\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(&file).unwrap();
+        let m = cfg.model.as_ref().unwrap();
+        assert_eq!(m.path.as_deref(), Some(dir.path().join("../models/m").as_path()));
+        assert_eq!(m.department_head.as_deref(), Some(Path::new("/abs/d.safetensors")));
+        assert_eq!(m.priority_head.as_deref(), Some(dir.path().join("heads/p.safetensors").as_path()));
+        let f = cfg.feedback.as_ref().unwrap();
+        assert_eq!(f.store, format!("sqlite://{}", dir.path().join("fb.db").display()));
+        assert_eq!(f.heads_dir, Path::new("/var/lib/mailtriage/heads"), "an absolute default stays");
+        assert_eq!(cfg.audit.as_ref().unwrap().key_file, dir.path().join("keys/audit.key"));
+    }
+
     #[test]
     fn bad_regex_names_the_rule() {
         let bad = GOOD.replace(r#"(?i)\\binvoice\\b"#, "(unclosed");
@@ -1024,7 +1296,8 @@ priority = "high"
         // One entry per problem, each naming the file and the key (a regex
         // error explains itself over several lines).
         let text = err.to_string();
-        assert_eq!(text.lines().filter(|l| l.starts_with("x.toml: `")).count(), problems.len(), "{text}");
+        let entries = text.lines().filter(|l| l.starts_with("x.toml") && l.contains(": `")).count();
+        assert_eq!(entries, problems.len(), "{text}");
     }
 
     #[test]

@@ -152,6 +152,11 @@ milter_content_timeout = 30s
         run(Command::new("postconf").arg("-c").arg(&self.conf).args(args));
     }
 
+    /// `postfix check`: the configuration is sound.
+    pub fn check(&self) {
+        run(Command::new("postfix").arg("-c").arg(&self.conf).arg("check"));
+    }
+
     /// `postfix reload`, after which new master.cf services listen.
     pub fn reload(&self) {
         run(Command::new("postfix").arg("-c").arg(&self.conf).arg("reload"));
@@ -757,4 +762,29 @@ pub fn header_values(message: &str, name: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// The `main.cf` settings of every fenced block in a Markdown file that
+/// starts with `# /etc/postfix/main.cf`, one `name = value` each, exactly as
+/// written (continuation lines joined): what an admin pastes.
+pub fn documented_main_cf(markdown: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(markdown)).unwrap();
+    let mut settings: Vec<String> = Vec::new();
+    for block in text.split("```").skip(1).step_by(2) {
+        let body = block.split_once('\n').map_or("", |(_, b)| b);
+        if !body.starts_with("# /etc/postfix/main.cf") {
+            continue;
+        }
+        for line in body.lines() {
+            if line.trim().is_empty() || line.starts_with('#') {
+                continue;
+            }
+            match settings.last_mut() {
+                Some(last) if line.starts_with(char::is_whitespace) => last.push_str(line),
+                _ => settings.push(line.to_string()),
+            }
+        }
+    }
+    assert!(!settings.is_empty(), "{markdown} has no `# /etc/postfix/main.cf` block");
+    settings
 }

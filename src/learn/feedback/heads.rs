@@ -47,8 +47,9 @@ impl Role {
 
 #[derive(Debug, Error)]
 pub enum HeadsError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// Not a `source`: the text says it all (see [`crate::access::describe`]).
+    #[error("{}", crate::access::describe(path, error, true))]
+    Io { path: PathBuf, error: std::io::Error },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("no {role} head version `{version}` in {dir} (have: {have})")]
@@ -243,7 +244,7 @@ impl Registry {
             let mut version = None;
             if let Some(head) = promote {
                 std::fs::create_dir_all(&self.dir)
-                    .map_err(|source| HeadsError::Io { path: self.dir.clone(), source })?;
+                    .map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
                 let n = self.numbers(role).last().map_or(1, |n| n + 1);
                 head.meta.version = format!("v{n}");
                 let path = self.file(role, n);
@@ -373,7 +374,7 @@ impl Registry {
                 }
                 // The store has no promoted version: the configured head is in use.
                 None if pointer.exists() => {
-                    std::fs::remove_file(&pointer).map_err(|source| HeadsError::Io { path: pointer, source })?;
+                    std::fs::remove_file(&pointer).map_err(|source| HeadsError::Io { path: pointer, error: source })?;
                     moved = true;
                 }
                 None => {}
@@ -401,10 +402,10 @@ impl Registry {
             return Err(damaged("its bytes do not match their SHA-256".into()));
         }
         Head::from_bytes(&path, &bytes).map_err(|e| damaged(e.to_string()))?;
-        std::fs::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), source })?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
         let tmp = unique_tmp(&path);
-        std::fs::write(&tmp, &bytes).map_err(|source| HeadsError::Io { path: tmp.clone(), source })?;
-        std::fs::rename(&tmp, &path).map_err(|source| HeadsError::Io { path: path.clone(), source })?;
+        std::fs::write(&tmp, &bytes).map_err(|source| HeadsError::Io { path: tmp.clone(), error: source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| HeadsError::Io { path: path.clone(), error: source })?;
         Ok(path)
     }
 
@@ -421,23 +422,23 @@ impl Registry {
         let pointer = self.pointer(role);
         let tmp = unique_tmp(&pointer);
         let name = path.file_name().expect("a file").to_string_lossy().into_owned();
-        std::fs::write(&tmp, format!("{name}\n")).map_err(|source| HeadsError::Io { path: tmp.clone(), source })?;
-        std::fs::rename(&tmp, &pointer).map_err(|source| HeadsError::Io { path: pointer.clone(), source })
+        std::fs::write(&tmp, format!("{name}\n")).map_err(|source| HeadsError::Io { path: tmp.clone(), error: source })?;
+        std::fs::rename(&tmp, &pointer).map_err(|source| HeadsError::Io { path: pointer.clone(), error: source })
     }
 
     /// Appends one line to `history.jsonl` (every retraining, promoted or not).
     pub fn log(&self, entry: &serde_json::Value) -> Result<(), HeadsError> {
         use std::io::Write;
-        std::fs::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), source })?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
         let path = self.dir.join("history.jsonl");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
-            .map_err(|source| HeadsError::Io { path: path.clone(), source })?;
+            .map_err(|source| HeadsError::Io { path: path.clone(), error: source })?;
         // One write of the whole line: `writeln!` on a File writes it in
         // pieces, and a reader (a test, a tail) could see half a line.
-        f.write_all(format!("{entry}\n").as_bytes()).map_err(|source| HeadsError::Io { path, source })
+        f.write_all(format!("{entry}\n").as_bytes()).map_err(|source| HeadsError::Io { path, error: source })
     }
 }
 

@@ -204,7 +204,12 @@ impl Store {
         let backend = if let Some(path) = url.strip_prefix("sqlite://") {
             let path = PathBuf::from(path);
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+                std::fs::create_dir_all(dir).map_err(|e| fail(crate::access::describe(dir, &e, true)))?;
+            }
+            // SQLite writes the file and, in WAL mode, `-wal`/`-shm` beside it.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            if let Some(problem) = crate::access::check_writable(&path).or_else(|| crate::access::check_writable(dir)) {
+                return Err(fail(problem));
             }
             let conn = rusqlite::Connection::open(&path).map_err(|e| fail(e.to_string()))?;
             // WAL: the daemon writes while `retrain` or `report` read.
