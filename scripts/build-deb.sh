@@ -32,7 +32,7 @@ strip --strip-unneeded --remove-section=.comment --remove-section=.note "$pkg/us
 # The shipped configuration, with the model under the state directory.
 install -D -m 0644 conf/mailtriage.toml "$pkg/etc/mailtriage/mailtriage.toml"
 sed -i -e 's|^path = "../models/all-MiniLM-L6-v2" |path = "/var/lib/mailtriage/models/all-MiniLM-L6-v2"|' \
-  -e 's|^# \(department\|priority\)_head = "../models/heads/|# \1_head = "/var/lib/mailtriage/models/heads/|' \
+  -e 's#^\# \(department\|priority\)_head = "\.\./models/heads/#\# \1_head = "/var/lib/mailtriage/models/heads/#' \
   "$pkg/etc/mailtriage/mailtriage.toml"
 ! grep -q '"\.\./' "$pkg/etc/mailtriage/mailtriage.toml" \
   || { echo "build-deb.sh: a checkout-relative path is left in the packaged configuration" >&2; exit 1; }

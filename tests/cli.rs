@@ -156,3 +156,131 @@ fn classify_dry_runs_the_scope_with_the_client_facts_as_flags() {
         assert!(stderr.contains(&format!("`{key}`")), "{key} not named:\n{stderr}");
     }
 }
+
+/// What an admin's commands run as root leave in the service's state
+/// directory belongs to the service user (here `nobody`, who owns the
+/// directory), so the service can still write it; and a file it cannot
+/// write is reported as a permission problem with the path, its owner and
+/// the fix, not as an invalid configuration.
+#[test]
+fn commands_run_as_root_leave_state_the_service_user_owns() {
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(mailtriage::access::euid(), 0, "run as root (scripts/test.sh): the test gives files away");
+    let nobody = mailtriage::access::user_by_name("nobody").unwrap().expect("a `nobody` account");
+    let top = tempfile::Builder::new().prefix("mt-owner.").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(top.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let state = top.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(nobody.uid), Some(nobody.gid)).unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    let cfg = top.path().join("mailtriage.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = \"{}\"\nworkers = 1\n\
+             [audit]\npath = \"state/audit/audit.jsonl\"\nkey_file = \"state/audit.key\"\n\
+             [feedback]\nstore = \"sqlite://state/feedback.db\"\nheads_dir = \"state/heads\"\n\
+             [[departments]]\nname = \"billing\"\ndescription = \"Invoices and payments\"\n\
+             [[departments]]\nname = \"support\"\ndescription = \"Technical problems\"\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let msg = top.path().join("m.eml");
+    std::fs::write(&msg, "From: a@client.example\r\nTo: info@example.com\r\nMessage-ID: <m1@client.example>\r\nSubject: Invoice 7 is wrong\r\n\r\nPlease fix the amount.\r\n").unwrap();
+    let trained = state.join("trained/department.safetensors");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailtriage")).arg("--config").arg(&cfg).args(args).output().unwrap();
+        let said = format!("{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), said)
+    };
+    for args in [
+        &["check-config"][..],
+        &["feedback", "--department", "billing", msg.to_str().unwrap()],
+        &["report"],
+        &["heads", "list"],
+        &["retrain"],
+        &["forget", "--message-id", "<m1@client.example>"],
+        &["train", "--data", "tests/fixtures/tickets-train.jsonl", "--label", "department", "--no-embeddings", "--out", trained.to_str().unwrap()],
+    ] {
+        let (code, said) = run(args);
+        assert!(code.is_some(), "{said}");
+        eprintln!("{said}");
+    }
+    let mut files = Vec::new();
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            out.push(e.path());
+            if e.path().is_dir() {
+                walk(&e.path(), out);
+            }
+        }
+    }
+    walk(&state, &mut files);
+    for must in ["audit.key", "audit", "feedback.db", "trained/department.safetensors"] {
+        assert!(files.iter().any(|f| f.ends_with(must)), "{must} not created: {files:?}");
+    }
+    for f in &files {
+        let m = std::fs::symlink_metadata(f).unwrap();
+        assert_eq!((m.uid(), m.gid()), (nobody.uid, nobody.gid), "{} is not the service user's", f.display());
+    }
+
+    // A root-owned directory where the service writes: said as a permission
+    // problem, by the service user's check-config, with the fix.
+    let heads = state.join("heads");
+    std::fs::create_dir_all(&heads).unwrap();
+    std::os::unix::fs::chown(&heads, Some(0), Some(0)).unwrap();
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_mailtriage"), "--config"])
+        .arg(&cfg)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let line = stderr.lines().find(|l| l.contains("permission denied")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(!line.contains("invalid configuration"), "{line}");
+    assert!(line.contains(&heads.display().to_string()) && line.contains("owned by root:root"), "{line}");
+    assert!(line.contains(&format!("chown -R nobody: {}", heads.display())), "{line}");
+    assert_eq!(stderr.matches("Permission denied").count(), 0, "the OS's words are not repeated: {stderr}");
+}
+
+/// A relative head path is taken from the configuration file's directory,
+/// whatever directory the command runs in, and a missing head is named by
+/// its full path with how to make one (not with how to fetch the encoder).
+#[test]
+fn a_relative_head_path_is_read_beside_the_config_and_a_missing_one_says_how_to_train_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-MiniLM-L6-v2");
+    let cfg = dir.path().join("mailtriage.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = \"{}\"\ndepartment_head = \"heads/department.safetensors\"\n\
+             [[departments]]\nname = \"billing\"\ndescription = \"Invoices\"\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let check = || {
+        Command::new(env!("CARGO_BIN_EXE_mailtriage")).arg("--config").arg(&cfg).arg("check-config").current_dir("/").output().unwrap()
+    };
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let resolved = dir.path().join("heads/department.safetensors");
+    assert!(stderr.contains(&format!("head file {} is missing", resolved.display())), "{stderr}");
+    assert!(stderr.contains("mailtriage train") && !stderr.contains("fetch-model"), "{stderr}");
+    // Trained where the file says, it is found from any directory.
+    let trained = Command::new(env!("CARGO_BIN_EXE_mailtriage"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["train", "--data", "tests/fixtures/tickets-train.jsonl", "--label", "department", "--no-embeddings", "--out"])
+        .arg(&resolved)
+        .output()
+        .unwrap();
+    assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("name = \"billing\"", "name = \"billing\"\n[[departments]]\nname = \"support\"\n[[departments]]\nname = \"hr\"")).unwrap();
+    let out = check();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -73,6 +73,7 @@ unit() { sed -n "s/^$1=//p" "$UNIT"; }
 milter_up() { (exec 3<>/dev/tcp/127.0.0.1/8890) 2>/dev/null; }
 wait_for() { local i; for i in $(seq 1200); do "$@" && return 0; sleep 0.1; done; echo "timed out: $*" >&2; return 1; }
 reloads() { grep -c 'reloaded' /var/log/mailtriage-unit.log || true; }
+reloaded_since() { [ "$(reloads)" -gt "$1" ]; }
 # systemctl for the mailtriage unit: its commands, as its user, as systemd would run them.
 systemctl() {
   local verb=$1; shift
@@ -92,7 +93,7 @@ systemctl() {
     reload)
       local before MAINPID; before=$(reloads); MAINPID=$(cat "$SB/unit.pid")
       eval "$(unit ExecReload)"
-      wait_for test "$(reloads)" -gt "$before" ;;
+      wait_for reloaded_since "$before" ;;
     stop) kill -TERM "$(cat "$SB/unit.pid")"; wait_for bash -c '! kill -0 $(cat "$SB/unit.pid") 2>/dev/null' ;;
     is-active) kill -0 "$(cat "$SB/unit.pid")" && echo active ;;
     *) echo "systemctl stand-in: $verb not known" >&2; return 1 ;;
@@ -137,8 +138,9 @@ fn the_first_hour_page_works_as_pasted() {
     }
     let lib = dir("lib");
     Command::new("chown").arg("postfix:postfix").arg(&lib).status().unwrap();
-    std::fs::copy("/etc/postfix/master.cf", etc.join("master.cf")).unwrap();
-    let _ = std::fs::copy("/etc/postfix/dynamicmaps.cf", etc.join("dynamicmaps.cf"));
+    // Debian's /etc/postfix as installed (master.cf, postfix-files…), our main.cf.
+    let copied = Command::new("cp").arg("-a").arg("/etc/postfix/.").arg(&etc).status().unwrap();
+    assert!(copied.success());
     std::fs::write(etc.join("main.cf"), MAIN_CF).unwrap();
     archive(&dir("srv/triage-archive"), &root.join("tests/fixtures/tickets-train.jsonl"));
 

@@ -243,7 +243,7 @@ impl Registry {
         let Some(db) = &self.db else {
             let mut version = None;
             if let Some(head) = promote {
-                std::fs::create_dir_all(&self.dir)
+                crate::access::create_dir_all(&self.dir)
                     .map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
                 let n = self.numbers(role).last().map_or(1, |n| n + 1);
                 head.meta.version = format!("v{n}");
@@ -402,9 +402,11 @@ impl Registry {
             return Err(damaged("its bytes do not match their SHA-256".into()));
         }
         Head::from_bytes(&path, &bytes).map_err(|e| damaged(e.to_string()))?;
-        std::fs::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
+        crate::access::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
         let tmp = unique_tmp(&path);
-        std::fs::write(&tmp, &bytes).map_err(|source| HeadsError::Io { path: tmp.clone(), error: source })?;
+        std::fs::write(&tmp, &bytes)
+            .and_then(|()| crate::access::inherit_owner(&tmp))
+            .map_err(|source| HeadsError::Io { path: tmp.clone(), error: source })?;
         std::fs::rename(&tmp, &path).map_err(|source| HeadsError::Io { path: path.clone(), error: source })?;
         Ok(path)
     }
@@ -422,19 +424,22 @@ impl Registry {
         let pointer = self.pointer(role);
         let tmp = unique_tmp(&pointer);
         let name = path.file_name().expect("a file").to_string_lossy().into_owned();
-        std::fs::write(&tmp, format!("{name}\n")).map_err(|source| HeadsError::Io { path: tmp.clone(), error: source })?;
+        std::fs::write(&tmp, format!("{name}\n"))
+            .and_then(|()| crate::access::inherit_owner(&tmp))
+            .map_err(|source| HeadsError::Io { path: tmp.clone(), error: source })?;
         std::fs::rename(&tmp, &pointer).map_err(|source| HeadsError::Io { path: pointer.clone(), error: source })
     }
 
     /// Appends one line to `history.jsonl` (every retraining, promoted or not).
     pub fn log(&self, entry: &serde_json::Value) -> Result<(), HeadsError> {
         use std::io::Write;
-        std::fs::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
+        crate::access::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
         let path = self.dir.join("history.jsonl");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
+            .and_then(|f| crate::access::inherit_owner(&path).map(|()| f))
             .map_err(|source| HeadsError::Io { path: path.clone(), error: source })?;
         // One write of the whole line: `writeln!` on a File writes it in
         // pieces, and a reader (a test, a tail) could see half a line.

@@ -215,6 +215,13 @@ impl Store {
             // WAL: the daemon writes while `retrain` or `report` read.
             conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| fail(e.to_string()))?;
             conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| fail(e.to_string()))?;
+            // What root's `mailtriage feedback` or `retrain` created beside
+            // the service's files stays the service's.
+            for f in [path.clone(), PathBuf::from(format!("{}-wal", path.display())), PathBuf::from(format!("{}-shm", path.display()))] {
+                if f.exists() {
+                    crate::access::inherit_owner(&f).map_err(|e| fail(crate::access::describe(&f, &e, true)))?;
+                }
+            }
             conn.execute_batch(&schema("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"))
                 .map_err(|e| fail(e.to_string()))?;
             Backend::Sqlite(conn)
