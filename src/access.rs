@@ -140,8 +140,7 @@ pub fn inherit_owner(path: &Path) -> io::Result<()> {
 /// `std::fs::create_dir_all`, each directory it creates owned as by
 /// [`inherit_owner`].
 pub fn create_dir_all(path: &Path) -> io::Result<()> {
-    let missing: Vec<&Path> =
-        path.ancestors().take_while(|p| !p.as_os_str().is_empty() && !p.exists()).collect();
+    let missing: Vec<&Path> = path.ancestors().take_while(|p| !p.as_os_str().is_empty() && !p.exists()).collect();
     std::fs::create_dir_all(path)?;
     for dir in missing.into_iter().rev() {
         inherit_owner(dir)?;

@@ -77,7 +77,9 @@ fn main() -> ExitCode {
         Command::Replay { maildir } => offline::replay(&cfg, &maildir),
         Command::Model(ModelCommand::Fetch) => offline::model_fetch(&cfg),
         Command::Config(ConfigCommand::Show) => cmd::generate::show_config(&config_path),
-        Command::Generate { what, out_dir } => cmd::generate::print(what, out_dir.as_deref()).map(|()| ExitCode::SUCCESS),
+        Command::Generate { what, out_dir } => {
+            cmd::generate::print(what, out_dir.as_deref()).map(|()| ExitCode::SUCCESS)
+        }
         Command::Serve => {
             daemon::run(cfg, config_path.clone()).map(|()| ExitCode::SUCCESS).map_err(anyhow::Error::from)
         }

@@ -191,7 +191,8 @@ fn commands_run_as_root_leave_state_the_service_user_owns() {
     let trained = state.join("trained/department.safetensors");
     let run = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_mailtriage")).arg("--config").arg(&cfg).args(args).output().unwrap();
-        let said = format!("{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let said =
+            format!("{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status.code(), said)
     };
     for args in [
@@ -201,7 +202,16 @@ fn commands_run_as_root_leave_state_the_service_user_owns() {
         &["heads", "list"],
         &["retrain"],
         &["forget", "--message-id", "<m1@client.example>"],
-        &["train", "--data", "tests/fixtures/tickets-train.jsonl", "--label", "department", "--no-embeddings", "--out", trained.to_str().unwrap()],
+        &[
+            "train",
+            "--data",
+            "tests/fixtures/tickets-train.jsonl",
+            "--label",
+            "department",
+            "--no-embeddings",
+            "--out",
+            trained.to_str().unwrap(),
+        ],
     ] {
         let (code, said) = run(args);
         assert!(code.is_some(), "{said}");
@@ -263,7 +273,13 @@ fn a_relative_head_path_is_read_beside_the_config_and_a_missing_one_says_how_to_
     )
     .unwrap();
     let check = || {
-        Command::new(env!("CARGO_BIN_EXE_mailtriage")).arg("--config").arg(&cfg).arg("check-config").current_dir("/").output().unwrap()
+        Command::new(env!("CARGO_BIN_EXE_mailtriage"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("check-config")
+            .current_dir("/")
+            .output()
+            .unwrap()
     };
     let out = check();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -275,12 +291,27 @@ fn a_relative_head_path_is_read_beside_the_config_and_a_missing_one_says_how_to_
     let trained = Command::new(env!("CARGO_BIN_EXE_mailtriage"))
         .arg("--config")
         .arg(&cfg)
-        .args(["train", "--data", "tests/fixtures/tickets-train.jsonl", "--label", "department", "--no-embeddings", "--out"])
+        .args([
+            "train",
+            "--data",
+            "tests/fixtures/tickets-train.jsonl",
+            "--label",
+            "department",
+            "--no-embeddings",
+            "--out",
+        ])
         .arg(&resolved)
         .output()
         .unwrap();
     assert!(trained.status.success(), "{}", String::from_utf8_lossy(&trained.stderr));
-    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("name = \"billing\"", "name = \"billing\"\n[[departments]]\nname = \"support\"\n[[departments]]\nname = \"hr\"")).unwrap();
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            "name = \"billing\"",
+            "name = \"billing\"\n[[departments]]\nname = \"support\"\n[[departments]]\nname = \"hr\"",
+        ),
+    )
+    .unwrap();
     let out = check();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -29,7 +29,9 @@ fn blocks(markdown: &str) -> Vec<(String, String)> {
         .step_by(2)
         .filter_map(|b| {
             let (info, body) = b.split_once('\n')?;
-            ["sh", "sh systemd", "sh no-systemd"].contains(&info.trim()).then(|| (info.trim().to_string(), body.to_string()))
+            ["sh", "sh systemd", "sh no-systemd"]
+                .contains(&info.trim())
+                .then(|| (info.trim().to_string(), body.to_string()))
         })
         .collect()
 }
@@ -197,7 +199,8 @@ fn the_first_hour_page_works_as_pasted() {
         assert_eq!(support::header_values(shadow, "X-Triage-Action"), ["reroute"]);
         assert_eq!(support::header_values(shadow, "X-Triage-Department"), ["billing"]);
         // Enforce: rerouted to billing, and only there.
-        let refund = billing.iter().find(|m| m.contains("Subject: Refund for order 815")).unwrap_or_else(|| panic!("{said}"));
+        let refund =
+            billing.iter().find(|m| m.contains("Subject: Refund for order 815")).unwrap_or_else(|| panic!("{said}"));
         assert_eq!(support::header_values(refund, "X-Triage-Original-Recipient"), ["info@example.com"]);
         assert!(!info.iter().any(|m| m.contains("Refund for order 815")), "rerouted mail reached info too");
         // The trained head decided what no rule did.

@@ -134,7 +134,10 @@ mod tests {
             let name = name.trim_end_matches("\\fR");
             if name.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
                 named += 1;
-                assert!(dir.path().join(format!("mailtriage-{name}.1")).exists(), "mailtriage-{name}(1) is named but not written");
+                assert!(
+                    dir.path().join(format!("mailtriage-{name}.1")).exists(),
+                    "mailtriage-{name}(1) is named but not written"
+                );
             }
         }
         assert!(named >= 10, "only {named} pages named:\n{main}");

@@ -212,7 +212,8 @@ impl ErasureFollower {
             let tmp = f.with_extension("erasures.tmp");
             if let Err(e) = std::fs::write(&tmp, format!("{newest}\n"))
                 .and_then(|()| crate::access::inherit_owner(&tmp))
-                .and_then(|()| std::fs::rename(&tmp, f)) {
+                .and_then(|()| std::fs::rename(&tmp, f))
+            {
                 tracing::warn!(file = %f.display(), error = %e, "cannot keep the erasure cursor (they will be applied again, harmlessly)");
             }
         }

@@ -490,10 +490,8 @@ impl Engine {
             &id,
         );
         d.model_version = Some(m.classifier.versions());
-        d.classes = Some(ClassChoice {
-            chosen: choice.label,
-            runner_up: choice.runner_up.map(|r| (r.label, r.probability)),
-        });
+        d.classes =
+            Some(ClassChoice { chosen: choice.label, runner_up: choice.runner_up.map(|r| (r.label, r.probability)) });
         d
     }
 

@@ -284,7 +284,10 @@ mod tests {
         assert_eq!(hit("From: Alice Vendor <alice@vendor.example>\r\n\r\n"), Some("vendor"));
         assert_eq!(hit("From: \"Doe, John\" <john@vendor.example>\r\n\r\n"), Some("vendor"));
         assert_eq!(hit("From: bob@vendor.example (Bob)\r\n\r\n"), Some("vendor"));
-        assert_eq!(hit("From: x@other.example\r\nCc: a@b.example, Legal <legal@corp.example>\r\n\r\n"), Some("cc-legal"));
+        assert_eq!(
+            hit("From: x@other.example\r\nCc: a@b.example, Legal <legal@corp.example>\r\n\r\n"),
+            Some("cc-legal")
+        );
         // The whole value still counts (a display-name pattern).
         assert_eq!(hit("From: Alice <alice@home.example>\r\n\r\n"), Some("display"));
         // Other headers are not taken apart: `<…>` in a Subject is text.

@@ -876,7 +876,8 @@ fn shape_problems(table: &toml::Table) -> Vec<Problem> {
             continue;
         }
         // An unknown section: said once, not once per key in it.
-        let empty = if value.is_array() { toml::Value::Array(Vec::new()) } else { toml::Value::Table(Default::default()) };
+        let empty =
+            if value.is_array() { toml::Value::Array(Vec::new()) } else { toml::Value::Table(Default::default()) };
         if let Some(message) = probe(section, empty) {
             problems.push(Problem::new(section.clone(), message));
             continue;
@@ -894,7 +895,8 @@ fn shape_problems(table: &toml::Table) -> Vec<Problem> {
             toml::Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
                     let Some(keys) = item.as_table() else { continue };
-                    let name = keys.get("name").and_then(toml::Value::as_str).map(|n| format!(" ({n})")).unwrap_or_default();
+                    let name =
+                        keys.get("name").and_then(toml::Value::as_str).map(|n| format!(" ({n})")).unwrap_or_default();
                     for (key, v) in keys {
                         let alone = toml::Table::from_iter([(key.clone(), v.clone())]);
                         let entry = toml::Value::Array(vec![toml::Value::Table(alone)]);

@@ -402,7 +402,8 @@ impl Registry {
             return Err(damaged("its bytes do not match their SHA-256".into()));
         }
         Head::from_bytes(&path, &bytes).map_err(|e| damaged(e.to_string()))?;
-        crate::access::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
+        crate::access::create_dir_all(&self.dir)
+            .map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
         let tmp = unique_tmp(&path);
         std::fs::write(&tmp, &bytes)
             .and_then(|()| crate::access::inherit_owner(&tmp))
@@ -433,7 +434,8 @@ impl Registry {
     /// Appends one line to `history.jsonl` (every retraining, promoted or not).
     pub fn log(&self, entry: &serde_json::Value) -> Result<(), HeadsError> {
         use std::io::Write;
-        crate::access::create_dir_all(&self.dir).map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
+        crate::access::create_dir_all(&self.dir)
+            .map_err(|source| HeadsError::Io { path: self.dir.clone(), error: source })?;
         let path = self.dir.join("history.jsonl");
         let mut f = std::fs::OpenOptions::new()
             .create(true)

@@ -217,7 +217,11 @@ impl Store {
             conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(|e| fail(e.to_string()))?;
             // What root's `mailtriage feedback` or `retrain` created beside
             // the service's files stays the service's.
-            for f in [path.clone(), PathBuf::from(format!("{}-wal", path.display())), PathBuf::from(format!("{}-shm", path.display()))] {
+            for f in [
+                path.clone(),
+                PathBuf::from(format!("{}-wal", path.display())),
+                PathBuf::from(format!("{}-shm", path.display())),
+            ] {
                 if f.exists() {
                     crate::access::inherit_owner(&f).map_err(|e| fail(crate::access::describe(&f, &e, true)))?;
                 }
