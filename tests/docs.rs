@@ -109,3 +109,72 @@ fn every_key_of_the_file_is_either_applied_by_a_reload_or_named_for_a_restart() 
         );
     }
 }
+
+/// The README's head measuring example, pasted as it stands, on the shipped
+/// configuration (which configures no head): the head the README's own
+/// `train` line wrote is measured, in text and as JSON.
+#[test]
+fn the_readme_eval_example_runs_as_pasted_on_the_shipped_config() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("models/all-MiniLM-L6-v2");
+    assert!(model.join("model.safetensors").exists(), "run scripts/fetch-model.sh first");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    // What an admin pastes: the command, without a trailing comment.
+    let commands = |prefix: &str| -> Vec<Vec<String>> {
+        readme
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.split(" #").next().unwrap().split_whitespace().skip(1).map(str::to_string).collect())
+            .collect()
+    };
+    let train = commands("mailtriage --config conf/mailtriage.toml train --data labeled.jsonl --label queue ");
+    let evals = commands("mailtriage --config conf/mailtriage.toml eval ");
+    assert_eq!((train.len(), evals.len()), (1, 2), "the README's train and eval examples moved");
+
+    // A checkout's layout: conf/ with the shipped file, models/ with the encoder.
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    std::fs::create_dir_all(w.join("conf")).unwrap();
+    std::fs::create_dir_all(w.join("models")).unwrap();
+    std::fs::copy(root.join("conf/mailtriage.toml"), w.join("conf/mailtriage.toml")).unwrap();
+    std::os::unix::fs::symlink(&model, w.join("models/all-MiniLM-L6-v2")).unwrap();
+    let topics = [
+        ("Billing and Payments", ["invoice", "payment", "charged", "bank transfer", "receipt"]),
+        ("Technical Support", ["crash", "error", "login fails", "server down", "bug"]),
+        ("Sales", ["quote", "pricing", "discount", "offer", "purchase"]),
+    ];
+    for (file, n) in [("labeled.jsonl", 16), ("test.jsonl", 6)] {
+        let mut text = String::new();
+        for (label, words) in topics {
+            for i in 0..n {
+                let (a, b) = (words[i % 5], words[(i + 2) % 5]);
+                let line = serde_json::json!({
+                    "subject": format!("{a} question {i}"),
+                    "body": format!("Hello, about the {a} and the {b}: please help, ticket {i}."),
+                    "queue": label,
+                    "language": if i % 2 == 0 { "de" } else { "en" },
+                });
+                text.push_str(&format!("{line}\n"));
+            }
+        }
+        std::fs::write(w.join(file), text).unwrap();
+    }
+    let run = |args: &[String]| {
+        let out =
+            std::process::Command::new(env!("CARGO_BIN_EXE_mailtriage")).args(args).current_dir(w).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "mailtriage {}:\n{text}", args.join(" "));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&train[0]);
+    for args in &evals {
+        let out = run(args);
+        if args.iter().any(|a| a == "--json") {
+            let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+            assert_eq!(v["n"], 18, "{v}");
+            assert!(v["macro_f1"].as_f64().is_some(), "{v}");
+        } else {
+            assert!(out.contains("by language"), "{out}");
+        }
+    }
+}

@@ -1267,3 +1267,216 @@ http_token_file = "{w}/token""#,
         );
     }
 }
+
+/// Labeled tickets of three head labels, two of which one department claims
+/// (`billing`: "Billing and Payments" and "Refunds"), made up here so the
+/// test needs no shared data.
+fn made_up_tickets() -> String {
+    let topics = [
+        ("Billing and Payments", ["invoice", "payment", "charged", "bank transfer", "receipt"]),
+        ("Refunds", ["refund", "money back", "return", "reimburse", "cancel order"]),
+        ("Technical Support", ["crash", "error", "login fails", "server down", "bug"]),
+    ];
+    let mut out = String::new();
+    for (label, words) in topics {
+        for i in 0..16 {
+            let (a, b) = (words[i % 5], words[(i + 2) % 5]);
+            let line = serde_json::json!({
+                "subject": format!("{a} question {i}"),
+                "body": format!("Hello, about the {a} and the {b}: please help, ticket {i}."),
+                "queue": label,
+            });
+            out.push_str(&format!("{line}\n"));
+        }
+    }
+    out
+}
+
+/// The sum of a metric's series in Prometheus text, and its lines.
+fn metric(text: &str, name: &str) -> (f64, Vec<String>) {
+    let lines: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .map(String::from)
+        .collect();
+    (lines.iter().filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum(), lines)
+}
+
+/// What the mail admin saw (issue 31, point 9), through a real Postfix:
+/// every refused correction is counted (a 404 and a 422 make 2), every
+/// channel answers a recorded correction with the same line naming the
+/// department and the head label it trains, the staff minutes saved never
+/// go negative (before a restart nor after it, with corrections of mail
+/// decided before it), and `report` counts configured departments, as the
+/// metrics do, with the labels as detail.
+#[test]
+fn refusals_are_counted_answers_name_the_label_minutes_saved_survive_a_restart_and_the_report_names_departments() {
+    support::require("postfix", "postfix");
+    let work = tempfile::Builder::new().prefix("mt-answers.").tempdir_in("/tmp").unwrap();
+    let w = work.path();
+    std::fs::set_permissions(w, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(w.join("tickets.jsonl"), made_up_tickets()).unwrap();
+    std::fs::create_dir_all(w.join("audit")).unwrap();
+    let token = "0123456789abcdef-token";
+    std::fs::write(w.join("token"), token).unwrap();
+    let metrics_port = support::free_port();
+    let config = format!(
+        r#"
+[server]
+milter_socket_mode = "0666"
+
+[defaults]
+department = "general"
+
+[[departments]]
+name = "billing"
+labels = ["Billing and Payments", "Refunds"]
+
+[[departments]]
+name = "support"
+labels = ["Technical Support"]
+
+[model]
+department_head = "{w}/head.safetensors"
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[audit]
+path = "{w}/audit/audit.jsonl"
+key_file = "{w}/audit.key"
+
+[kpi]
+minutes_per_manual_triage = 2.0
+
+[feedback]
+address = "triage-feedback@{DOMAIN}"
+store = "sqlite://{w}/feedback.db"
+heads_dir = "{w}/heads"
+http_token_file = "{w}/token"
+retrain = false
+"#,
+        w = w.display()
+    );
+    let config_path = w.join("mailtriage.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let tickets = w.join("tickets.jsonl");
+    mailtriage(
+        &config_path,
+        &[
+            "train",
+            "--data",
+            tickets.to_str().unwrap(),
+            "--label",
+            "queue",
+            "--no-embeddings",
+            "--out",
+            w.join("head.safetensors").to_str().unwrap(),
+        ],
+    );
+    let mut daemon = Daemon::start(&config, false);
+    let postfix = Postfix::start(Some(&daemon.postfix_address()), "tempfail", &["in_flow_delay = 0s"]);
+    let ordinary = Mail {
+        from: "customer@client.example",
+        rcpts: vec![format!("user@{DOMAIN}")],
+        data: format!(
+            "From: c@client.example\nTo: user@{DOMAIN}\nSubject: refund question\nMessage-ID: <m1@client.example>\n\n\
+             Hello, about the refund and the return: please help.\n"
+        ),
+    };
+    assert_eq!(support::send(postfix.smtp_port, &[ordinary]).unwrap(), [250]);
+    let delivered = postfix.wait_delivered(1, Duration::from_secs(30));
+    assert_eq!(support::header_values(&delivered[0].1, "X-Triage-Source").len(), 1, "{}", delivered[0].1);
+
+    // Refused: a Message-ID the daemon never decided (404), a department nobody configured (422).
+    let unknown = post(metrics_port, token, "/feedback", r#"{"message_id":"<never@x>","department":"billing"}"#);
+    assert!(unknown.starts_with("HTTP/1.1 404"), "{unknown}");
+    let wrong = post(metrics_port, token, "/feedback", r#"{"message_id":"<m1@client.example>","department":"hr"}"#);
+    assert!(wrong.starts_with("HTTP/1.1 422"), "{wrong}");
+    let text = support::http_get(metrics_port, "/metrics");
+    let (refused, lines) = metric(&text, "mailtriage_feedback_refused_total");
+    assert_eq!(refused, 2.0, "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("reason=\"not_recent\"")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("reason=\"unknown_department\"")), "{lines:?}");
+
+    // Recorded, by a department's name (its first label) and by a head label; the
+    // CLI and the pipe print the same line, HTTP answers the same facts as JSON.
+    let cli = mailtriage(&config_path, &["feedback", "--message-id", "<m1@client.example>", "--department", "billing"]);
+    let (code, piped) = mailtriage_status(
+        &config_path,
+        &["feedback", "--department", "billing"],
+        "Subject: Fwd: invoice question\nMessage-ID: <p1@x>\n\nabout the invoice and the payment\n",
+    );
+    assert_eq!(code, 0, "{piped}");
+    let shape = |out: &str| {
+        let line = out.trim();
+        let rest = line.strip_prefix("recorded correction ").unwrap_or_else(|| panic!("{line}"));
+        let (id, what) = rest.split_once(':').unwrap_or_else(|| panic!("{line}"));
+        assert!(id.parse::<i64>().is_ok(), "{line}");
+        what.to_string()
+    };
+    assert_eq!(shape(&cli), r#" department billing, label "Billing and Payments""#, "{cli}");
+    assert_eq!(shape(&piped), shape(&cli), "{piped} vs {cli}");
+    let http = post(metrics_port, token, "/feedback", r#"{"message_id":"<m1@client.example>","department":"Refunds"}"#);
+    assert!(http.starts_with("HTTP/1.1 200"), "{http}");
+    let answer: Value = serde_json::from_str(http.split("\r\n\r\n").nth(1).unwrap().trim()).unwrap();
+    assert_eq!(
+        (&answer["department"], &answer["label"]),
+        (&Value::from("billing"), &Value::from("Refunds")),
+        "{answer}"
+    );
+    assert!(answer["recorded"].as_i64().is_some(), "{answer}");
+
+    // One message routed (2 minutes), two corrections through the daemon: 0, not −2.
+    let text = support::http_get(metrics_port, "/metrics");
+    let (saved, lines) = metric(&text, "mailtriage_staff_minutes_saved");
+    assert_eq!((saved, lines.len()), (0.0, 1), "{lines:?}");
+
+    // A restart, then a correction of mail decided before it, by mail: still not below 0.
+    daemon.kill();
+    let daemon = Daemon::start(&config, false);
+    postfix.postconf(&["-e", &format!("smtpd_milters = {}", daemon.postfix_address())]);
+    postfix.reload();
+    let forward = Mail {
+        from: "agent@test.example",
+        rcpts: vec![format!("triage-feedback+billing@{DOMAIN}")],
+        data: format!(
+            "From: agent@{DOMAIN}\nTo: triage-feedback+billing@{DOMAIN}\nSubject: Fwd: refund question\n\n\
+             ---------- Forwarded message ---------\nFrom: c@client.example\nSubject: refund question\n\n\
+             Hello, about the refund and the return: please help.\n"
+        ),
+    };
+    let store = Store::open(&format!("sqlite://{}/feedback.db", w.display())).unwrap();
+    wait_until(
+        "the forwarded correction to be stored",
+        Duration::from_secs(60),
+        || {
+            if store.load(0).unwrap().len() < 4 {
+                let _ = support::send(postfix.smtp_port, std::slice::from_ref(&forward));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            store.load(0).unwrap().len() >= 4
+        },
+        || daemon.log(),
+    );
+    let text = support::http_get(metrics_port, "/metrics");
+    assert_eq!(metric(&text, "mailtriage_feedback_corrections_total").0, 1.0, "{text}");
+    let (saved, lines) = metric(&text, "mailtriage_staff_minutes_saved");
+    assert_eq!((saved, lines.len()), (0.0, 1), "{lines:?}");
+
+    // The report: corrections by configured department (4 for billing, under two labels).
+    let report: Value = serde_json::from_str(&mailtriage(&config_path, &["report", "--days", "1", "--json"])).unwrap();
+    assert_eq!(report["corrections"], 4, "{report}");
+    assert_eq!(report["corrections_by_department"], serde_json::json!({ "billing": 4 }), "{report}");
+    let per_day: Vec<&String> = report["corrections_per_day"].as_object().unwrap().keys().collect();
+    assert_eq!(per_day, ["billing"], "{report}");
+    assert_eq!(
+        report["corrections_by_label"],
+        serde_json::json!({ "billing": { "Billing and Payments": 3, "Refunds": 1 } }),
+        "{report}"
+    );
+    let human = mailtriage(&config_path, &["report", "--days", "1"]);
+    let billing = human.lines().find(|l| l.trim_start().starts_with("billing")).unwrap_or_else(|| panic!("{human}"));
+    assert!(billing.contains(r#""Billing and Payments" 3"#) && billing.contains(r#""Refunds" 1"#), "{human}");
+    assert!(!human.lines().any(|l| l.trim_start().starts_with("Refunds")), "{human}");
+}

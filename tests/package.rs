@@ -3,7 +3,9 @@
 //! `lintian` (no errors), installed with `dpkg -i` on this machine (which
 //! must not start a daemon), `check-config` on the packaged configuration
 //! (the missing model named with how to get it; then OK once the model is
-//! in place, as the service user), and purged without a trace.
+//! in place, as the service user), and purged without a trace: with the
+//! feedback token the admin put under /etc/mailtriage as documented, the
+//! configuration directory and the system user and group go too.
 
 mod support;
 
@@ -117,12 +119,35 @@ fn debian_package_builds_lints_installs_checks_and_purges() {
         assert!(text(&ok).contains("/etc/mailtriage/mailtriage.toml: OK"), "{}", text(&ok));
         let man = text(&run(Command::new("sh").arg("-c").arg("zcat /usr/share/man/man1/mailtriage.1.gz")));
         assert!(man.contains(".TH mailtriage 1") && man.contains("check\\-config"), "{man}");
+        // Every page mailtriage(1) refers to is installed, and it says where things are.
+        assert!(man.contains(".SH FILES") && man.contains("/etc/mailtriage/mailtriage.toml"), "{man}");
+        let mut referred = 0;
+        for part in man.split("mailtriage\\-").skip(1) {
+            let Some((name, _)) = part.split_once("(1)") else { continue };
+            let name = name.trim_end_matches("\\fR").replace("\\-", "-");
+            if name.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
+                referred += 1;
+                let page = format!("/usr/share/man/man1/mailtriage-{name}.1.gz");
+                assert!(Path::new(&page).exists(), "mailtriage(1) refers to {page}, which is not installed");
+            }
+        }
+        assert!(referred >= 10, "{man}");
+        // The admin's own file where the shipped config points `http_token_file`.
+        let shipped = std::fs::read_to_string("/etc/mailtriage/mailtriage.toml").unwrap();
+        assert!(shipped.contains("/etc/mailtriage/feedback.token"), "the documented token path moved");
+        std::fs::write("/etc/mailtriage/feedback.token", "0123456789abcdef-token\n").unwrap();
+        run(Command::new("chown").args(["root:mailtriage", "/etc/mailtriage/feedback.token"]));
+        run(Command::new("chmod").args(["0640", "/etc/mailtriage/feedback.token"]));
     });
     purge();
     for gone in
         ["/usr/bin/mailtriage", "/etc/mailtriage", "/var/lib/mailtriage", "/lib/systemd/system/mailtriage.service"]
     {
         assert!(!Path::new(gone).exists(), "{gone} left after purge");
+    }
+    for db in ["passwd", "group"] {
+        let left = Command::new("getent").args([db, "mailtriage"]).output().unwrap();
+        assert!(!left.status.success(), "the mailtriage {db} entry is left after purge: {}", text(&left));
     }
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);

@@ -17,7 +17,7 @@ use mailtriage::learn::feedback::leader::{self, Leadership};
 use mailtriage::learn::feedback::recent::RecentDecisions;
 use mailtriage::learn::feedback::retrain::{self, RetrainOutcome};
 use mailtriage::learn::feedback::store::Store;
-use mailtriage::learn::feedback::{Channel, FeedbackError};
+use mailtriage::learn::feedback::{Channel, FeedbackError, Recorded};
 use mailtriage::pipeline::Triage;
 use mailtriage::settings::Config;
 
@@ -66,8 +66,8 @@ pub fn feedback(cfg: &Config, args: &FeedbackArgs) -> Result<ExitCode> {
     let actor = format!("user:{}", std::env::var("USER").unwrap_or_else(|_| "unknown".into()));
     let hash = message_id.as_deref().map(|m| triage.message_hash(m));
     match triage.record(&features, &requested, Channel::Pipe, actor, hash) {
-        Ok(id) => {
-            println!("recorded correction {id}");
+        Ok(recorded) => {
+            println!("{recorded}");
             Ok(ExitCode::SUCCESS)
         }
         // Dovecot's pipe and scripts retry on EX_TEMPFAIL.
@@ -93,8 +93,12 @@ fn feedback_by_message_id(cfg: &Config, message_id: &str, requested: &Requested)
     let (status, answer) = super::post_to_daemon(listen, &token, "/feedback", &body)
         .with_context(|| format!("asking the daemon at {listen}"))?;
     match status {
+        // The same line as the pipe prints; the JSON is the HTTP answer's.
         200 => {
-            println!("{}", answer.trim());
+            match serde_json::from_str::<Recorded>(answer.trim()) {
+                Ok(recorded) => println!("{recorded}"),
+                Err(_) => println!("{}", answer.trim()),
+            }
             Ok(ExitCode::SUCCESS)
         }
         503 => {
@@ -269,9 +273,19 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
         Some(_) => open_store(cfg)?.summary(since_unix)?,
         None => Vec::new(),
     };
+    // Corrections store the head label they train; several labels may mean one
+    // department (its `labels`), and the report, like the metrics, counts departments.
     let mut per_department: BTreeMap<String, u64> = BTreeMap::new();
+    let mut per_label: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for c in &corrections {
-        *per_department.entry(c.department.clone().unwrap_or_else(|| "(priority only)".into())).or_default() += 1;
+        let department = match c.department.as_deref() {
+            Some(l) => cfg.catalog.for_label(l).map_or_else(|| l.to_string(), |d| d.to_string()),
+            None => "(priority only)".into(),
+        };
+        if let Some(l) = &c.department {
+            *per_label.entry(department.clone()).or_default().entry(l.clone()).or_default() += 1;
+        }
+        *per_department.entry(department).or_default() += 1;
     }
     let auto = by_model + by_rule;
     let minutes = cfg.kpi.minutes_per_manual_triage;
@@ -291,7 +305,9 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
         "corrections": corrections.len(),
         "misroute_rate": if auto > 0 { corrections.len() as f64 / auto as f64 } else { 0.0 },
         "target_accuracy": cfg.policy.target_accuracy,
+        "corrections_by_department": per_department,
         "corrections_per_day": per_department.iter().map(|(d, n)| (d.clone(), *n as f64 / days.max(1) as f64)).collect::<BTreeMap<_, _>>(),
+        "corrections_by_label": per_label,
         "minutes_per_manual_triage": minutes,
         "staff_minutes_saved": saved,
         "staff_hours_saved": saved / 60.0,
@@ -316,7 +332,11 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
         );
     }
     for (d, n) in &per_department {
-        println!("    {d:<30} {n:>6}  ({:.1} per day)", *n as f64 / days.max(1) as f64);
+        // The head labels only where they are not just the department's name.
+        let labels = per_label.get(d).filter(|l| l.len() > 1 || l.keys().any(|l| l != d)).map(|l| {
+            format!("; labels {}", l.iter().map(|(l, n)| format!("{l:?} {n}")).collect::<Vec<_>>().join(", "))
+        });
+        println!("    {d:<30} {n:>6}  ({:.1} per day{})", *n as f64 / days.max(1) as f64, labels.unwrap_or_default());
     }
     println!(
         "  estimated staff time saved: {saved:.0} minutes ({:.1} hours) at {minutes} min per message",

@@ -23,6 +23,7 @@ use crate::learn::feedback::retrain;
 use crate::learn::feedback::store::{instance_name, Store, FORGET_CHANNEL};
 use crate::learn::feedback::{Channel, FeedbackError};
 use crate::record::metrics::name;
+use crate::record::recorder::Recorder;
 use crate::settings::Config;
 
 /// The shared secret of `POST /feedback` could not be read.
@@ -77,16 +78,21 @@ pub fn open_link(cfg: &Config) -> Option<FeedbackLink> {
 }
 
 /// `POST /feedback` over the running engine: a correction by Message-ID.
+/// Every refusal is counted in `mailtriage_feedback_refused_total` (the
+/// engine counts its own; a body without `message_id` here).
 pub fn endpoint(shared: Running) -> Handler {
     Arc::new(move |v: serde_json::Value| {
         let str_of = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        let message_id = str_of("message_id").ok_or((400, "`message_id` is required".to_string()))?;
-        let requested = Requested { department: str_of("department"), priority: str_of("priority") };
         let channel = if str_of("channel").as_deref() == Some("cli") { Channel::Cli } else { Channel::Http };
+        let Some(message_id) = str_of("message_id") else {
+            Recorder::refused(channel.as_str(), "bad_request");
+            return Err((400, "`message_id` is required".to_string()));
+        };
+        let requested = Requested { department: str_of("department"), priority: str_of("priority") };
         shared
             .current()
             .correct_by_message_id(&message_id, &requested, channel, channel.as_str().to_string())
-            .map(|id| serde_json::json!({ "recorded": id }))
+            .map(|recorded| serde_json::to_value(recorded).expect("serialisable"))
             .map_err(|e| {
                 let code = match e {
                     FeedbackError::NotRecent => 404,

@@ -93,10 +93,16 @@ pub async fn serve(
                 ("POST", path) if POST_PATHS.contains(&path) => {
                     match posts.as_ref().and_then(|p| Some((p, p.route(path)?.clone()))) {
                         Some((p, handler)) => post(&p.token, handler, &req).await,
-                        None => text("404 Not Found", "not configured: set [feedback] http_token_file\n"),
+                        None => {
+                            refused_at(path, "not_configured");
+                            text("404 Not Found", "not configured: set [feedback] http_token_file\n")
+                        }
                     }
                 }
-                (_, path) if POST_PATHS.contains(&path) => text("405 Method Not Allowed", "use POST\n"),
+                (_, path) if POST_PATHS.contains(&path) => {
+                    refused_at(path, "method_not_allowed");
+                    text("405 Method Not Allowed", "use POST\n")
+                }
                 _ => text("404 Not Found", "not found\n"),
             };
             // A 503 is temporary (the store is down, the daemon not ready yet).
@@ -117,9 +123,11 @@ async fn post(token: &str, handler: Handler, req: &Request) -> (&'static str, St
     let err = |status: &'static str, msg: &str| (status, serde_json::json!({ "error": msg }).to_string() + "\n", json);
     let presented = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
     if !constant_time_eq(presented.trim().as_bytes(), token.as_bytes()) {
+        refused_at(&req.path, "unauthorized");
         return err("401 Unauthorized", "missing or wrong bearer token");
     }
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(&req.body) else {
+        refused_at(&req.path, "bad_request");
         return err("400 Bad Request", "the body must be a JSON object");
     };
     match tokio::task::spawn_blocking(move || handler(value)).await {
@@ -134,7 +142,19 @@ async fn post(token: &str, handler: Handler, req: &Request) -> (&'static str, St
             };
             err(status, &msg)
         }
-        Err(_) => err("500 Internal Server Error", "handler failed"),
+        Err(_) => {
+            refused_at(&req.path, "failed");
+            err("500 Internal Server Error", "handler failed")
+        }
+    }
+}
+
+/// Counts a `POST /feedback` this layer refused before its handler ran (or
+/// because it failed): the handler counts its own refusals, so each
+/// refusal, whatever its status, is counted once.
+fn refused_at(path: &str, reason: &'static str) {
+    if path == "/feedback" {
+        crate::record::recorder::Recorder::refused("http", reason);
     }
 }
 
@@ -254,5 +274,51 @@ mod tests {
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out).await;
         assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_feedback_request_this_layer_refuses_is_counted() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // The server's tasks run on this (current-thread) runtime's thread.
+        let _local = metrics::set_default_local_recorder(&recorder);
+        let serve_on = |posts: Option<PostEndpoints>| async move {
+            let listener = bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let handle = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+            tokio::spawn(serve(listener, handle, Arc::new(AtomicBool::new(true)), posts));
+            addr
+        };
+        let request = |addr: std::net::SocketAddr, head: String| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let post = |path: &str, token: &str, body: &str| {
+            format!(
+                "POST {path} HTTP/1.1\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let ok: Handler = Arc::new(|_| Ok(serde_json::json!({ "recorded": 1 })));
+        let posts = PostEndpoints { token: "s3cret".into(), routes: vec![("/feedback", ok.clone()), ("/forget", ok)] };
+        let with = serve_on(Some(posts)).await;
+        let without = serve_on(None).await;
+        assert!(request(with, post("/feedback", "wrong!", "{}")).await.starts_with("HTTP/1.1 401"));
+        assert!(request(with, post("/feedback", "s3cret", "not json")).await.starts_with("HTTP/1.1 400"));
+        assert!(request(with, "GET /feedback HTTP/1.1\r\n\r\n".into()).await.starts_with("HTTP/1.1 405"));
+        assert!(request(without, post("/feedback", "s3cret", "{}")).await.starts_with("HTTP/1.1 404"));
+        // Not corrections: a refused erasure, and an accepted correction.
+        assert!(request(with, post("/forget", "wrong!", "{}")).await.starts_with("HTTP/1.1 401"));
+        assert!(request(with, post("/feedback", "s3cret", "{}")).await.starts_with("HTTP/1.1 200"));
+        let text = handle.render();
+        let counted: Vec<&str> =
+            text.lines().filter(|l| l.starts_with(crate::record::metrics::name::FEEDBACK_REFUSED)).collect();
+        assert_eq!(counted.len(), 4, "{text}");
+        for reason in ["unauthorized", "bad_request", "method_not_allowed", "not_configured"] {
+            assert!(counted.iter().any(|l| l.contains(&format!("reason=\"{reason}\"")) && l.ends_with(" 1")), "{text}");
+        }
     }
 }

@@ -13,14 +13,14 @@
 //! file accepts and fails on one that is in neither list.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use tokio::sync::Notify;
 
 use super::Running;
 use crate::learn::feedback::layer::{FeedbackLayer, FeedbackLink};
 use crate::record::metrics;
-use crate::settings::Config;
+use crate::settings::{Config, FeedbackConfig, RelayConfig};
 
 /// How a reload applies a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,12 +75,36 @@ pub const LIVE: &[&str] = &[
 /// Compares one key of two configurations.
 type Changed = fn(&Config, &Config) -> bool;
 
-/// The value of `section.key` in an optional section.
+/// The value of `section.key` in an optional section: a section that
+/// appears or goes is a change (what it starts is on, or off).
 macro_rules! opt {
     ($section:ident . $key:ident) => {
         |a: &Config, b: &Config| a.$section.as_ref().map(|s| &s.$key) != b.$section.as_ref().map(|s| &s.$key)
     };
 }
+
+/// The value of `section.key` as in effect: an absent section reads as its
+/// defaults, so a section that appears (or goes) names only the keys it sets
+/// to something else, not every key left at its default.
+macro_rules! eff {
+    ($section:ident . $key:ident, $defaults:expr) => {
+        |a: &Config, b: &Config| {
+            let d = $defaults;
+            a.$section.as_ref().unwrap_or(d).$key != b.$section.as_ref().unwrap_or(d).$key
+        }
+    };
+}
+
+/// `[feedback]`'s defaults, for [`eff!`].
+static FEEDBACK_DEFAULTS: LazyLock<FeedbackConfig> = LazyLock::new(FeedbackConfig::default);
+
+/// `[relay]`'s defaults (its one required key, `next_hop`, is compared by [`opt!`]).
+static RELAY_DEFAULTS: LazyLock<RelayConfig> = LazyLock::new(|| {
+    Config::from_toml("[relay]\nnext_hop = \"smtp://127.0.0.1:25\"\n", "relay defaults")
+        .ok()
+        .and_then(|c| c.relay)
+        .expect("a [relay] with only next_hop is valid")
+});
 
 /// Keys only a restart applies, each with its typed comparison.
 pub const RESTART: &[(&str, Changed)] = &[
@@ -94,23 +118,23 @@ pub const RESTART: &[(&str, Changed)] = &[
     ("server.shutdown_grace", |a, b| a.server.shutdown_grace != b.server.shutdown_grace),
     ("limits.max_total_bytes", |a, b| a.limits.max_total_bytes != b.limits.max_total_bytes),
     ("relay.next_hop", opt!(relay.next_hop)),
-    ("relay.tls", opt!(relay.tls)),
-    ("relay.tls_ca_file", opt!(relay.tls_ca_file)),
-    ("relay.timeout", opt!(relay.timeout)),
-    ("relay.data_timeout", opt!(relay.data_timeout)),
-    ("relay.quarantine_mailbox", opt!(relay.quarantine_mailbox)),
+    ("relay.tls", eff!(relay.tls, &*RELAY_DEFAULTS)),
+    ("relay.tls_ca_file", eff!(relay.tls_ca_file, &*RELAY_DEFAULTS)),
+    ("relay.timeout", eff!(relay.timeout, &*RELAY_DEFAULTS)),
+    ("relay.data_timeout", eff!(relay.data_timeout, &*RELAY_DEFAULTS)),
+    ("relay.quarantine_mailbox", eff!(relay.quarantine_mailbox, &*RELAY_DEFAULTS)),
     ("metrics.listen", opt!(metrics.listen)),
     ("logging.format", |a, b| a.logging.format != b.logging.format),
     ("feedback.store", opt!(feedback.store)),
-    ("feedback.store_password_file", opt!(feedback.store_password_file)),
-    ("feedback.http_token_file", opt!(feedback.http_token_file)),
-    ("feedback.recent_bytes", opt!(feedback.recent_bytes)),
-    ("feedback.recent_max_age", opt!(feedback.recent_max_age)),
-    ("feedback.recent_max_rows", opt!(feedback.recent_max_rows)),
-    ("feedback.retrain", opt!(feedback.retrain)),
-    ("feedback.retrain_every", opt!(feedback.retrain_every)),
-    ("feedback.retrain_after", opt!(feedback.retrain_after)),
-    ("feedback.heads_dir", opt!(feedback.heads_dir)),
+    ("feedback.store_password_file", eff!(feedback.store_password_file, &*FEEDBACK_DEFAULTS)),
+    ("feedback.http_token_file", eff!(feedback.http_token_file, &*FEEDBACK_DEFAULTS)),
+    ("feedback.recent_bytes", eff!(feedback.recent_bytes, &*FEEDBACK_DEFAULTS)),
+    ("feedback.recent_max_age", eff!(feedback.recent_max_age, &*FEEDBACK_DEFAULTS)),
+    ("feedback.recent_max_rows", eff!(feedback.recent_max_rows, &*FEEDBACK_DEFAULTS)),
+    ("feedback.retrain", eff!(feedback.retrain, &*FEEDBACK_DEFAULTS)),
+    ("feedback.retrain_every", eff!(feedback.retrain_every, &*FEEDBACK_DEFAULTS)),
+    ("feedback.retrain_after", eff!(feedback.retrain_after, &*FEEDBACK_DEFAULTS)),
+    ("feedback.heads_dir", eff!(feedback.heads_dir, &*FEEDBACK_DEFAULTS)),
 ];
 
 /// How a reload applies `section.key`; `None` for a key this table does not know.
@@ -184,7 +208,13 @@ impl Reloader {
         }
         let replaced = self.engine.current().triage().model_summary();
         metrics::set_info(&cfg.version, &triage.model_summary(), Some((&self.running.version, &replaced)));
-        tracing::info!(config_version = %cfg.version, rules = triage.rule_count(), model = %triage.model_summary(), "reloaded");
+        tracing::info!(
+            config_version = %cfg.version,
+            mode = ?cfg.server.mode,
+            rules = triage.rule_count(),
+            model = %triage.model_summary(),
+            "reloaded"
+        );
         triage.publish_head_versions();
         self.engine.replace(engine);
         (self.apply)(&cfg);
@@ -206,5 +236,63 @@ mod tests {
         assert!(restart_needed(&a, &a).is_empty());
         let c = Config::from_toml("[relay]\nnext_hop = \"smtp://127.0.0.1:10026\"\n", "c").unwrap();
         assert!(restart_needed(&a, &c).contains(&"relay.next_hop"), "a section that appears is a change");
+        let empty = Config::from_toml("", "e").unwrap();
+        assert_eq!(restart_needed(&empty, &c), ["relay.next_hop"], "its keys left at their defaults are not");
+    }
+
+    #[test]
+    fn a_feedback_section_that_appears_names_only_the_keys_it_changes() {
+        let none = Config::from_toml("[server]\nmode = \"shadow\"\n", "a").unwrap();
+        // Five keys set, two of them restart-only and one restart-only at its default.
+        let five = Config::from_toml(
+            "[server]\nmode = \"shadow\"\n[feedback]\nstore = \"sqlite:///tmp/x.db\"\n\
+             address = \"triage-feedback@example.com\"\nretrain_after = 50\nretrain = true\nmin_per_class = 3\n",
+            "b",
+        )
+        .unwrap();
+        assert_eq!(restart_needed(&none, &five), ["feedback.store", "feedback.retrain_after"]);
+        assert_eq!(restart_needed(&five, &none), ["feedback.store", "feedback.retrain_after"], "and when it goes");
+        // A section with every key at its default still turns the feedback store on.
+        let defaults = Config::from_toml("[feedback]\n", "c").unwrap();
+        assert_eq!(restart_needed(&none, &defaults), ["feedback.store"]);
+        assert!(restart_needed(&five, &five).is_empty());
+    }
+
+    /// What a reload logs goes to a buffer, as the daemon's text log shows it.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_reload_line_names_the_mode_now_in_force() {
+        let shadow = Config::from_toml("[server]\nmode = \"shadow\"\n", "a").unwrap();
+        let enforce = Config::from_toml("[server]\nmode = \"enforce\"\n", "b").unwrap();
+        let mut reloader = Reloader {
+            path: PathBuf::from("unused.toml"),
+            running: shadow.clone(),
+            engine: Running::new(super::super::build(&shadow, None).unwrap()),
+            link: None,
+            apply: Box::new(|_| {}),
+        };
+        let log = Captured::default();
+        let subscriber = tracing_subscriber::fmt().with_writer({
+            let log = log.clone();
+            move || log.clone()
+        });
+        tracing::subscriber::with_default(subscriber.with_ansi(false).finish(), || {
+            reloader.swap(enforce.clone(), super::super::build(&enforce, None).unwrap());
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let line = text.lines().find(|l| l.contains("reloaded")).unwrap_or_else(|| panic!("no reload line: {text}"));
+        assert!(line.contains("mode=Enforce"), "{line}");
     }
 }

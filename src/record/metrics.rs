@@ -31,7 +31,11 @@ pub mod name {
     pub const RELAY: &str = "mailtriage_relay_total";
     /// Corrections recorded, by department (as configured) and channel: the misroute rate.
     pub const FEEDBACK: &str = "mailtriage_feedback_corrections_total";
-    /// Corrections refused (unknown department or priority), by channel.
+    /// Corrections refused, by channel and reason: `unknown_department`,
+    /// `unknown_priority`, `no_label`, `not_recent` (Message-ID not among the
+    /// recent decisions), `not_configured`, `store_unavailable`, `features`,
+    /// and on `POST /feedback` also `unauthorized`, `bad_request`,
+    /// `method_not_allowed`, `failed`.
     pub const FEEDBACK_REFUSED: &str = "mailtriage_feedback_refused_total";
     /// Recent decisions not written to the shared PostgreSQL window (its
     /// queue full or the store away); this instance's memory still has them.
@@ -40,8 +44,10 @@ pub mod name {
     pub const RETRAIN: &str = "mailtriage_retrain_total";
     /// The version number of the head in use, per head (0: the configured file).
     pub const HEAD_VERSION: &str = "mailtriage_head_version";
-    /// Estimated staff minutes saved: `[kpi] minutes_per_manual_triage` per
-    /// message routed without review, less one per correction.
+    /// Estimated staff minutes saved since the process started:
+    /// `[kpi] minutes_per_manual_triage` × (messages routed without review −
+    /// corrections), never below 0 (`mailtriage report`'s figure, over the
+    /// process's life; a restart starts it at 0).
     pub const MINUTES_SAVED: &str = "mailtriage_staff_minutes_saved";
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::intake::{self, FeedbackAddress, Requested};
 use super::recent::RecentDecisions;
 use super::store::Store;
-use super::{Channel, FeedbackError, MessageFeatures};
+use super::{Channel, FeedbackError, MessageFeatures, Recorded};
 use crate::act::{Change, Plan};
 use crate::decide::engine::Evidence;
 use crate::message::language;
@@ -19,6 +19,7 @@ use crate::model::{encoder_text, ModelError};
 use crate::pipeline::{Filter, FilterError, MessageInput, Triage};
 use crate::record::audit::FeedbackHandling;
 use crate::record::pseudonym::Pseudonyms;
+use crate::record::recorder::Recorder;
 use crate::settings::{Catalog, Config};
 
 /// What outlives a reload: the store connection and the recent decisions.
@@ -100,10 +101,13 @@ impl FeedbackLayer {
                     other => other.map_err(|e| e.to_string()),
                 }
             }
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                Recorder::refused(Channel::Mail.as_str(), "features");
+                Err(e.to_string())
+            }
         };
         let status = match &recorded {
-            Ok(id) => format!("recorded {id}"),
+            Ok(r) => r.to_string(),
             Err(e) => {
                 tracing::warn!(queue_id = envelope.queue_id.as_deref().unwrap_or("-"), error = %e, "feedback mail not recorded");
                 format!("not recorded: {e}")
@@ -150,7 +154,9 @@ impl FeedbackLayer {
         Ok(MessageFeatures { terms, language: lang, embedding })
     }
 
-    /// Stores one correction (blocking: call off the reactor). Returns its id.
+    /// Stores one correction (blocking: call off the reactor). Returns what
+    /// was recorded: its id, the department it counts for and the head
+    /// label it trains. A refusal is counted, with its reason.
     pub fn record(
         &self,
         features: &MessageFeatures,
@@ -158,47 +164,60 @@ impl FeedbackLayer {
         channel: Channel,
         actor: String,
         message_hash: Option<String>,
-    ) -> Result<i64, FeedbackError> {
+    ) -> Result<Recorded, FeedbackError> {
+        self.store_correction(features, requested, channel, actor, message_hash)
+            .inspect_err(|e| Recorder::refused(channel.as_str(), e.reason()))
+    }
+
+    fn store_correction(
+        &self,
+        features: &MessageFeatures,
+        requested: &Requested,
+        channel: Channel,
+        actor: String,
+        message_hash: Option<String>,
+    ) -> Result<Recorded, FeedbackError> {
         let link = self.link.as_ref().ok_or(FeedbackError::NotConfigured)?;
         let engine = self.triage.engine();
         let (department_labels, priority_labels) = match engine.classifier() {
             Some(c) => (c.department_labels(), c.priority.as_ref().map(|h| h.meta.labels.clone()).unwrap_or_default()),
             None => (Vec::new(), Vec::new()),
         };
-        let recorder = self.triage.recorder();
-        let labels = match intake::resolve(&self.catalog, &department_labels, &priority_labels, requested) {
-            Ok(l) => l,
-            Err(e) => {
-                recorder.refused(channel.as_str());
-                return Err(e);
-            }
-        };
+        let labels = intake::resolve(&self.catalog, &department_labels, &priority_labels, requested)?;
         let correction = features.correction(labels.clone(), channel, actor, message_hash);
         let id = link.store.insert(&correction)?;
-        let label = labels.department.clone().unwrap_or_default();
-        let department = engine.department_of_label(&label).map(|d| d.to_string()).unwrap_or(label);
-        recorder.correction(&department, channel.as_str());
+        // The department as the metrics and the report name it: the one that claims the label.
+        let department = labels
+            .department
+            .as_deref()
+            .map(|l| self.catalog.for_label(l).map_or_else(|| l.to_string(), |d| d.to_string()));
+        self.triage.recorder().correction(department.as_deref().unwrap_or_default(), channel.as_str());
         tracing::info!(
             id,
-            department,
+            department = department.as_deref().unwrap_or("-"),
+            label = labels.department.as_deref().unwrap_or("-"),
             priority = labels.priority.as_deref().unwrap_or("-"),
             channel = channel.as_str(),
             "correction recorded"
         );
-        Ok(id)
+        Ok(Recorded { id, department, label: labels.department, priority: labels.priority })
     }
 
-    /// A correction naming only the Message-ID of a recent decision (blocking).
+    /// A correction naming only the Message-ID of a recent decision
+    /// (blocking). A refusal is counted, with its reason.
     pub fn correct_by_message_id(
         &self,
         message_id: &str,
         requested: &Requested,
         channel: Channel,
         actor: String,
-    ) -> Result<i64, FeedbackError> {
-        let link = self.link.as_ref().ok_or(FeedbackError::NotConfigured)?;
-        let hash = self.message_hash(message_id);
-        let features = link.recent.find(&hash)?.ok_or(FeedbackError::NotRecent)?;
+    ) -> Result<Recorded, FeedbackError> {
+        let found = self.link.as_ref().ok_or(FeedbackError::NotConfigured).and_then(|link| {
+            let hash = self.message_hash(message_id);
+            let features = link.recent.find(&hash)?.ok_or(FeedbackError::NotRecent)?;
+            Ok((features, hash))
+        });
+        let (features, hash) = found.inspect_err(|e| Recorder::refused(channel.as_str(), e.reason()))?;
         self.record(&features, requested, channel, actor, Some(hash))
     }
 
@@ -259,5 +278,107 @@ impl Filter for Arc<FeedbackLayer> {
 impl From<Evidence> for MessageFeatures {
     fn from(e: Evidence) -> Self {
         MessageFeatures { terms: e.terms, language: e.language, embedding: e.embedding.map(|(id, v)| (id, v.to_vec())) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::metrics::name;
+
+    /// A layer over rules only, with a SQLite store in `dir` and a recent-decisions window.
+    fn layer(dir: &std::path::Path) -> FeedbackLayer {
+        let cfg = Config::from_toml(
+            &format!(
+                r#"
+[[departments]]
+name = "billing"
+labels = ["Billing and Payments", "Refunds"]
+[[departments]]
+name = "legal"
+[feedback]
+store = "sqlite://{}/feedback.db"
+heads_dir = "{}/heads"
+"#,
+                dir.display(),
+                dir.display()
+            ),
+            "t",
+        )
+        .unwrap();
+        let fb = cfg.feedback.as_ref().unwrap();
+        let link = FeedbackLink {
+            store: Arc::new(Store::for_config(fb, true).unwrap()),
+            recent: Arc::new(RecentDecisions::new(1 << 20)),
+        };
+        FeedbackLayer::new(Triage::new(&cfg).unwrap(), &cfg, Some(link))
+    }
+
+    fn features() -> MessageFeatures {
+        MessageFeatures { terms: TermCounts::of("refund my invoice", 18), language: "en", embedding: None }
+    }
+
+    fn requested(department: &str) -> Requested {
+        Requested { department: Some(department.into()), priority: None }
+    }
+
+    /// `mailtriage_feedback_refused_total` by reason, as Prometheus shows it.
+    fn refused(text: &str) -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| l.starts_with(name::FEEDBACK_REFUSED))
+            .filter_map(|l| {
+                let reason = l.split("reason=\"").nth(1)?.split('"').next()?.to_string();
+                Some((reason, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_refused_correction_is_counted_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = layer(dir.path());
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            // What answers 404 over HTTP: a Message-ID not among the recent decisions.
+            let e = layer.correct_by_message_id("<never@x>", &requested("billing"), Channel::Http, "t".into());
+            assert!(matches!(e, Err(FeedbackError::NotRecent)), "{e:?}");
+            // What answers 422: a department nobody configured.
+            layer.link().unwrap().recent.remember(&layer.message_hash("<known@x>"), features());
+            let e = layer.correct_by_message_id("<known@x>", &requested("hr"), Channel::Http, "t".into());
+            assert!(matches!(e, Err(FeedbackError::UnknownDepartment(..))), "{e:?}");
+            // The pipe's way in, refused too.
+            let e = layer.record(&features(), &Requested::default(), Channel::Pipe, "t".into(), None);
+            assert!(matches!(e, Err(FeedbackError::NoLabel)), "{e:?}");
+        });
+        let mut got = refused(&handle.render());
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            [("no_label".to_string(), 1.0), ("not_recent".into(), 1.0), ("unknown_department".into(), 1.0)]
+        );
+    }
+
+    #[test]
+    fn a_correction_naming_a_department_says_which_label_it_trains_and_counts_for_the_department() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = layer(dir.path());
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        layer.link().unwrap().recent.remember(&layer.message_hash("<known@x>"), features());
+        let by_name = metrics::with_local_recorder(&recorder, || {
+            layer.correct_by_message_id("<known@x>", &requested("Billing"), Channel::Cli, "t".into()).unwrap()
+        });
+        assert_eq!(
+            (by_name.department.as_deref(), by_name.label.as_deref()),
+            (Some("billing"), Some("Billing and Payments")),
+            "a department trains its first label"
+        );
+        assert_eq!(
+            by_name.to_string(),
+            format!(r#"recorded correction {}: department billing, label "Billing and Payments""#, by_name.id)
+        );
+        let text = handle.render();
+        assert!(text.contains(&format!("{}{{department=\"billing\",channel=\"cli\"}} 1", name::FEEDBACK)), "{text}");
     }
 }

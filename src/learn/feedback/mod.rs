@@ -126,6 +126,43 @@ pub struct Labels {
     pub priority: Option<String>,
 }
 
+/// A correction as stored, told back to whoever made it: the HTTP answer
+/// (`{"recorded": 7, "department": "billing", "label": "Billing and
+/// Payments", "priority": null}`) and, as [`Display`](std::fmt::Display),
+/// the line every channel prints (`recorded correction 7: department
+/// billing, label "Billing and Payments"`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Recorded {
+    /// The correction's id in the store.
+    #[serde(rename = "recorded")]
+    pub id: i64,
+    /// The configured department it counts for (as the metrics name it).
+    pub department: Option<String>,
+    /// The department head's label it trains (a department named in the
+    /// correction trains its first `labels` entry).
+    pub label: Option<String>,
+    pub priority: Option<String>,
+}
+
+impl std::fmt::Display for Recorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "recorded correction {}:", self.id)?;
+        let mut sep = "";
+        if let Some(d) = &self.department {
+            write!(f, " department {d}")?;
+            sep = ",";
+        }
+        if let Some(l) = &self.label {
+            write!(f, "{sep} label {l:?}")?;
+            sep = ",";
+        }
+        if let Some(p) = &self.priority {
+            write!(f, "{sep} priority {p}")?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum FeedbackError {
     #[error("unknown department `{0}` (known: {1})")]
@@ -142,7 +179,45 @@ pub enum FeedbackError {
     NotConfigured,
 }
 
+impl FeedbackError {
+    /// The `reason` label of `mailtriage_feedback_refused_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FeedbackError::UnknownDepartment(..) => "unknown_department",
+            FeedbackError::UnknownPriority(..) => "unknown_priority",
+            FeedbackError::NoLabel => "no_label",
+            FeedbackError::NotRecent => "not_recent",
+            FeedbackError::Store(_) => "store_unavailable",
+            FeedbackError::NotConfigured => "not_configured",
+        }
+    }
+}
+
 /// Unix seconds now.
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_correction_reads_the_same_as_text_and_as_json() {
+        let r = Recorded {
+            id: 7,
+            department: Some("billing".into()),
+            label: Some("Billing and Payments".into()),
+            priority: Some("high".into()),
+        };
+        assert_eq!(
+            r.to_string(),
+            r#"recorded correction 7: department billing, label "Billing and Payments", priority high"#
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["recorded"], 7);
+        assert_eq!(serde_json::from_value::<Recorded>(json).unwrap(), r);
+        let priority_only = Recorded { id: 8, department: None, label: None, priority: Some("low".into()) };
+        assert_eq!(priority_only.to_string(), "recorded correction 8: priority low");
+    }
 }
