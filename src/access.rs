@@ -77,6 +77,13 @@ fn group_name(gid: u32) -> String {
     }
 }
 
+/// This host's name (the pod's, under Kubernetes), read in one place for
+/// the settings (the SMTP greeting) and the record (which instance wrote).
+pub fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_string()).filter(|n| !n.is_empty())
+}
+
 /// The effective user id of this process.
 pub fn euid() -> u32 {
     // SAFETY: no preconditions.

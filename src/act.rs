@@ -12,8 +12,7 @@ use crate::message::headers;
 use crate::scope::InScope;
 use crate::settings::Mode;
 
-/// Every header we add starts with this; inbound ones are removed first.
-pub const HEADER_PREFIX: &str = "X-Triage-";
+use crate::message::headers::{is_triage_header, HEADER_PREFIX};
 
 /// One change to the message or its envelope.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -219,12 +218,6 @@ fn encoded_word(word: &str) -> String {
     }
     out.push_str("?=");
     out
-}
-
-/// Whether a header name is one of ours (`X-Triage-*`, any case). Compared
-/// as bytes: a peer's name may cut a UTF-8 character at the prefix length.
-pub fn is_triage_header(name: &str) -> bool {
-    name.as_bytes().get(..HEADER_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(HEADER_PREFIX.as_bytes()))
 }
 
 /// Removals for every inbound `X-Triage-*` header. Per name, the highest

@@ -25,8 +25,10 @@
 //!    metrics, and masks personal data in what must be logged.
 //!
 //! The words all stages share (department and priority ids, actions,
-//! mode) are in [`domain`]; who the process runs as and permission errors
-//! worded for an admin, in [`access`].
+//! mode) are in [`domain`]; who and where the process runs (its user, the
+//! owner of what it creates, the host name) and permission errors worded
+//! for an admin, in [`access`]; masking personal data and credentials in
+//! what must be logged, in [`redact`]. Every layer may use these three.
 //!
 //! [`pipeline`] chains 2–6 behind the [`Filter`] trait. Around it,
 //! [`learn`] holds offline training and evaluation and the feedback layer
@@ -50,6 +52,7 @@ pub mod milter;
 pub mod model;
 pub mod pipeline;
 pub mod record;
+pub mod redact;
 pub mod scope;
 pub mod settings;
 pub mod smtp;

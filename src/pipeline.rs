@@ -253,7 +253,9 @@ impl Triage {
     }
 
     fn queued(&self) -> &Queued {
-        self.queued.get_or_init(|| self.engine.queued_for(self.model_cfg.as_ref()))
+        self.queued.get_or_init(|| {
+            self.engine.queued_for(self.model_cfg.as_ref(), Arc::new(crate::record::recorder::QueueMetrics))
+        })
     }
 
     /// Runs CPU-bound work off the reactor, as the decisions' own work runs.

@@ -10,9 +10,8 @@
 
 use serde::Serialize;
 
-use crate::act::is_triage_header;
 use crate::message::envelope::Envelope;
-use crate::message::headers;
+use crate::message::headers::{self, is_triage_header};
 use crate::settings::{Cidr, ScopeConfig};
 
 /// Why a message is not triaged. Its `reason` labels the metric and the

@@ -289,12 +289,16 @@ impl Engine {
     /// Starts the inference threads for the daemon under `[model]`'s
     /// workers, queue depth and deadline (none when the heads read no
     /// embedding).
-    pub fn queued_for(&self, cfg: Option<&crate::settings::ModelConfig>) -> Queued {
+    pub fn queued_for(
+        &self,
+        cfg: Option<&crate::settings::ModelConfig>,
+        observer: Arc<dyn crate::model::batcher::QueueObserver>,
+    ) -> Queued {
         let batcher = match (cfg, self.model.as_ref()) {
             (Some(m), Some(stage)) if stage.classifier.needs_embedding() => {
                 stage.classifier.encoder.clone().map(|enc| {
                     let embed: EmbedFn = Arc::new(move |text: &str| enc.embed(text));
-                    Batcher::start(embed, m.workers, m.queue_depth, m.deadline)
+                    Batcher::start(embed, m.workers, m.queue_depth, m.deadline, observer)
                 })
             }
             _ => None,

@@ -16,7 +16,7 @@ use tokio::time::{interval_at, sleep, Instant};
 use super::{Filter, FilterError, MessageInput};
 use crate::act::Plan;
 use crate::record::metrics::name;
-use crate::record::redact::redact;
+use crate::redact::redact;
 use crate::settings::{Config, OnError};
 
 /// How long a decision may take and what happens when it fails.

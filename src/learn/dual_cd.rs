@@ -15,7 +15,7 @@
 //! thus penalised like a weight (as in LIBLINEAR and scikit-learn's
 //! LinearSVC, `intercept_scaling` = [`BIAS_FEATURE`]).
 
-use super::train::Rng;
+use super::rng::Rng;
 
 /// The constant feature that carries the bias.
 pub const BIAS_FEATURE: f64 = 1.0;

@@ -7,4 +7,5 @@ pub mod dual_cd;
 pub mod eval;
 pub mod feedback;
 pub mod lbfgs;
+pub mod rng;
 pub mod train;

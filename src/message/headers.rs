@@ -3,6 +3,16 @@
 //! enough to run on the reactor, so scope checks and header edits need no
 //! extraction.
 
+/// Every header mailtriage adds starts with this; inbound ones are removed
+/// first. Here, below scope and act, because both read it.
+pub const HEADER_PREFIX: &str = "X-Triage-";
+
+/// Whether a header name is one of ours (`X-Triage-*`, any case). Compared
+/// as bytes: a peer's name may cut a UTF-8 character at the prefix length.
+pub fn is_triage_header(name: &str) -> bool {
+    name.as_bytes().get(..HEADER_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(HEADER_PREFIX.as_bytes()))
+}
+
 /// One header field in a raw message: its bytes `start..end`, continuation
 /// lines and line ending included.
 #[derive(Debug, Clone, Copy)]

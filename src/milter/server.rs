@@ -31,7 +31,7 @@ pub async fn serve<F: Filter + Clone>(
                 Ok(SessionEnd::Quit) => tracing::debug!(%peer, "milter connection closed"),
                 Ok(SessionEnd::Shutdown) => tracing::debug!(%peer, "milter connection closed for shutdown"),
                 Err(e) => {
-                    let error = crate::record::redact::redact(&e.to_string()).into_owned();
+                    let error = crate::redact::redact(&e.to_string()).into_owned();
                     tracing::warn!(%peer, error, "milter connection dropped")
                 }
             }

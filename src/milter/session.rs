@@ -15,12 +15,13 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use super::codec::{self, action, proto, CodecError, Command, ConnectAddress, MacroStage, Negotiation, Reply};
-use crate::act::{is_triage_header, Change, Plan};
+use crate::act::{Change, Plan};
 pub use crate::frontdoor::budget::ByteBudget;
 use crate::frontdoor::budget::Reservation;
 use crate::frontdoor::decide::{decide, Caller, DecisionSettings, KeepAlive, Verdict};
 use crate::frontdoor::{Filter, MessageInput};
 use crate::message::envelope::{strip_brackets, Client};
+use crate::message::headers::is_triage_header;
 use crate::settings::Config;
 
 /// Actions we may use at end-of-message. We never change the body or the

@@ -15,10 +15,20 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 use tokio::sync::oneshot;
 
 use super::ModelError;
-use crate::record::metrics::name;
 
 /// Anything that turns text into an embedding (the encoder, or a test double).
 pub type EmbedFn = Arc<dyn Fn(&str) -> Result<Vec<f32>, ModelError> + Send + Sync>;
+
+/// What the queue tells whoever started it as it works: the model records
+/// nothing itself (the pipeline turns these into metrics).
+pub trait QueueObserver: Send + Sync {
+    /// Messages waiting now.
+    fn depth(&self, waiting: usize);
+    /// How long a message waited for a worker.
+    fn waited(&self, seconds: f64);
+    /// How long one inference took.
+    fn inferred(&self, seconds: f64);
+}
 
 struct Job {
     text: String,
@@ -31,23 +41,30 @@ pub struct Batcher {
     tx: Sender<Job>,
     depth: usize,
     deadline: Duration,
+    observer: Arc<dyn QueueObserver>,
 }
 
 impl Batcher {
     /// Starts `workers` inference threads behind a queue of `depth` messages.
-    pub fn start(embed: EmbedFn, workers: usize, depth: usize, deadline: Duration) -> Batcher {
+    pub fn start(
+        embed: EmbedFn,
+        workers: usize,
+        depth: usize,
+        deadline: Duration,
+        observer: Arc<dyn QueueObserver>,
+    ) -> Batcher {
         let (tx, rx) = bounded::<Job>(depth);
         // Recent inference time (µs, moving average), shared by the workers.
         let recent = Arc::new(AtomicU64::new(0));
         for n in 0..workers.max(1) {
-            let (rx, embed, recent) = (rx.clone(), embed.clone(), recent.clone());
+            let (rx, embed, recent, observer) = (rx.clone(), embed.clone(), recent.clone(), observer.clone());
             std::thread::Builder::new()
                 .name(format!("mt-infer-{n}"))
                 .spawn(move || {
                     // Ends when every sender (the Batcher) is gone.
                     for job in rx.iter() {
-                        metrics::gauge!(name::QUEUE_DEPTH).set(rx.len() as f64);
-                        metrics::histogram!(name::QUEUE_WAIT_SECONDS).record(job.queued.elapsed().as_secs_f64());
+                        observer.depth(rx.len());
+                        observer.waited(job.queued.elapsed().as_secs_f64());
                         if job.reply.is_closed() {
                             continue; // the waiter gave up already
                         }
@@ -63,7 +80,7 @@ impl Batcher {
                         let result = catch_unwind(AssertUnwindSafe(|| embed(&job.text)))
                             .unwrap_or_else(|_| Err(ModelError::Inference("encoder panicked".into())));
                         let took = started.elapsed();
-                        metrics::histogram!(name::INFERENCE_SECONDS).record(took.as_secs_f64());
+                        observer.inferred(took.as_secs_f64());
                         let before = recent.load(Ordering::Relaxed);
                         let now_us = took.as_micros().min(u64::MAX as u128) as u64;
                         recent.store(if before == 0 { now_us } else { (before * 7 + now_us) / 8 }, Ordering::Relaxed);
@@ -72,7 +89,7 @@ impl Batcher {
                 })
                 .expect("spawning an inference thread");
         }
-        Batcher { tx, depth, deadline }
+        Batcher { tx, depth, deadline, observer }
     }
 
     /// Embeds `text`, waiting at most the configured deadline.
@@ -81,7 +98,7 @@ impl Batcher {
         let now = Instant::now();
         let job = Job { text, queued: now, deadline: now + self.deadline, reply };
         let sent = self.tx.try_send(job);
-        metrics::gauge!(name::QUEUE_DEPTH).set(self.tx.len() as f64);
+        self.observer.depth(self.tx.len());
         sent.map_err(|e| match e {
             TrySendError::Full(_) => ModelError::Overloaded(self.depth),
             TrySendError::Disconnected(_) => ModelError::Inference("inference threads stopped".into()),
@@ -101,6 +118,15 @@ impl Batcher {
 mod tests {
     use super::*;
 
+    /// Observes nothing.
+    struct Unobserved;
+
+    impl QueueObserver for Unobserved {
+        fn depth(&self, _: usize) {}
+        fn waited(&self, _: f64) {}
+        fn inferred(&self, _: f64) {}
+    }
+
     fn slow(ms: u64) -> EmbedFn {
         Arc::new(move |t: &str| {
             std::thread::sleep(Duration::from_millis(ms));
@@ -113,7 +139,7 @@ mod tests {
 
     #[tokio::test]
     async fn answers_each_waiter_with_its_own_result() {
-        let b = Arc::new(Batcher::start(slow(1), 2, 16, Duration::from_secs(5)));
+        let b = Arc::new(Batcher::start(slow(1), 2, 16, Duration::from_secs(5), Arc::new(Unobserved)));
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 let b = b.clone();
@@ -127,7 +153,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_is_refused_at_once_and_deadline_is_kept() {
-        let b = Arc::new(Batcher::start(slow(300), 1, 2, Duration::from_millis(150)));
+        let b = Arc::new(Batcher::start(slow(300), 1, 2, Duration::from_millis(150), Arc::new(Unobserved)));
         let mut waiters = Vec::new();
         for _ in 0..3 {
             let b = b.clone();
@@ -145,7 +171,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_encoder_fails_one_request_not_the_thread() {
-        let b = Batcher::start(slow(0), 1, 4, Duration::from_secs(5));
+        let b = Batcher::start(slow(0), 1, 4, Duration::from_secs(5), Arc::new(Unobserved));
         assert!(matches!(b.embed("panic".into()).await, Err(ModelError::Inference(_))));
         assert_eq!(b.embed("ok".into()).await.unwrap(), vec![2.0]);
     }

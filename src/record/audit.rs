@@ -191,7 +191,7 @@ impl Record {
     /// A correction mail; `status` says whether it was recorded (redacted here).
     pub fn feedback(mut self, status: &str, handling: FeedbackHandling) -> Record {
         self.outcome = Outcome::Feedback;
-        self.reason = Some(crate::record::redact::redact(status).into_owned());
+        self.reason = Some(crate::redact::redact(status).into_owned());
         self.source = Some(RecordSource::Feedback);
         self.action = Some(Handling::Feedback(handling));
         self

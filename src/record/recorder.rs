@@ -41,6 +41,25 @@ impl StaffMinutes {
     }
 }
 
+/// The inference queue's figures as metrics: queue depth, wait and
+/// inference time (`mailtriage_queue_depth`, `…_queue_wait_seconds`,
+/// `…_inference_seconds`).
+pub struct QueueMetrics;
+
+impl crate::model::batcher::QueueObserver for QueueMetrics {
+    fn depth(&self, waiting: usize) {
+        metrics::gauge!(name::QUEUE_DEPTH).set(waiting as f64);
+    }
+
+    fn waited(&self, seconds: f64) {
+        metrics::histogram!(name::QUEUE_WAIT_SECONDS).record(seconds);
+    }
+
+    fn inferred(&self, seconds: f64) {
+        metrics::histogram!(name::INFERENCE_SECONDS).record(seconds);
+    }
+}
+
 /// Records what the decision path produces: one place for the message
 /// counters and the staff-time KPI.
 #[derive(Debug, Clone, Copy)]

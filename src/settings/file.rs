@@ -110,11 +110,7 @@ impl Default for ServerConfig {
 }
 
 fn system_hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "mailtriage".into())
+    crate::access::host_name().unwrap_or_else(|| "mailtriage".into())
 }
 
 /// The next hop of the SMTP/LMTP front doors: where filtered mail goes.
@@ -1075,7 +1071,7 @@ fn mask_secrets(table: &mut toml::Table) {
                 let k = key.to_ascii_lowercase();
                 if (k.contains("password") || k.contains("token") || k.contains("secret")) && !k.ends_with("_file") {
                     *s = "****".into();
-                } else if let std::borrow::Cow::Owned(masked) = crate::record::redact::credentials(s) {
+                } else if let std::borrow::Cow::Owned(masked) = crate::redact::credentials(s) {
                     *s = masked;
                 }
             }

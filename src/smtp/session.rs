@@ -24,11 +24,12 @@ use tokio_rustls::TlsAcceptor;
 use super::relay::{Hop, Io, RelayError, RelaySettings};
 use super::reply::Reply;
 use super::xforward::{self, Xforward};
-use crate::act::{is_triage_header, Change};
+use crate::act::Change;
 use crate::frontdoor::budget::{ByteBudget, Reservation};
 use crate::frontdoor::decide::{decide, Caller, DecisionSettings, Silent, Verdict};
 use crate::frontdoor::{Filter, MessageInput};
 use crate::message::envelope::{Client, Envelope};
+use crate::message::headers::is_triage_header;
 use crate::record::metrics::name;
 use crate::settings::Config;
 

@@ -22,6 +22,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+pub use super::leader::Fence;
 use super::store::{Store, StoreError};
 use crate::model::head::Head;
 use crate::model::ModelError;
@@ -92,15 +93,6 @@ pub struct Registry {
     db: Option<Arc<Store>>,
 }
 
-/// Who may promote: the backend pid of the connection holding the
-/// retraining lock (see [`super::leader`]). The promotion's transaction
-/// checks that this session still holds it, so a leader that lost its
-/// connection mid-training cannot promote beside its successor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fence {
-    pub pid: i32,
-}
-
 /// What one retraining leaves in the registry.
 pub struct Attempt<'a> {
     pub role: Role,
@@ -111,32 +103,6 @@ pub struct Attempt<'a> {
     /// The head to promote, if the gate passed it.
     pub promote: Option<&'a mut Head>,
 }
-
-/// The tables of shared versions; created with the others when the store connects.
-pub(crate) const HEADS_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mailtriage_heads (
-    role TEXT NOT NULL,
-    number INTEGER NOT NULL,
-    created_at BIGINT NOT NULL,
-    created_by TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    bytes BYTEA NOT NULL,
-    PRIMARY KEY (role, number)
-);
-CREATE TABLE IF NOT EXISTS mailtriage_heads_current (
-    role TEXT PRIMARY KEY,
-    number INTEGER NOT NULL,
-    changed_at BIGINT NOT NULL,
-    changed_by TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS mailtriage_retrain_history (
-    id BIGSERIAL PRIMARY KEY,
-    at BIGINT NOT NULL,
-    role TEXT NOT NULL,
-    through_id BIGINT NOT NULL,
-    promoted_number INTEGER,
-    instance TEXT NOT NULL,
-    entry TEXT NOT NULL
-);";
 
 /// The channel promotions and rollbacks are announced on.
 pub const CHANNEL: &str = "mailtriage_heads";

@@ -11,8 +11,16 @@
 //! checks, inside its own transaction, that the leader's session (its
 //! backend pid, the [`Fence`]) still holds the lock ([`holds`]).
 
-use super::heads::Fence;
 use super::store::{Store, StoreError};
+
+/// Who may promote: the backend pid of the connection holding the
+/// retraining lock (see the module's text). The promotion's transaction
+/// checks that this session still holds it, so a leader that lost its
+/// connection mid-training cannot promote beside its successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub pid: i32,
+}
 
 /// The advisory lock of the retraining leader ("mtrt").
 pub const RETRAIN_LOCK: i64 = 0x6D74_7274;

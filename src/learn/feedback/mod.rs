@@ -18,6 +18,7 @@ pub mod leader;
 pub mod pg;
 pub mod recent;
 pub mod retrain;
+pub mod schema;
 pub mod store;
 
 use std::str::FromStr;

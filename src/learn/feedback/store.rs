@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use thiserror::Error;
 
 use super::pg::Target;
+use super::schema;
 use super::Correction;
 use crate::model::lexical::TermCounts;
 
@@ -60,26 +61,6 @@ impl StoreError {
     }
 }
 
-/// The table, in either dialect: only the id and byte-string column types differ.
-fn schema(id: &str, bytes: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS mailtriage_corrections (
-    id {id},
-    created_at BIGINT NOT NULL,
-    channel TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    message_hash TEXT,
-    department TEXT,
-    priority TEXT,
-    language TEXT NOT NULL,
-    terms {bytes} NOT NULL,
-    encoder TEXT,
-    embedding {bytes}
-);
-CREATE INDEX IF NOT EXISTS mailtriage_corrections_created ON mailtriage_corrections (created_at);"
-    )
-}
-
 const INSERT: &str = "INSERT INTO mailtriage_corrections \
     (created_at, channel, actor, message_hash, department, priority, language, terms, encoder, embedding) \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
@@ -93,18 +74,6 @@ const MAX_ID: &str = "SELECT COALESCE(MAX(id), 0) FROM mailtriage_corrections";
 const FORGET_MESSAGE: &str = "DELETE FROM mailtriage_corrections WHERE message_hash = $1";
 const FORGET_ACTOR: &str = "DELETE FROM mailtriage_corrections WHERE actor = $1";
 
-/// The shared recent-decisions window (PostgreSQL only; see
-/// [`super::recent`]): features under the Message-ID's pseudonym, swept by
-/// age and row count.
-const RECENT_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mailtriage_recent (
-    message_hash TEXT PRIMARY KEY,
-    decided_at BIGINT NOT NULL,
-    language TEXT NOT NULL,
-    terms BYTEA NOT NULL,
-    encoder TEXT,
-    embedding BYTEA
-);
-CREATE INDEX IF NOT EXISTS mailtriage_recent_decided ON mailtriage_recent (decided_at);";
 const RECENT_GET: &str =
     "SELECT message_hash, decided_at, language, terms, encoder, embedding FROM mailtriage_recent WHERE message_hash = $1";
 const RECENT_FORGET: &str = "DELETE FROM mailtriage_recent WHERE message_hash = $1";
@@ -112,15 +81,6 @@ const RECENT_EXPIRE: &str = "DELETE FROM mailtriage_recent WHERE decided_at < $1
 /// Keeps the newest `$1` rows: deletes those older than the `$1`-th newest.
 const RECENT_TRIM: &str = "DELETE FROM mailtriage_recent WHERE decided_at < \
     (SELECT decided_at FROM mailtriage_recent ORDER BY decided_at DESC OFFSET $1 LIMIT 1)";
-
-/// Erasures by Message-ID pseudonym, for every instance to apply to what
-/// only it holds (its audit trail, its memory): see `daemon::forget`.
-const ERASURES_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS mailtriage_erasures (
-    id BIGSERIAL PRIMARY KEY,
-    requested_at BIGINT NOT NULL,
-    message_hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS mailtriage_erasures_requested ON mailtriage_erasures (requested_at);";
 
 /// The channel erasures are announced on.
 pub const FORGET_CHANNEL: &str = "mailtriage_forget";
@@ -198,8 +158,7 @@ impl Store {
 
     /// As [`Store::open`], the PostgreSQL password read from `password_file`.
     pub fn open_with(url: &str, password_file: Option<&std::path::Path>) -> Result<Store, StoreError> {
-        let fail =
-            |reason: String| StoreError::Open { url: crate::record::redact::credentials(url).into_owned(), reason };
+        let fail = |reason: String| StoreError::Open { url: crate::redact::credentials(url).into_owned(), reason };
         let mut target = None;
         let backend = if let Some(path) = url.strip_prefix("sqlite://") {
             let path = PathBuf::from(path);
@@ -226,7 +185,7 @@ impl Store {
                     crate::access::inherit_owner(&f).map_err(|e| fail(crate::access::describe(&f, &e, true)))?;
                 }
             }
-            conn.execute_batch(&schema("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"))
+            conn.execute_batch(&schema::corrections("INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB"))
                 .map_err(|e| fail(e.to_string()))?;
             Backend::Sqlite(conn)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -237,7 +196,7 @@ impl Store {
         } else {
             return Err(fail("expected sqlite:///path/to/feedback.db or postgres://…".into()));
         };
-        Ok(Store { url: crate::record::redact::credentials(url).into_owned(), target, db: Mutex::new(backend) })
+        Ok(Store { url: crate::redact::credentials(url).into_owned(), target, db: Mutex::new(backend) })
     }
 
     /// A PostgreSQL store whose server may be down now (the daemon starting
@@ -254,7 +213,7 @@ impl Store {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Store::open_with(url, password_file);
         }
-        let shown = crate::record::redact::credentials(url).into_owned();
+        let shown = crate::redact::credentials(url).into_owned();
         let fail = |reason: String| StoreError::Open { url: shown.clone(), reason };
         let target = pg_target(url, password_file).map_err(fail)?;
         let client = match pg_connect(&target) {
@@ -625,10 +584,10 @@ pub fn instance_name() -> String {
 /// Connects and creates the tables if needed.
 fn pg_connect(target: &Target) -> Result<postgres::Client, postgres::Error> {
     let (mut client, _) = target.connect()?;
-    client.batch_execute(&schema("BIGSERIAL PRIMARY KEY", "BYTEA"))?;
-    client.batch_execute(RECENT_SCHEMA)?;
-    client.batch_execute(ERASURES_SCHEMA)?;
-    client.batch_execute(super::heads::HEADS_SCHEMA)?;
+    client.batch_execute(&schema::corrections("BIGSERIAL PRIMARY KEY", "BYTEA"))?;
+    client.batch_execute(schema::RECENT)?;
+    client.batch_execute(schema::ERASURES)?;
+    client.batch_execute(schema::HEADS)?;
     Ok(client)
 }
 
