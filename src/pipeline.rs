@@ -14,7 +14,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::act::Plan;
-use crate::decide::engine::{Decided, Embedder, Engine, EngineError, Evidence, Message, Queued, Ruling};
+use crate::decide::engine::{Decided, Embedder, Engine, EngineError, Evidence, Message, ModelPath, Queued, Ruling};
 use crate::decide::policy::{Decision, Explanation};
 pub use crate::frontdoor::{Filter, FilterError, MessageInput};
 use crate::message::envelope::Envelope;
@@ -150,41 +150,79 @@ impl Triage {
         self.decide_message(envelope, Message::Extracted(Box::new(features)), header_names)
     }
 
+    /// `classify` and `replay`: [`flow`](Self::flow) on this thread, the
+    /// encoder called directly (its futures never wait), nothing recorded.
     fn decide_message(&self, envelope: &Envelope, m: Message, header_names: &[String]) -> Result<Outcome, ModelError> {
-        let skipped = |skip: Skip, features| Outcome {
-            decision: None,
-            plan: Self::skip_plan(&skip, header_names),
-            skipped: Some(skip),
-            features,
-        };
-        let raw_headers: Vec<u8>;
-        let scope = match &m {
-            Message::Raw(raw) => self.scope.check(envelope, header_names, raw),
+        let raw_headers = match &m {
+            Message::Raw(_) => None,
+            // The scope reads the header block only; rebuild it from the decoded headers.
             Message::Extracted(f) => {
-                // The scope reads the header block only; rebuild it from the decoded headers.
-                raw_headers = f.headers.iter().flat_map(|(n, v)| format!("{n}: {v}\r\n").into_bytes()).collect();
-                self.scope.check(envelope, header_names, &raw_headers)
+                Some(f.headers.iter().flat_map(|(n, v)| format!("{n}: {v}\r\n").into_bytes()).collect::<Vec<u8>>())
             }
         };
-        let in_scope = match scope {
+        let raw_for_extract = match &m {
+            Message::Raw(raw) => Some(raw.clone()),
+            Message::Extracted(_) => None,
+        };
+        let direct = self.engine.direct();
+        let flowed =
+            crate::decide::engine::now(self.flow(envelope, m, raw_headers.as_deref(), header_names, false, &direct))?;
+        let (decision, skipped, plan, features) = match flowed.end {
+            End::Skipped { skip, plan, features } => {
+                // Out of scope before extraction: classify shows what was extracted all the same.
+                let features = features.unwrap_or_else(|| self.extract(raw_for_extract.as_deref().unwrap_or_default()));
+                (None, Some(skip), plan, features)
+            }
+            End::Decided { decision, plan, features, .. } => (Some(decision), None, plan, features),
+        };
+        Ok(Outcome { decision, skipped, plan, features })
+    }
+
+    /// The one way of a message from scope to plan, for the daemon and for
+    /// `classify`/`replay` alike (they differ in the embedder and in what
+    /// they record, which [`triage`](Self::triage) does): scope, then the
+    /// engine's cascade, then automatic mail held back to a tag, then the
+    /// plan. `header_block` is the raw header block when `m` is already
+    /// extracted (the scope reads headers only).
+    async fn flow<E: Embedder>(
+        &self,
+        envelope: &Envelope,
+        m: Message,
+        header_block: Option<&[u8]>,
+        header_names: &[String],
+        evidence: bool,
+        embedder: &E,
+    ) -> Result<Flowed, ModelError> {
+        let scoped = match (&m, header_block) {
+            (Message::Raw(raw), _) => self.scope.check(envelope, header_names, raw),
+            (Message::Extracted(_), Some(block)) => self.scope.check(envelope, header_names, block),
+            (Message::Extracted(_), None) => self.scope.check(envelope, header_names, &[]),
+        };
+        let in_scope = match scoped {
             Scoped::Triage(s) => s,
             Scoped::Skip(skip) => {
                 let features = match m {
-                    Message::Raw(raw) => self.extract(&raw),
-                    Message::Extracted(f) => *f,
+                    Message::Extracted(f) => Some(*f),
+                    Message::Raw(_) => None,
                 };
-                return Ok(skipped(skip, features));
+                let plan = Self::skip_plan(&skip, header_names);
+                return Ok(Flowed { end: End::Skipped { skip, plan, features }, path: None, extract_seconds: None });
             }
         };
-        let Decided { ruling, features, .. } = self.engine.decide_now(envelope, m)?;
-        match ruling {
-            Ruling::Skip(rule) => Ok(skipped(Skip::Rule(rule), features)),
+        let Decided { ruling, features, evidence, path, extract_seconds } =
+            self.engine.decide(envelope.clone(), m, evidence, embedder).await?;
+        let end = match ruling {
+            Ruling::Skip(rule) => {
+                let skip = Skip::Rule(rule);
+                End::Skipped { plan: Self::skip_plan(&skip, header_names), skip, features: Some(features) }
+            }
             Ruling::Decision(mut decision) => {
                 hold_back(&mut decision, &in_scope);
                 let plan = self.plan(&decision, envelope, &in_scope, header_names, &features);
-                Ok(Outcome { decision: Some(decision), skipped: None, plan, features })
+                End::Decided { decision, plan, features, evidence, in_scope }
             }
-        }
+        };
+        Ok(Flowed { end, path, extract_seconds })
     }
 
     /// The decision's plan, with `X-Triage-Reason` when configured.
@@ -228,23 +266,16 @@ impl Triage {
     }
 
     /// Records a skipped message: the audit line, the metric, one log line.
-    fn skipped(
-        &self,
-        envelope: &Envelope,
-        skip: Skip,
-        header_names: &[String],
-        pending: Option<audit::Pending<'_>>,
-    ) -> Plan {
-        self.recorder.skipped(&skip);
+    fn skipped(&self, envelope: &Envelope, skip: &Skip, pending: Option<audit::Pending<'_>>) {
+        self.recorder.skipped(skip);
         if let Some(p) = pending {
-            p.finish(|r| r.skipped(&skip));
+            p.finish(|r| r.skipped(skip));
         }
         tracing::info!(
             queue_id = envelope.queue_id.as_deref().unwrap_or("-"),
             reason = %skip,
             "skipped"
         );
-        Self::skip_plan(&skip, header_names)
     }
 
     /// Extraction under this configuration's limits.
@@ -280,14 +311,10 @@ impl Triage {
         let MessageInput { envelope, raw, header_names } = msg;
         let started = Instant::now();
         let pending = self.audit.as_ref().map(|a| a.begin(&envelope, &self.context));
-        let in_scope = match self.scope.check(&envelope, &header_names, &raw) {
-            Scoped::Triage(s) => s,
-            Scoped::Skip(skip) => return Ok((self.skipped(&envelope, skip, &header_names, pending), None)),
-        };
-        let result = self.engine.decide(envelope.clone(), Message::Raw(raw), evidence, self.queued()).await;
+        let result = self.flow(&envelope, Message::Raw(raw), None, &header_names, evidence, self.queued()).await;
         let seconds = started.elapsed().as_secs_f64();
-        let decided = match result {
-            Ok(d) => d,
+        let Flowed { end, path, extract_seconds } = match result {
+            Ok(f) => f,
             Err(e) => {
                 self.recorder.failed(seconds);
                 let e = FilterError::from(e);
@@ -297,18 +324,20 @@ impl Triage {
                 return Err(e);
             }
         };
-        let Decided { ruling, features, evidence, path, extract_seconds } = decided;
-        let mut decision = match ruling {
-            Ruling::Decision(d) => d,
-            Ruling::Skip(rule) => return Ok((self.skipped(&envelope, Skip::Rule(rule), &header_names, pending), None)),
+        let (decision, plan, features, evidence, in_scope) = match end {
+            End::Skipped { skip, plan, .. } => {
+                self.skipped(&envelope, &skip, pending);
+                return Ok((plan, None));
+            }
+            End::Decided { decision, plan, features, evidence, in_scope } => {
+                (decision, plan, features, evidence, in_scope)
+            }
         };
-        hold_back(&mut decision, &in_scope);
         self.recorder.decided(&decision, path, extract_seconds, seconds);
         if let (Some(p), Some(a)) = (pending, &self.audit) {
             let hash = features.message_id.as_deref().map(|m| a.pseudonyms().message_id(m));
             p.finish(|r| r.decided(&decision, hash).auto(in_scope.auto));
         }
-        let plan = self.plan(&decision, &envelope, &in_scope, &header_names, &features);
         // Names, scores and ids only: never subject, body or addresses.
         tracing::info!(
             queue_id = envelope.queue_id.as_deref().unwrap_or("-"),
@@ -326,6 +355,30 @@ impl Triage {
         let evidence = evidence.and_then(|e| Some((features.message_id?, e)));
         Ok((plan, evidence))
     }
+}
+
+/// Where [`Triage::flow`] ended, with what the recording needs.
+struct Flowed {
+    end: End,
+    path: Option<ModelPath>,
+    extract_seconds: Option<f64>,
+}
+
+enum End {
+    /// Out of scope, or a `skip` rule. `features` when the message was
+    /// extracted on the way (a rule skip, or `classify`'s own extraction).
+    Skipped {
+        skip: Skip,
+        plan: Plan,
+        features: Option<Features>,
+    },
+    Decided {
+        decision: Decision,
+        plan: Plan,
+        features: Features,
+        evidence: Option<Evidence>,
+        in_scope: InScope,
+    },
 }
 
 /// Automatic mail that is triaged is only tagged: a rerouted bounce or

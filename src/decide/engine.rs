@@ -124,7 +124,7 @@ pub trait Embedder: Send + Sync {
 }
 
 /// Everything on the calling thread: `classify` and `replay`. Its futures
-/// never wait, so [`Engine::decide_now`] drives
+/// never wait, so [`now`] drives
 /// them without a runtime.
 pub struct Direct(pub Option<Arc<Encoder>>);
 
@@ -138,6 +138,17 @@ impl Embedder for Direct {
             Some(enc) => enc.embed(&text),
             None => Err(ModelError::Config("the heads read embeddings but no encoder is loaded".into())),
         }
+    }
+}
+
+/// Runs a future made with [`Direct`] to its end on this thread: its
+/// futures never wait. Should one ever wait, this is an error, not a hang.
+pub fn now<T>(fut: impl Future<Output = Result<T, ModelError>>) -> Result<T, ModelError> {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => Err(ModelError::Inference("a direct decision had to wait".into())),
     }
 }
 
@@ -363,19 +374,6 @@ impl Engine {
         match m.cache.get(&key) {
             Some(e) => (Ok(e), ModelPath::Cache),
             None => (embedder.embed(text).await.map(Arc::from), ModelPath::Encoder),
-        }
-    }
-
-    /// Decides on the calling thread (`classify`, `replay`).
-    pub fn decide_now(self: &Arc<Self>, envelope: &Envelope, message: Message) -> Result<Decided, ModelError> {
-        let direct = self.direct();
-        let fut = self.decide(envelope.clone(), message, false, &direct);
-        let mut fut = std::pin::pin!(fut);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match fut.as_mut().poll(&mut cx) {
-            std::task::Poll::Ready(r) => r,
-            // Direct's futures never wait; should one ever, this is an error, not a hang.
-            std::task::Poll::Pending => Err(ModelError::Inference("a direct decision had to wait".into())),
         }
     }
 
