@@ -56,4 +56,5 @@ if [[ ! -x $kv/bin/kubernetes-validate ]]; then
 fi
 export MAILTRIAGE_KUBERNETES_VALIDATE=$PWD/$kv/bin/kubernetes-validate
 
-cargo test --locked --all-targets "$@"
+# `fuzzing`: the fuzz entry points, which tests/corpus.rs replays (not in the shipped binary).
+cargo test --locked --all-targets --features fuzzing "$@"

@@ -44,6 +44,7 @@ pub mod daemon;
 pub(crate) mod decide;
 pub mod domain;
 pub mod frontdoor;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz;
 pub mod learn;
