@@ -14,7 +14,7 @@
 use std::path::{Path, PathBuf};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mailtriage::model::encoder::Encoder;
+use mailtriage::model::encoder::{Encoder, TextEncoder};
 use mailtriage::model::int8::Isa;
 use mailtriage::settings::Precision;
 

@@ -120,7 +120,7 @@ impl Triage {
     }
 
     /// The encoder in use, for retraining beside the daemon.
-    pub fn encoder(&self) -> Option<Arc<crate::model::encoder::Encoder>> {
+    pub fn encoder(&self) -> Option<Arc<dyn crate::model::encoder::TextEncoder>> {
         self.engine.encoder()
     }
 

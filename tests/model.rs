@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use mailtriage::model::encoder::Encoder;
+use mailtriage::model::encoder::{Encoder, TextEncoder};
 use mailtriage::model::head::Head;
 use mailtriage::model::int8::Isa;
 use mailtriage::settings::Precision;

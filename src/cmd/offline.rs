@@ -13,7 +13,7 @@ use mailtriage::learn::feedback::heads;
 use mailtriage::learn::train::{self, Example, Provenance, TrainOptions};
 use mailtriage::message::envelope::{Client, Envelope};
 use mailtriage::message::extract::ExtractLimits;
-use mailtriage::model::encoder::Encoder;
+use mailtriage::model::encoder::{Encoder, TextEncoder};
 use mailtriage::model::head::Head;
 use mailtriage::model::lexical::LexicalConfig;
 use mailtriage::model::{bulk, encoder_text, fetch};
@@ -85,7 +85,7 @@ fn read_data(cfg: &Config, args: &DataArgs, need_label: bool) -> Result<Vec<Reco
 }
 
 /// Embeds model texts as the daemon does: through [`encoder_text`].
-fn embed(m: &ModelConfig, encoder: &Encoder, texts: &[String], args: &DataArgs) -> Result<Vec<Vec<f32>>> {
+fn embed(m: &ModelConfig, encoder: &dyn TextEncoder, texts: &[String], args: &DataArgs) -> Result<Vec<Vec<f32>>> {
     let texts: Vec<String> = texts.iter().map(|t| encoder_text(t)).collect();
     let texts = texts.as_slice();
     let threads = args.threads();

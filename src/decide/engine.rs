@@ -34,7 +34,7 @@ use crate::message::extract::{extract, ExtractLimits, Features};
 use crate::message::language;
 use crate::model::batcher::{Batcher, EmbedFn};
 use crate::model::cache::EmbeddingCache;
-use crate::model::encoder::Encoder;
+use crate::model::encoder::TextEncoder;
 use crate::model::lexical::TermCounts;
 use crate::model::{
     self, encoder_text, features_text, Classifier, DepartmentModel, LexicalFeatures, ModelError, ModelVerdict,
@@ -126,7 +126,7 @@ pub trait Embedder: Send + Sync {
 /// Everything on the calling thread: `classify` and `replay`. Its futures
 /// never wait, so [`now`] drives
 /// them without a runtime.
-pub struct Direct(pub Option<Arc<Encoder>>);
+pub struct Direct(pub Option<Arc<dyn TextEncoder>>);
 
 impl Embedder for Direct {
     async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, ModelError> {
@@ -322,7 +322,7 @@ impl Engine {
     }
 
     /// The encoder in use, for embedding corrections and retraining.
-    pub fn encoder(&self) -> Option<Arc<Encoder>> {
+    pub fn encoder(&self) -> Option<Arc<dyn TextEncoder>> {
         self.model.as_ref()?.classifier.encoder.clone()
     }
 

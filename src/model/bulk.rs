@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::encoder::Encoder;
+use super::encoder::TextEncoder;
 use super::ModelError;
 
 const MAGIC: &[u8; 8] = b"MTEMB01\n";
@@ -17,7 +17,7 @@ const CACHE_FLUSH_EVERY: usize = 256;
 
 /// Embeddings of `texts`, in order. `progress(done)` is called as they finish.
 pub fn embed_all(
-    encoder: &Encoder,
+    encoder: &dyn TextEncoder,
     encoder_id: &str,
     texts: &[String],
     threads: usize,

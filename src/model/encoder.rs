@@ -86,16 +86,69 @@ impl Tok {
     }
 }
 
-/// Which forward pass runs: ours on CPU, Candle's elsewhere (CUDA).
-enum Backend {
-    Cpu(CpuBert),
-    Candle(BertModel),
+/// The seam every caller goes through: text in, unit-length sentence
+/// embeddings out. [`Encoder`] (a BERT-family model, our CPU forward pass
+/// or Candle's) is today's; a GPU server, a larger model or another
+/// architecture is another implementation, and no caller changes.
+pub trait TextEncoder: Send + Sync {
+    /// The embedding of each text, in order.
+    fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// The embedding of one text.
+    fn embed(&self, text: &str) -> Result<Vec<f32>, ModelError> {
+        Ok(self.embed_batch(&[text])?.pop().unwrap_or_default())
+    }
+    /// Embedding width (384 for MiniLM-L6).
+    fn dim(&self) -> usize;
+    /// Tokens per text it reads; the rest is cut (part of an embedding cache's key).
+    fn max_tokens(&self) -> usize;
+    /// The arithmetic it computes in: `F32` or `Int8`.
+    fn precision(&self) -> Precision;
+}
+
+/// One forward pass of a BERT-family model over token ids, mean-pooled and
+/// unit-length: ours on CPU ([`CpuBert`]), Candle's elsewhere (CUDA).
+trait ForwardPass: Send + Sync {
+    fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError>;
+    /// Bytes of weights held in memory, when known.
+    fn weight_bytes(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl ForwardPass for CpuBert {
+    fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.embed(ids).map_err(ModelError::Inference)
+    }
+
+    fn weight_bytes(&self) -> Option<usize> {
+        Some(CpuBert::weight_bytes(self))
+    }
+}
+
+/// Candle's `BertModel` on its device, one sequence per pass (no padding,
+/// so every token counts in the mean).
+struct CandleBert {
+    model: BertModel,
+    device: Device,
+}
+
+impl ForwardPass for CandleBert {
+    fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        let run = || -> candle_core::Result<Vec<f32>> {
+            let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+            let types = input.zeros_like()?;
+            let hidden = self.model.forward(&input, &types, None)?; // [1, n, dim]
+            let pooled = hidden.mean(1)?.squeeze(0)?;
+            let norm = pooled.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-12);
+            (pooled / norm as f64)?.to_vec1::<f32>()
+        };
+        run().map_err(|e| ModelError::Inference(e.to_string()))
+    }
 }
 
 pub struct Encoder {
-    backend: Backend,
+    backend: Box<dyn ForwardPass>,
     tokenizer: Tok,
-    device: Device,
     dim: usize,
     /// Tokens per text, [CLS] and [SEP] included; the rest is cut.
     max_tokens: usize,
@@ -170,28 +223,19 @@ impl Encoder {
                 eps: config.layer_norm_eps,
             };
             let file = WeightsFile::open(&weights_path).map_err(|e| bad(&weights_path, e))?;
-            Backend::Cpu(
+            Box::new(
                 CpuBert::load(&file, &shape, precision == Precision::Int8)
                     .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?,
-            )
+            ) as Box<dyn ForwardPass>
         } else {
             let tensors = candle_core::safetensors::load(&weights_path, device)
                 .map_err(|e| bad(&weights_path, format!("not readable safetensors: {e}")))?;
             let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-            Backend::Candle(
-                BertModel::load(vb, &config)
-                    .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?,
-            )
+            let model = BertModel::load(vb, &config)
+                .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?;
+            Box::new(CandleBert { model, device: device.clone() })
         };
-        Ok(Encoder {
-            backend,
-            tokenizer,
-            device: device.clone(),
-            dim: config.hidden_size,
-            max_tokens,
-            precision,
-            input_prefix: String::new(),
-        })
+        Ok(Encoder { backend, tokenizer, dim: config.hidden_size, max_tokens, precision, input_prefix: String::new() })
     }
 
     /// Every text is embedded as `prefix + text` (`[model] input_prefix`).
@@ -200,26 +244,9 @@ impl Encoder {
         self
     }
 
-    /// Embedding width (384 for MiniLM-L6).
-    pub fn dim(&self) -> usize {
-        self.dim
-    }
-
-    pub fn max_tokens(&self) -> usize {
-        self.max_tokens
-    }
-
-    /// The resolved arithmetic: `F32` or `Int8`.
-    pub fn precision(&self) -> Precision {
-        self.precision
-    }
-
     /// Bytes of encoder weights held in memory (our CPU forward pass only).
     pub fn weight_bytes(&self) -> Option<usize> {
-        match &self.backend {
-            Backend::Cpu(b) => Some(b.weight_bytes()),
-            Backend::Candle(_) => None,
-        }
+        self.backend.weight_bytes()
     }
 
     /// Token ids of a text after truncation, special tokens included.
@@ -239,27 +266,34 @@ impl Encoder {
         self.tokenizer.ids(cut).map_err(|e| ModelError::Inference(format!("tokenizer: {e}")))
     }
 
+    /// The embedding of already-tokenised input.
+    pub fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
+        self.backend.embed_ids(ids)
+    }
+}
+
+impl TextEncoder for Encoder {
+    /// One sequence per pass: on CPU, padded batches cost more than they save.
+    fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+        texts.iter().map(|t| self.embed(t)).collect()
+    }
+
     /// The unit-length sentence embedding of a text.
-    pub fn embed(&self, text: &str) -> Result<Vec<f32>, ModelError> {
+    fn embed(&self, text: &str) -> Result<Vec<f32>, ModelError> {
         let ids = self.token_ids(text)?;
         self.embed_ids(&ids)
     }
 
-    /// The embedding of already-tokenised input.
-    pub fn embed_ids(&self, ids: &[u32]) -> Result<Vec<f32>, ModelError> {
-        let model = match &self.backend {
-            Backend::Cpu(bert) => return bert.embed(ids).map_err(ModelError::Inference),
-            Backend::Candle(model) => model,
-        };
-        let run = || -> candle_core::Result<Vec<f32>> {
-            let input = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-            let types = input.zeros_like()?;
-            let hidden = model.forward(&input, &types, None)?; // [1, n, dim]
-            let pooled = hidden.mean(1)?.squeeze(0)?; // no padding: every token counts
-            let norm = pooled.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?.max(1e-12);
-            (pooled / norm as f64)?.to_vec1::<f32>()
-        };
-        run().map_err(|e| ModelError::Inference(e.to_string()))
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn max_tokens(&self) -> usize {
+        self.max_tokens
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
     }
 }
 

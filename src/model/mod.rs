@@ -79,7 +79,7 @@ pub enum DepartmentModel {
 pub struct Classifier {
     /// Model id shown in `X-Triage-Source: model:<id>`.
     pub id: String,
-    pub encoder: Option<Arc<encoder::Encoder>>,
+    pub encoder: Option<Arc<dyn encoder::TextEncoder>>,
     pub department: DepartmentModel,
     pub priority: Option<Head>,
 }
@@ -237,10 +237,9 @@ pub fn load(
         || priority.as_ref().is_some_and(Head::uses_embedding);
     let encoder = if needs_encoder {
         let dir = fetch::resolve(cfg.path.as_deref(), &cfg.id)?;
-        Some(Arc::new(
-            encoder::Encoder::load(&dir, cfg.max_tokens, &device(cfg.device)?, cfg.precision)?
-                .with_input_prefix(&cfg.input_prefix),
-        ))
+        let loaded = encoder::Encoder::load(&dir, cfg.max_tokens, &device(cfg.device)?, cfg.precision)?
+            .with_input_prefix(&cfg.input_prefix);
+        Some(Arc::new(loaded) as Arc<dyn encoder::TextEncoder>)
     } else {
         None
     };

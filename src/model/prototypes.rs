@@ -5,7 +5,7 @@
 //! Its confidences are a softmax over similarities with a fixed scale, not
 //! calibrated on data: train a head as soon as there is labeled mail.
 
-use super::encoder::Encoder;
+use super::encoder::TextEncoder;
 use super::head::{softmax, Prediction};
 use super::ModelError;
 
@@ -20,7 +20,7 @@ pub struct Prototypes {
 impl Prototypes {
     /// `departments`: (name, texts describing it). Departments without text
     /// are left out; at least two must remain.
-    pub fn build(encoder: &Encoder, departments: &[(String, Vec<String>)]) -> Result<Prototypes, ModelError> {
+    pub fn build(encoder: &dyn TextEncoder, departments: &[(String, Vec<String>)]) -> Result<Prototypes, ModelError> {
         let (mut labels, mut vectors) = (Vec::new(), Vec::new());
         for (name, texts) in departments {
             let texts: Vec<&String> = texts.iter().filter(|t| !t.trim().is_empty()).collect();

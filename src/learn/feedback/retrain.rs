@@ -22,7 +22,7 @@ use crate::learn::eval::{self, Outcome};
 use crate::learn::train::{self, Example, Loss, Provenance, TrainError, TrainOptions};
 use crate::message::extract::ExtractLimits;
 use crate::message::language;
-use crate::model::encoder::Encoder;
+use crate::model::encoder::TextEncoder;
 use crate::model::head::Head;
 use crate::model::lexical::TermCounts;
 use crate::model::{bulk, encoder_text, ModelError};
@@ -111,7 +111,7 @@ pub fn retrain(
     cfg: &Config,
     store: &Arc<Store>,
     role: Role,
-    encoder: Option<&Encoder>,
+    encoder: Option<&dyn TextEncoder>,
     threads: usize,
     fence: Option<Fence>,
 ) -> Result<RetrainOutcome, RetrainError> {
