@@ -114,12 +114,7 @@ fn the_first_hour_page_works_as_pasted() {
     support::require("postfix", "postfix");
     support::require("swaks", "swaks");
     support::require("unshare", "util-linux");
-    support::require("dpkg-shlibdeps", "dpkg-dev");
-    let already = Command::new("dpkg-query").args(["-W", "-f", "${Status}", "mailtriage"]).output().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&already.stdout).contains("installed"),
-        "a mailtriage package is already installed here; this test installs and purges its own: remove it first"
-    );
+    support::require_no_installed_package();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let page = std::fs::read_to_string(root.join("docs/first-hour.md")).unwrap();
     let blocks = blocks(&page);
@@ -146,14 +141,8 @@ fn the_first_hour_page_works_as_pasted() {
     std::fs::write(etc.join("main.cf"), MAIN_CF).unwrap();
     archive(&dir("srv/triage-archive"), &root.join("tests/fixtures/tickets-train.jsonl"));
 
-    let built = Command::new("bash")
-        .arg(root.join("scripts/build-deb.sh"))
-        .arg(env!("CARGO_BIN_EXE_mailtriage"))
-        .arg(&deb_dir)
-        .output()
-        .unwrap();
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    assert!(deb_dir.join("mailtriage_0.1.0_amd64.deb").exists(), "the page installs mailtriage_0.1.0_amd64.deb");
+    let deb = support::build_deb(&deb_dir);
+    assert!(deb.ends_with("mailtriage_0.1.0_amd64.deb"), "the page installs mailtriage_0.1.0_amd64.deb, not {deb:?}");
 
     // The page, block by block, "a moment later" between blocks; the
     // stand-in daemon stops before the first block without systemd.

@@ -46,20 +46,10 @@ fn installed_daemons() -> Vec<String> {
 #[test]
 fn debian_package_builds_lints_installs_checks_and_purges() {
     support::require("lintian", "lintian");
-    support::require("dpkg-shlibdeps", "dpkg-dev");
-    let already = Command::new("dpkg-query").args(["-W", "-f", "${Status}", "mailtriage"]).output().unwrap();
-    assert!(
-        !String::from_utf8_lossy(&already.stdout).contains("installed"),
-        "a mailtriage package is already installed here; this test installs and purges its own: remove it first"
-    );
+    support::require_no_installed_package();
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out = tempfile::tempdir().unwrap();
-    let built = run(Command::new("bash")
-        .arg(root.join("scripts/build-deb.sh"))
-        .arg(env!("CARGO_BIN_EXE_mailtriage"))
-        .arg(out.path()));
-    let deb = PathBuf::from(String::from_utf8_lossy(&built.stdout).lines().last().unwrap().trim());
-    assert!(deb.exists(), "{}", text(&built));
+    let deb = support::build_deb(out.path());
 
     let contents = text(&run(Command::new("dpkg-deb").arg("--contents").arg(&deb)));
     for path in [

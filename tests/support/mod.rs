@@ -788,3 +788,25 @@ pub fn documented_main_cf(markdown: &str) -> Vec<String> {
     assert!(!settings.is_empty(), "{markdown} has no `# /etc/postfix/main.cf` block");
     settings
 }
+
+/// Fails unless no mailtriage package is installed here: the package tests
+/// install and purge their own.
+pub fn require_no_installed_package() {
+    let already = Command::new("dpkg-query").args(["-W", "-f", "${Status}", "mailtriage"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&already.stdout).contains("installed"),
+        "a mailtriage package is already installed here; this test installs and purges its own: remove it first"
+    );
+}
+
+/// `scripts/build-deb.sh` around the binary under test, into `out`: the
+/// package's path.
+pub fn build_deb(out: &Path) -> PathBuf {
+    require("dpkg-shlibdeps", "dpkg-dev");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built =
+        run(Command::new("bash").arg(root.join("scripts/build-deb.sh")).arg(env!("CARGO_BIN_EXE_mailtriage")).arg(out));
+    let deb = PathBuf::from(built.lines().rev().find(|l| l.trim().ends_with(".deb")).unwrap_or("").trim());
+    assert!(deb.exists(), "build-deb.sh named no package:\n{built}");
+    deb
+}
