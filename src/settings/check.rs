@@ -6,7 +6,8 @@ use std::collections::HashSet;
 
 use regex::Regex;
 
-use super::file::{Config, ConfigError, Problem, RelayTls, RuleAction};
+use super::file::{Config, RelayTls, RuleAction};
+use super::load::{ConfigError, Problem};
 use crate::domain::Action;
 
 impl Config {

@@ -1,5 +1,5 @@
 //! Settings, in two stages (as ripgrep reads its flags). First the file's
-//! shape (`file`): TOML plus `MAILTRIAGE__SECTION__KEY` overrides, typed by
+//! shape (`file`, read by `load`): TOML plus `MAILTRIAGE__SECTION__KEY` overrides, typed by
 //! serde (durations, listen addresses, networks, actions, the device), then
 //! checked as a whole (`check`) so that every problem is reported at once,
 //! each naming its key. Then what is built once from a valid file: the
@@ -11,7 +11,9 @@ mod address;
 mod catalog;
 mod check;
 mod file;
+mod load;
 
 pub use address::Cidr;
 pub use catalog::{Catalog, Department};
 pub use file::*;
+pub use load::{config_dir, effective_toml, ConfigError, Problem, ENV_PREFIX};
