@@ -160,17 +160,16 @@ impl Triage {
                 Some(f.headers.iter().flat_map(|(n, v)| format!("{n}: {v}\r\n").into_bytes()).collect::<Vec<u8>>())
             }
         };
-        let raw_for_extract = match &m {
-            Message::Raw(raw) => Some(raw.clone()),
-            Message::Extracted(_) => None,
-        };
         let direct = self.engine.direct();
         let flowed =
             crate::decide::engine::now(self.flow(envelope, m, raw_headers.as_deref(), header_names, false, &direct))?;
         let (decision, skipped, plan, features) = match flowed.end {
             End::Skipped { skip, plan, features } => {
                 // Out of scope before extraction: classify shows what was extracted all the same.
-                let features = features.unwrap_or_else(|| self.extract(raw_for_extract.as_deref().unwrap_or_default()));
+                let features = match features {
+                    Seen::Extracted(f) => f,
+                    Seen::Raw(raw) => self.extract(&raw),
+                };
                 (None, Some(skip), plan, features)
             }
             End::Decided { decision, plan, features, .. } => (Some(decision), None, plan, features),
@@ -202,8 +201,8 @@ impl Triage {
             Scoped::Triage(s) => s,
             Scoped::Skip(skip) => {
                 let features = match m {
-                    Message::Extracted(f) => Some(*f),
-                    Message::Raw(_) => None,
+                    Message::Extracted(f) => Seen::Extracted(*f),
+                    Message::Raw(raw) => Seen::Raw(raw),
                 };
                 let plan = Self::skip_plan(&skip, header_names);
                 return Ok(Flowed { end: End::Skipped { skip, plan, features }, path: None, extract_seconds: None });
@@ -214,7 +213,7 @@ impl Triage {
         let end = match ruling {
             Ruling::Skip(rule) => {
                 let skip = Skip::Rule(rule);
-                End::Skipped { plan: Self::skip_plan(&skip, header_names), skip, features: Some(features) }
+                End::Skipped { plan: Self::skip_plan(&skip, header_names), skip, features: Seen::Extracted(features) }
             }
             Ruling::Decision(mut decision) => {
                 hold_back(&mut decision, &in_scope);
@@ -364,13 +363,20 @@ struct Flowed {
     extract_seconds: Option<f64>,
 }
 
+/// What a skipped message was when it left the flow: extracted on the way
+/// (a rule skip, or `classify`'s own extraction), or still raw (the scope
+/// skipped it first; the daemon never extracts it, `classify` does).
+enum Seen {
+    Extracted(Features),
+    Raw(Vec<u8>),
+}
+
 enum End {
-    /// Out of scope, or a `skip` rule. `features` when the message was
-    /// extracted on the way (a rule skip, or `classify`'s own extraction).
+    /// Out of scope, or a `skip` rule.
     Skipped {
         skip: Skip,
         plan: Plan,
-        features: Option<Features>,
+        features: Seen,
     },
     Decided {
         decision: Decision,
