@@ -115,13 +115,25 @@ pub fn permission_problem(path: &Path, writing: bool) -> String {
     let at = existing(path).unwrap_or_else(|| path.to_owned());
     let owned = at.symlink_metadata().map(|m| format!(" (owned by {}, mode {:o})", owner_of(&m), m.mode() & 0o7777));
     let what = if writing { "write" } else { "read" };
-    let target = if at == path { String::new() } else { format!(" to create {}", path.display()) };
+    if at == path {
+        return format!(
+            "permission denied: {me}, the user mailtriage runs as, cannot {what} {}{}; give it to {me} \
+             (chown -R {me}: {})",
+            at.display(),
+            owned.unwrap_or_default(),
+            at.display(),
+        );
+    }
+    // Never advise handing over an existing parent (it may be /var/lib):
+    // create the first missing directory for the service instead.
+    let first_missing = path.ancestors().take_while(|p| *p != at).last().unwrap_or(path);
     format!(
-        "permission denied: {me}, the user mailtriage runs as, cannot {what} {}{}{target}; give it to {me} \
-         (chown -R {me}: {})",
+        "permission denied: {me}, the user mailtriage runs as, cannot create {} in {}{}; make the directory \
+         for it (install -d -o {me} {})",
+        path.display(),
         at.display(),
         owned.unwrap_or_default(),
-        at.display(),
+        first_missing.display(),
     )
 }
 
@@ -200,8 +212,12 @@ mod tests {
         assert!(text.starts_with("permission denied: "), "{text}");
         // The nearest existing ancestor is what creating the file needs.
         assert!(text.contains(&format!("{}", dir.path().display())), "{text}");
-        assert!(text.contains(&format!("to create {}", file.display())), "{text}");
-        assert!(text.contains(&format!("chown -R {me}: ")), "{text}");
+        assert!(text.contains(&format!("cannot create {}", file.display())), "{text}");
+        // The fix creates the first missing directory; it never hands over an existing parent.
+        assert!(text.contains(&format!("install -d -o {me} {}", dir.path().join("heads").display())), "{text}");
+        assert!(!text.contains("chown"), "{text}");
+        let existing = describe(dir.path(), &err, true);
+        assert!(existing.contains(&format!("chown -R {me}: {}", dir.path().display())), "{existing}");
         let other = describe(&file, &io::Error::from(io::ErrorKind::NotFound), false);
         assert!(other.starts_with(&file.display().to_string()) && !other.contains("permission"), "{other}");
     }

@@ -214,8 +214,9 @@ fn commands_run_as_root_leave_state_the_service_user_owns() {
         ],
     ] {
         let (code, said) = run(args);
-        assert!(code.is_some(), "{said}");
-        eprintln!("{said}");
+        // `retrain` has no trained head to start from here: it says so (exit 1); every other command succeeds.
+        let expected = if args[0] == "retrain" { 1 } else { 0 };
+        assert_eq!(code, Some(expected), "{said}");
     }
     let mut files = Vec::new();
     fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {

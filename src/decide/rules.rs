@@ -191,21 +191,33 @@ const ADDRESS_HEADERS: &[&str] = &[
     "delivered-to",
 ];
 
-/// The bare addresses of an address-list header value: each `<…>`, or,
-/// without angle brackets, each comma-separated item with an `@`.
+/// The bare addresses of an address-list header value: its items split at
+/// commas outside quotes and angle brackets, each item's `<…>` or, without
+/// one, the item itself (a trailing `(comment)` dropped) when it has an `@`.
 fn addresses(value: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut rest = value;
-    while let Some(open) = rest.find('<') {
-        let Some(close) = rest[open..].find('>') else { break };
-        out.push(rest[open + 1..open + close].trim());
-        rest = &rest[open + close + 1..];
+    let mut items = Vec::new();
+    let (mut start, mut quoted, mut angle) = (0, false, false);
+    for (i, c) in value.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '<' if !quoted => angle = true,
+            '>' if !quoted => angle = false,
+            ',' if !quoted && !angle => {
+                items.push(&value[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
     }
-    if out.is_empty() {
-        out.extend(value.split(',').map(|a| a.split('(').next().unwrap_or("").trim()).filter(|a| a.contains('@')));
-    }
-    out.retain(|a| !a.is_empty());
-    out
+    items.push(&value[start..]);
+    items
+        .into_iter()
+        .filter_map(|item| match (item.rfind('<'), item.rfind('>')) {
+            (Some(open), Some(close)) if open < close => Some(item[open + 1..close].trim()),
+            _ => Some(item.split('(').next().unwrap_or("").trim()).filter(|a| a.contains('@')),
+        })
+        .filter(|a| !a.is_empty())
+        .collect()
 }
 
 impl Rule {
@@ -286,6 +298,11 @@ mod tests {
         assert_eq!(hit("From: bob@vendor.example (Bob)\r\n\r\n"), Some("vendor"));
         assert_eq!(
             hit("From: x@other.example\r\nCc: a@b.example, Legal <legal@corp.example>\r\n\r\n"),
+            Some("cc-legal")
+        );
+        // A bare address beside a bracketed one counts too.
+        assert_eq!(
+            hit("From: x@other.example\r\nCc: legal@corp.example, Bob <bob@x.example>\r\n\r\n"),
             Some("cc-legal")
         );
         // The whole value still counts (a display-name pattern).

@@ -214,9 +214,19 @@ impl Head {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             crate::access::create_dir_all(dir).map_err(|e| failed(dir, e))?;
         }
-        let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-        std::fs::write(&tmp, data).map_err(|e| failed(&tmp, e))?;
-        crate::access::inherit_owner(&tmp).map_err(|e| failed(&tmp, e))?;
+        // A fresh name, created new: root may write into the service's
+        // directory, and must not follow a link planted there.
+        let tmp = PathBuf::from(format!("{}.{}.tmp", path.display(), std::process::id()));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &data))
+            .and_then(|()| crate::access::inherit_owner(&tmp));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(failed(&tmp, e));
+        }
         std::fs::rename(&tmp, path).map_err(|e| failed(path, e))
     }
 

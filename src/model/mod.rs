@@ -45,7 +45,7 @@ pub enum ModelError {
     )]
     MissingFile(PathBuf),
     #[error(
-        "head file {0} is missing: train one with `mailtriage train --label LABEL --out {0}`, or leave \
+        "head file {0} is missing: train one with `mailtriage train --data FILE.jsonl --label LABEL --out {0}` (or `--maildir DIR`), or leave \
          the key out to start from the department descriptions (relative paths in the configuration are \
          taken from the configuration file's directory)"
     )]

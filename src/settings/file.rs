@@ -850,6 +850,26 @@ priority = "high"
     }
 
     #[test]
+    fn a_missing_required_key_is_named_beside_the_typos() {
+        let text = "[server]  # the front doors\nmdoe = \"shadow\"  # a typo\n[audit]\npath = \"a.jsonl\"\n\
+                    [[departments]]\nmailbox = \"x@y.example\"\nactoin = \"tag\"\n";
+        let found = problems(text, &[]);
+        let keys: Vec<(&str, Option<usize>)> = found.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("server.mdoe", Some(2)),
+                ("audit", Some(3)),
+                ("departments[0]", Some(5)),
+                ("departments[0].actoin", Some(7))
+            ],
+            "{found:#?}"
+        );
+        assert!(found[1].message.contains("missing field `key_file`"), "{found:#?}");
+        assert!(found[2].message.contains("missing field `name`"), "{found:#?}");
+    }
+
+    #[test]
     fn a_problem_set_by_the_environment_names_the_variable_not_the_file() {
         let found = problems("[server]\nmode = \"shadow\"\n", &[("MAILTRIAGE__SERVER__MODEE", "enforce")]);
         assert_eq!(found.len(), 1, "{found:#?}");

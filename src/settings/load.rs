@@ -90,7 +90,7 @@ impl Config {
                 p.line = line_of(text, &p.key);
             }
             problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
-            if problems.is_empty() || first.message().starts_with("missing field") {
+            if problems.is_empty() {
                 // What the probes cannot see (a required key missing): the
                 // parser's own words, with the line when it has one.
                 problems.push(Problem::new("", first.to_string().trim_end()));
@@ -118,16 +118,25 @@ impl Config {
 /// deserialised alone (`{section: {key: value}}`; every section has
 /// defaults, and a missing required key is left to the full parse).
 fn shape_problems(table: &toml::Table) -> Vec<Problem> {
-    let probe = |section: &str, value: toml::Value| -> Option<String> {
+    // (The error of deserialising only `{section: value}`, and whether it
+    // is a required key missing.)
+    let attempt = |section: &str, value: toml::Value| -> Option<(String, bool)> {
         let one = toml::Table::from_iter([(section.to_string(), value)]);
-        match toml::Table::try_into::<Config>(one) {
-            Err(e) if !e.message().starts_with("missing field") => Some(e.message().trim_end().to_string()),
-            _ => None,
-        }
+        let e = toml::Table::try_into::<Config>(one).err()?;
+        Some((e.message().trim_end().to_string(), e.message().starts_with("missing field")))
+    };
+    let probe = |section: &str, value: toml::Value| attempt(section, value).filter(|e| !e.1).map(|e| e.0);
+    // A required key missing, once the keys already named are left out.
+    let missing = |section: &str, value: toml::Value| attempt(section, value).filter(|e| e.1).map(|e| e.0);
+    let without = |keys: &toml::Table, bad: &[String]| -> toml::Table {
+        keys.iter().filter(|(k, _)| !bad.contains(k)).map(|(k, v)| (k.clone(), v.clone())).collect()
     };
     let mut problems = Vec::new();
     for (section, value) in table {
         if probe(section, value.clone()).is_none() {
+            if let Some(message) = missing(section, value.clone()) {
+                problems.push(Problem::new(section.clone(), message));
+            }
             continue;
         }
         // An unknown section: said once, not once per key in it.
@@ -140,11 +149,16 @@ fn shape_problems(table: &toml::Table) -> Vec<Problem> {
         let before = problems.len();
         match value {
             toml::Value::Table(keys) => {
+                let mut bad = Vec::new();
                 for (key, v) in keys {
                     let alone = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
                     if let Some(message) = probe(section, alone) {
                         problems.push(Problem::new(format!("{section}.{key}"), message));
+                        bad.push(key.clone());
                     }
+                }
+                if let Some(message) = missing(section, toml::Value::Table(without(keys, &bad))) {
+                    problems.push(Problem::new(section.clone(), message));
                 }
             }
             toml::Value::Array(items) => {
@@ -152,12 +166,18 @@ fn shape_problems(table: &toml::Table) -> Vec<Problem> {
                     let Some(keys) = item.as_table() else { continue };
                     let name =
                         keys.get("name").and_then(toml::Value::as_str).map(|n| format!(" ({n})")).unwrap_or_default();
+                    let mut bad = Vec::new();
                     for (key, v) in keys {
                         let alone = toml::Table::from_iter([(key.clone(), v.clone())]);
                         let entry = toml::Value::Array(vec![toml::Value::Table(alone)]);
                         if let Some(message) = probe(section, entry) {
                             problems.push(Problem::new(format!("{section}[{i}]{name}.{key}"), message));
+                            bad.push(key.clone());
                         }
+                    }
+                    let rest = toml::Value::Array(vec![toml::Value::Table(without(keys, &bad))]);
+                    if let Some(message) = missing(section, rest) {
+                        problems.push(Problem::new(format!("{section}[{i}]{name}"), message));
                     }
                 }
             }
@@ -177,15 +197,21 @@ fn shape_problems(table: &toml::Table) -> Vec<Problem> {
 fn line_of(text: &str, key: &str) -> Option<usize> {
     let (path, index) = match key.split_once('[') {
         Some((section, rest)) => {
-            let i: usize = rest.split(']').next()?.parse().ok()?;
-            (format!("{section}.{}", key.rsplit('.').next()?), Some(i))
+            let (i, after) = rest.split_once(']')?;
+            // `departments[0] (name).key`, or the entry itself: `departments[0]`.
+            let path = match after.rsplit_once('.') {
+                Some((_, k)) => format!("{section}.{k}"),
+                None => section.to_string(),
+            };
+            (path, Some(i.parse::<usize>().ok()?))
         }
         None => (key.to_string(), None),
     };
     let (section, name) = path.split_once('.').map_or((path.as_str(), None), |(s, k)| (s, Some(k)));
     let (mut current, mut seen) = (String::new(), 0usize);
     for (n, line) in text.lines().enumerate() {
-        let t = line.trim();
+        // Without a trailing `# comment` (only the header and the key's name are compared).
+        let t = line.split(" #").next().unwrap_or(line).trim();
         if let Some(header) = t.strip_prefix('[') {
             let array = header.starts_with('[');
             current = header.trim_matches(|c| c == '[' || c == ']' || c == ' ').to_string();

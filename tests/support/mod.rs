@@ -794,7 +794,7 @@ pub fn documented_main_cf(markdown: &str) -> Vec<String> {
 pub fn require_no_installed_package() {
     let already = Command::new("dpkg-query").args(["-W", "-f", "${Status}", "mailtriage"]).output().unwrap();
     assert!(
-        !String::from_utf8_lossy(&already.stdout).contains("installed"),
+        !String::from_utf8_lossy(&already.stdout).contains("install ok installed"),
         "a mailtriage package is already installed here; this test installs and purges its own: remove it first"
     );
 }

@@ -163,7 +163,7 @@ impl Store {
         let backend = if let Some(path) = url.strip_prefix("sqlite://") {
             let path = PathBuf::from(path);
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| fail(crate::access::describe(dir, &e, true)))?;
+                crate::access::create_dir_all(dir).map_err(|e| fail(crate::access::describe(dir, &e, true)))?;
             }
             // SQLite writes the file and, in WAL mode, `-wal`/`-shm` beside it.
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
