@@ -2,6 +2,10 @@
 
 use std::process::Command;
 
+/// `train` on the shipped fixture, lexical only (quick): `--out` is added.
+const TRAIN_LEXICAL_HEAD: &[&str] =
+    &["train", "--data", "tests/fixtures/tickets-train.jsonl", "--label", "department", "--no-embeddings"];
+
 #[test]
 fn check_config_names_every_problem_of_a_broken_file_and_exits_2() {
     let dir = tempfile::tempdir().unwrap();
@@ -202,16 +206,7 @@ fn commands_run_as_root_leave_state_the_service_user_owns() {
         &["heads", "list"],
         &["retrain"],
         &["forget", "--message-id", "<m1@client.example>"],
-        &[
-            "train",
-            "--data",
-            "tests/fixtures/tickets-train.jsonl",
-            "--label",
-            "department",
-            "--no-embeddings",
-            "--out",
-            trained.to_str().unwrap(),
-        ],
+        &[TRAIN_LEXICAL_HEAD, &["--out", trained.to_str().unwrap()]].concat(),
     ] {
         let (code, said) = run(args);
         // `retrain` has no trained head to start from here: it says so (exit 1); every other command succeeds.
@@ -292,15 +287,8 @@ fn a_relative_head_path_is_read_beside_the_config_and_a_missing_one_says_how_to_
     let trained = Command::new(env!("CARGO_BIN_EXE_mailtriage"))
         .arg("--config")
         .arg(&cfg)
-        .args([
-            "train",
-            "--data",
-            "tests/fixtures/tickets-train.jsonl",
-            "--label",
-            "department",
-            "--no-embeddings",
-            "--out",
-        ])
+        .args(TRAIN_LEXICAL_HEAD)
+        .arg("--out")
         .arg(&resolved)
         .output()
         .unwrap();

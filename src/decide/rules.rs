@@ -14,8 +14,12 @@ enum Target {
     /// Every top-level header with this name (any occurrence may match).
     /// An address header (From, To, Reply-To…) matches on its whole value
     /// (`Alice <alice@vendor.example>`) or on any address in it alone
-    /// (`alice@vendor.example`), so `@vendor\.example$` does what it says.
-    Header(String),
+    /// (`alice@vendor.example`), so `@vendor\.example$` does what it says;
+    /// `addresses` says which, decided once when the rule is built.
+    Header {
+        name: String,
+        addresses: bool,
+    },
     EnvelopeFrom,
     /// Any envelope recipient.
     EnvelopeTo,
@@ -80,7 +84,7 @@ impl RuleSet {
                 let target = match c.header.to_ascii_lowercase().as_str() {
                     "envelope-from" => Target::EnvelopeFrom,
                     "envelope-to" => Target::EnvelopeTo,
-                    h => Target::Header(h.to_string()),
+                    h => Target::Header { name: h.to_string(), addresses: ADDRESS_HEADERS.contains(&h) },
                 };
                 let regex = match c.compiled.get() {
                     Some(re) => re.clone(),
@@ -121,7 +125,7 @@ impl RuleSet {
                 TraceResult::NotTried
             } else if let Some(value) = r.matched(envelope, features) {
                 decided = true;
-                TraceResult::Matched { value }
+                TraceResult::Matched { value: value.to_string() }
             } else {
                 let tried = r.values(envelope, features);
                 if tried.is_empty() {
@@ -168,7 +172,7 @@ pub enum TraceResult {
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Header(h) => f.write_str(h),
+            Target::Header { name, .. } => f.write_str(name),
             Target::EnvelopeFrom => f.write_str("envelope-from"),
             Target::EnvelopeTo => f.write_str("envelope-to"),
         }
@@ -222,17 +226,14 @@ fn addresses(value: &str) -> Vec<&str> {
 
 impl Rule {
     /// The value the pattern matched, if any.
-    fn matched(&self, envelope: &Envelope, features: &Features) -> Option<String> {
-        let hit = |v: &str| self.regex.is_match(v).then(|| v.to_string());
+    fn matched<'a>(&'a self, envelope: &'a Envelope, features: &'a Features) -> Option<&'a str> {
+        let hit = |v: &'a str| self.regex.is_match(v).then_some(v);
         match &self.target {
             Target::EnvelopeFrom => hit(&envelope.mail_from),
             Target::EnvelopeTo => envelope.rcpts.iter().find_map(|r| hit(r)),
-            Target::Header(name) => {
-                let address = ADDRESS_HEADERS.contains(&name.as_str());
-                features.header_values(name).find_map(|v| {
-                    hit(v).or_else(|| if address { addresses(v).into_iter().find_map(hit) } else { None })
-                })
-            }
+            Target::Header { name, addresses: address } => features
+                .header_values(name)
+                .find_map(|v| hit(v).or_else(|| if *address { addresses(v).into_iter().find_map(hit) } else { None })),
         }
     }
 
@@ -241,7 +242,7 @@ impl Rule {
         match &self.target {
             Target::EnvelopeFrom => vec![envelope.mail_from.clone()],
             Target::EnvelopeTo => envelope.rcpts.clone(),
-            Target::Header(name) => features.header_values(name).map(str::to_string).collect(),
+            Target::Header { name, .. } => features.header_values(name).map(str::to_string).collect(),
         }
     }
 }
