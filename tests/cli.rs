@@ -236,9 +236,18 @@ fn commands_run_as_root_leave_state_the_service_user_owns() {
     let heads = state.join("heads");
     std::fs::create_dir_all(&heads).unwrap();
     std::os::unix::fs::chown(&heads, Some(0), Some(0)).unwrap();
+    // The checkout may sit where `nobody` cannot go (a mktemp -d clone is
+    // 0700): the binary and a configuration without the model, beside the state.
+    let bin = top.path().join("mailtriage");
+    std::fs::copy(env!("CARGO_BIN_EXE_mailtriage"), &bin).unwrap();
+    let service_cfg = top.path().join("service.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&service_cfg, &text[text.find("[audit]").unwrap()..]).unwrap();
     let out = Command::new("runuser")
-        .args(["-u", "nobody", "--", env!("CARGO_BIN_EXE_mailtriage"), "--config"])
-        .arg(&cfg)
+        .args(["-u", "nobody", "--"])
+        .arg(&bin)
+        .arg("--config")
+        .arg(&service_cfg)
         .arg("check-config")
         .output()
         .unwrap();
