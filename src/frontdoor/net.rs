@@ -153,7 +153,7 @@ pub enum Stream {
     Unix(tokio::net::UnixStream),
 }
 
-pub(crate) async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
+pub async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
     match l {
         Listener::Tcp(l) => l.accept().await.map(|(s, a)| (Stream::Tcp(s), a.to_string())),
         Listener::Unix(l, p) => l.accept().await.map(|(s, _)| (Stream::Unix(s), p.display().to_string())),

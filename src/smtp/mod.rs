@@ -1,9 +1,11 @@
 //! The SMTP and LMTP front doors: mailtriage as a content filter that
 //! receives a message, decides it, and relays it to the next hop.
 //!
-//! - [`session`]: one client connection (ESMTP or LMTP, STARTTLS, pipelining).
+//! - [`session`]: one client connection (ESMTP or LMTP, STARTTLS, pipelining),
+//!   a file per stage, over [`framing`] (bytes in, command lines, replies
+//!   out) and [`intake`] (the message after 354, within size and budget).
 //! - [`relay`]: the connection to the next hop, through `mail-send`.
-//! - [`reply`]: the replies we write.
+//! - [`reply`]: the replies we write, and the hop's mapped back to the client.
 //! - [`tls`]: certificates for STARTTLS and the hop's TLS settings.
 //! - [`server`]: the listener.
 //! - [`xforward`]: the original client's identity, passed on to the hop.
@@ -12,6 +14,8 @@
 //! the next hop has accepted the message for it, so the client keeps every
 //! message it could not hand over, and retries.
 
+pub(crate) mod framing;
+pub(crate) mod intake;
 pub mod relay;
 pub mod reply;
 pub mod server;

@@ -91,6 +91,34 @@ impl fmt::Display for Reply {
     }
 }
 
+/// The hop's replies (one per relayed recipient) as replies to the client's
+/// recipients: a kept recipient gets its own; one replaced by the decision
+/// (reroute, review, quarantine) gets the replacement's, since its message
+/// went there.
+pub fn map_replies(client: &[String], relayed: &[String], replies: &[Reply]) -> Vec<Reply> {
+    let pos = |r: &str| relayed.iter().position(|x| x.eq_ignore_ascii_case(r));
+    let replacements: Vec<Reply> = relayed
+        .iter()
+        .zip(replies)
+        .filter(|(r, _)| !client.iter().any(|c| c.eq_ignore_ascii_case(r)))
+        .map(|(_, reply)| reply.clone())
+        .collect();
+    let fallback = combine(if replacements.is_empty() { replies } else { &replacements });
+    client.iter().map(|c| pos(c).and_then(|i| replies.get(i).cloned()).unwrap_or_else(|| fallback.clone())).collect()
+}
+
+/// One reply for several: success only if all succeeded; else a transient
+/// failure if there is one (the client retries), else the first failure.
+pub fn combine(replies: &[Reply]) -> Reply {
+    replies
+        .iter()
+        .find(|r| r.is_transient())
+        .or_else(|| replies.iter().find(|r| !r.is_positive()))
+        .or_else(|| replies.first())
+        .cloned()
+        .unwrap_or_else(Reply::hop_unavailable)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,5 +131,25 @@ mod tests {
         assert_eq!(Reply::from_hop(&hop).to_string(), "550-5.1.1 no such user\r\n550 5.1.1 bye\r\n");
         let odd = smtp_proto::Response { code: 999, esc: [0, 0, 0], message: String::new() };
         assert_eq!(Reply::from_hop(&odd).code, 451);
+    }
+
+    #[test]
+    fn replies_map_back_to_the_client_recipients() {
+        let ok = Reply::new(250, [2, 0, 0], "ok");
+        let full = Reply::new(452, [4, 2, 2], "full");
+        let client = vec!["a@x".to_string(), "b@x".to_string()];
+        // Rerouted: both get the department mailbox's answer.
+        assert_eq!(
+            map_replies(&client, &["d@x".into()], std::slice::from_ref(&full)),
+            vec![full.clone(), full.clone()]
+        );
+        // Copied: each keeps its own; the copy's failure does not fail them.
+        let relayed = vec!["a@x".into(), "b@x".into(), "d@x".into()];
+        assert_eq!(
+            map_replies(&client, &relayed, &[ok.clone(), full.clone(), full.clone()]),
+            vec![ok.clone(), full.clone()]
+        );
+        assert_eq!(combine(&[ok.clone(), full.clone()]), full);
+        assert_eq!(combine(&[ok.clone(), ok.clone()]), ok);
     }
 }

@@ -6,8 +6,11 @@
 //! run. [`seeds`] makes the starting corpora from real mail.
 //!
 //! The milter and SMTP targets drive the real sessions over an in-memory
-//! stream into the real pipeline (rules only: the encoder is not a parser of
-//! untrusted bytes and would make each run cost milliseconds).
+//! stream into the real pipeline (rules only: the encoder is not a parser
+//! of untrusted bytes and would make each run cost milliseconds). The SMTP
+//! one relays to [`hop`], the next hop tests/smtp_session.rs uses too.
+
+pub mod hop;
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -141,52 +144,13 @@ fn bench() -> &'static Bench {
         let lmtp = SmtpSettings::new(&cfg, true, None, budget, relay);
         let _ = std::fs::remove_file(&hop);
         let listener = rt.block_on(async { tokio::net::UnixListener::bind(&hop) }).expect("the fake hop's socket");
-        rt.spawn(fake_hop(listener));
-        Bench { rt, filter, milter: SessionConfig::from(&cfg), smtp, lmtp }
-    })
-}
-
-/// A next hop that accepts everything, as a well-behaved MTA would.
-async fn fake_hop(listener: tokio::net::UnixListener) {
-    while let Ok((stream, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut lines = tokio::io::BufReader::new(r);
-            let _ = w.write_all(b"220 hop ESMTP\r\n").await;
-            let mut in_data = false;
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                match tokio::io::AsyncBufReadExt::read_until(&mut lines, b'\n', &mut line).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                let reply: &[u8] = if in_data {
-                    if line != b".\r\n" && line != b".\n" {
-                        continue;
-                    }
-                    in_data = false;
-                    b"250 queued\r\n"
-                } else {
-                    match line.get(..4).map(|c| c.to_ascii_uppercase()).as_deref() {
-                        Some(b"EHLO") | Some(b"LHLO") => b"250-hop\r\n250-8BITMIME\r\n250 SIZE 1000000\r\n",
-                        Some(b"DATA") => {
-                            in_data = true;
-                            b"354 go on\r\n"
-                        }
-                        Some(b"QUIT") => {
-                            let _ = w.write_all(b"221 bye\r\n").await;
-                            return;
-                        }
-                        _ => b"250 ok\r\n",
-                    }
-                };
-                if w.write_all(reply).await.is_err() {
-                    return;
-                }
+        rt.spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(hop::converse(stream, false, None));
             }
         });
-    }
+        Bench { rt, filter, milter: SessionConfig::from(&cfg), smtp, lmtp }
+    })
 }
 
 /// Milter frames from fuzz input: records of `[code][len u16 BE][payload]`
@@ -287,7 +251,7 @@ pub fn seeds(target: &str, corpus: &Path, max: usize) -> Vec<Vec<u8>> {
         "smtp" => messages.iter().enumerate().map(|(i, m)| smtp_conversation(i % 2 == 1, m)).collect(),
         "milter" => messages.iter().map(|m| milter_conversation(m)).collect(),
         "config" => {
-            let shipped = include_str!("../conf/mailtriage.toml");
+            let shipped = include_str!("../../conf/mailtriage.toml");
             vec![shipped.as_bytes().to_vec(), BENCH_CONFIG.as_bytes().to_vec()]
         }
         "head" => vec![tiny_head_file()],
