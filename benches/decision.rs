@@ -80,9 +80,9 @@ fn bench(c: &mut Criterion) {
     // the PostgreSQL writer (shared mode). The writer's inserts run on their
     // own thread and connection; here its server is absent, so it drops
     // batches: the decision's side of it costs the same either way.
-    use mailtriage::learn::feedback::recent::{Bounds, RecentDecisions, SharedWindow};
-    use mailtriage::learn::feedback::store::Store;
-    use mailtriage::learn::feedback::MessageFeatures;
+    use mailtriage::learn::correction::MessageFeatures;
+    use mailtriage::learn::filter::recent::{Bounds, RecentDecisions, SharedWindow};
+    use mailtriage::learn::store::Store;
     let features = MessageFeatures {
         terms: mailtriage::model::lexical::TermCounts::of(&body[..2000], 18),
         language: "en",

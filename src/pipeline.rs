@@ -5,7 +5,7 @@
 //! strips inbound `X-Triage-*` headers.
 //!
 //! [`Triage`] is the [`Filter`] a front door calls. The feedback layer
-//! (`learn::feedback::layer`) wraps it; it knows nothing of feedback.
+//! (`learn::filter::layer`) wraps it; it knows nothing of feedback.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;

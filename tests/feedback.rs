@@ -14,8 +14,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mailtriage::learn::feedback::store::{RecentRow, Store};
-use mailtriage::learn::feedback::{Channel, Correction};
+use mailtriage::learn::correction::{Channel, Correction};
+use mailtriage::learn::store::{RecentRow, Store};
 use mailtriage::model::lexical::TermCounts;
 use serde_json::Value;
 use support::{Daemon, Mail, Postfix, DOMAIN};
@@ -429,7 +429,7 @@ fn the_gate_refuses_a_poisoned_batch_and_expired_corrections_are_deleted() {
 
     let batch = &rest[..rest.len() / BATCHES];
     let store = Store::open(&store_url).unwrap();
-    let now = mailtriage::learn::feedback::now();
+    let now = mailtriage::learn::correction::now();
     // Poisoned: every label moved to another class.
     let queues: Vec<&str> = all.iter().map(Ticket::queue).collect::<BTreeSet<_>>().into_iter().collect();
     for (i, t) in batch.iter().enumerate() {
@@ -669,7 +669,7 @@ fn postgresql_store_gives_the_same_retraining_as_sqlite() {
     let sqlite_cfg = offline_config(w, &all, &sqlite_url, &w.join("heads-sqlite"));
     let pg_cfg = offline_config(w, &all, &pg.url(), &w.join("heads-pg"));
     train(&sqlite_cfg, &w.join("initial.jsonl"), &w.join("initial.safetensors"));
-    let now = mailtriage::learn::feedback::now();
+    let now = mailtriage::learn::correction::now();
     let stores = [Store::open(&sqlite_url).unwrap(), Store::open(&pg.url()).unwrap()];
     for t in &rest[..rest.len() / BATCHES] {
         for s in &stores {
@@ -1148,7 +1148,7 @@ http_token_file = "{w}/token""#,
     // A batch of corrections: exactly one instance retrains, all serve the promotion.
     let store = Arc::new(Store::open_with(&good, Some(&tls.password_file)).unwrap());
     for t in &rest[..batch] {
-        store.insert(&correction(t, t.queue(), mailtriage::learn::feedback::now())).unwrap();
+        store.insert(&correction(t, t.queue(), mailtriage::learn::correction::now())).unwrap();
     }
     wait_until(
         "the first retraining",
@@ -1182,7 +1182,7 @@ http_token_file = "{w}/token""#,
     // The leader is killed mid-retraining: another takes over, loses no correction, promotes at most once.
     let first = leader_of(&cluster)[0];
     for t in &rest[batch..2 * batch] {
-        store.insert(&correction(t, t.queue(), mailtriage::learn::feedback::now())).unwrap();
+        store.insert(&correction(t, t.queue(), mailtriage::learn::correction::now())).unwrap();
     }
     let newest = store.max_id().unwrap();
     wait_until(
@@ -1216,8 +1216,8 @@ http_token_file = "{w}/token""#,
     // A version promoted from anywhere reaches the survivors; `heads rollback` on C brings back v1 everywhere.
     let survivors: Vec<usize> = (0..3).filter(|&i| cluster[i].daemon.is_some()).collect();
     let mut head = mailtriage::model::head::Head::load(&w.join("initial.safetensors")).unwrap();
-    let registry = mailtriage::learn::feedback::heads::Registry::with_store(w.join("heads-test"), store.clone());
-    let v = registry.promote(mailtriage::learn::feedback::heads::Role::Department, &mut head).unwrap();
+    let registry = mailtriage::learn::store::heads::Registry::with_store(w.join("heads-test"), store.clone());
+    let v = registry.promote(mailtriage::learn::store::heads::Role::Department, &mut head).unwrap();
     let n: u32 = v.trim_start_matches('v').parse().unwrap();
     assert_eq!(n, versions + 1);
     wait_until(
@@ -1247,7 +1247,7 @@ http_token_file = "{w}/token""#,
                 let t = &all[i % all.len()];
                 RecentRow {
                     hash: format!("{i:032x}"),
-                    decided_at: mailtriage::learn::feedback::now(),
+                    decided_at: mailtriage::learn::correction::now(),
                     language: "en".into(),
                     terms: TermCounts::of(&format!("{}\n{}", t.subject(), t.body()), 18).to_bytes(),
                     encoder: (dim > 0).then(|| "sentence-transformers/all-MiniLM-L6-v2".into()),

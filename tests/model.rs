@@ -346,7 +346,7 @@ fn classify_uses_the_model_and_sends_unsure_mail_to_review() {
         targets.push(((best_below + 0.0005) * 10_000.0).ceil() / 10_000.0);
     }
     for target in targets {
-        let point = mailtriage::learn::eval::threshold_for(&curve, target);
+        let point = mailtriage::learn::train::eval::threshold_for(&curve, target);
         let cfg = config(
             dir.path(),
             &format!(

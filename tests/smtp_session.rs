@@ -24,7 +24,7 @@ mod session {
     use mailtriage::frontdoor::budget::ByteBudget;
     use mailtriage::frontdoor::{Filter, FilterError, MessageInput};
     use mailtriage::fuzz::hop::FakeHop;
-    use mailtriage::learn::feedback::layer::FeedbackLayer;
+    use mailtriage::learn::filter::layer::FeedbackLayer;
     use mailtriage::pipeline::Triage;
     use mailtriage::settings::{Config, ListenAddress, NextHop, OnError};
     use mailtriage::smtp::relay::RelaySettings;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use mailtriage::daemon::forget::{self, Erased, Places, Subject};
-use mailtriage::learn::feedback::store::Store;
+use mailtriage::learn::store::Store;
 use mailtriage::record::audit::{self, AuditError};
 use mailtriage::record::pseudonym::Pseudonyms;
 use mailtriage::settings::Config;

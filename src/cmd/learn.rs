@@ -9,15 +9,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use mailtriage::daemon;
-use mailtriage::learn::feedback::heads;
-use mailtriage::learn::feedback::heads::{Registry, Role};
-use mailtriage::learn::feedback::intake::Requested;
-use mailtriage::learn::feedback::layer::FeedbackLink;
-use mailtriage::learn::feedback::leader::{self, Leadership};
-use mailtriage::learn::feedback::recent::RecentDecisions;
-use mailtriage::learn::feedback::retrain::{self, RetrainOutcome};
-use mailtriage::learn::feedback::store::Store;
-use mailtriage::learn::feedback::{Channel, FeedbackError, Recorded};
+use mailtriage::learn::correction::{Channel, Recorded};
+use mailtriage::learn::filter::intake::Requested;
+use mailtriage::learn::filter::layer::FeedbackLink;
+use mailtriage::learn::filter::recent::RecentDecisions;
+use mailtriage::learn::filter::FeedbackError;
+use mailtriage::learn::store::heads;
+use mailtriage::learn::store::heads::{Registry, Role};
+use mailtriage::learn::store::leader::{self, Leadership};
+use mailtriage::learn::store::Store;
+use mailtriage::learn::train::retrain::{self, RetrainOutcome};
 use mailtriage::pipeline::Triage;
 use mailtriage::settings::Config;
 
@@ -116,9 +117,7 @@ pub(crate) fn token(cfg: &Config) -> Result<Option<String>> {
 fn roles(cfg: &Config, only: Option<HeadArg>) -> Vec<Role> {
     match only {
         Some(h) => vec![role(h)],
-        None => {
-            Role::ALL.into_iter().filter(|&r| mailtriage::learn::feedback::heads::in_use(cfg, r).is_some()).collect()
-        }
+        None => Role::ALL.into_iter().filter(|&r| mailtriage::learn::store::heads::in_use(cfg, r).is_some()).collect(),
     }
 }
 
@@ -192,7 +191,7 @@ pub fn heads(cfg: &Config, cmd: &HeadsCommand) -> Result<ExitCode> {
                     continue;
                 }
                 if versions.is_empty() {
-                    let configured = mailtriage::learn::feedback::heads::in_use(cfg, r);
+                    let configured = mailtriage::learn::store::heads::in_use(cfg, r);
                     println!(
                         "{}: no promoted versions (in use: {})",
                         r.as_str(),
@@ -268,7 +267,7 @@ pub fn report(cfg: &Config, days: u64, json: bool) -> Result<ExitCode> {
             }
         }
     }
-    let since_unix = mailtriage::learn::feedback::now() - (days * 86_400) as i64;
+    let since_unix = mailtriage::learn::correction::now() - (days * 86_400) as i64;
     let corrections = match cfg.feedback.as_ref() {
         Some(_) => open_store(cfg)?.summary(since_unix)?,
         None => Vec::new(),

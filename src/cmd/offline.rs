@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use mailtriage::learn::dataset::{self, Record};
-use mailtriage::learn::eval::{self, Metrics, Outcome};
-use mailtriage::learn::feedback::heads;
+use mailtriage::learn::store::heads;
+use mailtriage::learn::train::dataset::{self, Record};
+use mailtriage::learn::train::eval::{self, Metrics, Outcome};
 use mailtriage::learn::train::{self, Example, Provenance, TrainOptions};
 use mailtriage::message::envelope::{Client, Envelope};
 use mailtriage::message::extract::ExtractLimits;

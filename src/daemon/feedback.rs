@@ -14,14 +14,15 @@ use tokio::sync::Notify;
 use super::http::Handler;
 use super::Running;
 use crate::daemon::forget::ErasureFollower;
-use crate::learn::feedback::heads::{self, Registry, Role};
-use crate::learn::feedback::intake::Requested;
-use crate::learn::feedback::layer::FeedbackLink;
-use crate::learn::feedback::leader::{self, Leadership};
-use crate::learn::feedback::recent::{Bounds, RecentDecisions, SharedWindow};
-use crate::learn::feedback::retrain;
-use crate::learn::feedback::store::{instance_name, Store, FORGET_CHANNEL};
-use crate::learn::feedback::{Channel, FeedbackError};
+use crate::learn::correction::Channel;
+use crate::learn::filter::intake::Requested;
+use crate::learn::filter::layer::FeedbackLink;
+use crate::learn::filter::recent::{Bounds, RecentDecisions, SharedWindow};
+use crate::learn::filter::FeedbackError;
+use crate::learn::store::heads::{self, Registry, Role};
+use crate::learn::store::leader::{self, Leadership};
+use crate::learn::store::{instance_name, Store, FORGET_CHANNEL};
+use crate::learn::train::retrain;
 use crate::record::metrics::name;
 use crate::record::recorder::Recorder;
 use crate::settings::Config;
@@ -275,7 +276,7 @@ pub fn spawn_store_listener(heads_dir: PathBuf, link: &FeedbackLink, shared: Run
             // Erasure requests are kept a year and a month: longer than any audit retention.
             if last_expiry.is_none_or(|t| t.elapsed() > Duration::from_secs(3600)) {
                 last_expiry = Some(Instant::now());
-                let _ = listen.expire_erasures(crate::learn::feedback::now() - 400 * 86_400);
+                let _ = listen.expire_erasures(crate::learn::correction::now() - 400 * 86_400);
             }
             let waited = listen.with_pg(|c| {
                 c.batch_execute(&format!("LISTEN {}; LISTEN {}", heads::CHANNEL, FORGET_CHANNEL))?;

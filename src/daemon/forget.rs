@@ -24,8 +24,8 @@ use thiserror::Error;
 
 use super::http::Handler;
 use super::Running;
-use crate::learn::feedback::recent::RecentDecisions;
-use crate::learn::feedback::store::{Store, StoreError};
+use crate::learn::filter::recent::RecentDecisions;
+use crate::learn::store::{Store, StoreError};
 use crate::record::audit::{self, AuditError, ErasedLines};
 use crate::record::pseudonym::Pseudonyms;
 

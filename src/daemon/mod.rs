@@ -27,8 +27,8 @@ use tokio::sync::{watch, Notify};
 use crate::frontdoor::budget::ByteBudget;
 use crate::frontdoor::net::{Listener, ServerError};
 use crate::frontdoor::Live;
-use crate::learn::feedback::heads::{self, Registry};
-use crate::learn::feedback::layer::{FeedbackLayer, FeedbackLink};
+use crate::learn::filter::layer::{FeedbackLayer, FeedbackLink};
+use crate::learn::store::heads::{self, Registry};
 use crate::milter::session::SessionConfig;
 use crate::pipeline::{Triage, TriageError};
 use crate::record::metrics::{self, MetricsError};
@@ -124,7 +124,7 @@ pub fn check(cfg: &Config) -> Result<String, Vec<String>> {
     }
     let mut store = None;
     if let Some(f) = &cfg.feedback {
-        match crate::learn::feedback::store::Store::for_config(f, false).and_then(|s| s.describe()) {
+        match crate::learn::store::Store::for_config(f, false).and_then(|s| s.describe()) {
             Ok(d) => store = Some(d),
             Err(e) => problems.push(e.to_string()),
         }

@@ -18,7 +18,7 @@ use std::sync::{Arc, LazyLock};
 use tokio::sync::Notify;
 
 use super::Running;
-use crate::learn::feedback::layer::{FeedbackLayer, FeedbackLink};
+use crate::learn::filter::layer::{FeedbackLayer, FeedbackLink};
 use crate::record::metrics;
 use crate::settings::{Config, FeedbackConfig, RelayConfig};
 

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::daemon;
-use crate::learn::feedback::layer::FeedbackLayer;
+use crate::learn::filter::layer::FeedbackLayer;
 use crate::message::extract::{self, ExtractLimits};
 use crate::milter::codec;
 use crate::milter::session::{Session as MilterSession, SessionConfig};
@@ -57,7 +57,7 @@ pub fn mime(data: &[u8]) {
 
 /// Feedback intake: finding the corrected message inside a forwarded one.
 pub fn intake(data: &[u8]) {
-    let _ = crate::learn::feedback::intake::forwarded(data, limits());
+    let _ = crate::learn::filter::intake::forwarded(data, limits());
 }
 
 /// The configuration loader: TOML, validation, and (without a model, which
@@ -398,7 +398,7 @@ Message-ID: <s1@client.example>\r\n\r\nPlease pay.\r\n.leading dot\r\n";
         assert!(text.contains("billing@corp.example"), "no reroute in the milter answers: {text:?}");
         let answers = smtp_answers(&smtp_conversation(false, MESSAGE));
         let text = String::from_utf8_lossy(&answers);
-        assert!(text.contains("354 ") && text.contains("250 queued"), "not relayed to the hop: {text}");
+        assert!(text.contains("354 ") && text.contains("250 2.0.0 queued"), "not relayed to the hop: {text}");
         assert!(text.contains("221"), "the session ended with QUIT: {text}");
         for t in TARGETS {
             assert!(run(t, b"") && run(t, &[0xFF; 7]));

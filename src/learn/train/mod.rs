@@ -8,14 +8,26 @@
 //! through a softmax with a fitted temperature: a stratified dev split is
 //! held back to fit it (calibration) and to report figures; the head is then
 //! refitted on all the data with the same settings and that temperature.
+//!
+//! Offline, or in the background: nothing here runs on a message's path.
+//! - [`dataset`]: labeled mail (JSONL, Maildir, mbox, a folder per department).
+//! - [`eval`]: accuracy, macro-F1, calibration, risk-coverage.
+//! - [`lbfgs`], [`dual_cd`]: the two solvers; [`rng`]: the one seeded source of randomness.
+//! - [`retrain`]: original data + the corrections' reservoir → candidate → gate.
+
+pub mod dataset;
+pub mod dual_cd;
+pub mod eval;
+pub mod lbfgs;
+pub mod retrain;
+pub mod rng;
 
 use std::collections::BTreeSet;
 
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::learn::eval::{self, Metrics, Outcome};
-use crate::learn::{dual_cd, lbfgs};
+use self::eval::{Metrics, Outcome};
 use crate::model::head::{softmax, CascadeMeta, Head, HeadMeta};
 use crate::model::lexical::{self, LexicalConfig, Sparse, TermCounts};
 
@@ -199,7 +211,7 @@ pub struct Provenance {
     pub input_prefix: Option<String>,
 }
 
-use super::rng::Rng;
+use self::rng::Rng;
 
 /// Indices of a stratified split: (train, dev).
 pub fn stratified_split(labels: &[usize], classes: usize, fraction: f32, seed: u64) -> (Vec<usize>, Vec<usize>) {

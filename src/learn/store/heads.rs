@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 pub use super::leader::Fence;
-use super::store::{Store, StoreError};
+use super::{Store, StoreError};
 use crate::model::head::Head;
 use crate::model::ModelError;
 use crate::settings::Config;
@@ -226,8 +226,8 @@ impl Registry {
             }
             return Ok(version);
         };
-        let instance = super::store::instance_name();
-        let now = super::now();
+        let instance = super::instance_name();
+        let now = crate::learn::correction::now();
         let version = db.with_pg(|c| {
             let mut tx = c.transaction()?;
             // One promotion at a time, whoever asks (a leader, `heads rollback`, `retrain`).
@@ -304,11 +304,11 @@ impl Registry {
         };
         // The version must load before every instance is told to use it.
         let path = self.cached(db, role, n)?;
-        let instance = super::store::instance_name();
+        let instance = super::instance_name();
         db.with_pg(|c| {
             let mut tx = c.transaction()?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&super::leader::PROMOTE_LOCK])?;
-            point_in(&mut tx, role, n as i32, super::now(), &instance)?;
+            point_in(&mut tx, role, n as i32, crate::learn::correction::now(), &instance)?;
             tx.commit()
         })?;
         self.sync()?;

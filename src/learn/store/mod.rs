@@ -1,15 +1,27 @@
 //! Where corrections live: SQLite (one instance) or PostgreSQL (several
 //! instances behind several MTAs sharing one store). Same table, same SQL
 //! (`$n` placeholders work in both), and only features: see [`Correction`].
+//!
+//! - [`schema`]: every table, in one place.
+//! - [`pg`]: connecting to PostgreSQL the way libpq does.
+//! - [`leader`]: which instance retrains, when several share the store.
+//! - [`heads`]: versioned head files, the current pointer, rollback.
+//!
+//! Nothing here trains or decides: the filter writes through it, training
+//! reads from it.
+
+pub mod heads;
+pub mod leader;
+pub mod pg;
+pub mod schema;
 
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use thiserror::Error;
 
-use super::pg::Target;
-use super::schema;
-use super::Correction;
+use self::pg::Target;
+use crate::learn::correction::Correction;
 use crate::model::lexical::TermCounts;
 
 #[derive(Debug, Error)]
@@ -351,7 +363,7 @@ impl Store {
             let id: i64 = tx
                 .query_one(
                     "INSERT INTO mailtriage_erasures (requested_at, message_hash) VALUES ($1, $2) RETURNING id",
-                    &[&super::now(), &hash],
+                    &[&crate::learn::correction::now(), &hash],
                 )?
                 .get(0);
             tx.execute("SELECT pg_notify($1, $2)", &[&FORGET_CHANNEL, &id.to_string()])?;
@@ -620,7 +632,7 @@ fn decode(row: RawRow) -> Result<Correction, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::learn::feedback::Channel;
+    use crate::learn::correction::Channel;
 
     pub(crate) fn sample(created_at: i64, department: &str) -> Correction {
         Correction {

@@ -1,29 +1,12 @@
-//! Continuous learning: staff corrections come back, are kept as features
-//! only, and feed a retraining that is promoted only when it is no worse.
-//!
-//! - [`intake`]: recognising feedback mail and what message it corrects.
-//! - [`store`]: SQLite or PostgreSQL rows of [`Correction`].
-//! - [`recent`]: features of recent decisions, for corrections by Message-ID.
-//! - [`retrain`]: original data + feedback reservoir → candidate → gate.
-//! - [`heads`]: versioned head files, the current pointer, rollback.
+//! What a staff correction is, wherever it came from and wherever it is
+//! kept: the [`Correction`] row, its [`Channel`], the labels it names, and
+//! the errors every channel answers with.
 //!
 //! Privacy by construction: a [`Correction`] holds hashed term counts, an
 //! embedding, labels, a channel, a pseudonymous actor and times — never a
 //! subject, a body or an address.
 
-pub mod heads;
-pub mod intake;
-pub mod layer;
-pub mod leader;
-pub mod pg;
-pub mod recent;
-pub mod retrain;
-pub mod schema;
-pub mod store;
-
 use std::str::FromStr;
-
-use thiserror::Error;
 
 use crate::model::lexical::TermCounts;
 
@@ -161,36 +144,6 @@ impl std::fmt::Display for Recorded {
             write!(f, "{sep} priority {p}")?;
         }
         Ok(())
-    }
-}
-
-#[derive(Debug, Error)]
-pub enum FeedbackError {
-    #[error("unknown department `{0}` (known: {1})")]
-    UnknownDepartment(String, String),
-    #[error("unknown priority `{0}` (known: {1})")]
-    UnknownPriority(String, String),
-    #[error("a correction needs a department or a priority")]
-    NoLabel,
-    #[error("no recent decision for that Message-ID (it is older than the recent-decisions window, or was decided by a rule)")]
-    NotRecent,
-    #[error(transparent)]
-    Store(#[from] store::StoreError),
-    #[error("feedback is not configured: add a [feedback] section with `store`")]
-    NotConfigured,
-}
-
-impl FeedbackError {
-    /// The `reason` label of `mailtriage_feedback_refused_total`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            FeedbackError::UnknownDepartment(..) => "unknown_department",
-            FeedbackError::UnknownPriority(..) => "unknown_priority",
-            FeedbackError::NoLabel => "no_label",
-            FeedbackError::NotRecent => "not_recent",
-            FeedbackError::Store(_) => "store_unavailable",
-            FeedbackError::NotConfigured => "not_configured",
-        }
     }
 }
 

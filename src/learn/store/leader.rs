@@ -11,7 +11,7 @@
 //! checks, inside its own transaction, that the leader's session (its
 //! backend pid, the [`Fence`]) still holds the lock ([`holds`]).
 
-use super::store::{Store, StoreError};
+use super::{Store, StoreError};
 
 /// Who may promote: the backend pid of the connection holding the
 /// retraining lock (see the module's text). The promotion's transaction

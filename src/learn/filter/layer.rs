@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use super::intake::{self, FeedbackAddress, Requested};
 use super::recent::RecentDecisions;
-use super::store::Store;
-use super::{Channel, FeedbackError, MessageFeatures, Recorded};
+use super::FeedbackError;
 use crate::act::{Change, Plan};
 use crate::decide::engine::Evidence;
+use crate::learn::correction::{Channel, MessageFeatures, Recorded};
+use crate::learn::store::Store;
 use crate::message::language;
 use crate::model::lexical::{LexicalConfig, TermCounts};
 use crate::model::{encoder_text, ModelError};

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::store::{RecentRow, Store, StoreError};
-use super::{now, MessageFeatures};
+use crate::learn::correction::{now, MessageFeatures};
+use crate::learn::store::{RecentRow, Store, StoreError};
 use crate::message::language;
 use crate::model::lexical::TermCounts;
 use crate::record::metrics::name;

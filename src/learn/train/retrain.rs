@@ -14,11 +14,11 @@ use std::sync::Arc;
 use serde::Serialize;
 use thiserror::Error;
 
-use super::heads::{self, Attempt, Fence, HeadsError, Registry, Role};
-use super::store::{Store, StoreError};
-use super::{now, Correction};
-use crate::learn::dataset::{self, DataError};
-use crate::learn::eval::{self, Outcome};
+use crate::learn::correction::{now, Correction};
+use crate::learn::store::heads::{self, Attempt, Fence, HeadsError, Registry, Role};
+use crate::learn::store::{Store, StoreError};
+use crate::learn::train::dataset::{self, DataError};
+use crate::learn::train::eval::{self, Outcome};
 use crate::learn::train::{self, Example, Loss, Provenance, TrainError, TrainOptions};
 use crate::message::extract::ExtractLimits;
 use crate::message::language;
@@ -106,7 +106,7 @@ pub fn held_back(id: i64, percent: u8) -> bool {
 /// `encoder` is needed when the head reads embeddings; `threads` embed the
 /// original data (once: `embedding_cache` keeps them).
 /// With a PostgreSQL store, `fence` is the retraining leader's (see
-/// [`super::leader`]): the promotion happens only while it still leads.
+/// [`crate::learn::store::leader`]): the promotion happens only while it still leads.
 pub fn retrain(
     cfg: &Config,
     store: &Arc<Store>,

@@ -11,7 +11,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use mail_parser::{MessageParser, PartType};
 
-use super::{FeedbackError, Labels};
+use super::FeedbackError;
+use crate::learn::correction::Labels;
 use crate::message::extract::{extract, ExtractLimits};
 use crate::model::model_text;
 use crate::settings::Catalog;
