@@ -2,7 +2,8 @@
 //! configuration as typed ids, built once when the file is loaded, so every
 //! stage reads the same catalog instead of re-reading the file's strings.
 
-use super::file::{Config, DefaultsConfig};
+use super::file::Config;
+use super::routing::DefaultsConfig;
 use crate::domain::{Action, DepartmentId, PriorityId};
 
 /// One configured department.

@@ -6,8 +6,10 @@ use std::collections::HashSet;
 
 use regex::Regex;
 
-use super::file::{Config, RelayTls, RuleAction};
+use super::file::Config;
 use super::load::{ConfigError, Problem};
+use super::relay::RelayTls;
+use super::routing::RuleAction;
 use crate::domain::Action;
 
 impl Config {

@@ -74,7 +74,7 @@ impl Loss {
 pub struct TrainOptions {
     pub loss: Loss,
     /// L-BFGS iterations at most, logistic loss only (it usually converges
-    /// sooner; the squared hinge is solved in the dual, [`dual_cd`]).
+    /// sooner; the squared hinge is solved in the dual, [`dual_cd`](super::dual_cd)).
     pub max_iterations: usize,
     /// L2 weight of the summed (not averaged) loss: 1/C in scikit-learn's terms.
     pub l2: f32,
