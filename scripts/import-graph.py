@@ -21,6 +21,12 @@ RULES = [
     ("decide", "learn"), ("decide", "record"), ("decide", "milter"), ("decide", "smtp"),
     ("milter", "model"), ("milter", "decide"), ("smtp", "model"), ("smtp", "decide"),
     ("frontdoor", "model"), ("frontdoor", "decide"), ("message", "decide"), ("message", "model"),
+    # The engine and the front doors never know feedback; learning flows
+    # filter -> store -> train, and what they share (correction) knows none.
+    ("pipeline", "learn"), ("frontdoor", "learn"), ("milter", "learn"), ("smtp", "learn"),
+    ("learn::store", "learn::filter"), ("learn::store", "learn::train"), ("learn::train", "learn::filter"),
+    ("learn::correction", "learn::filter"), ("learn::correction", "learn::store"),
+    ("learn::correction", "learn::train"),
 ]
 GROUND = {"domain", "access", "redact"}
 

@@ -31,9 +31,13 @@
 //! what must be logged, in [`redact`]. Every layer may use these three.
 //!
 //! [`pipeline`] chains 2–6 behind the [`Filter`] trait. Around it,
-//! [`learn`] holds offline training and evaluation and the feedback layer
-//! (corrections in, gated retraining out). [`daemon`] builds all of it from
-//! the [`settings`], serves, reloads and drains.
+//! [`learn`], by lifetime: the feedback filter on the message path
+//! (`learn::filter`, corrections in), what outlives the process
+//! (`learn::store`: corrections, shared recent window, versioned heads) and
+//! training (`learn::train`: datasets, fitting, evaluation, the gated
+//! retrain). [`daemon`] builds all of it from the [`settings`], serves,
+//! reloads and drains. With the `fuzzing` feature only, `fuzz` holds the
+//! fuzz targets and the fake next hop the SMTP tests share.
 //!
 //! [`MessageInput`]: frontdoor::MessageInput
 //! [`Filter`]: frontdoor::Filter
