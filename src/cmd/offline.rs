@@ -71,7 +71,8 @@ fn model_config(cfg: &Config) -> ModelConfig {
 fn load_encoder(m: &ModelConfig) -> Result<Encoder> {
     let dir = fetch::resolve(m.path.as_deref(), &m.id)?;
     Ok(Encoder::load(&dir, m.max_tokens, &mailtriage::model::device(m.device)?, m.precision)?
-        .with_input_prefix(&m.input_prefix))
+        .with_input_prefix(&m.input_prefix)
+        .with_id(&m.id))
 }
 
 fn read_data(cfg: &Config, args: &DataArgs, need_label: bool) -> Result<Vec<Record>> {
@@ -85,13 +86,13 @@ fn read_data(cfg: &Config, args: &DataArgs, need_label: bool) -> Result<Vec<Reco
 }
 
 /// Embeds model texts as the daemon does: through [`encoder_text`].
-fn embed(m: &ModelConfig, encoder: &dyn TextEncoder, texts: &[String], args: &DataArgs) -> Result<Vec<Vec<f32>>> {
+fn embed(encoder: &dyn TextEncoder, texts: &[String], args: &DataArgs) -> Result<Vec<Vec<f32>>> {
     let texts: Vec<String> = texts.iter().map(|t| encoder_text(t)).collect();
     let texts = texts.as_slice();
     let threads = args.threads();
     let progress = Progress::new("embedding", texts.len());
     let started = Instant::now();
-    let out = bulk::embed_all(encoder, &m.id, texts, threads, args.embedding_cache.as_deref(), &|d| progress.set(d))?;
+    let out = bulk::embed_all(encoder, texts, threads, args.embedding_cache.as_deref(), &|d| progress.set(d))?;
     progress.finish();
     eprintln!("embedded {} texts in {:.1} s ({threads} threads)", texts.len(), started.elapsed().as_secs_f64());
     Ok(out)
@@ -129,7 +130,7 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
     } else {
         let encoder = load_encoder(&m)?;
         let texts: Vec<String> = records.iter().map(|r| r.text.clone()).collect();
-        (Some(embed(&m, &encoder, &texts, &args.data)?), Some(encoder.precision()))
+        (Some(embed(&encoder, &texts, &args.data)?), Some(encoder.precision()))
     };
     let label_field = if args.data.maildir.is_some() { "department".to_string() } else { args.data.label.clone() };
     let provenance = Provenance {
@@ -216,7 +217,7 @@ pub fn eval(cfg: &Config, args: &EvalArgs) -> Result<ExitCode> {
             bail!("{}: {why}", path.display());
         }
         let texts: Vec<String> = records.iter().map(|r| r.text.clone()).collect();
-        Some(embed(&m, &encoder, &texts, &args.data)?)
+        Some(embed(&encoder, &texts, &args.data)?)
     } else {
         None
     };

@@ -18,13 +18,12 @@ const CACHE_FLUSH_EVERY: usize = 256;
 /// Embeddings of `texts`, in order. `progress(done)` is called as they finish.
 pub fn embed_all(
     encoder: &dyn TextEncoder,
-    encoder_id: &str,
     texts: &[String],
     threads: usize,
     cache: Option<&Path>,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    let key = |t: &str| cache_key(encoder_id, encoder.max_tokens(), t);
+    let key = |t: &str| cache_key(encoder.id(), encoder.max_tokens(), t);
     let mut known = match cache {
         Some(p) => read_cache(p)?,
         None => HashMap::new(),

@@ -103,6 +103,9 @@ pub trait TextEncoder: Send + Sync {
     fn max_tokens(&self) -> usize;
     /// The arithmetic it computes in: `F32` or `Int8`.
     fn precision(&self) -> Precision;
+    /// The model's id (`[model] id`): which encoder a head's embeddings and
+    /// a cached or stored embedding came from.
+    fn id(&self) -> &str;
 }
 
 /// One forward pass of a BERT-family model over token ids, mean-pooled and
@@ -156,6 +159,8 @@ pub struct Encoder {
     precision: Precision,
     /// Put before every text (e5 models ask for `query: `).
     input_prefix: String,
+    /// `[model] id`; the directory's name until [`with_id`](Encoder::with_id).
+    id: String,
 }
 
 /// What `precision` means on this machine and device: `auto` is int8 where
@@ -235,12 +240,27 @@ impl Encoder {
                 .map_err(|e| bad(&weights_path, format!("does not hold a BERT model matching config.json: {e}")))?;
             Box::new(CandleBert { model, device: device.clone() })
         };
-        Ok(Encoder { backend, tokenizer, dim: config.hidden_size, max_tokens, precision, input_prefix: String::new() })
+        let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(Encoder {
+            backend,
+            tokenizer,
+            dim: config.hidden_size,
+            max_tokens,
+            precision,
+            input_prefix: String::new(),
+            id,
+        })
     }
 
     /// Every text is embedded as `prefix + text` (`[model] input_prefix`).
     pub fn with_input_prefix(mut self, prefix: &str) -> Encoder {
         self.input_prefix = prefix.to_string();
+        self
+    }
+
+    /// The id it is known by (`[model] id`).
+    pub fn with_id(mut self, id: &str) -> Encoder {
+        self.id = id.to_string();
         self
     }
 
@@ -294,6 +314,10 @@ impl TextEncoder for Encoder {
 
     fn precision(&self) -> Precision {
         self.precision
+    }
+
+    fn id(&self) -> &str {
+        &self.id
     }
 }
 

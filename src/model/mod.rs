@@ -238,7 +238,8 @@ pub fn load(
     let encoder = if needs_encoder {
         let dir = fetch::resolve(cfg.path.as_deref(), &cfg.id)?;
         let loaded = encoder::Encoder::load(&dir, cfg.max_tokens, &device(cfg.device)?, cfg.precision)?
-            .with_input_prefix(&cfg.input_prefix);
+            .with_input_prefix(&cfg.input_prefix)
+            .with_id(&cfg.id);
         Some(Arc::new(loaded) as Arc<dyn encoder::TextEncoder>)
     } else {
         None

@@ -192,8 +192,7 @@ pub fn retrain(
         match encoder.filter(|_| dim > 0) {
             Some(enc) => {
                 let texts: Vec<String> = records.iter().map(|r| encoder_text(&r.text)).collect();
-                let id = meta.encoder.clone().unwrap_or_default();
-                Ok(bulk::embed_all(enc, &id, &texts, threads, fb.embedding_cache.as_deref(), &|_| {})?)
+                Ok(bulk::embed_all(enc, &texts, threads, fb.embedding_cache.as_deref(), &|_| {})?)
             }
             None => Ok(vec![Vec::new(); records.len()]),
         }
