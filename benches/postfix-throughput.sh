@@ -3,10 +3,18 @@
 # machine, in one run: Postfix alone, Postfix + rspamd as milter, Postfix +
 # mailtriage as milter, on the same realistic mail. Prints one line of figures.
 #
-#   benches/postfix-throughput.sh [-n MESSAGES] [-c CONCURRENCY] [-m minilm|e5]
+#   benches/postfix-throughput.sh [-n MESSAGES] [-c CONCURRENCY] [-m minilm|e5] [-p]
 #
 # -m e5 runs multilingual-e5-small (scripts/fetch-multilingual-model.sh)
-# instead of all-MiniLM-L6-v2, heads trained on it.
+# instead of all-MiniLM-L6-v2, heads trained on it. -p records a CPU
+# profile of the daemon during the saturated run (perf, DWARF call graphs)
+# and prints where its CPU went by stage (benches/profile-stages.py).
+#
+# Three loads through the same Postfix: saturated (-c sessions as fast as
+# they go) for Postfix alone, with rspamd, and with mailtriage; then
+# mailtriage again at 70 % of its saturated rate (an open-loop paced sender),
+# where the decision latency that matters is measured. Decision p99 is
+# read from the daemon's histogram (interpolated inside its bucket).
 #
 # Needs root (Postfix), ../shared/bench/mailstack.sh and ../shared/data, the
 # model files (scripts/fetch-model.sh), and rspamd for the comparison (it is
@@ -18,8 +26,8 @@
 # below was seen in training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=2000 C=6 MODEL=minilm
-while getopts "n:c:m:" o; do case $o in n) N=$OPTARG;; c) C=$OPTARG;; m) MODEL=$OPTARG;; *) exit 2;; esac; done
+N=2000 C=6 MODEL=minilm PROFILE=0
+while getopts "n:c:m:p" o; do case $o in n) N=$OPTARG;; c) C=$OPTARG;; m) MODEL=$OPTARG;; p) PROFILE=1;; *) exit 2;; esac; done
 case $MODEL in
   minilm) MODEL_TOML="path = \"$PWD/models/all-MiniLM-L6-v2\"" ;;
   e5) MODEL_TOML="path = \"$PWD/models/multilingual-e5-small\"
@@ -29,10 +37,16 @@ input_prefix = \"query: \"" ;;
 esac
 B=../shared/bench
 W=$(mktemp -d /tmp/mt-throughput.XXXXXX)
-trap 'kill $DAEMON 2>/dev/null || true; rm -rf "$W"' EXIT
-DAEMON=
+trap 'kill $DAEMON 2>/dev/null || true; [ -n "$STACK" ] && $B/mailstack.sh down --workdir "$STACK" >/dev/null 2>&1; rm -rf "$W"' EXIT
+DAEMON= STACK=
 
-cargo build --release -q
+# MAILTRIAGE_BIN: measure that binary (another revision's build) instead.
+if [ -n "${MAILTRIAGE_BIN:-}" ]; then
+  MT=$MAILTRIAGE_BIN
+else
+  cargo build --release -q
+  MT=${CARGO_TARGET_DIR:-target}/release/mailtriage
+fi
 if [ "$MODEL" = e5 ]; then bash scripts/fetch-multilingual-model.sh >/dev/null; else bash scripts/fetch-model.sh >/dev/null; fi
 
 python3 - "$W" <<'PY'
@@ -62,7 +76,6 @@ for i, r in enumerate(mix):
                 f"Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n\n{body}\n")
 PY
 
-MT=./target/release/mailtriage
 cat > "$W/train.toml" <<TOML
 [model]
 $MODEL_TOML
@@ -101,16 +114,74 @@ if command -v rspamd >/dev/null; then
 fi
 $MT --config "$W/daemon.toml" serve >"$W/daemon.log" 2>&1 & DAEMON=$!
 for _ in $(seq 100); do curl -sf localhost:19898/readyz >/dev/null && break; sleep 0.2; done
+if [ "$PROFILE" = 1 ]; then
+  perf record -q -F 250 --call-graph dwarf,16384 -p $DAEMON -o "$W/perf.data" 2>/dev/null & PERF=$!
+fi
 $B/mailstack.sh run --eml-dir "$W/eml" -n "$N" -c "$C" --milter-port 11332 --header X-Triage-Department >"$W/mt.txt" 2>&1
-M=$(curl -s localhost:19898/metrics)
-metric() { { echo "$M" | grep -E "^$1" || true; } | awk '{s+=$2} END {print s+0}'; }
-total=$(metric 'mailtriage_decision_seconds_count')
-le250=$(metric 'mailtriage_decision_seconds_bucket\{le="0.25"\}')
-failed=$(metric 'mailtriage_decisions_failed_total')
-lexical=$(metric 'mailtriage_model_decisions_total\{path="lexical"\}')
-overload=$(metric 'mailtriage_model_decisions_total\{path="overload"\}')
-tagged=$(grep -oP 'with X-Triage-Department : \K[0-9]+' "$W/mt.txt")
+if [ "$PROFILE" = 1 ]; then
+  kill -INT $PERF; wait $PERF || true
+  perf script -i "$W/perf.data" 2>/dev/null | python3 benches/profile-stages.py >"$W/profile.txt"
+fi
+curl -s localhost:19898/metrics >"$W/saturated.prom"
+
+# 70 % of the saturated rate, paced: the same mail, sent open-loop.
+SAT=$(rate "$W/mt.txt")
+PACE=$(awk -v r="$SAT" 'BEGIN { printf "%.1f", r * 0.7 }')
+STACK=$($B/mailstack.sh up --milter-port 11332 2>/dev/null | sed -n 's/^WORKDIR=//p')
+python3 benches/paced-send.py --port 10025 --rate "$PACE" "$W/eml" >"$W/paced.txt"
+for _ in $(seq 300); do
+  [ -z "$(find "$STACK" -path '*/spool/*' \( -path '*/incoming/*' -o -path '*/active/*' -o -path '*/maildrop/*' \) -type f 2>/dev/null | head -1)" ] && break
+  sleep 0.2
+done
+$B/mailstack.sh down --workdir "$STACK" >/dev/null 2>&1; STACK=
+curl -s localhost:19898/metrics >"$W/paced.prom"
 rss=$(grep VmHWM /proc/$DAEMON/status | awk '{print $2/1024}')
-echo "mailtriage $(rate "$W/mt.txt") msg/s | postfix alone $(rate "$W/none.txt") | postfix+rspamd $RSPAMD |" \
-     "tagged $tagged/$N | decisions <=250ms $le250/$total | failed open $failed | lexical (no encoder) $lexical |" \
-     "overload $overload | peak RSS ${rss} MB | c=$C | $MODEL"
+
+python3 - "$W" "$N" "$C" "$MODEL" "$rss" "$RSPAMD" "$(rate "$W/none.txt")" "$SAT" <<'PY'
+import re, sys
+w, n, c, model, rss, rspamd, alone, sat = sys.argv[1:]
+def prom(path):
+    out = {}
+    for line in open(path):
+        if line.startswith('#') or not line.strip():
+            continue
+        key, value = line.rsplit(' ', 1)
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+def total(p, prefix):
+    return sum(v for k, v in p.items() if k.startswith(prefix))
+def buckets(p):
+    b = {}
+    for k, v in p.items():
+        m = re.match(r'mailtriage_decision_seconds_bucket\{.*le="([^"]+)"', k)
+        if m:
+            le = float('inf') if m.group(1) == '+Inf' else float(m.group(1))
+            b[le] = b.get(le, 0.0) + v
+    return sorted(b.items())
+def p99(bs):
+    count = bs[-1][1] if bs else 0
+    if not count:
+        return float('nan')
+    want, prev_le, prev_n = 0.99 * count, 0.0, 0.0
+    for le, k in bs:
+        if k >= want:
+            if le == float('inf'):
+                return prev_le
+            return prev_le + (le - prev_le) * (want - prev_n) / max(k - prev_n, 1e-9)
+        prev_le, prev_n = le, k
+    return float('nan')
+s, a = prom(f'{w}/saturated.prom'), prom(f'{w}/paced.prom')
+bs = buckets(s)
+pa = [(le, k - dict(bs).get(le, 0.0)) for le, k in buckets(a)]
+paced = open(f'{w}/paced.txt').read().strip()
+tagged = re.search(r'with X-Triage-Department : (\d+)', open(f'{w}/mt.txt').read())
+lexical = total(s, 'mailtriage_model_decisions_total{path="lexical"')
+encoder = total(s, 'mailtriage_model_decisions_total{path="encoder"')
+failed = total(a, 'mailtriage_decisions_failed_total')
+ratio = lambda x, y: f'{float(x) / float(y):.2f}' if y not in ('skipped', '0', '') else '-'
+print(f'mailtriage {sat} msg/s | postfix alone {alone} (ratio {ratio(sat, alone)}) | postfix+rspamd {rspamd} '
+      f'(ratio {ratio(sat, rspamd)}) | decision p99 {p99(bs) * 1000:.0f} ms saturated, {p99(pa) * 1000:.0f} ms at '
+      f'70 % ({paced}) | failed open {failed:.0f} | tagged {tagged.group(1) if tagged else "?"}/{n} | '
+      f'encoder share {encoder / max(encoder + lexical, 1):.3f} | peak RSS {float(rss):.0f} MB | c={c} | {model}')
+PY
+if [ "$PROFILE" = 1 ]; then cat "$W/profile.txt"; fi

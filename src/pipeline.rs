@@ -124,14 +124,28 @@ impl Triage {
         self.engine.encoder()
     }
 
-    /// Publishes the heads' versions as `mailtriage_head_version{head}`.
+    /// Publishes the heads' versions as `mailtriage_head_version{head}`,
+    /// and their cascades' dev figures.
     pub fn publish_head_versions(&self) {
         let Some(c) = self.engine.classifier() else { return };
         let department = match &c.department {
-            crate::model::DepartmentModel::Trained(h) => Some(h.meta.version.as_str()),
+            crate::model::DepartmentModel::Trained(h) => Some(&**h),
             crate::model::DepartmentModel::ColdStart(_) => None,
         };
-        self.recorder.head_versions(department, c.priority.as_ref().map(|h| h.meta.version.as_str()));
+        self.recorder.head_versions(
+            department.map(|h| h.meta.version.as_str()),
+            c.priority.as_ref().map(|h| h.meta.version.as_str()),
+        );
+        for (name, head) in [("department", department), ("priority", c.priority.as_ref())] {
+            if let Some(dev) = head.and_then(|h| h.meta.cascade.as_ref()).map(|c| &c.dev) {
+                let share = dev["encoder_share"].as_f64().or_else(|| dev["skipped_share"].as_f64().map(|s| 1.0 - s));
+                let cost =
+                    dev["full"]["accuracy"].as_f64().zip(dev["cascade"]["accuracy"].as_f64()).map(|(f, c)| f - c);
+                if let (Some(share), Some(cost)) = (share, cost) {
+                    self.recorder.cascade(name, share, cost);
+                }
+            }
+        }
     }
 
     /// Decides one message on this thread (`classify`, `replay`): the same
@@ -366,11 +380,14 @@ struct Flowed {
 /// What a skipped message was when it left the flow: extracted on the way
 /// (a rule skip, or `classify`'s own extraction), or still raw (the scope
 /// skipped it first; the daemon never extracts it, `classify` does).
+// Made and moved once per message: boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Seen {
     Extracted(Features),
     Raw(Vec<u8>),
 }
 
+#[allow(clippy::large_enum_variant)]
 enum End {
     /// Out of scope, or a `skip` rule.
     Skipped {

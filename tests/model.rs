@@ -399,7 +399,9 @@ fn the_cascade_decides_lexically_when_sure_and_under_overload() {
     let dir = tempfile::tempdir().unwrap();
     let head = dir.path().join("department.safetensors");
     let out = train_fixture(&config(dir.path(), ""), "department", &head, &[]);
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cascade: the lexical head decides alone"));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("of the dev split reaches the encoder (lexical margin below"), "{said}");
+    assert!(said.contains("encoder flips"), "train prints the flip table: {said}");
     let trained = Head::load(&head).unwrap();
     let cascade = trained.meta.cascade.clone().expect("a head trained with embeddings has a cascade");
     assert!(trained.lexical_only.is_some());
@@ -411,9 +413,11 @@ fn the_cascade_decides_lexically_when_sure_and_under_overload() {
         "From: a@x.example\r\nTo: user@test.example\r\nSubject: Rechnung 4711 ist falsch\r\n\r\nBitte Betrag korrigieren.\r\n",
     )
     .unwrap();
-    let source_with_threshold = |threshold: f32| {
+    // The margin gate; a head from before it (no margin) by its confidence threshold.
+    let source_with_gate = |margin: Option<f32>, threshold: f32| {
         let mut h = trained.clone();
-        h.meta.cascade.as_mut().unwrap().threshold = threshold;
+        let c = h.meta.cascade.as_mut().unwrap();
+        (c.margin, c.threshold) = (margin, threshold);
         h.save(&head).unwrap();
         let cfg = config(dir.path(), &format!("department_head = \"{}\"", head.display()));
         let v: Value =
@@ -421,8 +425,10 @@ fn the_cascade_decides_lexically_when_sure_and_under_overload() {
         assert_eq!(v["decision"]["department"], "billing", "{v}");
         v["decision"]["source"].as_str().unwrap().to_string()
     };
-    assert_eq!(source_with_threshold(0.0), "model:sentence-transformers/all-MiniLM-L6-v2/lexical");
-    assert_eq!(source_with_threshold(1.01), "model:sentence-transformers/all-MiniLM-L6-v2");
+    assert_eq!(source_with_gate(Some(0.0), 1.01), "model:sentence-transformers/all-MiniLM-L6-v2/lexical");
+    assert_eq!(source_with_gate(Some(1.01), 0.0), "model:sentence-transformers/all-MiniLM-L6-v2");
+    assert_eq!(source_with_gate(None, 0.0), "model:sentence-transformers/all-MiniLM-L6-v2/lexical");
+    assert_eq!(source_with_gate(None, 1.01), "model:sentence-transformers/all-MiniLM-L6-v2");
 
     // Overload: the encoder cannot answer within the deadline, so the lexical
     // head decides instead of nobody (the cascade threshold is now "never").

@@ -163,16 +163,32 @@ pub fn train(cfg: &Config, args: &TrainArgs) -> Result<ExitCode> {
         d.n, d.accuracy, d.macro_f1, d.ece, report.temperature
     );
     if let Some(c) = &report.cascade {
+        let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+        let d = &c.dev;
         eprintln!(
-            "cascade: the lexical head decides alone at confidence ≥ {:.2}: {:.1} % of the dev split, accuracy {:.4} \
-             (full head {:.4}), macro-F1 {:.4} (full head {:.4})",
-            c.threshold,
-            c.dev["skipped_share"].as_f64().unwrap_or(0.0) * 100.0,
-            c.dev["cascade"]["accuracy"].as_f64().unwrap_or(0.0),
-            c.dev["full"]["accuracy"].as_f64().unwrap_or(0.0),
-            c.dev["cascade"]["macro_f1"].as_f64().unwrap_or(0.0),
-            c.dev["full"]["macro_f1"].as_f64().unwrap_or(0.0),
+            "cascade: {:.1} % of the dev split reaches the encoder (lexical margin below {}); skipping it costs \
+             {:+.2} points of accuracy ({:.4} against {:.4} with the encoder on every message), {:+.2} of macro-F1, \
+             {:+.2} expected",
+            f(&d["encoder_share"]) * 100.0,
+            c.margin.map_or("∞ (the encoder always runs)".into(), |m| format!("{m:.3}")),
+            (f(&d["full"]["accuracy"]) - f(&d["cascade"]["accuracy"])) * 100.0,
+            f(&d["cascade"]["accuracy"]),
+            f(&d["full"]["accuracy"]),
+            (f(&d["full"]["macro_f1"]) - f(&d["cascade"]["macro_f1"])) * 100.0,
+            f(&d["expected_accuracy_loss"]) * 100.0,
         );
+        eprintln!("  lexical margin from   share   encoder flips   right   wrong   expected gain");
+        for row in d["flips"].as_array().into_iter().flatten() {
+            eprintln!(
+                "  {:>17.3}   {:>5.1} %   {:>11.1} %   {:>4.1} %  {:>4.1} %   {:>+11.2} pt",
+                f(&row["margin_from"]),
+                f(&row["share"]) * 100.0,
+                f(&row["flips"]) * 100.0,
+                f(&row["right_flips"]) * 100.0,
+                f(&row["wrong_flips"]) * 100.0,
+                f(&row["expected_gain"]) * 100.0,
+            );
+        }
     }
     eprintln!(
         "wrote {} ({} labels, version {}); fitting {:.1} s, total {:.1} s",
@@ -243,15 +259,21 @@ pub fn eval(cfg: &Config, args: &EvalArgs) -> Result<ExitCode> {
             Outcome { truth, predicted: p.index, confidence: p.confidence }
         })
         .collect();
+    let overall = eval::compute(&head.meta.labels, &outcomes);
     let cascade = head.meta.cascade.as_ref().map(|c| {
         let without = eval::compute(&head.meta.labels, &full_outcomes);
+        let skipped = lexical_decided as f64 / records.len().max(1) as f64;
         serde_json::json!({
+            "gate": if c.margin.is_some() { "margin" } else { "confidence" },
+            "margin": c.margin,
             "threshold": c.threshold,
-            "skipped_share": lexical_decided as f64 / records.len().max(1) as f64,
+            "skipped_share": skipped,
+            "encoder_share": 1.0 - skipped,
+            "accuracy_cost": without.accuracy - overall.accuracy,
+            "macro_f1_cost": without.macro_f1 - overall.macro_f1,
             "without_cascade": {"accuracy": without.accuracy, "macro_f1": without.macro_f1, "ece": without.ece},
         })
     });
-    let overall = eval::compute(&head.meta.labels, &outcomes);
     let mut slices: BTreeMap<String, BTreeMap<String, Metrics>> = BTreeMap::new();
     for field in &args.slice {
         let mut groups: BTreeMap<String, Vec<Outcome>> = BTreeMap::new();
@@ -283,11 +305,18 @@ pub fn eval(cfg: &Config, args: &EvalArgs) -> Result<ExitCode> {
         println!("head {} (version {}, label `{}`)\n", path.display(), head.meta.version, head.meta.label_field);
         print!("{}", overall.render());
         if let Some(c) = &cascade {
+            let gate = match c["margin"].as_f64() {
+                Some(m) => format!("lexical margin ≥ {m:.3}"),
+                None => format!("confidence ≥ {}", c["threshold"]),
+            };
             println!(
-                "\ncascade: {:.1} % decided by the lexical head alone (confidence ≥ {}); without the cascade: \
-                 accuracy={:.4} macro-F1={:.4}",
+                "\ncascade: {:.1} % of messages reach the encoder ({:.1} % decided by the lexical head alone, {gate}); \
+                 skipping it costs {:+.2} points of accuracy and {:+.2} of macro-F1 (with the encoder on every \
+                 message: accuracy={:.4} macro-F1={:.4})",
+                c["encoder_share"].as_f64().unwrap_or(0.0) * 100.0,
                 c["skipped_share"].as_f64().unwrap_or(0.0) * 100.0,
-                c["threshold"],
+                c["accuracy_cost"].as_f64().unwrap_or(0.0) * 100.0,
+                c["macro_f1_cost"].as_f64().unwrap_or(0.0) * 100.0,
                 c["without_cascade"]["accuracy"].as_f64().unwrap_or(0.0),
                 c["without_cascade"]["macro_f1"].as_f64().unwrap_or(0.0),
             );

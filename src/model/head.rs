@@ -80,8 +80,15 @@ pub fn threshold_for(curve: &[CoveragePoint], target: f64) -> Option<CoveragePoi
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CascadeMeta {
     pub temperature: f32,
-    /// Decide without the encoder at or above this confidence (above 1: never).
+    /// Decide without the encoder at or above this confidence (above 1:
+    /// never). Heads trained before the margin gate use it; newer ones set
+    /// it to 1.01 and decide by `margin`.
     pub threshold: f32,
+    /// Decide without the encoder where the lexical head's margin (its top
+    /// probability minus the runner-up's) is at least this; `None`: by
+    /// `threshold` (or never, when that is above 1).
+    #[serde(default)]
+    pub margin: Option<f32>,
     /// Dev figures: share of messages decided lexically, accuracy/macro-F1 of
     /// the full head, of the cascade, and of the lexical head alone.
     pub dev: serde_json::Value,
@@ -196,7 +203,10 @@ impl Head {
             }
         }
         let p = self.prediction(softmax(&z, cascade.temperature));
-        let confident = p.confidence >= cascade.threshold;
+        let confident = match cascade.margin {
+            Some(m) => margin(&p.probs) >= m,
+            None => p.confidence >= cascade.threshold,
+        };
         Some((p, confident))
     }
 
@@ -369,6 +379,24 @@ fn meta_of(path: &Path, info: &HashMap<String, String>) -> Result<HeadMeta, Mode
     Ok(meta)
 }
 
+/// The gap between the two most probable classes: how sure the head is of
+/// its answer against the runner-up.
+pub fn margin(p: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::MIN, f32::MIN);
+    for &x in p {
+        if x > first {
+            (first, second) = (x, first);
+        } else if x > second {
+            second = x;
+        }
+    }
+    if second == f32::MIN {
+        1.0
+    } else {
+        first - second
+    }
+}
+
 /// Softmax of `z / t`, numerically stable.
 pub fn softmax(z: &[f32], t: f32) -> Vec<f32> {
     let m = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -402,7 +430,12 @@ pub(crate) mod tests {
                 train_examples: 10,
                 dev_metrics: serde_json::json!({"accuracy": 0.5}),
                 version: "20260101T000000".into(),
-                cascade: Some(CascadeMeta { temperature: 1.0, threshold: 0.8, dev: serde_json::json!({}) }),
+                cascade: Some(CascadeMeta {
+                    temperature: 1.0,
+                    threshold: 0.8,
+                    margin: None,
+                    dev: serde_json::json!({}),
+                }),
                 risk_coverage: vec![CoveragePoint { threshold: 0.5, coverage: 0.7, accuracy: 0.9 }],
             },
             w_emb: vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0],

@@ -44,6 +44,12 @@ pub mod name {
     pub const RETRAIN: &str = "mailtriage_retrain_total";
     /// The version number of the head in use, per head (0: the configured file).
     pub const HEAD_VERSION: &str = "mailtriage_head_version";
+    /// Per head with a cascade, as measured on its dev split when it was
+    /// trained: the share of messages its gate sends to the encoder, and the
+    /// accuracy (fraction) skipping the encoder on the others cost. Compare
+    /// the first with the live `mailtriage_model_decisions_total{path}`.
+    pub const CASCADE_ENCODER_SHARE: &str = "mailtriage_cascade_dev_encoder_share";
+    pub const CASCADE_ACCURACY_COST: &str = "mailtriage_cascade_dev_accuracy_cost";
     /// Estimated staff minutes saved since the process started:
     /// `[kpi] minutes_per_manual_triage` × (messages routed without review −
     /// corrections), never below 0 (`mailtriage report`'s figure, over the

@@ -118,6 +118,13 @@ impl Recorder {
         metrics::counter!(name::FEEDBACK_REFUSED, "channel" => channel, "reason" => reason).increment(1);
     }
 
+    /// A head's cascade as its dev split measured it: the share of
+    /// messages sent to the encoder, and the accuracy the rest cost.
+    pub fn cascade(&self, head: &'static str, encoder_share: f64, accuracy_cost: f64) {
+        metrics::gauge!(name::CASCADE_ENCODER_SHARE, "head" => head).set(encoder_share);
+        metrics::gauge!(name::CASCADE_ACCURACY_COST, "head" => head).set(accuracy_cost);
+    }
+
     /// Each head's version number (`v3` → 3; 0 for a head not promoted by
     /// retraining) as `mailtriage_head_version{head}`.
     pub fn head_versions(&self, department: Option<&str>, priority: Option<&str>) {

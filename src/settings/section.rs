@@ -52,6 +52,7 @@ macro_rules! section {
 
         impl $crate::settings::section::Section for $name {
             const NAME: &'static str = $section;
+            #[allow(clippy::vec_init_then_push)]
             fn keys() -> Vec<(&'static str, $crate::settings::section::Apply)> {
                 let mut keys = Vec::new();
                 $( $crate::settings::section::section!(@key $apply keys $section $field); )*

@@ -35,7 +35,7 @@ pub use calibrate::fit_temperature;
 pub use options::{Example, Loss, Provenance, TrainError, TrainOptions, TrainReport};
 pub use split::stratified_split;
 
-use calibrate::cascade_threshold;
+use calibrate::encoder_gate;
 use fit::fit;
 
 /// Trains a head. `embeddings[i]` belongs to `examples[i]` (empty where a
@@ -155,7 +155,7 @@ pub fn train(
     let dev = eval::compute(&labels, &dev_outcomes);
 
     // 4. The cascade: a lexical-only head with the same settings, and the
-    //    lowest confidence at which it may decide alone.
+    //    lexical margin from which the encoder is not worth running.
     let lexical_meta = HeadMeta { encoder: None, embedding_dim: 0, lexical: chosen.lexical, ..base_meta.clone() };
     let no_embedding = |_: usize| -> Option<&[f32]> { None };
     let cascade = (dim > 0 && !dev_idx.is_empty() && opts.cascade_tolerance >= 0.0).then(|| {
@@ -166,8 +166,11 @@ pub fn train(
         let t = fit_temperature(&lexical_logits, &dev_y);
         let (full, alone) = (outcomes(&dev_logits, temperature), outcomes(&lexical_logits, t));
         let full_p: Vec<Vec<f32>> = dev_logits.iter().map(|z| softmax(z, temperature)).collect();
-        let (threshold, dev_figures) = cascade_threshold(&labels, &full, &full_p, &alone, opts.cascade_tolerance);
-        CascadeMeta { temperature: t, threshold, dev: dev_figures }
+        let lexical_p: Vec<Vec<f32>> = lexical_logits.iter().map(|z| softmax(z, t)).collect();
+        let (margin, dev_figures) = encoder_gate(&labels, &full, &full_p, &alone, &lexical_p, opts.cascade_tolerance);
+        // Above 1 no confidence passes: a binary that predates the margin
+        // gate runs the encoder on every message rather than misread it.
+        CascadeMeta { temperature: t, threshold: 1.01, margin: margin.is_finite().then_some(margin), dev: dev_figures }
     });
 
     // 5. Refit on everything with the chosen settings, keep the temperatures
@@ -280,7 +283,7 @@ mod tests {
     }
 
     #[test]
-    fn cascade_threshold_counts_the_full_heads_belief_not_only_the_dev_labels() {
+    fn the_encoder_gate_counts_the_full_heads_belief_not_only_the_dev_labels() {
         let labels = vec!["a".to_string(), "b".to_string()];
         let out = |truth, predicted, confidence| Outcome { truth: Some(truth), predicted, confidence };
         // The full head is sure of `a`, the lexical one of `b`, and the dev
@@ -289,15 +292,48 @@ mod tests {
         let full = vec![out(1, 0, 0.9); 40];
         let full_p = vec![vec![0.9, 0.1]; 40];
         let lexical = vec![out(1, 1, 0.95); 40];
-        let (t, figures) = cascade_threshold(&labels, &full, &full_p, &lexical, 0.005);
-        assert!(t > 0.95, "{figures}");
-        assert_eq!(figures["skipped_share"], 0.0);
-        // Where the two heads agree, replacing costs nothing: lowest threshold.
+        let lexical_p = vec![vec![0.05, 0.95]; 40];
+        let (m, figures) = encoder_gate(&labels, &full, &full_p, &lexical, &lexical_p, 0.005);
+        assert!(m.is_infinite(), "{figures}");
+        assert_eq!(figures["encoder_share"], 1.0);
+        // Where the two heads agree, skipping costs nothing: every message.
         let agree = vec![out(0, 0, 0.95); 40];
-        let (t, figures) = cascade_threshold(&labels, &full, &full_p, &agree, 0.005);
-        assert_eq!(t, 0.30);
+        let agree_p = vec![vec![0.95, 0.05]; 40];
+        let (m, figures) = encoder_gate(&labels, &full, &full_p, &agree, &agree_p, 0.005);
+        assert!((m - 0.9).abs() < 1e-6, "{figures}");
         assert_eq!(figures["skipped_share"], 1.0);
         assert_eq!(figures["expected_accuracy_loss"], 0.0);
+    }
+
+    #[test]
+    fn the_encoder_runs_where_the_lexical_margin_is_narrow_and_it_flips_answers() {
+        let labels = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+        let out = |truth, predicted, confidence| Outcome { truth: Some(truth), predicted, confidence };
+        let (mut full, mut full_p, mut lexical, mut lexical_p) = (vec![], vec![], vec![], vec![]);
+        for i in 0..100 {
+            if i % 2 == 0 {
+                // Wide margin at a low confidence (0.5 against 0.25): they agree.
+                full.push(out(0, 0, 0.9));
+                full_p.push(vec![0.9, 0.05, 0.05]);
+                lexical.push(out(0, 0, 0.5));
+                lexical_p.push(vec![0.5, 0.25, 0.25]);
+            } else {
+                // Narrow margin (0.45 against 0.40): the encoder flips it, rightly.
+                full.push(out(2, 2, 0.8));
+                full_p.push(vec![0.1, 0.1, 0.8]);
+                lexical.push(out(2, 1, 0.45));
+                lexical_p.push(vec![0.15, 0.45, 0.40]);
+            }
+        }
+        let (m, figures) = encoder_gate(&labels, &full, &full_p, &lexical, &lexical_p, 0.003);
+        assert!((m - 0.25).abs() < 1e-6, "skip from the wide margins: {figures}");
+        assert_eq!(figures["encoder_share"], 0.5);
+        assert_eq!(figures["cascade"]["accuracy"], figures["full"]["accuracy"]);
+        let flips = figures["flips"].as_array().unwrap();
+        let narrow = &flips[0];
+        assert_eq!(narrow["flips"], 1.0, "{figures}");
+        assert_eq!(narrow["right_flips"], 1.0);
+        assert_eq!(flips.last().unwrap()["flips"], 0.0);
     }
 
     #[test]

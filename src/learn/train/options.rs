@@ -119,7 +119,7 @@ impl Default for TrainOptions {
             lexical: LexicalConfig::default(),
             refit: true,
             search: false,
-            cascade_tolerance: 0.005,
+            cascade_tolerance: 0.003,
         }
     }
 }
