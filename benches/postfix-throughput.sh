@@ -3,10 +3,12 @@
 # machine, in one run: Postfix alone, Postfix + rspamd as milter, Postfix +
 # mailtriage as milter, on the same realistic mail. Prints one line of figures.
 #
-#   benches/postfix-throughput.sh [-n MESSAGES] [-c CONCURRENCY] [-m minilm|e5] [-p]
+#   benches/postfix-throughput.sh [-n MESSAGES] [-c CONCURRENCY] [-m minilm|e5|lexical] [-p]
 #
 # -m e5 runs multilingual-e5-small (scripts/fetch-multilingual-model.sh)
-# instead of all-MiniLM-L6-v2, heads trained on it. -p records a CPU
+# instead of all-MiniLM-L6-v2, heads trained on it; -m lexical trains
+# lexical-only heads (`train --no-embeddings`: no encoder at all), the
+# ceiling the cascade approaches. -p records a CPU
 # profile of the daemon during the saturated run (perf, DWARF call graphs)
 # and prints where its CPU went by stage (benches/profile-stages.py).
 #
@@ -29,11 +31,11 @@ cd "$(dirname "$0")/.."
 N=2000 C=6 MODEL=minilm PROFILE=0
 while getopts "n:c:m:p" o; do case $o in n) N=$OPTARG;; c) C=$OPTARG;; m) MODEL=$OPTARG;; p) PROFILE=1;; *) exit 2;; esac; done
 case $MODEL in
-  minilm) MODEL_TOML="path = \"$PWD/models/all-MiniLM-L6-v2\"" ;;
+  minilm|lexical) MODEL_TOML="path = \"$PWD/models/all-MiniLM-L6-v2\"" ;;
   e5) MODEL_TOML="path = \"$PWD/models/multilingual-e5-small\"
 id = \"intfloat/multilingual-e5-small\"
 input_prefix = \"query: \"" ;;
-  *) echo "-m: minilm or e5, not $MODEL" >&2; exit 2 ;;
+  *) echo "-m: minilm, e5 or lexical, not $MODEL" >&2; exit 2 ;;
 esac
 B=../shared/bench
 W=$(mktemp -d /tmp/mt-throughput.XXXXXX)
@@ -82,7 +84,7 @@ $MODEL_TOML
 TOML
 for label in queue priority; do
   $MT --config "$W/train.toml" train --data "$W/tickets-train.jsonl" --label $label --out "$W/$label.safetensors" \
-    --embedding-cache "$W/embeddings.cache" 2>/dev/null
+    --embedding-cache "$W/embeddings.cache" $([ "$MODEL" = lexical ] && echo --no-embeddings) 2>/dev/null
 done
 python3 - "$W" "$MODEL_TOML" <<'PY'
 import json, re, struct, sys
@@ -124,7 +126,13 @@ if [ "$PROFILE" = 1 ]; then
 fi
 curl -s localhost:19898/metrics >"$W/saturated.prom"
 
-# 70 % of the saturated rate, paced: the same mail, sent open-loop.
+rss=$(grep VmHWM /proc/$DAEMON/status | awk '{print $2/1024}')
+
+# 70 % of the saturated rate, paced: the same mail, sent open-loop, to a
+# fresh daemon (its embedding cache would otherwise know every message).
+kill $DAEMON; wait $DAEMON 2>/dev/null || true
+$MT --config "$W/daemon.toml" serve >>"$W/daemon.log" 2>&1 & DAEMON=$!
+for _ in $(seq 100); do curl -sf localhost:19898/readyz >/dev/null && break; sleep 0.2; done
 SAT=$(rate "$W/mt.txt")
 PACE=$(awk -v r="$SAT" 'BEGIN { printf "%.1f", r * 0.7 }')
 STACK=$($B/mailstack.sh up --milter-port 11332 2>/dev/null | sed -n 's/^WORKDIR=//p')
@@ -135,7 +143,7 @@ for _ in $(seq 300); do
 done
 $B/mailstack.sh down --workdir "$STACK" >/dev/null 2>&1; STACK=
 curl -s localhost:19898/metrics >"$W/paced.prom"
-rss=$(grep VmHWM /proc/$DAEMON/status | awk '{print $2/1024}')
+rss=$(grep VmHWM /proc/$DAEMON/status | awk -v a="$rss" '{print ($2/1024 > a) ? $2/1024 : a}')
 
 python3 - "$W" "$N" "$C" "$MODEL" "$rss" "$RSPAMD" "$(rate "$W/none.txt")" "$SAT" <<'PY'
 import re, sys
@@ -172,16 +180,16 @@ def p99(bs):
     return float('nan')
 s, a = prom(f'{w}/saturated.prom'), prom(f'{w}/paced.prom')
 bs = buckets(s)
-pa = [(le, k - dict(bs).get(le, 0.0)) for le, k in buckets(a)]
+pa = buckets(a)
 paced = open(f'{w}/paced.txt').read().strip()
 tagged = re.search(r'with X-Triage-Department : (\d+)', open(f'{w}/mt.txt').read())
 lexical = total(s, 'mailtriage_model_decisions_total{path="lexical"')
 encoder = total(s, 'mailtriage_model_decisions_total{path="encoder"')
-failed = total(a, 'mailtriage_decisions_failed_total')
+failed = total(s, 'mailtriage_decisions_failed_total') + total(a, 'mailtriage_decisions_failed_total')
 ratio = lambda x, y: f'{float(x) / float(y):.2f}' if y not in ('skipped', '0', '') else '-'
 print(f'mailtriage {sat} msg/s | postfix alone {alone} (ratio {ratio(sat, alone)}) | postfix+rspamd {rspamd} '
       f'(ratio {ratio(sat, rspamd)}) | decision p99 {p99(bs) * 1000:.0f} ms saturated, {p99(pa) * 1000:.0f} ms at '
-      f'70 % ({paced}) | failed open {failed:.0f} | tagged {tagged.group(1) if tagged else "?"}/{n} | '
+      f'70 % ({paced}, {pa[-1][1] if pa else 0:.0f} decided) | failed open {failed:.0f} | tagged {tagged.group(1) if tagged else "?"}/{n} | '
       f'encoder share {encoder / max(encoder + lexical, 1):.3f} | peak RSS {float(rss):.0f} MB | c={c} | {model}')
 PY
 if [ "$PROFILE" = 1 ]; then cat "$W/profile.txt"; fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of every parser of untrusted bytes, with AFL++
 # through afl.rs (cargo-afl builds its runtime for the stable toolchain; no
-# nightly needed). Targets: src/fuzz.rs. Harness: fuzz/.
+# nightly needed). Targets: src/fuzz/. Harness: fuzz/.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]    (default 3600 s, all targets)
 #

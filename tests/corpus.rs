@@ -121,7 +121,7 @@ fn unreadable_file_is_reported_per_file_and_others_still_classified() {
     assert!(lines[1]["decision"].is_object());
 }
 
-/// The fuzz smoke: every fuzz target (src/fuzz.rs; `scripts/fuzz.sh` runs
+/// The fuzz smoke: every fuzz target (src/fuzz/; `scripts/fuzz.sh` runs
 /// them for hours under AFL++) on its seeds from the corpus, on every input
 /// that once broke it (fuzz/regressions/<target>/), and on a few thousand
 /// deterministic mutations of the seeds. A panic fails with the input saved
