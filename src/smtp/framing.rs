@@ -71,7 +71,7 @@ impl Wire {
         loop {
             let line_end = self.pending.iter().position(|&b| b == b'\n');
             if line_end.is_none() && self.pending.len() <= MAX_LINE_LENGTH {
-                match self.fill(shutdown, idle).await? {
+                match self.fill(if idle { Some(&mut *shutdown) } else { None }).await? {
                     None => continue,
                     Some(stop) => return Ok(Framed::Stopped(stop)),
                 }
@@ -130,20 +130,18 @@ impl Wire {
     }
 
     /// Writes what is queued, then reads more input; `None` when some came.
-    /// Inside a message (`idle` false) a shutdown waits for it.
-    pub(crate) async fn fill(
-        &mut self,
-        shutdown: &mut watch::Receiver<bool>,
-        idle: bool,
-    ) -> std::io::Result<Option<Stop>> {
+    /// A shutdown ends the wait only when given (between transactions):
+    /// inside a message it waits for the message.
+    pub(crate) async fn fill(&mut self, shutdown: Option<&mut watch::Receiver<bool>>) -> std::io::Result<Option<Stop>> {
         self.flush().await?;
-        if idle && *shutdown.borrow() {
-            return Ok(Some(Stop::Shutdown));
-        }
         let mut buf = [0u8; 16 * 1024];
-        let read = tokio::select! {
-            r = tokio::time::timeout(self.timeout, self.io.read(&mut buf)) => r,
-            _ = shutdown.wait_for(|s| *s), if idle => return Ok(Some(Stop::Shutdown)),
+        let read = match shutdown {
+            Some(rx) if *rx.borrow() => return Ok(Some(Stop::Shutdown)),
+            Some(rx) => tokio::select! {
+                r = tokio::time::timeout(self.timeout, self.io.read(&mut buf)) => r,
+                _ = rx.wait_for(|s| *s) => return Ok(Some(Stop::Shutdown)),
+            },
+            None => tokio::time::timeout(self.timeout, self.io.read(&mut buf)).await,
         };
         match read {
             Err(_) => Ok(Some(Stop::Timeout)),
@@ -196,8 +194,8 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 16);
         let mut w = Wire::new(Box::new(server), Duration::from_millis(100));
         let (tx, mut rx) = watch::channel(true);
-        assert_eq!(w.fill(&mut rx, true).await.unwrap(), Some(Stop::Shutdown));
-        assert_eq!(w.fill(&mut rx, false).await.unwrap(), Some(Stop::Timeout), "inside a message it waits");
+        assert_eq!(w.fill(Some(&mut rx)).await.unwrap(), Some(Stop::Shutdown));
+        assert_eq!(w.fill(None).await.unwrap(), Some(Stop::Timeout), "inside a message it waits");
         drop((client, tx));
     }
 

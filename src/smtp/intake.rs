@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
-use tokio::sync::watch;
 
 use super::framing::{Stop, Wire};
 use crate::frontdoor::budget::{ByteBudget, Reservation};
@@ -78,8 +77,7 @@ pub(crate) async fn skip_chunk(wire: &mut Wire, size: usize) -> std::io::Result<
 
 /// More input inside a message, where a shutdown waits for the message.
 async fn within_message(wire: &mut Wire) -> std::io::Result<Option<Stop>> {
-    let (_never, mut rx) = watch::channel(false);
-    wire.fill(&mut rx, false).await
+    wire.fill(None).await
 }
 
 /// An LF not preceded by CR. RFC 5321 §2.3.8 forbids them, and accepting
