@@ -21,7 +21,7 @@ section! {
         /// Trained department head; without one, departments' descriptions give a cold-start classifier.
         live department_head: Option<PathBuf>,
         live priority_head: Option<PathBuf>,
-        /// Tokens per message given to the encoder ([CLS] and [SEP] included).
+        /// Tokens per message given to the encoder (`[CLS]` and `[SEP]` included).
         live max_tokens: usize,
         /// Text put before every message for the encoder: `"query: "` for the e5
         /// models (their model card asks for it); empty for MiniLM.

@@ -1,5 +1,5 @@
 //! How a reload applies each key, declared where the key is: every field of
-//! a section struct is written inside [`section!`] with one word in front of
+//! a section struct is written inside `section!` with one word in front of
 //! it, so a new key cannot be added without saying whether a reload applies
 //! it. `daemon::reload` reads what this generates.
 //!
@@ -21,7 +21,7 @@ pub enum Apply {
     Restart,
 }
 
-/// A section of the file (`[server]`, `[[rules]]`…), as [`section!`] declares it.
+/// A section of the file (`[server]`, `[[rules]]`…), as `section!` declares it.
 pub trait Section {
     /// The section's name in the file.
     const NAME: &'static str;

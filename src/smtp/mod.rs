@@ -2,8 +2,8 @@
 //! receives a message, decides it, and relays it to the next hop.
 //!
 //! - [`session`]: one client connection (ESMTP or LMTP, STARTTLS, pipelining),
-//!   a file per stage, over [`framing`] (bytes in, command lines, replies
-//!   out) and [`intake`] (the message after 354, within size and budget).
+//!   a file per stage, over `framing` (bytes in, command lines, replies
+//!   out) and `intake` (the message after 354, within size and budget).
 //! - [`relay`]: the connection to the next hop, through `mail-send`.
 //! - [`reply`]: the replies we write, and the hop's mapped back to the client.
 //! - [`tls`]: certificates for STARTTLS and the hop's TLS settings.

@@ -1,10 +1,10 @@
 //! One SMTP or LMTP client connection, from greeting to QUIT.
 //!
 //! Commands are parsed by `smtp-proto` (sans-IO) over the bytes
-//! [`framing`](super::framing) buffers; one file per stage adds the
-//! session's answers: [`greeting`] (EHLO/LHLO, STARTTLS, XFORWARD),
-//! [`transaction`] (MAIL, RCPT, RSET) and [`data`] (DATA, then
-//! [`forward`]: the decision and the relay).
+//! `framing` buffers; one file per stage adds the
+//! session's answers: `greeting` (EHLO/LHLO, STARTTLS, XFORWARD),
+//! `transaction` (MAIL, RCPT, RSET) and `data` (DATA, then
+//! `forward`: the decision and the relay).
 //!
 //! Each transaction is mirrored on the next hop as it happens: MAIL and
 //! every RCPT are forwarded at once and the hop's answer is the client's
