@@ -30,7 +30,8 @@ pub(crate) async fn receive(
     let mut chunk = Vec::new();
     loop {
         if wire.pending.is_empty() {
-            if let Some(stop) = within_message(wire).await? {
+            // Inside a message: no shutdown receiver, a shutdown waits for it.
+            if let Some(stop) = wire.fill(None).await? {
                 return Ok(Err(stop));
             }
         }
@@ -69,15 +70,10 @@ pub(crate) async fn skip_chunk(wire: &mut Wire, size: usize) -> std::io::Result<
         if wire.feed(|bytes| skip.ingest(bytes)) {
             return Ok(None);
         }
-        if let Some(stop) = within_message(wire).await? {
+        if let Some(stop) = wire.fill(None).await? {
             return Ok(Some(stop));
         }
     }
-}
-
-/// More input inside a message, where a shutdown waits for the message.
-async fn within_message(wire: &mut Wire) -> std::io::Result<Option<Stop>> {
-    wire.fill(None).await
 }
 
 /// An LF not preceded by CR. RFC 5321 §2.3.8 forbids them, and accepting
