@@ -3,20 +3,32 @@
 # machine, in one run: Postfix alone, Postfix + rspamd as milter, Postfix +
 # mailtriage as milter, on the same realistic mail. Prints one line of figures.
 #
-#   benches/postfix-throughput.sh [-n MESSAGES] [-c CONCURRENCY] [-m minilm|e5|lexical] [-p]
+#   benches/postfix-throughput.sh [-n MESSAGES] [-c CONCURRENCY] [-r ROUNDS]
+#                                 [-m minilm|e5|lexical|rules] [-p]
 #
 # -m e5 runs multilingual-e5-small (scripts/fetch-multilingual-model.sh)
 # instead of all-MiniLM-L6-v2, heads trained on it; -m lexical trains
 # lexical-only heads (`train --no-embeddings`: no encoder at all), the
-# ceiling the cascade approaches. -p records a CPU
-# profile of the daemon during the saturated run (perf, DWARF call graphs)
-# and prints where its CPU went by stage (benches/profile-stages.py).
+# ceiling the cascade approaches; -m rules runs no model at all (departments
+# without heads or examples: every message parsed, scoped and given the
+# default), the floor any milter pays. -p records a CPU profile of the
+# daemon during the first saturated run (perf, DWARF call graphs) and prints
+# where its CPU went by stage (benches/profile-stages.py).
 #
-# Three loads through the same Postfix: saturated (-c sessions as fast as
-# they go) for Postfix alone, with rspamd, and with mailtriage; then
-# mailtriage again at 70 % of its saturated rate (an open-loop paced sender),
-# where the decision latency that matters is measured. Decision p99 is
-# read from the daemon's histogram (interpolated inside its bucket).
+# Postfix alone swings by a third between runs on a shared 2-core host, so
+# one pair of runs says little. Each of -r rounds (default 3) runs the three
+# saturated loads (-c sessions as fast as they go) back to back, in
+# alternating order (alone, rspamd, ours; then ours, rspamd, alone; …), each
+# mailtriage run on a fresh daemon (an embedding cache that already knows the
+# mail would flatter it); the ratios are taken within a round and the median
+# is reported. CPU per message comes from mailstack's accounting of the
+# Postfix process tree and the peer, and /proc for our daemon: it splits the
+# cost of a milter into what Postfix spends talking to it and what the milter
+# itself spends, figures that do not swing with the host's load.
+# Then mailtriage once more at 70 % of its median saturated rate (an
+# open-loop paced sender), where the decision latency that matters is
+# measured. Decision p99 is read from the daemon's histogram (interpolated
+# inside its bucket; the saturated one sums every round's histogram).
 #
 # Needs root (Postfix), ../shared/bench/mailstack.sh and ../shared/data, the
 # model files (scripts/fetch-model.sh), and rspamd for the comparison (it is
@@ -28,14 +40,14 @@
 # below was seen in training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=2000 C=6 MODEL=minilm PROFILE=0
-while getopts "n:c:m:p" o; do case $o in n) N=$OPTARG;; c) C=$OPTARG;; m) MODEL=$OPTARG;; p) PROFILE=1;; *) exit 2;; esac; done
+N=2000 C=6 MODEL=minilm PROFILE=0 ROUNDS=3
+while getopts "n:c:m:pr:" o; do case $o in n) N=$OPTARG;; c) C=$OPTARG;; m) MODEL=$OPTARG;; p) PROFILE=1;; r) ROUNDS=$OPTARG;; *) exit 2;; esac; done
 case $MODEL in
-  minilm|lexical) MODEL_TOML="path = \"$PWD/models/all-MiniLM-L6-v2\"" ;;
+  minilm|lexical|rules) MODEL_TOML="path = \"$PWD/models/all-MiniLM-L6-v2\"" ;;
   e5) MODEL_TOML="path = \"$PWD/models/multilingual-e5-small\"
 id = \"intfloat/multilingual-e5-small\"
 input_prefix = \"query: \"" ;;
-  *) echo "-m: minilm, e5 or lexical, not $MODEL" >&2; exit 2 ;;
+  *) echo "-m: minilm, e5, lexical or rules, not $MODEL" >&2; exit 2 ;;
 esac
 B=../shared/bench
 W=$(mktemp -d /tmp/mt-throughput.XXXXXX)
@@ -82,17 +94,23 @@ cat > "$W/train.toml" <<TOML
 [model]
 $MODEL_TOML
 TOML
+# The training tickets' embeddings are kept between runs (target/bench-cache,
+# one file per model): embedding 12,000 tickets again costs minutes per run.
+CACHE=${CARGO_TARGET_DIR:-target}/bench-cache
+mkdir -p "$CACHE"
 for label in queue priority; do
   $MT --config "$W/train.toml" train --data "$W/tickets-train.jsonl" --label $label --out "$W/$label.safetensors" \
-    --embedding-cache "$W/embeddings.cache" $([ "$MODEL" = lexical ] && echo --no-embeddings) 2>/dev/null
+    --embedding-cache "$CACHE/$MODEL.embeddings" $(case $MODEL in lexical|rules) echo --no-embeddings;; esac) 2>/dev/null
 done
-python3 - "$W" "$MODEL_TOML" <<'PY'
+python3 - "$W" "$MODEL_TOML" "$MODEL" <<'PY'
 import json, re, struct, sys
-w, model = sys.argv[1], sys.argv[2]
+w, model, kind = sys.argv[1:]
 raw = open(f'{w}/queue.safetensors', 'rb').read()
 n = struct.unpack('<Q', raw[:8])[0]
 labels = json.loads(json.loads(raw[8:8 + n])['__metadata__']['meta'])['labels']
 deps = ''.join(f'[[departments]]\nname = "{re.sub("[^a-z0-9]+", "-", l.lower()).strip("-")}"\nlabels = ["{l}"]\n\n' for l in labels)
+if kind == 'rules':  # no heads, no examples: nothing for a model to do
+    deps = ''.join(f'[[departments]]\nname = "{re.sub("[^a-z0-9]+", "-", l.lower()).strip("-")}"\n\n' for l in labels)
 open(f'{w}/daemon.toml', 'w').write(f'''[server]
 milter = "inet:127.0.0.1:11332"
 mode = "enforce"
@@ -100,41 +118,57 @@ mode = "enforce"
 level = "warn"
 [metrics]
 listen = "127.0.0.1:19898"
-[model]
+{"" if kind == "rules" else f"""[model]
 {model}
 department_head = "{w}/queue.safetensors"
 priority_head = "{w}/priority.safetensors"
+"""}
 {deps}''')
 PY
 
 rate() { grep -oP 'throughput\s+: \K[0-9.]+' "$1"; }
-$B/mailstack.sh run --eml-dir "$W/eml" -n "$N" -c "$C" >"$W/none.txt" 2>&1
-RSPAMD=skipped
-if command -v rspamd >/dev/null; then
-  $B/mailstack.sh run --eml-dir "$W/eml" -n "$N" -c "$C" --peer rspamd --milter-port 11334 >"$W/rspamd.txt" 2>&1
-  RSPAMD=$(rate "$W/rspamd.txt")
-fi
-$MT --config "$W/daemon.toml" serve >"$W/daemon.log" 2>&1 & DAEMON=$!
-for _ in $(seq 100); do curl -sf localhost:19898/readyz >/dev/null && break; sleep 0.2; done
-if [ "$PROFILE" = 1 ]; then
-  perf record -q -F 250 --call-graph dwarf,16384 -p $DAEMON -o "$W/perf.data" 2>/dev/null & PERF=$!
-fi
-$B/mailstack.sh run --eml-dir "$W/eml" -n "$N" -c "$C" --milter-port 11332 --header X-Triage-Department >"$W/mt.txt" 2>&1
-if [ "$PROFILE" = 1 ]; then
-  kill -INT $PERF; wait $PERF || true
-  perf script -i "$W/perf.data" 2>/dev/null | python3 benches/profile-stages.py >"$W/profile.txt"
-fi
-curl -s localhost:19898/metrics >"$W/saturated.prom"
+cpu_of() { grep -oP "cpu $2\s+: \K[0-9.]+" "$1"; } # FILE "postfix tree"|"peer milter": seconds
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+HZ=$(getconf CLK_TCK)
+start_daemon() {
+  $MT --config "$W/daemon.toml" serve >>"$W/daemon.log" 2>&1 & DAEMON=$!
+  for _ in $(seq 150); do curl -sf localhost:19898/readyz >/dev/null && return 0; sleep 0.2; done
+  echo "the daemon did not get ready; its log:" >&2; cat "$W/daemon.log" >&2; exit 1
+}
+stop_daemon() { kill "$DAEMON"; wait "$DAEMON" 2>/dev/null || true; DAEMON=; }
+send_saturated() { # OUT [mailstack options]: one saturated run
+  local out=$1; shift
+  $B/mailstack.sh run --eml-dir "$W/eml" -n "$N" -c "$C" "$@" >"$out" 2>&1
+}
+run_alone() { send_saturated "$W/alone.$1.txt"; }
+run_rspamd() { command -v rspamd >/dev/null && send_saturated "$W/rspamd.$1.txt" --peer rspamd --milter-port 11334 || true; }
+run_ours() {
+  local r=$1 t0 perf=
+  start_daemon
+  t0=$(ticks "$DAEMON")
+  if [ "$PROFILE" = 1 ] && [ "$r" = 1 ]; then
+    perf record -q -F 250 --call-graph dwarf,16384 -p "$DAEMON" -o "$W/perf.data" 2>/dev/null & perf=$!
+  fi
+  send_saturated "$W/ours.$r.txt" --milter-port 11332 --header X-Triage-Department
+  echo $(( $(ticks "$DAEMON") - t0 )) >"$W/ours.$r.ticks"
+  if [ -n "$perf" ]; then
+    kill -INT $perf; wait $perf || true
+    perf script -i "$W/perf.data" 2>/dev/null | python3 benches/profile-stages.py >"$W/profile.txt"
+  fi
+  curl -s localhost:19898/metrics >"$W/saturated.$r.prom"
+  grep VmHWM "/proc/$DAEMON/status" | awk '{print $2 / 1024}' >"$W/ours.$r.rss"
+  stop_daemon
+}
+for r in $(seq "$ROUNDS"); do
+  if [ $((r % 2)) = 1 ]; then order="alone rspamd ours"; else order="ours rspamd alone"; fi
+  for what in $order; do run_$what "$r"; done
+done
 
-rss=$(grep VmHWM /proc/$DAEMON/status | awk '{print $2/1024}')
-
-# 70 % of the saturated rate, paced: the same mail, sent open-loop, to a
-# fresh daemon (its embedding cache would otherwise know every message).
-kill $DAEMON; wait $DAEMON 2>/dev/null || true
-$MT --config "$W/daemon.toml" serve >>"$W/daemon.log" 2>&1 & DAEMON=$!
-for _ in $(seq 100); do curl -sf localhost:19898/readyz >/dev/null && break; sleep 0.2; done
-SAT=$(rate "$W/mt.txt")
+# 70 % of the median saturated rate, paced: the same mail, sent open-loop,
+# to a fresh daemon (its embedding cache would otherwise know every message).
+SAT=$(for r in $(seq "$ROUNDS"); do rate "$W/ours.$r.txt"; done | sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}')
 PACE=$(awk -v r="$SAT" 'BEGIN { printf "%.1f", r * 0.7 }')
+start_daemon
 STACK=$($B/mailstack.sh up --milter-port 11332 2>/dev/null | sed -n 's/^WORKDIR=//p')
 python3 benches/paced-send.py --port 10025 --rate "$PACE" "$W/eml" >"$W/paced.txt"
 for _ in $(seq 300); do
@@ -143,11 +177,13 @@ for _ in $(seq 300); do
 done
 $B/mailstack.sh down --workdir "$STACK" >/dev/null 2>&1; STACK=
 curl -s localhost:19898/metrics >"$W/paced.prom"
-rss=$(grep VmHWM /proc/$DAEMON/status | awk -v a="$rss" '{print ($2/1024 > a) ? $2/1024 : a}')
+grep VmHWM "/proc/$DAEMON/status" | awk '{print $2 / 1024}' >"$W/paced.rss"
+stop_daemon
 
-python3 - "$W" "$N" "$C" "$MODEL" "$rss" "$RSPAMD" "$(rate "$W/none.txt")" "$SAT" <<'PY'
-import re, sys
-w, n, c, model, rss, rspamd, alone, sat = sys.argv[1:]
+python3 - "$W" "$N" "$C" "$MODEL" "$ROUNDS" "$HZ" <<'PY'
+import os, re, statistics, sys
+w, n, c, model, rounds, hz = sys.argv[1:]
+n, rounds, hz = int(n), int(rounds), int(hz)
 def prom(path):
     out = {}
     for line in open(path):
@@ -158,13 +194,14 @@ def prom(path):
     return out
 def total(p, prefix):
     return sum(v for k, v in p.items() if k.startswith(prefix))
-def buckets(p):
+def buckets(ps):
     b = {}
-    for k, v in p.items():
-        m = re.match(r'mailtriage_decision_seconds_bucket\{.*le="([^"]+)"', k)
-        if m:
-            le = float('inf') if m.group(1) == '+Inf' else float(m.group(1))
-            b[le] = b.get(le, 0.0) + v
+    for p in ps:
+        for k, v in p.items():
+            m = re.match(r'mailtriage_decision_seconds_bucket\{.*le="([^"]+)"', k)
+            if m:
+                le = float('inf') if m.group(1) == '+Inf' else float(m.group(1))
+                b[le] = b.get(le, 0.0) + v
     return sorted(b.items())
 def p99(bs):
     count = bs[-1][1] if bs else 0
@@ -178,18 +215,55 @@ def p99(bs):
             return prev_le + (le - prev_le) * (want - prev_n) / max(k - prev_n, 1e-9)
         prev_le, prev_n = le, k
     return float('nan')
-s, a = prom(f'{w}/saturated.prom'), prom(f'{w}/paced.prom')
-bs = buckets(s)
-pa = buckets(a)
-paced = open(f'{w}/paced.txt').read().strip()
-tagged = re.search(r'with X-Triage-Department : (\d+)', open(f'{w}/mt.txt').read())
-lexical = total(s, 'mailtriage_model_decisions_total{path="lexical"')
-encoder = total(s, 'mailtriage_model_decisions_total{path="encoder"')
-failed = total(s, 'mailtriage_decisions_failed_total') + total(a, 'mailtriage_decisions_failed_total')
-ratio = lambda x, y: f'{float(x) / float(y):.2f}' if y not in ('skipped', '0', '') else '-'
-print(f'mailtriage {sat} msg/s | postfix alone {alone} (ratio {ratio(sat, alone)}) | postfix+rspamd {rspamd} '
-      f'(ratio {ratio(sat, rspamd)}) | decision p99 {p99(bs) * 1000:.0f} ms saturated, {p99(pa) * 1000:.0f} ms at '
-      f'70 % ({paced}, {pa[-1][1] if pa else 0:.0f} decided) | failed open {failed:.0f} | tagged {tagged.group(1) if tagged else "?"}/{n} | '
-      f'encoder share {encoder / max(encoder + lexical, 1):.3f} | peak RSS {float(rss):.0f} MB | c={c} | {model}')
+def report(kind, r):
+    path = f'{w}/{kind}.{r}.txt'
+    if not os.path.exists(path):
+        return None
+    text = open(path).read()
+    num = lambda pat: float(re.search(pat, text).group(1))
+    delivered = num(r'delivered \(files\)\s*: (\d+)')
+    out = {'rate': num(r'throughput\s+: ([0-9.]+)'), 'delivered': delivered,
+           'postfix_ms': 1000 * num(r'cpu postfix tree\s+: ([0-9.]+)s') / max(delivered, 1),
+           'peer_ms': 1000 * num(r'cpu peer milter\s+: ([0-9.]+)s') / max(delivered, 1),
+           'busy': num(r'cpu whole machine : .*cores, ([0-9.]+)%\)')}
+    m = re.search(r'with X-Triage-Department : (\d+)', text)
+    out['tagged'] = int(m.group(1)) if m else None
+    if kind == 'ours':
+        out['peer_ms'] = 1000 * int(open(f'{w}/ours.{r}.ticks').read()) / hz / max(delivered, 1)
+    return out
+runs = {k: [report(k, r) for r in range(1, rounds + 1)] for k in ('alone', 'rspamd', 'ours')}
+med = lambda xs: statistics.median(xs) if xs else float('nan')
+have_rspamd = all(runs['rspamd'])
+print(f'{model}, N={n}, c={c}, {rounds} rounds (alone/rspamd/ours alternated); delivered msg/s:')
+to_alone, to_rspamd = [], []
+for i in range(rounds):
+    a, s, o = runs['alone'][i], runs['rspamd'][i], runs['ours'][i]
+    to_alone.append(o['rate'] / a['rate'])
+    line = f'  round {i + 1}: postfix alone {a["rate"]:.1f} ({a["busy"]:.0f} % busy) | '
+    if have_rspamd:
+        to_rspamd.append(o['rate'] / s['rate'])
+        line += f'postfix+rspamd {s["rate"]:.1f} ({s["busy"]:.0f} %) | '
+    line += f'postfix+mailtriage {o["rate"]:.1f} ({o["busy"]:.0f} %; ratio to alone {to_alone[-1]:.2f}'
+    line += f', to rspamd {to_rspamd[-1]:.2f})' if have_rspamd else ')'
+    print(line)
+sat_proms = [prom(f'{w}/saturated.{r}.prom') for r in range(1, rounds + 1)]
+paced = prom(f'{w}/paced.prom')
+lexical = sum(total(p, 'mailtriage_model_decisions_total{path="lexical"') for p in sat_proms)
+encoder = sum(total(p, 'mailtriage_model_decisions_total{path="encoder"') for p in sat_proms)
+failed = sum(total(p, 'mailtriage_decisions_failed_total') for p in sat_proms + [paced])
+rss = max(float(open(f).read()) for f in [f'{w}/ours.{r}.rss' for r in range(1, rounds + 1)] + [f'{w}/paced.rss'])
+tagged = [o['tagged'] for o in runs['ours']]
+pa = buckets([paced])
+print(f'median ratio to postfix alone {med(to_alone):.2f} (rounds {", ".join(f"{x:.2f}" for x in to_alone)})'
+      + (f' | median ratio to rspamd {med(to_rspamd):.2f}' if have_rspamd else ' | rspamd not installed: skipped'))
+print(f'decision p99 {p99(buckets(sat_proms)) * 1000:.0f} ms saturated, {p99(pa) * 1000:.0f} ms at 70 % '
+      f'({open(f"{w}/paced.txt").read().strip()}, {pa[-1][1] if pa else 0:.0f} decided) | failed open {failed:.0f} | '
+      f'tagged {min(tagged)}-{max(tagged)}/{n} per round | encoder share {encoder / max(encoder + lexical, 1):.3f} | '
+      f'peak RSS {rss:.0f} MB')
+cpu = lambda k, f: med([x[f] for x in runs[k]]) if all(runs[k]) else float('nan')
+print('CPU per delivered message, median of rounds (ms): '
+      f'postfix alone: postfix {cpu("alone", "postfix_ms"):.2f} | '
+      + (f'with rspamd: postfix {cpu("rspamd", "postfix_ms"):.2f} + rspamd {cpu("rspamd", "peer_ms"):.2f} | ' if have_rspamd else '')
+      + f'with mailtriage: postfix {cpu("ours", "postfix_ms"):.2f} + mailtriage {cpu("ours", "peer_ms"):.2f}')
 PY
 if [ "$PROFILE" = 1 ]; then cat "$W/profile.txt"; fi
