@@ -5,7 +5,8 @@ share of messages that reach the encoder and accuracy / macro-F1 with the
 cascade and with the encoder on every message.
 
 usage: benches/cascade-folds.py --bin target/release/mailtriage [--label queue]
-         [--model models/all-MiniLM-L6-v2] [--tolerance 0.003] [--data FILE.jsonl] [-- TRAIN_ARGS...]
+         [--model models/all-MiniLM-L6-v2] [--max-tokens 128] [--tolerance 0.003] [--data FILE.jsonl]
+         [-- TRAIN_ARGS...]
 """
 import argparse
 import hashlib
@@ -22,6 +23,7 @@ def main():
     ap.add_argument("--label", default="queue")
     ap.add_argument("--model", default="models/all-MiniLM-L6-v2")
     ap.add_argument("--tolerance", default=None)
+    ap.add_argument("--max-tokens", type=int, default=None, help="[model] max_tokens (the encoder's input length)")
     ap.add_argument("--data", default="../shared/data/support_tickets/train.jsonl")
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("extra", nargs="*")
@@ -32,6 +34,8 @@ def main():
     model = os.path.abspath(a.model)
     cfg = os.path.join(w, "c.toml")
     prefix = 'id = "intfloat/multilingual-e5-small"\ninput_prefix = "query: "\n' if "e5" in model else ""
+    if a.max_tokens is not None:
+        prefix += f"max_tokens = {a.max_tokens}\n"
     open(cfg, "w").write(f'[model]\npath = "{model}"\n{prefix}')
     cache = os.path.join(w, "emb.cache")
     results = []
@@ -55,7 +59,8 @@ def main():
         results.append(r)
         print(json.dumps(r))
     mean = {k: sum(r[k] for r in results) / len(results) for k in results[0] if k != "fold"}
-    print(f"mean over {a.folds} folds ({a.label}, {os.path.basename(model)}, tolerance {a.tolerance or 'default'}): "
+    print(f"mean over {a.folds} folds ({a.label}, {os.path.basename(model)}, max_tokens {a.max_tokens or 'default'}, "
+          f"tolerance {a.tolerance or 'default'}): "
           f"encoder share {mean['encoder_share']:.3f}; accuracy {mean['accuracy']:.4f} with the cascade, "
           f"{mean['full_accuracy']:.4f} with the encoder on every message ({(mean['accuracy'] - mean['full_accuracy']) * 100:+.2f} pt); "
           f"macro-F1 {mean['macro_f1']:.4f} / {mean['full_macro_f1']:.4f} ({(mean['macro_f1'] - mean['full_macro_f1']) * 100:+.2f} pt)")
