@@ -86,7 +86,7 @@ fn bench(c: &mut Criterion) {
         x ^= x >> 17;
         x ^= x << 5;
         varied.push_str(vocab[x as usize % vocab.len()]);
-        varied.push(if x % 11 == 0 { '.' } else { ' ' });
+        varied.push(if x.is_multiple_of(11) { '.' } else { ' ' });
     }
     g.bench_function("features_5kb_varied", |b| b.iter(|| mailtriage::model::lexical::features(&varied, &cfg, &idf)));
     g.finish();
