@@ -260,7 +260,7 @@ impl CpuBert {
                 Table::Int8(w) => w.add_row(id as usize, row),
             }
         }
-        layer_norm(x, h, &self.emb_ln_g, &self.emb_ln_b, self.eps);
+        add_layer_norm(x, &[], h, &self.emb_ln_g, &self.emb_ln_b, self.eps);
 
         let scale = 1.0 / (d as f32).sqrt();
         for l in &self.layers {
@@ -326,13 +326,11 @@ impl CpuBert {
                 }
             }
             l.out.apply(ctx, n, tmp, qs);
-            add_assign(x, tmp);
-            layer_norm(x, h, &l.ln1_g, &l.ln1_b, self.eps);
+            add_layer_norm(x, tmp, h, &l.ln1_g, &l.ln1_b, self.eps);
             l.up.apply(x, n, up, qs);
             gelu_all(up);
             l.down.apply(up, n, tmp, qs);
-            add_assign(x, tmp);
-            layer_norm(x, h, &l.ln2_g, &l.ln2_b, self.eps);
+            add_layer_norm(x, tmp, h, &l.ln2_g, &l.ln2_b, self.eps);
         }
 
         // Mean over the tokens (no padding: all of them count), then unit length.
@@ -361,10 +359,82 @@ fn add_assign(x: &mut [f32], y: &[f32]) {
     }
 }
 
-fn layer_norm(x: &mut [f32], width: usize, g: &[f32], b: &[f32], eps: f32) {
-    for row in x.chunks_exact_mut(width) {
-        let mean = row.iter().sum::<f32>() / width as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / width as f32;
+/// The widest vectors this CPU has, for the f32 loops around the matrix
+/// products (softmax, GELU, LayerNorm). Every width runs the same
+/// operations in the same order (reductions over eight fixed lanes, no
+/// fused multiply-add), so all give the same floats, bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Width {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl Width {
+    fn detect() -> Width {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Width::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                return Width::Avx2;
+            }
+        }
+        Width::Portable
+    }
+
+    /// The widths this CPU can run (for the tests that compare them).
+    #[cfg(test)]
+    fn available() -> Vec<Width> {
+        let best = Width::detect();
+        [Width::Avx512, Width::Avx2, Width::Portable].into_iter().filter(|w| *w as u8 >= best as u8).collect()
+    }
+}
+
+/// Runs `$body` (a call to an `#[inline(always)]` loop) compiled for the
+/// given width: each arm is a function with that target feature, so the
+/// loop inside vectorises to its registers.
+macro_rules! at_width {
+    ($width:expr, |$($arg:ident: $ty:ty),*| $body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f,avx2")]
+        unsafe fn avx512($($arg: $ty),*) { $body }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2($($arg: $ty),*) { $body }
+        match $width {
+            // SAFETY: `Width::detect` (or `available`) found the feature on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx512 => unsafe { avx512($($arg),*) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Width::Avx2 => unsafe { avx2($($arg),*) },
+            _ => $body,
+        }
+    }};
+}
+
+/// `x += y` (where `y` is not empty), then LayerNorm of each row of `x`:
+/// the residual connection and the norm after it, one row at a time.
+fn add_layer_norm(x: &mut [f32], y: &[f32], width: usize, g: &[f32], b: &[f32], eps: f32) {
+    add_layer_norm_at(Width::detect(), x, y, width, g, b, eps)
+}
+
+fn add_layer_norm_at(w: Width, x: &mut [f32], y: &[f32], width: usize, g: &[f32], b: &[f32], eps: f32) {
+    at_width!(w, |x: &mut [f32], y: &[f32], width: usize, g: &[f32], b: &[f32], eps: f32| {
+        add_layer_norm_loop(x, y, width, g, b, eps)
+    })
+}
+
+#[inline(always)]
+fn add_layer_norm_loop(x: &mut [f32], y: &[f32], width: usize, g: &[f32], b: &[f32], eps: f32) {
+    for (r, row) in x.chunks_exact_mut(width).enumerate() {
+        if let Some(add) = y.get(r * width..(r + 1) * width) {
+            row.iter_mut().zip(add).for_each(|(v, a)| *v += a);
+        }
+        let mean = lanes_reduce(row, 0.0, |a, b| a + b) / width as f32;
+        let var = lanes_reduce_map(row, |v| (v - mean) * (v - mean)) / width as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, g), b) in row.iter_mut().zip(g).zip(b) {
             *v = (*v - mean) * inv * g + b;
@@ -374,18 +444,11 @@ fn layer_norm(x: &mut [f32], width: usize, g: &[f32], b: &[f32], eps: f32) {
 
 /// Softmax of each row of an `n × n` matrix, in place.
 fn softmax_rows(s: &mut [f32], n: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { softmax_rows_avx2(s, n) };
-    }
-    softmax_rows_portable(s, n)
+    softmax_rows_at(Width::detect(), s, n)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn softmax_rows_avx2(s: &mut [f32], n: usize) {
-    softmax_rows_portable(s, n)
+fn softmax_rows_at(w: Width, s: &mut [f32], n: usize) {
+    at_width!(w, |s: &mut [f32], n: usize| softmax_rows_portable(s, n))
 }
 
 /// Written so it vectorises: separate passes, eight partial sums.
@@ -418,20 +481,31 @@ fn lanes_reduce(v: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32
     r
 }
 
-/// GELU over a buffer, in place.
-fn gelu_all(v: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked just above).
-        return unsafe { gelu_all_avx2(v) };
+/// `Σ f(v)` over eight interleaved lanes, as [`lanes_reduce`] sums.
+#[inline(always)]
+fn lanes_reduce_map(v: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += f(c[k]);
+        }
     }
-    v.iter_mut().for_each(|x| *x = gelu(*x));
+    let mut r = rest.iter().fold(0.0, |a, &b| a + f(b));
+    for a in acc {
+        r += a;
+    }
+    r
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn gelu_all_avx2(v: &mut [f32]) {
-    v.iter_mut().for_each(|x| *x = gelu(*x));
+/// GELU over a buffer, in place.
+fn gelu_all(v: &mut [f32]) {
+    gelu_all_at(Width::detect(), v)
+}
+
+fn gelu_all_at(w: Width, v: &mut [f32]) {
+    at_width!(w, |v: &mut [f32]| v.iter_mut().for_each(|x| *x = gelu(*x)))
 }
 
 /// BERT's exact GELU, `x · Φ(x)`, with a rational erf.
@@ -489,6 +563,45 @@ fn fast_exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_vector_width_gives_the_same_floats() {
+        let mut seed = 0x9e37_79b9u32;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 17;
+            seed ^= seed << 5;
+            (seed % 20_000) as f32 / 1000.0 - 10.0
+        };
+        let (n, h) = (37, 100); // neither a multiple of 8 nor of 16
+        let scores: Vec<f32> = (0..n * n).map(|_| next()).collect();
+        let (x, y): (Vec<f32>, Vec<f32>) = (0..n * h).map(|_| (next(), next())).unzip();
+        let (g, b): (Vec<f32>, Vec<f32>) = (0..h).map(|_| (next(), next())).unzip();
+        let run = |w: Width| {
+            let mut s = scores.clone();
+            softmax_rows_at(w, &mut s, n);
+            let mut v = x.clone();
+            gelu_all_at(w, &mut v);
+            let (mut with, mut alone) = (x.clone(), x.clone());
+            add_layer_norm_at(w, &mut with, &y, h, &g, &b, 1e-12);
+            add_layer_norm_at(w, &mut alone, &[], h, &g, &b, 1e-12);
+            [s, v, with, alone].map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>())
+        };
+        let widths = Width::available();
+        assert_eq!(widths.last(), Some(&Width::Portable));
+        let reference = run(Width::Portable);
+        for w in widths {
+            assert!(run(w) == reference, "{w:?} differs from the portable loops");
+        }
+        // And the loops compute what they say: rows of the softmax sum to 1,
+        // and with g = 1, b = 0 every normalised row has mean 0.
+        let mut s = scores.clone();
+        softmax_rows(&mut s, n);
+        assert!(s.chunks(n).all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
+        let mut v = x.clone();
+        add_layer_norm(&mut v, &[], h, &vec![1.0; h], &vec![0.0; h], 1e-12);
+        assert!(v.chunks(h).all(|r| r.iter().sum::<f32>().abs() < 1e-3));
+    }
 
     #[test]
     fn erf_and_exp_are_accurate() {

@@ -194,6 +194,12 @@ impl QLinear {
         assert!(x.len() >= m * k && y.len() >= m * n && isa.supported());
         let kernel = Kernel::pick(isa, self.wmax);
         #[cfg(target_arch = "x86_64")]
+        if kernel == Kernel::Vnni512 {
+            // SAFETY: the AVX-512 VNNI kernel implies AVX-512F and AVX2
+            // (checked by `isa.supported()` above).
+            return unsafe { self.run_avx512(kernel, x, m, y, s) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if kernel != Kernel::Portable {
             // SAFETY: every kernel but the portable one implies AVX2 (checked
             // by `isa.supported()` above).
@@ -208,6 +214,14 @@ impl QLinear {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn run_avx2(&self, kernel: Kernel, x: &[f32], m: usize, y: &mut [f32], s: &mut QScratch) {
+        self.run(kernel, x, m, y, s)
+    }
+
+    /// [`Self::run`] compiled for AVX-512: the f32 epilogue after each
+    /// tile vectorises 16 wide; the same operations, so the same results.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn run_avx512(&self, kernel: Kernel, x: &[f32], m: usize, y: &mut [f32], s: &mut QScratch) {
         self.run(kernel, x, m, y, s)
     }
 
