@@ -52,6 +52,22 @@ extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// Postfix with `maillog_file` logs through postlogd's datagram socket, and
+/// postlogd sends its own messages to that same socket: once more than
+/// `net.unix.max_dgram_qlen` datagrams wait there (10 by default, a burst at
+/// start-up can do it), postlogd blocks sending to itself, and every Postfix
+/// command that logs (`postfix reload`, `postfix stop`) blocks behind it
+/// forever (seen once in a local `.ci/run`). A longer queue makes that
+/// burst harmless; where the setting cannot be raised, the tests run as
+/// before.
+fn roomy_log_socket() {
+    const QLEN: &str = "/proc/sys/net/unix/max_dgram_qlen";
+    let current = std::fs::read_to_string(QLEN).ok().and_then(|v| v.trim().parse::<u32>().ok());
+    if current.is_some_and(|q| q < 512) {
+        let _ = std::fs::write(QLEN, "512");
+    }
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -71,6 +87,7 @@ impl Postfix {
     /// and the given `milter_default_action`; `extra` are more main.cf lines.
     pub fn start(milter: Option<&str>, default_action: &str, extra: &[&str]) -> Postfix {
         require("postfix", "postfix");
+        roomy_log_socket();
         let dir = tempfile::Builder::new().prefix("mt-postfix.").tempdir_in("/tmp").unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let root = dir.path();
