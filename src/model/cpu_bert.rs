@@ -434,7 +434,7 @@ fn add_layer_norm_loop(x: &mut [f32], y: &[f32], width: usize, g: &[f32], b: &[f
             row.iter_mut().zip(add).for_each(|(v, a)| *v += a);
         }
         let mean = lanes_reduce(row, 0.0, |a, b| a + b) / width as f32;
-        let var = lanes_reduce_map(row, |v| (v - mean) * (v - mean)) / width as f32;
+        let var = lanes_fold(row, 0.0, |a, v| a + (v - mean) * (v - mean), |a, b| a + b) / width as f32;
         let inv = 1.0 / (var + eps).sqrt();
         for ((v, g), b) in row.iter_mut().zip(g).zip(b) {
             *v = (*v - mean) * inv * g + b;
@@ -466,35 +466,29 @@ fn softmax_rows_portable(s: &mut [f32], n: usize) {
 /// be reordered, so it would not vectorise).
 #[inline(always)]
 fn lanes_reduce(v: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
+    lanes_fold(v, init, f, f)
+}
+
+/// Folds `step` over eight interleaved lanes and the remainder, then joins
+/// the lanes with `join` (for a reduction, the two are the same).
+#[inline(always)]
+fn lanes_fold(
+    v: &[f32],
+    init: f32,
+    step: impl Fn(f32, f32) -> f32 + Copy,
+    join: impl Fn(f32, f32) -> f32 + Copy,
+) -> f32 {
     let mut acc = [init; 8];
     let chunks = v.chunks_exact(8);
     let rest = chunks.remainder();
     for c in chunks {
         for k in 0..8 {
-            acc[k] = f(acc[k], c[k]);
+            acc[k] = step(acc[k], c[k]);
         }
     }
-    let mut r = rest.iter().fold(init, |a, &b| f(a, b));
+    let mut r = rest.iter().fold(init, |a, &b| step(a, b));
     for a in acc {
-        r = f(r, a);
-    }
-    r
-}
-
-/// `Σ f(v)` over eight interleaved lanes, as [`lanes_reduce`] sums.
-#[inline(always)]
-fn lanes_reduce_map(v: &[f32], f: impl Fn(f32) -> f32 + Copy) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = v.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for k in 0..8 {
-            acc[k] += f(c[k]);
-        }
-    }
-    let mut r = rest.iter().fold(0.0, |a, &b| a + f(b));
-    for a in acc {
-        r += a;
+        r = join(r, a);
     }
     r
 }
